@@ -1,0 +1,200 @@
+"""LoRA weights: per-module factor pairs, their scaling, validation and (de)serialisation.
+
+For a targeted linear module with weight ``W`` (``d_out x d_in``), an adapter holds ``A`` (``r x d_in``) and
+``B`` (``d_out x r``); the adapted layer computes ``y = W x + s * B (A x)`` with ``s = alpha / r``::
+
+    x ──► W ──────────────┐
+    │                     ▼
+    └──► A (r x d_in) ─► B (d_out x r) ─► * s ─► (+) ─► y
+
+Standard LoRA init: ``A`` Kaiming-uniform (``a = sqrt(5)``, as ``nn.Linear`` and PEFT), ``B`` zero, so a
+fresh adapter changes nothing until trained. Weights serialise to safetensors (never pickle) with keys
+``"<module>.lora_A"`` / ``"<module>.lora_B"`` and ``alpha`` / ``rank`` in the header metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from smoa.adapter.profile import BaseProfile
+from smoa.errors import CorruptAdapterError, InvalidAdapterError, NonFiniteWeightsError, ProfileMismatchError
+
+FORMAT = "smoa-lora/1"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class LoraWeights:
+    """The factors of one LoRA adapter.
+
+    Attributes:
+        factors: module name -> ``(A, B)`` with ``A: [r, d_in]`` and ``B: [d_out, r]``.
+        alpha: LoRA alpha; the update of every module is scaled by ``alpha / rank``.
+        rank: the shared rank ``r`` of every factor pair.
+    """
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    alpha: float
+    rank: int
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.factors)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in self.factors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
+
+    def delta(self, module: str) -> torch.Tensor:
+        """Dense update ``s * B @ A`` (``[d_out, d_in]``) of one module — for tests and small shapes only."""
+        a, b = self.factors[module]
+        return self.scaling * (b @ a)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoraWeights:
+        return LoraWeights(
+            {m: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)) for m, (a, b) in self.factors.items()},
+            self.alpha,
+            self.rank,
+        )
+
+    def clone(self) -> LoraWeights:
+        return LoraWeights({m: (a.clone(), b.clone()) for m, (a, b) in self.factors.items()}, self.alpha, self.rank)
+
+    # -- checks ------------------------------------------------------------------------------------------------
+    def validate(self, profile: BaseProfile, *, name: str = "adapter") -> None:
+        """Check names, shapes, dtypes and finiteness against ``profile``; every problem in one error."""
+        problems: list[str] = []
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise InvalidAdapterError(f"{name}: `rank` must be a positive int, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise InvalidAdapterError(f"{name}: `alpha` must be a positive finite number, got {self.alpha!r}")
+        if not self.factors:
+            raise InvalidAdapterError(f"{name}: no target modules (empty `weights`)")
+        non_finite: list[str] = []
+        for module, pair in self.factors.items():
+            if not isinstance(module, str) or module not in profile:
+                problems.append(f"module {module!r} is not in profile {profile.name!r}")
+                continue
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+                problems.append(f"module {module!r}: expected a pair of tensors (A, B), got {type(pair).__name__}")
+                continue
+            a, b = pair
+            d_in, d_out = profile.shape(module)
+            if tuple(a.shape) != (self.rank, d_in):
+                problems.append(f"module {module!r}: A has shape {tuple(a.shape)}, expected ({self.rank}, {d_in})")
+            if tuple(b.shape) != (d_out, self.rank):
+                problems.append(f"module {module!r}: B has shape {tuple(b.shape)}, expected ({d_out}, {self.rank})")
+            for label, t in (("A", a), ("B", b)):
+                if t.dtype not in _FLOAT_DTYPES:
+                    problems.append(f"module {module!r}: {label} has dtype {t.dtype}, expected a float dtype")
+                elif not bool(torch.isfinite(t).all()):
+                    non_finite.append(f"{module}.{label}")
+        if problems:
+            raise ProfileMismatchError(f"{name} does not fit profile {profile.name!r}: " + "; ".join(problems))
+        if non_finite:
+            raise NonFiniteWeightsError(f"{name}: NaN or Inf in {', '.join(non_finite)}")
+
+    # -- serialisation -----------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """safetensors bytes (contiguous CPU tensors), deterministic for equal weights."""
+        from safetensors.torch import save
+
+        tensors: dict[str, torch.Tensor] = {}
+        for m, (a, b) in self.factors.items():
+            tensors[f"{m}.lora_A"] = a.detach().to("cpu").contiguous()
+            tensors[f"{m}.lora_B"] = b.detach().to("cpu").contiguous()
+        return save(tensors, metadata={"format": FORMAT, "alpha": repr(float(self.alpha)), "rank": str(self.rank)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, name: str = "adapter") -> LoraWeights:
+        """Parse bytes written by :meth:`to_bytes`. Raises :class:`CorruptAdapterError` on any defect."""
+        from safetensors import safe_open  # noqa: F401  (parser is in Rust: no code execution)
+        from safetensors.torch import load
+
+        try:
+            tensors = load(bytes(data))
+            meta = _read_metadata(data)
+            alpha, rank = float(meta["alpha"]), int(meta["rank"])
+        except Exception as exc:  # noqa: BLE001 - any parse failure is corruption
+            raise CorruptAdapterError(f"{name}: stored weights do not parse ({type(exc).__name__}: {exc})") from None
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key in tensors:
+            if key.endswith(".lora_A"):
+                m = key[: -len(".lora_A")]
+                if f"{m}.lora_B" not in tensors:
+                    raise CorruptAdapterError(f"{name}: {m!r} has lora_A but no lora_B")
+                factors[m] = (tensors[key], tensors[f"{m}.lora_B"])
+            elif not key.endswith(".lora_B"):
+                raise CorruptAdapterError(f"{name}: unexpected tensor {key!r}")
+        if len(factors) * 2 != len(tensors):
+            raise CorruptAdapterError(f"{name}: lora_B without lora_A")
+        return cls(factors, alpha, rank)
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    return dict(header.get("__metadata__", {}))
+
+
+def checksum(data: bytes) -> str:
+    """Content hash of serialised weights (sha256 hex)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def init_lora(
+    profile: BaseProfile,
+    modules: Iterable[str],
+    rank: int,
+    alpha: float,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoraWeights:
+    """Fresh LoRA factors: ``A`` Kaiming-uniform(a=sqrt(5)) as PEFT, ``B`` zeros."""
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for m in modules:
+        d_in, d_out = profile.shape(m)
+        bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on a [r, d_in] tensor
+        a = (torch.rand(rank, d_in, generator=generator, dtype=torch.float32) * 2 - 1).mul_(bound).to(dtype)
+        factors[m] = (a, torch.zeros(d_out, rank, dtype=dtype))
+    return LoraWeights(factors, float(alpha), int(rank))
+
+
+def weights_from_mapping(
+    mapping: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | LoraWeights, alpha: float | None, *, name: str = "weights"
+) -> LoraWeights:
+    """Accept user-given weights (a :class:`LoraWeights` or ``{module: (A, B)}``); rank is read from A."""
+    if isinstance(mapping, LoraWeights):
+        return mapping
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise InvalidAdapterError(f"`{name}` must be a non-empty mapping module -> (A, B), got {type(mapping).__name__}")
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    ranks = set()
+    for m, pair in mapping.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+            raise InvalidAdapterError(f"`{name}`[{m!r}] must be a pair of tensors (A, B), got {pair!r:.80}")
+        a, b = pair
+        if a.dim() != 2 or b.dim() != 2:
+            raise ProfileMismatchError(f"`{name}`[{m!r}]: A and B must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+        ranks.add(int(a.shape[0]))
+        factors[str(m)] = (a.detach().clone(), b.detach().clone())
+    if len(ranks) != 1:
+        raise ProfileMismatchError(f"`{name}`: all modules must share one rank, got ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    return LoraWeights(factors, float(alpha if alpha is not None else 2.0 * rank), rank)
