@@ -120,6 +120,7 @@ class SMoAConfig:
     blob_inline_max_bytes: int = 1024 * 1024
     # --- adapters
     default_alpha_ratio: float = 2.0  # alpha = ratio * rank unless given
+    adapter_dtype: str = "float32"  # storage dtype of new adapters' factors: float32 | float16 | bfloat16
     seed: int | None = None
     # --- routing details
     encoder: str = "default"
@@ -156,7 +157,11 @@ class SMoAConfig:
             self.storage_path = Path(self.storage_path)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ConfigError(f"`seed` must be an int or None, got {self.seed!r}")
-        for name, allowed in (("prune_action", ("archive", "delete")), ("merge_method", _MERGE_METHODS)):
+        for name, allowed in (
+            ("prune_action", ("archive", "delete")),
+            ("merge_method", _MERGE_METHODS),
+            ("adapter_dtype", ("float32", "float16", "bfloat16")),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.encoder, str) or not self.encoder:

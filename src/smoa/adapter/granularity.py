@@ -3,14 +3,17 @@
 A rank-``r`` LoRA on a module ``d_in -> d_out`` has ``r * (d_in + d_out)`` parameters. Modules are taken
 kind by kind in a preference order (value, query, output, key projections, then the MLP, then the rest in
 model order), and within a kind layer by layer in an evenly spread order (0, L/2, L/4, 3L/4, ...), adding a
-module only while the total stays within the range's upper bound, until the total reaches 90 % of that bound.
+module only while the total stays within the range's upper bound, until the total reaches the range's geometric
+mean (e.g. 3,162 for NANO) — mid-range, so adapters stay small for huge libraries but still span layers.
 The count is exact: ``num_parameters == sum r * (d_in + d_out)`` over the chosen modules.
 
-On the default profile (SmolLM2-135M) a NANO adapter at rank 2 targets ``v_proj`` in 6 layers: 9,216
-parameters.
+On the default profile (SmolLM2-135M) a NANO adapter at rank 2 targets ``v_proj`` in 3 layers (0, 15, 7):
+4,608 parameters.
 """
 
 from __future__ import annotations
+
+import math
 
 from smoa.adapter.profile import BaseProfile, layer_index, module_kind
 from smoa.config import AdapterGranularity
@@ -18,7 +21,6 @@ from smoa.errors import InvalidInputError
 
 _KIND_PREFERENCE = ("v_proj", "q_proj", "o_proj", "k_proj", "down_proj", "up_proj", "gate_proj",
                     "c_attn", "c_proj", "c_fc")  # fmt: skip
-_FILL = 0.9
 
 
 def lora_param_count(profile: BaseProfile, modules: list[str], rank: int) -> int:
@@ -66,7 +68,7 @@ def select_modules(profile: BaseProfile, granularity: AdapterGranularity, rank: 
         InvalidInputError: when no module set at this rank fits the granularity's range.
     """
     lo, hi = granularity.param_range
-    target = hi * _FILL if hi != float("inf") else float("inf")
+    target = math.sqrt(lo * hi) if hi != math.inf else math.inf
     chosen: list[str] = []
     total = 0
     for m in candidate_order(profile):

@@ -12,6 +12,7 @@ another model are recognised and refused instead of silently mis-applied.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import re
@@ -68,7 +69,7 @@ class BaseProfile:
                 f"(e.g. {', '.join(self.module_names[:3])}, ...)"
             ) from None
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Stable short hash of the module names and shapes (not of the name)."""
         h = hashlib.sha256(json.dumps([list(m) for m in self.modules]).encode()).hexdigest()

@@ -8,9 +8,9 @@ from typing import Any
 from smoa.config import AdapterGranularity, AdapterSpecialization
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Adapter:
-    """One library entry.
+    """One library entry: a snapshot of its catalog row (changing it changes nothing in the library).
 
     Attributes:
         id: generated id (``"ad_"`` + 16 hex digits); never derived from user strings or file names.

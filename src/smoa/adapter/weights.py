@@ -14,9 +14,12 @@ fresh adapter changes nothing until trained. Weights serialise to safetensors (n
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
-from collections.abc import Iterable, Mapping
+import struct
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +48,25 @@ class LoraWeights:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    # Read-only mapping view: ``weights[module] -> (A, B)``, ``for module in weights``, ``weights.items()``.
+    def __getitem__(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factors[module]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def __contains__(self, module: object) -> bool:
+        return module in self.factors
+
+    def keys(self) -> KeysView[str]:
+        return self.factors.keys()
+
+    def items(self) -> ItemsView[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self.factors.items()
 
     @property
     def modules(self) -> list[str]:
@@ -109,14 +131,16 @@ class LoraWeights:
 
     # -- serialisation -----------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """safetensors bytes (contiguous CPU tensors), deterministic for equal weights."""
-        from safetensors.torch import save
+        """safetensors bytes (keys ``<module>.lora_A``/``.lora_B``), deterministic for equal weights.
 
-        tensors: dict[str, torch.Tensor] = {}
+        Encoded by :func:`encode_safetensors` (the format is a JSON header plus raw little-endian tensor bytes);
+        decoded by the safetensors library itself, so every file we write is checked by the reference parser.
+        """
+        tensors: list[tuple[str, torch.Tensor]] = []
         for m, (a, b) in self.factors.items():
-            tensors[f"{m}.lora_A"] = a.detach().to("cpu").contiguous()
-            tensors[f"{m}.lora_B"] = b.detach().to("cpu").contiguous()
-        return save(tensors, metadata={"format": FORMAT, "alpha": repr(float(self.alpha)), "rank": str(self.rank)})
+            tensors.append((f"{m}.lora_A", a))
+            tensors.append((f"{m}.lora_B", b))
+        return encode_safetensors(tensors, {"format": FORMAT, "alpha": repr(float(self.alpha)), "rank": str(self.rank)})
 
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str = "adapter") -> LoraWeights:
@@ -144,10 +168,42 @@ class LoraWeights:
         return cls(factors, alpha, rank)
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
-    import json
-    import struct
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
+
+@functools.lru_cache(maxsize=4096)
+def _header(layout: tuple[tuple[str, str, tuple[int, ...], int], ...], metadata: tuple[tuple[str, str], ...]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, dtype, shape, nbytes in layout:
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # pad the header to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def encode_safetensors(tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> bytes:
+    """Encode named tensors in the safetensors format (header cached per layout: the bulk path is one join).
+
+    Args:
+        tensors: ``(name, tensor)`` pairs, written in this order; float dtypes only.
+        metadata: string -> string header metadata.
+    """
+    layout = []
+    parts = []
+    for name, t in tensors:
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.dtype is torch.bfloat16 else t.numpy().tobytes()
+        layout.append((name, _ST_DTYPES[t.dtype], tuple(t.shape), len(raw)))
+        parts.append(raw)
+    return _header(tuple(layout), tuple(sorted(metadata.items()))) + b"".join(parts)
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     return dict(header.get("__metadata__", {}))
@@ -156,6 +212,12 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 def checksum(data: bytes) -> str:
     """Content hash of serialised weights (sha256 hex)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def init_factor_a(n: int, rank: int, d_in: int, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` fresh ``A`` factors ``[n, rank, d_in]``, Kaiming-uniform(a=sqrt(5)) as ``nn.Linear`` and PEFT."""
+    bound = 1.0 / math.sqrt(d_in)
+    return (torch.rand(n, rank, d_in, generator=generator, dtype=torch.float32) * 2 - 1).mul_(bound).to(dtype)
 
 
 def init_lora(
@@ -170,9 +232,7 @@ def init_lora(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for m in modules:
         d_in, d_out = profile.shape(m)
-        bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on a [r, d_in] tensor
-        a = (torch.rand(rank, d_in, generator=generator, dtype=torch.float32) * 2 - 1).mul_(bound).to(dtype)
-        factors[m] = (a, torch.zeros(d_out, rank, dtype=dtype))
+        factors[m] = (init_factor_a(1, rank, d_in, generator, dtype)[0], torch.zeros(d_out, rank, dtype=dtype))
     return LoraWeights(factors, float(alpha), int(rank))
 
 

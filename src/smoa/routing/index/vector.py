@@ -1,0 +1,276 @@
+"""The vector index of routing keys: exact inner product when small, HNSW over 8-bit codes when large.
+
+Keys are unit-norm float32 ``[d]`` rows, scores are inner products (= cosine). Ids are the catalog's int64 row
+keys. Layout (both kinds)::
+
+    faiss index  position p -> vector            (IndexFlatIP, or IndexHNSWSQ QT_8bit, inner product)
+    ids[p]       position p -> catalog key       int64, 8 B/adapter
+    alive[p]     position p not removed          bool,  1 B/adapter
+
+A removal only clears ``alive[p]`` (HNSW cannot delete); searches skip dead positions through a faiss
+``IDSelectorBitmap``, and the index is compacted (rebuilt from its own stored vectors) once a quarter of its
+positions are dead. Re-adding an existing key replaces it. Below ``exact_threshold`` live vectors the index is
+flat (exact search); when it grows past it, it is rebuilt as HNSW-SQ8 (the choice and the threshold come from
+``benchmarks/bench_routing.py``, see ``docs/bench_routing.md``). HNSW-SQ8 costs ~384 B of codes + ~130 B of
+graph links per vector; flat costs 1,536 B.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+EXACT_THRESHOLD = 20_000
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_SEARCH = 48
+COMPACT_DEAD_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Knobs of :class:`VectorIndex` (defaults chosen by ``benchmarks/bench_routing.py``)."""
+
+    exact_threshold: int = EXACT_THRESHOLD
+    hnsw_m: int = HNSW_M
+    ef_construction: int = HNSW_EF_CONSTRUCTION
+    ef_search: int = HNSW_EF_SEARCH
+
+
+def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"`vectors` must have shape [n, {dim}], got {tuple(np.shape(vectors))}")
+    return x
+
+
+class VectorIndex:
+    """Inner-product search over int64-keyed unit vectors, flat or HNSW-SQ8 (see the module docstring)."""
+
+    def __init__(self, dim: int, params: IndexParams | None = None) -> None:
+        self.dim = dim
+        self.params = params or IndexParams()
+        self.kind = "flat"
+        self._index = self._new_flat()
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._alive = np.zeros(0, dtype=bool)
+        self._n = 0  # used positions (ids/alive have spare capacity past _n)
+        self._dead = 0
+        self._selector_cache: tuple[np.ndarray, object] | None = None
+
+    # ------------------------------------------------------------------ construction
+    def _new_flat(self):  # -> faiss.Index
+        import faiss
+
+        return faiss.IndexFlatIP(self.dim)
+
+    def _new_hnsw(self, train: np.ndarray):  # -> faiss.Index
+        import faiss
+
+        index = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_8bit, self.params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.params.ef_construction
+        index.hnsw.efSearch = self.params.ef_search
+        index.train(train)
+        return index
+
+    @classmethod
+    def build(cls, dim: int, keys: np.ndarray, vectors: np.ndarray, params: IndexParams | None = None) -> VectorIndex:
+        """A new index holding ``keys`` ``[n]`` -> ``vectors`` ``[n, dim]`` (kind chosen by size)."""
+        out = cls(dim, params)
+        out._rebuild(np.asarray(keys, dtype=np.int64), _as_matrix(vectors, dim))
+        return out
+
+    def _rebuild(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace the whole content (duplicates in ``keys``: the last one wins)."""
+        if len(keys) and len(np.unique(keys)) != len(keys):
+            _, last = np.unique(keys[::-1], return_index=True)
+            keep = np.sort(len(keys) - 1 - last)
+            keys, vectors = keys[keep], vectors[keep]
+        if len(keys) > self.params.exact_threshold:
+            rng = np.random.default_rng(0)
+            sample = vectors if len(vectors) <= 200_000 else vectors[rng.choice(len(vectors), 200_000, replace=False)]
+            self._index, self.kind = self._new_hnsw(sample), "hnsw-sq8"
+        else:
+            self._index, self.kind = self._new_flat(), "flat"
+        self._ids = np.array(keys, dtype=np.int64)
+        self._alive = np.ones(len(keys), dtype=bool)
+        self._n, self._dead = len(keys), 0
+        self._selector_cache = None
+        if len(keys):
+            self._index.add(vectors)
+
+    # ------------------------------------------------------------------ updates
+    def __len__(self) -> int:
+        return self._n - self._dead
+
+    def _positions_of(self, keys: np.ndarray) -> np.ndarray:
+        """Live positions holding any of ``keys``."""
+        ids, alive = self._ids[: self._n], self._alive[: self._n]
+        return np.flatnonzero(np.isin(ids, keys) & alive)
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert or replace ``keys`` ``[n]`` with ``vectors`` ``[n, dim]`` (unit norm expected)."""
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        x = _as_matrix(vectors, self.dim)
+        if len(keys) != len(x):
+            raise ValueError(f"`keys` ({len(keys)}) and `vectors` ({len(x)}) differ in length")
+        if not len(keys):
+            return
+        self._kill(self._positions_of(keys))
+        if self.kind == "flat" and len(self) + len(keys) > self.params.exact_threshold:
+            live_keys, live_vecs = self.items()
+            self._rebuild(np.concatenate([live_keys, keys]), np.concatenate([live_vecs, x]))
+            logger.info("routing index grew past %d keys: rebuilt as %s", self.params.exact_threshold, self.kind)
+            return
+        self._reserve(self._n + len(keys))
+        self._ids[self._n : self._n + len(keys)] = keys
+        self._alive[self._n : self._n + len(keys)] = True
+        self._n += len(keys)
+        self._index.add(x)
+        self._selector_cache = None
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Remove ``keys`` (absent ones are ignored); returns how many were removed."""
+        pos = self._positions_of(np.asarray(keys, dtype=np.int64).reshape(-1))
+        self._kill(pos)
+        if self._n and self._dead > COMPACT_DEAD_FRACTION * self._n:
+            self.compact()
+        return len(pos)
+
+    def _kill(self, positions: np.ndarray) -> None:
+        if len(positions):
+            self._alive[positions] = False
+            self._dead += len(positions)
+            self._selector_cache = None
+
+    def _reserve(self, n: int) -> None:
+        if n > len(self._ids):
+            cap = max(n, 2 * len(self._ids), 1024)
+            self._ids = np.resize(self._ids, cap)
+            self._alive = np.concatenate([self._alive, np.zeros(cap - len(self._alive), dtype=bool)])
+
+    def compact(self) -> None:
+        """Drop dead positions by rebuilding from the stored vectors (SQ8 codes decode to the same codes)."""
+        keys, vecs = self.items()
+        self._rebuild(keys, vecs)
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """Live ``(keys [n], vectors [n, dim])`` in position order (HNSW-SQ8: decoded 8-bit vectors)."""
+        pos = np.flatnonzero(self._alive[: self._n])
+        if not len(pos):
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        return self._ids[pos].copy(), self._reconstruct_positions(pos)
+
+    def _reconstruct_positions(self, pos: np.ndarray) -> np.ndarray:
+        if len(pos) == self._n:
+            return self._index.reconstruct_n(0, self._n)
+        return np.stack([self._index.reconstruct(int(p)) for p in pos]) if len(pos) < 4096 else (
+            self._index.reconstruct_n(0, self._n)[pos]
+        )
+
+    def vectors_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(found keys [m], vectors [m, dim])`` for the live ones among ``keys``."""
+        pos = self._positions_of(np.asarray(keys, dtype=np.int64).reshape(-1))
+        if not len(pos):
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        return self._ids[pos].copy(), self._reconstruct_positions(pos)
+
+    # ------------------------------------------------------------------ search
+    def _selector(self, allowed: np.ndarray | None):  # -> faiss.IDSelector | None
+        import faiss
+
+        if allowed is None:
+            if not self._dead:
+                return None
+            if self._selector_cache is None:
+                bits = np.packbits(self._alive[: self._n], bitorder="little")
+                self._selector_cache = (bits, faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(bits)))
+            return self._selector_cache[1]
+        mask = np.isin(self._ids[: self._n], allowed) & self._alive[: self._n]
+        bits = np.packbits(mask, bitorder="little")
+        sel = faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(bits))
+        sel._smoa_bits = bits  # keep the bitmap alive as long as the selector
+        return sel
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, ef_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` inner products.
+
+        Args:
+            queries: float32 ``[m, dim]`` (a float64 query would be converted, at a cost, so cast first).
+            k: neighbours per query.
+            allowed: optional int64 keys to restrict the search to.
+            ef_search: HNSW beam width (default ``params.ef_search``, raised to ``k`` at least).
+
+        Returns:
+            ``(scores [m, k] float32, keys [m, k] int64)``, best first, padded with ``-inf`` / ``-1``.
+        """
+        import faiss
+
+        q = _as_matrix(queries, self.dim)
+        k = max(1, int(k))
+        if len(self) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        sel = self._selector(allowed)
+        if self.kind == "flat":
+            params = faiss.SearchParameters(sel=sel) if sel is not None else None
+        else:
+            params = faiss.SearchParametersHNSW(efSearch=max(ef_search or self.params.ef_search, k))
+            if sel is not None:
+                params.sel = sel
+        scores, pos = self._index.search(q, k, params=params)
+        keys = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1)
+        scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
+        return scores, keys
+
+    # ------------------------------------------------------------------ persistence and accounting
+    def memory_bytes(self) -> int:
+        """Bytes held: faiss codes and graph plus the id and alive arrays."""
+        import faiss
+
+        if self.kind == "flat":
+            index_bytes = self._index.ntotal * self.dim * 4
+        else:
+            hnsw = self._index.hnsw
+            index_bytes = (
+                self._index.ntotal * self._index.storage.sa_code_size()
+                + faiss.vector_to_array(hnsw.neighbors).nbytes
+                + faiss.vector_to_array(hnsw.offsets).nbytes
+                + faiss.vector_to_array(hnsw.levels).nbytes
+            )
+        return int(index_bytes + self._ids.nbytes + self._alive.nbytes)
+
+    def save(self, directory: Path) -> list[str]:
+        """Write ``vectors.faiss``, ``ids.npy``, ``alive.npy`` into ``directory``; returns the file names."""
+        import faiss
+
+        faiss.write_index(self._index, str(directory / "vectors.faiss"))
+        np.save(directory / "ids.npy", self._ids[: self._n])
+        np.save(directory / "alive.npy", self._alive[: self._n])
+        return ["vectors.faiss", "ids.npy", "alive.npy"]
+
+    @classmethod
+    def load(cls, directory: Path, dim: int, params: IndexParams | None = None) -> VectorIndex:
+        """Read what :meth:`save` wrote; raises ``ValueError``/``RuntimeError``/``OSError`` if inconsistent."""
+        import faiss
+
+        out = cls(dim, params)
+        index = faiss.read_index(str(directory / "vectors.faiss"))
+        ids = np.load(directory / "ids.npy", allow_pickle=False)
+        alive = np.load(directory / "alive.npy", allow_pickle=False)
+        if index.d != dim or index.ntotal != len(ids) or len(ids) != len(alive) or ids.dtype != np.int64:
+            raise ValueError(f"index files disagree: d={index.d}, ntotal={index.ntotal}, ids={len(ids)}")
+        out._index, out._ids, out._alive = index, ids, alive.astype(bool)
+        out.kind = "flat" if isinstance(index, faiss.IndexFlat) else "hnsw-sq8"
+        if out.kind != "flat":
+            out._index.hnsw.efSearch = out.params.ef_search
+        out._n, out._dead = len(ids), int((~out._alive).sum())
+        return out

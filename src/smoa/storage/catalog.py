@@ -1,0 +1,426 @@
+"""The catalog: one SQLite database (WAL mode) holding adapter metadata, tags, routing keys and weights.
+
+Layout of a library directory::
+
+    <storage_path>/
+      catalog.sqlite3        adapters, tags, weights (inline safetensors BLOBs), members, aliases, merges, meta
+      blobs/ab/<sha256>      content-addressed safetensors files of adapters larger than `blob_inline_max_bytes`
+      cold/ab/<sha256>       weights of archived adapters (restorable)
+      index/                 the router's persisted indexes (owned by smoa.routing)
+      LOCK                   held (flock) by the one process that has the library open
+
+One adapter = one transaction: its row, tags and weights commit together or not at all. File blobs are written
+(temp file, fsync, rename) *before* the rows that reference them commit and unlinked only *after* the rows that
+referenced them are gone; files no row references (a crash between the two steps) are collected at open.
+
+Every write transaction bumps ``generation`` in ``meta``; caches and the router key on it, so nothing stale is
+served after a change.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smoa.adapter.spec import Adapter
+from smoa.config import AdapterGranularity, AdapterSpecialization
+from smoa.errors import AdapterNotFoundError, StorageError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters(
+    key INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    specialization TEXT NOT NULL,
+    granularity TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    alpha REAL NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    target_modules TEXT NOT NULL,
+    num_parameters INTEGER NOT NULL,
+    profile TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
+    checksum TEXT NOT NULL,
+    nbytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    last_used_at REAL,
+    usage_count INTEGER NOT NULL DEFAULT 0,
+    last_used_query INTEGER NOT NULL DEFAULT 0,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'active',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    embedding BLOB
+);
+CREATE INDEX IF NOT EXISTS adapters_by_status ON adapters(status);
+CREATE TABLE IF NOT EXISTS tags(
+    key INTEGER NOT NULL,
+    kind INTEGER NOT NULL,          -- 0 domain, 1 skill
+    position INTEGER NOT NULL,
+    tag TEXT NOT NULL,
+    PRIMARY KEY(key, kind, position)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
+CREATE TABLE IF NOT EXISTS weights(
+    key INTEGER PRIMARY KEY,
+    data BLOB,                      -- inline safetensors bytes, or NULL when in a file
+    file TEXT                       -- relative path of a content-addressed file (blobs/.. or cold/..)
+);
+CREATE TABLE IF NOT EXISTS members(
+    composite INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    member_id TEXT NOT NULL,
+    weight REAL NOT NULL,
+    PRIMARY KEY(composite, position)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_by_member ON members(member_id);
+CREATE TABLE IF NOT EXISTS aliases(alias TEXT PRIMARY KEY, target TEXT NOT NULL, merge_id INTEGER) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS merges(
+    merge_id INTEGER PRIMARY KEY,
+    created_at REAL NOT NULL,
+    merged_into TEXT NOT NULL,
+    sources TEXT NOT NULL,          -- JSON list of source ids
+    method TEXT NOT NULL,
+    undone INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_COLUMNS = (
+    "key, id, specialization, granularity, rank, alpha, description, target_modules, num_parameters, profile, "
+    "version, checksum, nbytes, created_at, last_used_at, usage_count, pinned, status, metadata"
+)
+
+
+@dataclass
+class NewAdapterRow:
+    """Everything stored for one new adapter (built by the library, written by :meth:`Catalog.insert_many`)."""
+
+    id: str
+    specialization: str
+    granularity: str
+    rank: int
+    alpha: float
+    description: str
+    target_modules: list[str]
+    num_parameters: int
+    profile: str
+    checksum: str
+    blob: bytes | None  # inline weights, or None when `file` is set
+    file: str | None
+    nbytes: int
+    created_at: float
+    domain_tags: list[str]
+    skill_tags: list[str]
+    metadata: dict[str, Any]
+    embedding: bytes | None
+    pinned: bool = False
+    members: list[tuple[str, float]] | None = None
+
+
+class Catalog:
+    """Typed access to ``catalog.sqlite3``. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._db.execute("PRAGMA foreign_keys=OFF")
+            self._db.executescript(_SCHEMA)
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"cannot open catalog {str(path)!r}: {exc}") from exc
+        if check != "ok":
+            raise StorageError(f"catalog {str(path)!r} failed its integrity check: {check}")
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute("INSERT OR IGNORE INTO meta VALUES('generation', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES('queries', '0')")
+        version = int(self.get_meta("schema_version") or 0)
+        if version != SCHEMA_VERSION:
+            raise StorageError(f"catalog {str(path)!r} has schema version {version}, this smoa reads {SCHEMA_VERSION}")
+        self.generation = int(self.get_meta("generation") or 0)
+
+    # -- transactions ------------------------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self, bump: bool = False) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls back. ``bump`` advances the generation."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StorageError(f"catalog {str(self.path)!r} is busy or unwritable: {exc}") from exc
+            try:
+                yield self._db
+                if bump:
+                    self._db.execute(
+                        "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'"
+                    )
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"catalog write failed ({type(exc).__name__}: {exc}); nothing was changed") from exc
+                raise
+            if bump:
+                self.generation += 1
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StorageError(f"catalog read failed ({exc})") from exc
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+
+    # -- writes ------------------------------------------------------------------------------------------------
+    def insert_many(self, rows: Sequence[NewAdapterRow]) -> list[int]:
+        """Insert adapters in one transaction; returns their keys in order."""
+        keys: list[int] = []
+        with self.transaction(bump=True) as db:
+            start = db.execute("SELECT COALESCE(MAX(key), 0) FROM adapters").fetchone()[0] + 1
+            keys = list(range(start, start + len(rows)))
+            db.executemany(
+                "INSERT INTO adapters(key, id, specialization, granularity, rank, alpha, description, target_modules,"
+                " num_parameters, profile, checksum, nbytes, created_at, pinned, metadata, embedding)"
+                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (k, r.id, r.specialization, r.granularity, r.rank, r.alpha, r.description,
+                     json.dumps(r.target_modules), r.num_parameters, r.profile, r.checksum, r.nbytes, r.created_at,
+                     int(r.pinned), json.dumps(r.metadata, ensure_ascii=False), r.embedding)
+                    for k, r in zip(keys, rows)
+                ],
+            )  # fmt: skip
+            db.executemany(
+                "INSERT INTO tags VALUES(?,?,?,?)",
+                [
+                    (k, kind, pos, tag)
+                    for k, r in zip(keys, rows)
+                    for kind, tags in ((0, r.domain_tags), (1, r.skill_tags))
+                    for pos, tag in enumerate(tags)
+                ],
+            )
+            db.executemany("INSERT INTO weights VALUES(?,?,?)", [(k, r.blob, r.file) for k, r in zip(keys, rows)])
+            db.executemany(
+                "INSERT INTO members VALUES(?,?,?,?)",
+                [(k, pos, mid, w) for k, r in zip(keys, rows) for pos, (mid, w) in enumerate(r.members or [])],
+            )
+        return keys
+
+    def replace_weights(
+        self, key: int, blob: bytes | None, file: str | None, checksum: str, nbytes: int, embedding: bytes | None
+    ) -> int:
+        """New weights for an adapter: bumps its version; returns the new version."""
+        with self.transaction(bump=True) as db:
+            db.execute("UPDATE weights SET data = ?, file = ? WHERE key = ?", (blob, file, key))
+            sets = "version = version + 1, checksum = ?, nbytes = ?"
+            params: list[Any] = [checksum, nbytes]
+            if embedding is not None:
+                sets += ", embedding = ?"
+                params.append(embedding)
+            db.execute(f"UPDATE adapters SET {sets} WHERE key = ?", (*params, key))
+            return int(db.execute("SELECT version FROM adapters WHERE key = ?", (key,)).fetchone()[0])
+
+    def set_embedding(self, key: int, embedding: bytes) -> None:
+        with self.transaction(bump=True) as db:
+            db.execute("UPDATE adapters SET embedding = ? WHERE key = ?", (embedding, key))
+
+    def delete(self, keys: Sequence[int]) -> list[str]:
+        """Delete adapters (rows, tags, weights, members, aliases pointing at them); returns files now unused."""
+        with self.transaction(bump=True) as db:
+            params = [(k,) for k in keys]
+            files: list[str] = []
+            for k in keys:
+                row = db.execute("SELECT file FROM weights WHERE key = ?", (k,)).fetchone()
+                if row and row[0]:
+                    files.append(row[0])
+            ids = [r[0] for k in keys for r in db.execute("SELECT id FROM adapters WHERE key = ?", (k,))]
+            db.executemany("DELETE FROM adapters WHERE key = ?", params)
+            db.executemany("DELETE FROM tags WHERE key = ?", params)
+            db.executemany("DELETE FROM weights WHERE key = ?", params)
+            db.executemany("DELETE FROM members WHERE composite = ?", params)
+            db.executemany("DELETE FROM aliases WHERE target = ?", [(i,) for i in ids])
+        return [f for f in files if not self.file_referenced(f)]
+
+    def set_status(self, key: int, status: str, blob: bytes | None = None, file: str | None = None) -> str | None:
+        """Change status (active/archived/merged), optionally moving the weights; returns the old file, if any."""
+        with self.transaction(bump=True) as db:
+            old = db.execute("SELECT file FROM weights WHERE key = ?", (key,)).fetchone()
+            db.execute("UPDATE adapters SET status = ? WHERE key = ?", (status, key))
+            if blob is not None or file is not None:
+                db.execute("UPDATE weights SET data = ?, file = ? WHERE key = ?", (blob, file, key))
+        return old[0] if old else None
+
+    def set_pinned(self, key: int, pinned: bool) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE adapters SET pinned = ? WHERE key = ?", (int(pinned), key))
+
+    def add_tags(self, key: int, domain_tags: Sequence[str], skill_tags: Sequence[str]) -> None:
+        with self.transaction(bump=True) as db:
+            for kind, tags in ((0, domain_tags), (1, skill_tags)):
+                start = db.execute(
+                    "SELECT COALESCE(MAX(position) + 1, 0) FROM tags WHERE key = ? AND kind = ?", (key, kind)
+                ).fetchone()[0]
+                db.executemany("INSERT INTO tags VALUES(?,?,?,?)", [(key, kind, start + i, t) for i, t in enumerate(tags)])
+
+    def record_usage(self, counts: dict[int, int], last_used: dict[int, float], query_counter: int) -> None:
+        """Flush batched usage statistics (one transaction, no generation bump: routing is unaffected)."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE adapters SET usage_count = usage_count + ?, last_used_at = ?, last_used_query = ? WHERE key = ?",
+                [(n, last_used[k], query_counter, k) for k, n in counts.items()],
+            )
+            db.execute("UPDATE meta SET value = ? WHERE key = 'queries'", (str(query_counter),))
+
+    def add_alias(self, db: sqlite3.Connection, alias: str, target: str, merge_id: int | None) -> None:
+        db.execute("INSERT OR REPLACE INTO aliases VALUES(?,?,?)", (alias, target, merge_id))
+
+    # -- reads -------------------------------------------------------------------------------------------------
+    def count(self, statuses: Sequence[str] = ("active", "archived")) -> int:
+        marks = ",".join("?" * len(statuses))
+        return int(self._read(f"SELECT COUNT(*) FROM adapters WHERE status IN ({marks})", tuple(statuses))[0][0])
+
+    def key_of(self, adapter_id: str) -> int:
+        rows = self._read("SELECT key FROM adapters WHERE id = ?", (adapter_id,))
+        if not rows:
+            raise AdapterNotFoundError(f"no adapter with id {adapter_id!r}")
+        return int(rows[0][0])
+
+    def resolve_alias(self, adapter_id: str) -> str | None:
+        rows = self._read("SELECT target FROM aliases WHERE alias = ?", (adapter_id,))
+        return rows[0][0] if rows else None
+
+    def ids_for_keys(self, keys: Sequence[int]) -> list[str]:
+        """Adapter ids for keys (same order); unknown keys give ``""``."""
+        with self._lock:
+            out = []
+            for k in keys:
+                row = self._db.execute("SELECT id FROM adapters WHERE key = ?", (int(k),)).fetchone()
+                out.append(row[0] if row else "")
+            return out
+
+    def get(self, adapter_id: str) -> Adapter:
+        rows = self._read(f"SELECT {_COLUMNS} FROM adapters WHERE id = ?", (adapter_id,))
+        if not rows:
+            raise AdapterNotFoundError(f"no adapter with id {adapter_id!r}")
+        return self._to_adapter(rows[0])
+
+    def version_of(self, adapter_id: str) -> tuple[int, int, str]:
+        """``(key, version, status)`` of an adapter — the cheap lookup on the weight-load path."""
+        rows = self._read("SELECT key, version, status FROM adapters WHERE id = ?", (adapter_id,))
+        if not rows:
+            raise AdapterNotFoundError(f"no adapter with id {adapter_id!r}")
+        key, version, status = rows[0]
+        return int(key), int(version), str(status)
+
+    def read_weights(self, key: int) -> tuple[bytes | None, str | None, str]:
+        """``(inline blob, file, checksum)`` of an adapter's stored weights."""
+        rows = self._read(
+            "SELECT w.data, w.file, a.checksum FROM weights w JOIN adapters a ON a.key = w.key WHERE w.key = ?", (key,)
+        )
+        if not rows:
+            raise AdapterNotFoundError(f"no weights stored for adapter key {key}")
+        return rows[0][0], rows[0][1], rows[0][2]
+
+    def members_of(self, key: int) -> list[tuple[str, float]]:
+        return [(m, float(w)) for m, w in self._read(
+            "SELECT member_id, weight FROM members WHERE composite = ? ORDER BY position", (key,))]  # fmt: skip
+
+    def composites_containing(self, adapter_id: str) -> list[str]:
+        return [r[0] for r in self._read(
+            "SELECT a.id FROM members m JOIN adapters a ON a.key = m.composite WHERE m.member_id = ?", (adapter_id,))]  # fmt: skip
+
+    def iter_adapters(self, statuses: Sequence[str] = ("active", "archived"), batch: int = 10_000) -> Iterator[Adapter]:
+        """All adapters with these statuses, by key, read in batches (constant memory)."""
+        last = 0
+        marks = ",".join("?" * len(statuses))
+        while True:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM adapters WHERE key > ? AND status IN ({marks}) ORDER BY key LIMIT ?",
+                (last, *statuses, batch),
+            )
+            if not rows:
+                return
+            for r in rows:
+                yield self._to_adapter(r)
+            last = rows[-1][0]
+
+    def iter_routing_rows(self, batch: int = 50_000) -> Iterator[tuple[int, bytes | None, list[str], list[str]]]:
+        """``(key, embedding bytes, domain_tags, skill_tags)`` of every active adapter, by key."""
+        last = 0
+        while True:
+            rows = self._read(
+                "SELECT key, embedding FROM adapters WHERE key > ? AND status = 'active' ORDER BY key LIMIT ?",
+                (last, batch),
+            )
+            if not rows:
+                return
+            lo, hi = rows[0][0], rows[-1][0]
+            tags: dict[int, tuple[list[str], list[str]]] = {}
+            for key, kind, tag in self._read(
+                "SELECT key, kind, tag FROM tags WHERE key BETWEEN ? AND ? ORDER BY key, kind, position", (lo, hi)
+            ):
+                tags.setdefault(key, ([], []))[kind].append(tag)
+            for key, emb in rows:
+                d, s = tags.get(key, ([], []))
+                yield int(key), emb, d, s
+            last = hi
+
+    def all_files(self) -> set[str]:
+        return {r[0] for r in self._read("SELECT file FROM weights WHERE file IS NOT NULL")}
+
+    def file_referenced(self, file: str) -> bool:
+        return bool(self._read("SELECT 1 FROM weights WHERE file = ? LIMIT 1", (file,)))
+
+    def usage_rows(self) -> Iterator[tuple[str, int, float | None, int, float, bool, str, int]]:
+        """``(id, usage_count, last_used_at, last_used_query, created_at, pinned, status, nbytes)`` for all rows."""
+        for r in self._read(
+            "SELECT id, usage_count, last_used_at, last_used_query, created_at, pinned, status, nbytes FROM adapters"
+        ):
+            yield r[0], int(r[1]), r[2], int(r[3]), float(r[4]), bool(r[5]), r[6], int(r[7])
+
+    def _tags(self, key: int) -> tuple[list[str], list[str]]:
+        out: tuple[list[str], list[str]] = ([], [])
+        for kind, tag in self._read("SELECT kind, tag FROM tags WHERE key = ? ORDER BY kind, position", (key,)):
+            out[kind].append(tag)
+        return out
+
+    def _to_adapter(self, r: tuple[Any, ...]) -> Adapter:
+        (key, aid, spec, gran, rank, alpha, desc, mods, nparams, profile, version, checksum, _nbytes, created,
+         last_used, usage, pinned, status, meta) = r  # fmt: skip
+        domain, skill = self._tags(key)
+        specialization = AdapterSpecialization(spec)
+        members = self.members_of(key) if specialization is AdapterSpecialization.COMPOSITE else []
+        return Adapter(
+            id=aid, key=int(key), specialization=specialization, granularity=AdapterGranularity(gran),
+            rank=int(rank), alpha=float(alpha), domain_tags=domain, skill_tags=skill, description=desc,
+            target_modules=json.loads(mods), num_parameters=int(nparams), profile=profile, version=int(version),
+            checksum=checksum, created_at=float(created), last_used_at=last_used, usage_count=int(usage),
+            pinned=bool(pinned), status=status, members=members, metadata=json.loads(meta),
+        )  # fmt: skip
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
