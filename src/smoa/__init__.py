@@ -1,1 +1,69 @@
+"""smoa — Sparse Mixtures of Adapters.
+
+A persistent library of LoRA adapters (thousands to millions of 1K–10K-parameter "nano" adapters and larger
+ones) on one frozen base model: each query is routed to the few adapters that fit it, which are mixed exactly and
+applied to the model, with lazy loading and a bounded cache so memory stays flat as the library grows.
+
+    >>> from smoa import create_sparse_adapter_mixture, AdapterSpecialization, AdapterGranularity
+    >>> smoa = create_sparse_adapter_mixture(max_active_adapters=3, routing_strategy="hybrid")
+"""
+
 from __future__ import annotations
+
+from smoa.adapter.profile import BaseProfile, default_profile, profile_from_model
+from smoa.adapter.spec import Adapter
+from smoa.adapter.weights import LoraWeights
+from smoa.config import AdapterGranularity, AdapterSpecialization, RoutingStrategy, SMoAConfig
+from smoa.errors import (
+    AdapterNotFoundError,
+    CacheFullError,
+    CapacityError,
+    CompositionError,
+    ConfigError,
+    CorruptAdapterError,
+    InvalidAdapterError,
+    InvalidInputError,
+    LibraryLockedError,
+    NonFiniteWeightsError,
+    ProfileMismatchError,
+    SmoaError,
+    StorageError,
+    UnsafeAdapterFileError,
+)
+from smoa.library import AdapterLibrary, AdapterSpec
+from smoa.mixture import SparseAdapterMixture, create_sparse_adapter_mixture
+from smoa.routing.route import Route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterGranularity",
+    "AdapterLibrary",
+    "AdapterNotFoundError",
+    "AdapterSpec",
+    "AdapterSpecialization",
+    "BaseProfile",
+    "CacheFullError",
+    "CapacityError",
+    "CompositionError",
+    "ConfigError",
+    "CorruptAdapterError",
+    "InvalidAdapterError",
+    "InvalidInputError",
+    "LibraryLockedError",
+    "LoraWeights",
+    "NonFiniteWeightsError",
+    "ProfileMismatchError",
+    "Route",
+    "RoutingStrategy",
+    "SMoAConfig",
+    "SmoaError",
+    "SparseAdapterMixture",
+    "StorageError",
+    "UnsafeAdapterFileError",
+    "__version__",
+    "create_sparse_adapter_mixture",
+    "default_profile",
+    "profile_from_model",
+]

@@ -134,9 +134,13 @@ def validate_spec(spec: AdapterSpec, where: str = "") -> AdapterSpec:
             members.append((m[0], float(m[1])))
     elif spec.members:
         raise InvalidInputError(f"{p}`members` is only for COMPOSITE adapters (got specialization {specialization.value!r})")
+    try:
+        domain_tags = _check_text_list("domain_tags", spec.domain_tags)
+        skill_tags = _check_text_list("skill_tags", spec.skill_tags)
+    except InvalidInputError as exc:
+        raise InvalidInputError(p + str(exc)) from None
     return AdapterSpec(
-        specialization=specialization, domain_tags=_check_text_list("domain_tags", spec.domain_tags),
-        skill_tags=_check_text_list("skill_tags", spec.skill_tags), granularity=granularity, rank=spec.rank,
+        specialization=specialization, domain_tags=domain_tags, skill_tags=skill_tags, granularity=granularity, rank=spec.rank,
         alpha=spec.alpha, description=spec.description, examples=examples, weights=spec.weights,
         target_modules=spec.target_modules, metadata=dict(spec.metadata), pinned=spec.pinned, members=members,
     )  # fmt: skip
@@ -267,6 +271,13 @@ class AdapterLibrary:
         """``(key, routing key vector, domain_tags, skill_tags)`` of every active adapter (for the router)."""
         for key, emb, d, s in self.catalog.iter_routing_rows():
             yield key, (np.frombuffer(emb, dtype=np.float32) if emb is not None else None), d, s
+
+    def routing_row(self, key: int) -> tuple[int, np.ndarray, list[str], list[str]] | None:
+        """``(key, routing key, domain_tags, skill_tags)`` of one adapter if it is active and has a key."""
+        row = self.catalog.routing_row(key)
+        if row is None:
+            return None
+        return key, np.frombuffer(row[0], dtype=np.float32), row[1], row[2]
 
     # -- writes ------------------------------------------------------------------------------------------------
     def create(self, spec: AdapterSpec, embedding: np.ndarray | None = None) -> Adapter:

@@ -21,6 +21,7 @@ import math
 import struct
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -145,17 +146,19 @@ class LoraWeights:
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str = "adapter") -> LoraWeights:
         """Parse bytes written by :meth:`to_bytes`. Raises :class:`CorruptAdapterError` on any defect."""
-        from safetensors import safe_open  # noqa: F401  (parser is in Rust: no code execution)
-        from safetensors.torch import load
+        from safetensors.torch import load  # the reference parser (Rust): never executes code
 
         try:
             tensors = load(bytes(data))
-            meta = _read_metadata(data)
+            header = _read_header(data)
+            meta = dict(header.get("__metadata__", {}))
             alpha, rank = float(meta["alpha"]), int(meta["rank"])
         except Exception as exc:  # noqa: BLE001 - any parse failure is corruption
             raise CorruptAdapterError(f"{name}: stored weights do not parse ({type(exc).__name__}: {exc})") from None
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for key in tensors:
+        for key in header:  # header order = the order the factors were written in
+            if key == "__metadata__":
+                continue
             if key.endswith(".lora_A"):
                 m = key[: -len(".lora_A")]
                 if f"{m}.lora_B" not in tensors:
@@ -203,10 +206,12 @@ def encode_safetensors(tensors: Sequence[tuple[str, torch.Tensor]], metadata: Ma
     return _header(tuple(layout), tuple(sorted(metadata.items()))) + b"".join(parts)
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def _read_header(data: bytes) -> dict[str, Any]:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    return dict(header.get("__metadata__", {}))
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    return header
 
 
 def checksum(data: bytes) -> str:

@@ -84,7 +84,6 @@ def search_weights(
         raise CompositionError(f"`optimizer` must be a nevergrad optimizer name (e.g. 'NGOpt'), got {optimizer!r}")
     param = ng.p.Array(init=start).set_bounds(lo, hi)
     param.random_state = np.random.RandomState(seed)
-    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
     history: list[tuple[list[float], float, float]] = []
 
     def evaluate(w: np.ndarray) -> float:
@@ -96,9 +95,10 @@ def search_weights(
         history.append((weights, loss, objective))
         return objective
 
-    opt.suggest(start)  # the first asked point is the start (uniform unless `init`)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RHOEND.*")  # scipy's COBYLA inside NGOpt, harmless
+        warnings.filterwarnings("ignore", message="COBYLA")  # scipy's COBYLA inside NGOpt adjusts its settings
+        opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
+        opt.suggest(start)  # the first asked point is the start (uniform unless `init`)
         for _ in range(budget):
             cand = opt.ask()
             opt.tell(cand, evaluate(np.asarray(cand.value)))

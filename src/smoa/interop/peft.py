@@ -34,8 +34,14 @@ import torch
 
 from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights
-from smoa.errors import InvalidAdapterError, InvalidInputError, SmoaError, StorageError, UnsafeAdapterFileError
-from smoa.interop.peft_config import DEFAULT_MAX_CONFIG_BYTES, PeftLoraSettings, matches_target, parse_peft_config
+from smoa.errors import InvalidAdapterError, InvalidInputError, StorageError, UnsafeAdapterFileError
+from smoa.interop.peft_config import (
+    DEFAULT_MAX_CONFIG_BYTES,
+    PeftLoraSettings,
+    check_module_name,
+    matches_target,
+    parse_peft_config,
+)
 from smoa.interop.safetensors_check import (
     DEFAULT_MAX_HEADER_BYTES,
     SafetensorsHeader,
@@ -331,8 +337,6 @@ def read_peft_dir(
 # -- export ------------------------------------------------------------------------------------------------------
 def _export_problems(weights: LoraWeights) -> list[str]:
     """Internal consistency of weights without a profile: rank, alpha, 2-D float finite factors, names."""
-    from smoa.interop.peft_config import _check_target_name  # one rule for names, both directions
-
     problems: list[str] = []
     r = weights.rank
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
@@ -343,7 +347,7 @@ def _export_problems(weights: LoraWeights) -> list[str]:
     if not weights.factors:
         problems.append("no target modules (empty `factors`)")
     for module, (fa, fb) in weights.factors.items():
-        reason = _check_target_name(module)
+        reason = check_module_name(module)
         if reason is not None:
             problems.append(f"module name {module!r}: {reason}")
         if fa.dim() != 2 or fb.dim() != 2 or fa.shape[0] != r or fb.shape[1] != r:

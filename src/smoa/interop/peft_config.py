@@ -122,7 +122,7 @@ def _check_text(key: str, v: Any, problems: list[str], limit: int = MAX_TEXT_CHA
     return v
 
 
-def _check_target_name(item: Any) -> str | None:
+def check_module_name(item: Any) -> str | None:
     """Why one ``target_modules`` list entry is refused, or ``None`` when it is a plain module name."""
     if not isinstance(item, str):
         return f"entry {_short(item)} is not a string"
@@ -148,7 +148,7 @@ def _parse_target_modules(v: Any, problems: list[str]) -> tuple[list[str], bool]
     if len(v) > MAX_TARGET_ENTRIES:
         problems.append(f"`target_modules` has {len(v)} entries (at most {MAX_TARGET_ENTRIES})")
         return [], False
-    bad = [reason for reason in map(_check_target_name, v) if reason is not None]
+    bad = [reason for reason in map(check_module_name, v) if reason is not None]
     for reason in bad[:5]:
         problems.append(f"`target_modules`: {reason}")
     if len(bad) > 5:

@@ -22,6 +22,7 @@ class Route:
         cache_hit: served from the route cache.
         degraded: a stage was skipped to honour ``routing_latency_budget_ms``.
         library_version: the library version the route was computed against.
+        query_truncated: the query was longer than the router's cap and only its head was routed.
     """
 
     adapter_ids: list[str]
@@ -33,6 +34,7 @@ class Route:
     cache_hit: bool = False
     degraded: bool = False
     library_version: int = 0
+    query_truncated: bool = False
 
     def __len__(self) -> int:
         return len(self.adapter_ids)

@@ -385,6 +385,14 @@ class Catalog:
                 yield int(key), emb, d, s
             last = hi
 
+    def routing_row(self, key: int) -> tuple[bytes, list[str], list[str]] | None:
+        """``(embedding, domain_tags, skill_tags)`` of an active adapter with a routing key, else None."""
+        rows = self._read("SELECT embedding FROM adapters WHERE key = ? AND status = 'active'", (key,))
+        if not rows or rows[0][0] is None:
+            return None
+        d, s = self._tags(key)
+        return rows[0][0], d, s
+
     def all_files(self) -> set[str]:
         return {r[0] for r in self._read("SELECT file FROM weights WHERE file IS NOT NULL")}
 

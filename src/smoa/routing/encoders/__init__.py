@@ -129,6 +129,15 @@ class CachedEncoder:
                         self._cache.popitem(last=False)
         return out
 
+    def prime(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Store precomputed embeddings ``vectors`` ``[n, dim]`` of ``texts`` (e.g. from a bulk encode)."""
+        with self._lock:
+            for text, vec in zip(texts, np.asarray(vectors, np.float32)):
+                self._cache[text] = vec
+                self._cache.move_to_end(text)
+            while len(self._cache) > self.max_size:
+                self._cache.popitem(last=False)
+
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         """Encode many texts (no caching) in chunks -> float32 ``[n, dim]``."""
         if not texts:

@@ -140,6 +140,10 @@ class TagIndex:
         n, df = len(self._entries), len(self._postings.get(term, ()))
         return float(np.log1p((n - df + 0.5) / (df + 0.5)))
 
+    def posting_total(self, terms: Sequence[tuple[str, int]]) -> int:
+        """Sum of the posting lengths of ``terms`` (the cost of :meth:`score`)."""
+        return sum(len(self._postings.get(t, ())) for t, _ in terms)
+
     def match_text(self, text: str) -> list[tuple[str, int]]:
         """Query words found in the tag vocabulary, as ``(term, BOTH)`` pairs."""
         return [(t, BOTH) for t in terms_of(text) if t in self._postings]

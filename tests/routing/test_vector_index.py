@@ -1,0 +1,112 @@
+"""Vector index: exact below the threshold, HNSW-SQ8 recall against brute force, updates, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoa.routing.encoders import l2_normalize
+from smoa.routing.index import IndexParams, VectorIndex
+
+
+def clustered(n: int, dim: int = 64, centers: int = 50, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = l2_normalize(rng.standard_normal((centers, dim)))
+    return l2_normalize(c[rng.integers(0, centers, n)] + 0.3 * rng.standard_normal((n, dim)) / np.sqrt(dim) * 3)
+
+
+def brute(x: np.ndarray, keys: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    sims = q @ x.T
+    return keys[np.argsort(-sims, axis=1, kind="stable")[:, :k]]
+
+
+def test_flat_is_exact() -> None:
+    x = clustered(500)
+    keys = np.arange(1000, 1500)
+    idx = VectorIndex.build(64, keys, x)
+    assert idx.kind == "flat" and len(idx) == 500
+    q = clustered(20, seed=1)
+    scores, got = idx.search(q, 5)
+    np.testing.assert_array_equal(got, brute(x, keys, q, 5))
+    np.testing.assert_allclose(scores, np.sort(q @ x.T, axis=1)[:, ::-1][:, :5], rtol=1e-5)
+
+
+def test_hnsw_recall_against_brute_force() -> None:
+    x = clustered(4000)
+    keys = np.arange(4000) * 3
+    idx = VectorIndex.build(64, keys, x, IndexParams(exact_threshold=1000))
+    assert idx.kind == "hnsw-sq8"
+    q = clustered(200, seed=2)
+    _, got = idx.search(q, 5)
+    ref = brute(x, keys, q, 5)
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got, ref)])
+    assert recall >= 0.95, recall
+
+
+@pytest.mark.parametrize("threshold", [10_000, 100])
+def test_add_remove_replace(threshold: int) -> None:
+    x = clustered(600)
+    idx = VectorIndex.build(64, np.arange(300), x[:300], IndexParams(exact_threshold=threshold))
+    idx.add(np.arange(300, 600), x[300:])
+    assert len(idx) == 600
+    assert idx.remove(np.array([0, 1, 2, 9999])) == 3
+    assert len(idx) == 597
+    q = x[:3]
+    _, got = idx.search(q, 10)
+    assert not set(got.ravel()) & {0, 1, 2}
+    # replacing key 5 with the vector of key 400: a query for that vector finds both, 5 at the top score
+    idx.add(np.array([5]), x[400:401])
+    assert len(idx) == 597
+    scores, got = idx.search(x[400:401], 2)
+    assert set(got[0]) == {5, 400}
+    # remove enough to trigger compaction: no dead positions left
+    idx.remove(np.arange(100, 400))
+    assert len(idx) == 297 and idx._dead == 0
+    _, got = idx.search(x[450:451], 1)
+    assert got[0, 0] == 450
+
+
+def test_grows_from_flat_to_hnsw() -> None:
+    x = clustered(700)
+    idx = VectorIndex.build(64, np.arange(400), x[:400], IndexParams(exact_threshold=500))
+    assert idx.kind == "flat"
+    idx.add(np.arange(400, 700), x[400:])
+    assert idx.kind == "hnsw-sq8" and len(idx) == 700
+    _, got = idx.search(x[650:651], 1)
+    assert got[0, 0] == 650
+
+
+def test_allowed_restricts_search() -> None:
+    x = clustered(300)
+    for params in (IndexParams(), IndexParams(exact_threshold=100)):
+        idx = VectorIndex.build(64, np.arange(300), x, params)
+        allowed = np.arange(0, 300, 7)
+        _, got = idx.search(x[:5], 3, allowed=allowed)
+        assert set(got.ravel()) <= set(allowed)
+
+
+def test_empty_index_search_pads() -> None:
+    scores, keys = VectorIndex(16).search(np.ones((1, 16), np.float32) / 4, 3)
+    assert keys.tolist() == [[-1, -1, -1]] and np.isneginf(scores).all()
+
+
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    x = clustered(2000)
+    for params in (IndexParams(), IndexParams(exact_threshold=500)):
+        idx = VectorIndex.build(64, np.arange(2000), x, params)
+        idx.remove(np.array([3, 4]))
+        idx.save(tmp_path)
+        back = VectorIndex.load(tmp_path, 64, params)
+        assert back.kind == idx.kind and len(back) == len(idx)
+        q = clustered(10, seed=5)
+        np.testing.assert_array_equal(back.search(q, 5)[1], idx.search(q, 5)[1])
+
+
+def test_memory_per_vector_hnsw() -> None:
+    dim = 384
+    x = clustered(3000, dim=dim)
+    idx = VectorIndex.build(dim, np.arange(3000), x, IndexParams(exact_threshold=100))
+    per = idx.memory_bytes() / len(idx)
+    assert per < 600, per
