@@ -115,7 +115,7 @@ def validate_spec(spec: AdapterSpec, where: str = "") -> AdapterSpec:
     if not isinstance(spec.metadata, Mapping) or not all(isinstance(k, str) for k in spec.metadata):
         raise InvalidInputError(f"{p}`metadata` must be a mapping with string keys, got {spec.metadata!r:.100}")
     try:
-        meta_json = json.dumps(dict(spec.metadata), ensure_ascii=False, allow_nan=False)
+        meta_json = json.dumps(dict(spec.metadata), ensure_ascii=False, allow_nan=False) if spec.metadata else "{}"
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{p}`metadata` must be JSON-serialisable: {exc}") from None
     if len(meta_json.encode()) > MAX_METADATA_BYTES:
@@ -510,9 +510,10 @@ class AdapterLibrary:
                 zeros.append(bytes(rank * d_out * itemsize))
             header = _header(tuple(layout), tuple(sorted({"format": FORMAT, "alpha": repr(alpha), "rank": str(rank)}.items())))
             nparams = sum(rank * sum(self.profile.shape(m)) for m in modules)
+            shared_modules = list(modules)  # one list per group: rows share it (and its JSON encoding)
             for j, i in enumerate(idx):
                 body = b"".join(part for a, z in zip(a_parts, zeros) for part in (a[j].tobytes(), z))
-                out[i] = (header + body, list(modules), alpha, nparams)
+                out[i] = (header + body, shared_modules, alpha, nparams)
         return out
 
     def _row_for(

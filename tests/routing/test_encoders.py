@@ -83,14 +83,15 @@ def test_cached_encoder_lru_steps() -> None:
     enc = CachedEncoder(inner, max_size=2)
     enc.encode(["a"])
     assert enc.stats() == {"size": 1, "hits": 0, "misses": 1}
-    enc.encode(["b", "a"])
-    assert enc.stats() == {"size": 2, "hits": 1, "misses": 2}
-    enc.encode(["c"])  # evicts "b" (a was touched more recently)
-    assert enc.stats()["size"] == 2
-    enc.encode(["a"])
-    assert enc.stats()["hits"] == 2
     enc.encode(["b"])
-    assert enc.stats()["misses"] == 4
+    enc.encode(["a"])  # hit: "a" becomes the most recent
+    assert enc.stats() == {"size": 2, "hits": 1, "misses": 2}
+    enc.encode(["c"])  # evicts "b", the least recent
+    assert enc.stats() == {"size": 2, "hits": 1, "misses": 3}
+    enc.encode(["a"])
+    assert enc.stats() == {"size": 2, "hits": 2, "misses": 3}
+    enc.encode(["b"])
+    assert enc.stats() == {"size": 2, "hits": 2, "misses": 4}
     np.testing.assert_array_equal(enc.encode(["a", "b"]), inner.encode(["a", "b"]))
 
 

@@ -250,7 +250,7 @@ def parse_peft_config(raw: bytes, *, max_config_bytes: int = DEFAULT_MAX_CONFIG_
         return None, [f"adapter_config.json is larger than the cap of {max_config_bytes} bytes"]
     cfg, problem = strict_json_loads(raw)
     if problem is not None:
-        return None, [f"adapter_config.json is {problem}"]
+        return None, [f"adapter_config.json {problem}"]
     if not isinstance(cfg, dict):
         return None, [f"adapter_config.json must hold a JSON object, got {type(cfg).__name__}"]
     problems: list[str] = []

@@ -22,6 +22,7 @@ Foreign files raise :class:`~smoa.errors.UnsafeAdapterFileError`; stored blobs (
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKeyError(f"duplicate key {key[:80]!r} in JSON")
+            raise _DuplicateKeyError(f"has duplicate key {key[:80]!r}")
         out[key] = value
     return out
 
@@ -99,20 +100,21 @@ def strict_json_loads(text: str | bytes) -> tuple[Any, str | None]:
     """Parse strict JSON: duplicate keys and ``NaN``/``Infinity`` refused, deep nesting caught.
 
     Returns:
-        ``(value, None)`` on success, ``(None, problem)`` otherwise; never raises on bad input.
+        ``(value, None)`` on success, ``(None, problem)`` otherwise, the problem a predicate to put after the
+        subject (``"is not valid JSON (...)"``); never raises on bad input.
     """
     try:
         if isinstance(text, (bytes, bytearray, memoryview)):
             text = bytes(text).decode("utf-8")
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants), None
     except UnicodeDecodeError as exc:
-        return None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        return None, f"is not UTF-8 text ({exc.reason} at byte {exc.start})"
     except _DuplicateKeyError as exc:
         return None, str(exc)
     except RecursionError:
-        return None, "JSON nested too deeply"
+        return None, "is JSON nested too deeply"
     except ValueError as exc:  # json.JSONDecodeError and the constant refusal
-        return None, f"not valid JSON ({exc})"
+        return None, f"is not valid JSON ({exc})"
 
 
 def _is_int(v: Any) -> bool:
@@ -177,16 +179,12 @@ def _check_entry(name: str, entry: Any, buffer_len: int) -> tuple[TensorEntry | 
             offsets = None
     if problems or shape is None or offsets is None:
         return None, problems
-    numel = 1
-    for d in shape:  # Python ints: no overflow; stop early once it cannot fit
-        numel *= d
-        if numel > buffer_len:
-            break
-    nbytes = numel * DTYPE_SIZES[dtype]
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]  # exact Python ints (<= 8 factors): no overflow
     if nbytes != offsets[1] - offsets[0]:
+        need = str(nbytes) if nbytes < 2**64 else "more than 2**64"
         problems.append(
-            f"{label}: `shape`={shape} x {dtype} needs {nbytes if numel <= buffer_len else 'more than ' + str(buffer_len)}"
-            f" bytes but `data_offsets`={offsets} span {offsets[1] - offsets[0]}"
+            f"{label}: `shape`={json.dumps(shape)[:80]} x {dtype} needs {need} bytes "
+            f"but `data_offsets`={offsets} span {offsets[1] - offsets[0]}"
         )
         return None, problems
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1]), problems
@@ -246,7 +244,7 @@ def inspect_safetensors_bytes(
         return None, [f"header does not start with '{{' (first bytes {raw[:16]!r}): not a JSON object"]
     header, problem = strict_json_loads(raw)
     if problem is not None:
-        return None, [f"header is {problem}"]
+        return None, [f"header {problem}"]
     if not isinstance(header, dict):  # pragma: no cover - guarded by the '{' check
         return None, [f"header must be a JSON object, got {type(header).__name__}"]
     buffer_len = size - 8 - n

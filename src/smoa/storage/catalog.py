@@ -196,6 +196,14 @@ class Catalog:
     def insert_many(self, rows: Sequence[NewAdapterRow]) -> list[int]:
         """Insert adapters in one transaction; returns their keys in order."""
         keys: list[int] = []
+        modules_json: dict[int, str] = {}  # rows of one bulk call usually share one module list
+
+        def mods(r: NewAdapterRow) -> str:
+            text = modules_json.get(id(r.target_modules))
+            if text is None:
+                text = modules_json[id(r.target_modules)] = json.dumps(r.target_modules)
+            return text
+
         with self.transaction(bump=True) as db:
             start = db.execute("SELECT COALESCE(MAX(key), 0) FROM adapters").fetchone()[0] + 1
             keys = list(range(start, start + len(rows)))
@@ -205,8 +213,8 @@ class Catalog:
                 " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (k, r.id, r.specialization, r.granularity, r.rank, r.alpha, r.description,
-                     json.dumps(r.target_modules), r.num_parameters, r.profile, r.checksum, r.nbytes, r.created_at,
-                     int(r.pinned), json.dumps(r.metadata, ensure_ascii=False), r.embedding)
+                     mods(r), r.num_parameters, r.profile, r.checksum, r.nbytes, r.created_at,
+                     int(r.pinned), json.dumps(r.metadata, ensure_ascii=False) if r.metadata else "{}", r.embedding)
                     for k, r in zip(keys, rows)
                 ],
             )  # fmt: skip

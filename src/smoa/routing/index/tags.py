@@ -34,7 +34,7 @@ SKILL_KEYS = frozenset({"task", "tasks", "skill", "skills", "capability", "inten
 BOTH_KEYS = frozenset({"tag", "tags"})
 
 _WORD = re.compile(r"[a-z0-9]+")
-_SUFFIXES = ("ations", "ation", "ments", "ment", "ings", "ing", "ions", "ion", "ies", "ers", "er", "es", "ed", "s", "e")
+_SUFFIXES = ("ings", "ing", "ions", "ion", "ies", "ers", "er", "es", "ed", "s", "e")
 STOPWORDS = frozenset(
     "a an the and or of to in on for with by at from is are was be this that these those it its my me i you your"
     " we our do does did can could would should will what how why when where which who please".split()

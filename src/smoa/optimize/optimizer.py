@@ -1,0 +1,311 @@
+"""`optimize_library`: merge near-duplicate adapters and prune idle ones, with a report.
+
+::
+
+    catalog facts ──► sketches of active adapters ──► dedup (ANN + exact verify) ──► merge plans (policy)
+                                                                                         │
+          report ◄── prune (archive / delete idle adapters) ◄── merged adapters + aliases ◄┘
+
+Works on an :class:`~smoa.library.AdapterLibrary` or on the facade (anything with ``.library``; then new
+adapters get routing keys and the router forgets merged-away, archived and deleted adapters). Merging loads
+each candidate's weights once to sketch it (linear in the library) and again only for verified candidates.
+
+Library hooks used when present (the fallback below is a stop-gap until the library offers them):
+
+- ``library.merge_into(source_ids, merged_id, method) -> merge_id``: one transaction: sources -> status
+  ``"merged"`` (not routed, not counted, weights kept for undo), alias ``source -> merged_id``, a ``merges`` row.
+- ``library.undo_merge(merge_id) -> list[str]``: the inverse (sources active again, aliases and merged adapter
+  removed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from smoa.adapter.spec import Adapter
+from smoa.adapter.weights import LoraWeights
+from smoa.compose.merge import combine, merge_error
+from smoa.compose.similarity import DEFAULT_SKETCH_DIM, cosine, sketch_batch, stack_weights
+from smoa.errors import InvalidInputError
+from smoa.optimize.dedup import find_near_duplicates
+from smoa.optimize.policy import AdapterFacts, MergePlan, mergeable, plan_merges, select_prunable
+
+_SKETCH_BATCH = 2048
+
+
+@dataclass
+class OptimizationReport:
+    """What :func:`optimize_library` did (or, with ``dry_run``, would do).
+
+    Attributes:
+        groups_merged: source ids of each merge performed.
+        merged_into: the new adapter id of each merge (``""`` in a dry run).
+        merge_ids: the library's merge record ids (for undo; ``-1`` when not recorded).
+        merge_errors: relative error of each merged update vs the members' mean update.
+        skipped_groups: groups whose merge error exceeded ``max_merge_error``.
+        archived, deleted: pruned ids.
+        bytes_freed: hot-storage bytes freed (merged sources minus merged adapters, plus pruned weights).
+        adapters_scanned: adapters sketched for near-duplicate search.
+        candidates: candidate pairs verified exactly.
+        seconds: wall time.
+        timings: seconds per stage.
+        dry_run: nothing was changed.
+    """
+
+    groups_merged: list[list[str]] = field(default_factory=list)
+    merged_into: list[str] = field(default_factory=list)
+    merge_ids: list[int] = field(default_factory=list)
+    merge_errors: list[float] = field(default_factory=list)
+    skipped_groups: list[list[str]] = field(default_factory=list)
+    archived: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+    adapters_scanned: int = 0
+    candidates: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    dry_run: bool = False
+
+
+def optimize_library(
+    target: Any,
+    *,
+    merge: bool | None = None,
+    prune: bool | None = None,
+    threshold: float | None = None,
+    method: str | None = None,
+    prune_after_queries: int | None = None,
+    prune_after_seconds: float | None = None,
+    prune_action: str | None = None,
+    max_merge_error: float = 0.2,
+    sketch_dim: int = DEFAULT_SKETCH_DIM,
+    neighbours: int = 10,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> OptimizationReport:
+    """Merge near-duplicates, then prune idle adapters; every ``None`` argument comes from the config.
+
+    Args:
+        target: an ``AdapterLibrary`` or the facade (``.library``, ``.router``).
+        merge, prune: run each stage (defaults ``enable_auto_merging`` / ``enable_auto_pruning``).
+        threshold: exact update cosine for near-duplicates (``merge_similarity_threshold``).
+        method: merge method (``merge_method``).
+        prune_after_queries, prune_after_seconds, prune_action: the prune policy (config fields of these names).
+        max_merge_error: a group whose merged update is further than this (relative Frobenius error) from the
+            members' mean update is left alone.
+        sketch_dim, neighbours: near-duplicate search settings.
+        now: the time used by the prune policy (default ``time.time()``).
+        dry_run: decide and report, change nothing.
+    """
+    t0 = time.perf_counter()
+    lib = getattr(target, "library", target)
+    cfg = lib.config
+    merge = cfg.enable_auto_merging if merge is None else merge
+    prune = cfg.enable_auto_pruning if prune is None else prune
+    threshold = cfg.merge_similarity_threshold if threshold is None else threshold
+    method = cfg.merge_method if method is None else method
+    action = cfg.prune_action if prune_action is None else prune_action
+    if action not in ("archive", "delete"):
+        raise InvalidInputError(f"`prune_action` must be 'archive' or 'delete', got {action!r}")
+    report = OptimizationReport(dry_run=dry_run)
+    lib.flush_usage()
+    facts = collect_facts(lib)
+    touched: set[str] = set()
+    if merge:
+        t = time.perf_counter()
+        groups = near_duplicate_groups(lib, facts, threshold, sketch_dim, neighbours, report)
+        report.timings["dedup"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for plan in plan_merges(groups, facts, method):
+            _merge_one(target, lib, plan, max_merge_error, dry_run, report)
+            touched.update(plan.sources)
+        touched.update(report.merged_into)
+        report.timings["merge"] = time.perf_counter() - t
+    if prune:
+        t = time.perf_counter()
+        protected = composite_members(facts.values(), lib) | touched
+        ids = select_prunable(
+            facts.values(), now=time.time() if now is None else now, queries=int(lib.queries),
+            after_queries=cfg.prune_after_queries if prune_after_queries is None else prune_after_queries,
+            after_seconds=cfg.prune_after_seconds if prune_after_seconds is None else prune_after_seconds,
+            protected=protected,
+        )  # fmt: skip
+        _prune(target, lib, ids, action, facts, dry_run, report)
+        report.timings["prune"] = time.perf_counter() - t
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading the library
+# ---------------------------------------------------------------------------------------------------------------
+def collect_facts(lib: Any) -> dict[str, AdapterFacts]:
+    """:class:`AdapterFacts` of every active and archived adapter (catalog reads only, no weights)."""
+    usage = {row[0]: row for row in lib.catalog.usage_rows()}  # id -> (id, count, last_at, last_query, ...)
+    out: dict[str, AdapterFacts] = {}
+    for ad in lib.iter_adapters(("active", "archived")):
+        row = usage.get(ad.id)
+        last_query = int(row[3]) if row is not None and ad.usage_count > 0 else None
+        created_query = ad.metadata.get("created_query") if isinstance(ad.metadata.get("created_query"), int) else None
+        out[ad.id] = AdapterFacts(
+            id=ad.id, profile=ad.profile, status=ad.status, pinned=ad.pinned, is_composite=ad.is_composite,
+            created_at=ad.created_at, last_used_at=ad.last_used_at, usage_count=ad.usage_count,
+            last_used_query=last_query, created_query=created_query, nbytes=int(row[7]) if row is not None else 0,
+            specialization=ad.specialization.value, description=ad.description,
+            domain_tags=tuple(ad.domain_tags), skill_tags=tuple(ad.skill_tags),
+        )  # fmt: skip
+    return out
+
+
+def composite_members(facts: Any, lib: Any) -> set[str]:
+    """Ids listed (after alias resolution) as members of any composite adapter."""
+    out: set[str] = set()
+    for f in facts:
+        if f.is_composite:
+            out.update(lib.resolve(mid) for mid, _ in lib.get_adapter(f.id).members)
+    return out
+
+
+def iter_weight_batches(lib: Any, ids: Sequence[str], batch: int = _SKETCH_BATCH) -> Iterator[tuple[list[str], list[LoraWeights]]]:
+    """Weights of ``ids`` in batches (through ``lib.get_weights``; a bulk, cache-bypassing read would be faster)."""
+    for s in range(0, len(ids), batch):
+        chunk = list(ids[s : s + batch])
+        yield chunk, [lib.get_weights(i) for i in chunk]
+
+
+def near_duplicate_groups(
+    lib: Any, facts: dict[str, AdapterFacts], threshold: float, dim: int, neighbours: int, report: OptimizationReport
+) -> list[list[str]]:
+    """Near-duplicate groups (ids) among mergeable adapters: sketch, ANN search, exact verification."""
+    ids = [i for i, f in facts.items() if mergeable(f)]
+    report.adapters_scanned = len(ids)
+    if len(ids) < 2:
+        return []
+    sketches = np.zeros((len(ids), dim), np.float32)
+    row = 0
+    for chunk, weights in iter_weight_batches(lib, ids):
+        for sig_rows in _by_signature(weights).values():
+            sketches[[row + r for r in sig_rows]] = sketch_batch(stack_weights([weights[r] for r in sig_rows]), lib.profile, dim)
+        row += len(chunk)
+    cache: dict[str, LoraWeights] = {}
+
+    def load(i: str) -> LoraWeights:
+        if i not in cache:
+            cache[i] = lib.get_weights(i)
+        return cache[i]
+
+    def scorer(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        return np.array([cosine(load(ids[a]), load(ids[b])) for a, b in zip(left, right)])
+
+    partition = np.array([facts[i].profile for i in ids])
+    result = find_near_duplicates(sketches, scorer, threshold, partition=partition, neighbours=neighbours)
+    report.candidates = result.candidates
+    return [[ids[r] for r in g] for g in result.groups]
+
+
+def _by_signature(weights: Sequence[LoraWeights]) -> dict[tuple[Any, ...], list[int]]:
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for r, w in enumerate(weights):
+        groups.setdefault((tuple(sorted(w.factors)), w.rank, next(iter(w.factors.values()))[0].dtype), []).append(r)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# changing the library
+# ---------------------------------------------------------------------------------------------------------------
+def _merge_one(target: Any, lib: Any, plan: MergePlan, max_error: float, dry_run: bool, report: OptimizationReport) -> None:
+    members = [lib.get_weights(s) for s in plan.sources]
+    rank = max(w.rank for w in members) if plan.method == "svd" else None
+    merged = combine(members, plan.weights, plan.method, rank=rank)
+    err = merge_error(members, plan.weights, merged)
+    if err > max_error:
+        report.skipped_groups.append(list(plan.sources))
+        return
+    report.groups_merged.append(list(plan.sources))
+    report.merge_errors.append(err)
+    if dry_run:
+        report.merged_into.append("")
+        report.merge_ids.append(-1)
+        report.bytes_freed += plan.source_bytes - len(merged.to_bytes())
+        return
+    keys = [lib.get_adapter(s).key for s in plan.sources]
+    new = _create_merged(target, lib, plan, merged, err)
+    merge_id = _record_merge(lib, plan.sources, new.id, plan.method)
+    _forget_routes(target, lib, keys)
+    report.merged_into.append(new.id)
+    report.merge_ids.append(merge_id)
+    report.bytes_freed += plan.source_bytes - len(merged.to_bytes())
+
+
+def _create_merged(target: Any, lib: Any, plan: MergePlan, merged: LoraWeights, err: float) -> Adapter:
+    from smoa.library import AdapterSpec
+
+    spec = AdapterSpec(
+        specialization=plan.specialization, domain_tags=plan.domain_tags[:64], skill_tags=plan.skill_tags[:64],
+        description=plan.description, weights=merged, alpha=merged.alpha,
+        metadata={"merged_from": plan.sources, "merge_method": plan.method, "merge_error": err},
+    )  # fmt: skip
+    if hasattr(target, "create_adapters_sync"):  # the facade: routing key computed and indexed
+        return target.create_adapters_sync([spec])[0]
+    return lib.create(spec)
+
+
+def _record_merge(lib: Any, sources: list[str], merged_id: str, method: str) -> int:
+    if hasattr(lib, "merge_into"):
+        return int(lib.merge_into(sources, merged_id, method))
+    return _merge_into_fallback(lib, sources, merged_id, method)
+
+
+def _merge_into_fallback(lib: Any, sources: list[str], merged_id: str, method: str) -> int:
+    """Stop-gap for ``library.merge_into``: sources' weights to cold storage, status ``merged``, aliases, record.
+
+    Uses the catalog's public transaction; adjusts the library's adapter count. To be replaced by the library's
+    own method (see the module docstring).
+    """
+    for s in sources:
+        lib.archive(s)  # weights to cold storage, restorable: the merge can be undone
+    keys = [lib.get_adapter(s).key for s in sources]
+    with lib.catalog.transaction(bump=True) as db:
+        cur = db.execute(
+            "INSERT INTO merges(created_at, merged_into, sources, method) VALUES(?,?,?,?)",
+            (time.time(), merged_id, json.dumps(sources), method),
+        )
+        merge_id = int(cur.lastrowid)
+        db.executemany("UPDATE adapters SET status = 'merged' WHERE key = ?", [(k,) for k in keys])
+        for s in sources:
+            db.execute("UPDATE aliases SET target = ? WHERE target = ?", (merged_id, s))
+            lib.catalog.add_alias(db, s, merged_id, merge_id)
+    lib._count -= len(sources)  # merged-away sources are not counted (library.total_adapters)
+    for s in sources:
+        lib.cache.invalidate(s)
+    return merge_id
+
+
+def _forget_routes(target: Any, lib: Any, keys: list[int]) -> None:
+    router = getattr(target, "router", None)
+    if router is not None and keys:
+        router.remove(keys, lib.generation)
+
+
+def _prune(target: Any, lib: Any, ids: list[str], action: str, facts: dict[str, AdapterFacts], dry_run: bool,
+           report: OptimizationReport) -> None:  # fmt: skip
+    for aid in ids:
+        if dry_run:
+            report.bytes_freed += facts[aid].nbytes
+            (report.archived if action == "archive" else report.deleted).append(aid)
+            continue
+        key = lib.get_adapter(aid).key
+        if action == "archive":
+            report.bytes_freed += int(lib.archive(aid))
+            report.archived.append(aid)
+        else:
+            lib.delete(aid)
+            report.bytes_freed += facts[aid].nbytes
+            report.deleted.append(aid)
+        _forget_routes(target, lib, [key])

@@ -1,0 +1,216 @@
+"""Router: strategies, scores and weights, tie-breaks, the route cache and generations, persistence, bad input."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoa.config import RoutingStrategy, SMoAConfig
+from smoa.errors import InvalidInputError
+from smoa.routing.encoders import get_encoder
+from smoa.routing.router import MAX_QUERY_CHARS, Router, RoutingText
+
+LIB = [
+    RoutingText(["medical", "radiology"], ["diagnosis"], "chest x-ray and scan reading"),
+    RoutingText(["medical", "cardiology"], ["diagnosis"], "heart ecg reading"),
+    RoutingText(["legal", "contract"], ["review"], "contract clause review"),
+    RoutingText(["finance", "trading"], ["prediction"], "stock market trading prediction"),
+    RoutingText(["cooking"], ["recipes"], "bread baking recipes", examples=["bake bread", "sourdough bread recipe"]),
+]
+
+
+def ids_of(keys: list[int]) -> list[str]:
+    return [f"ad_{k:03d}" for k in keys]
+
+
+def make(tmp: Path | None = None, generation: int = 1, **cfg: object) -> Router:
+    config = SMoAConfig(encoder="hash", **cfg)  # type: ignore[arg-type]
+    router = Router(config, tmp, ids_of)
+    keys = router.routing_keys(LIB)
+    router.add(np.arange(len(LIB)), keys, [(it.domain_tags, it.skill_tags) for it in LIB], generation)
+    return router
+
+
+def rows_of(router_keys: np.ndarray):
+    return lambda: [(i, router_keys[i], it.domain_tags, it.skill_tags) for i, it in enumerate(LIB)]
+
+
+def test_routing_keys_are_unit_and_move_toward_examples() -> None:
+    router = make()
+    keys = router.routing_keys(LIB)
+    assert keys.shape == (5, 384) and keys.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, atol=1e-5)
+    enc = get_encoder("hash")
+    text_only = router.routing_keys([RoutingText(["cooking"], ["recipes"], "bread baking recipes")])[0]
+    centroid = enc.encode(["bake bread", "sourdough bread recipe"]).mean(axis=0)
+    assert keys[4] @ centroid > text_only @ centroid
+
+
+@pytest.mark.parametrize("strategy", list(RoutingStrategy))
+def test_each_strategy_finds_the_obvious_adapter(strategy: RoutingStrategy) -> None:
+    router = make()
+    route = router.route("contract clause review", {"domain": "legal"}, strategy=strategy, k=2)
+    assert route.adapter_ids[0] == "ad_002"
+    assert route.strategy is strategy and len(route) <= 2
+    assert route.weights and sum(route.weights) == pytest.approx(1.0)
+    assert route.routing_scores == sorted(route.routing_scores, reverse=True)
+
+
+def test_semantic_scores_are_cosines_and_weights_softmax() -> None:
+    router = make(routing_temperature=0.1)
+    route = router.route("heart ecg reading", strategy="semantic", k=3)
+    q = get_encoder("hash").encode(["heart ecg reading"])[0]
+    keys = router.routing_keys(LIB)
+    ref = {f"ad_{i:03d}": float(keys[i] @ q) for i in range(5)}
+    for aid, s in zip(route.adapter_ids, route.routing_scores):
+        assert s == pytest.approx(ref[aid], abs=1e-5)
+    z = np.exp(np.array(route.routing_scores) / 0.1)
+    np.testing.assert_allclose(route.weights, z / z.sum(), rtol=1e-6)
+
+
+def test_threshold_drops_low_scores() -> None:
+    router = make(routing_threshold=0.99)
+    assert router.route("unrelated words entirely", strategy="semantic").adapter_ids == []
+
+
+def test_ties_broken_by_id() -> None:
+    config = SMoAConfig(encoder="hash")
+    names = {7: "b", 3: "c", 5: "a"}
+    router = Router(config, None, lambda ks: [names[k] for k in ks])
+    v = get_encoder("hash").encode(["same"])
+    router.add(np.array([7, 3, 5]), np.repeat(v, 3, axis=0), [([], [])] * 3, 1)
+    assert router.route("same", strategy="semantic", k=2).adapter_ids == ["a", "b"]
+
+
+def test_task_based_uses_metadata_then_query_words() -> None:
+    router = make()
+    assert router.route("anything", {"domain": "medical", "task": "diagnosis"}, "task_based", k=2).adapter_ids == [
+        "ad_000",
+        "ad_001",
+    ]
+    assert router.route("please review it", strategy="task_based", k=1).adapter_ids == ["ad_002"]
+    assert router.route("zzz qqq", strategy="task_based").adapter_ids == []
+
+
+def test_route_cache_hits_and_generation_invalidates() -> None:
+    router = make()
+    a = router.route("heart ecg", k=2)
+    b = router.route("  heart   ecg ", k=2)  # normalised to the same key
+    assert not a.cache_hit and b.cache_hit and b.adapter_ids == a.adapter_ids
+    assert router.route("heart ecg", k=2, strategy="semantic").cache_hit is False  # strategy is in the key
+    router.remove([1], generation=2)
+    c = router.route("heart ecg", k=2)
+    assert not c.cache_hit and "ad_001" not in c.adapter_ids and c.library_version == 2
+    stats = router.statistics()
+    assert stats["cache_hits"] == 1 and stats["queries"] == 4 and stats["generation"] == 2
+
+
+def test_add_replaces_key_and_updates_groups() -> None:
+    router = make()
+    v = router.routing_keys([RoutingText(["legal"], ["review"], "contract clause review")])
+    router.add(np.array([0]), v, [(["legal"], ["review"])], generation=2)
+    assert router.statistics()["index_size"] == 5
+    assert router._groups.group_of(0) == "legal"
+    route = router.route("chest x-ray scan", {"domain": "radiology"}, strategy="task_based")
+    assert "ad_000" not in route.adapter_ids
+
+
+def test_empty_and_huge_queries() -> None:
+    router = make()
+    assert router.route("").adapter_ids == []
+    assert router.route("   ", {"domain": "legal"}).adapter_ids[0] == "ad_002"
+    huge = router.route("contract clause review " * 1000)
+    assert huge.query_truncated and huge.adapter_ids
+    assert router.statistics()["truncated"] == 1
+    assert len("contract clause review " * 1000) > MAX_QUERY_CHARS
+
+
+def test_bad_input() -> None:
+    router = make()
+    with pytest.raises(InvalidInputError, match="`domain`"):
+        router.route("x", {"domain": 3})
+    with pytest.raises(InvalidInputError, match="`query`"):
+        router.route(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="`strategy`"):
+        router.route("x", strategy="psychic")
+    with pytest.raises(InvalidInputError, match="`k`"):
+        router.route("x", k=0)
+    assert router.route("contract review", {"unknown_key": "whatever"}).adapter_ids  # ignored, not an error
+
+
+def test_latency_budget_degrades_and_counts() -> None:
+    router = make(routing_latency_budget_ms=0.0)
+    route = router.route("contract clause review", {"domain": "legal"}, strategy="hybrid")
+    assert route.degraded and route.adapter_ids
+    assert router.statistics()["degraded"] == 1
+
+
+def test_timings_and_latency_filled() -> None:
+    route = make().route("heart ecg reading")
+    assert set(route.timings_ms) == {"encode", "search", "fuse"}
+    assert route.routing_latency_ms >= route.timings_ms["search"] > 0
+
+
+def test_hierarchical_groups_grow_with_library() -> None:
+    router = make()
+    assert router.statistics()["groups"] == 4  # medical, legal, finance, cooking
+    v = router.routing_keys([RoutingText([], ["misc"], "untagged thing")])
+    router.add(np.array([10]), v, [([], ["misc"])], generation=2)
+    assert router.statistics()["groups"] == 5 and router._groups.group_of(10).startswith("~c")
+
+
+def test_persist_then_load_without_rebuild(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    router = make(tmp_path, generation=3)
+    keys = router.routing_keys(LIB)
+    router.save()
+    before = router.route("heart ecg reading", k=3).adapter_ids
+    calls = []
+    again = Router(SMoAConfig(encoder="hash"), tmp_path, ids_of)
+    with caplog.at_level(logging.WARNING):
+        again.sync(lambda: calls.append(1) or rows_of(keys)(), generation=3)
+    assert calls == [] and not caplog.records
+    assert again.route("heart ecg reading", k=3).adapter_ids == before
+
+
+def test_stale_generation_rebuilds_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    router = make(tmp_path, generation=3)
+    keys = router.routing_keys(LIB)
+    router.save()
+    again = Router(SMoAConfig(encoder="hash"), tmp_path, ids_of)
+    with caplog.at_level(logging.WARNING):
+        again.sync(rows_of(keys), generation=4)
+    assert "generation 3" in caplog.text
+    assert again.statistics()["index_size"] == 5 and again.generation == 4
+
+
+@pytest.mark.parametrize("victim", ["vectors.faiss", "tags.json", "meta.json", "ids.npy"])
+def test_corrupt_or_missing_file_rebuilds(tmp_path: Path, caplog: pytest.LogCaptureFixture, victim: str) -> None:
+    router = make(tmp_path, generation=2)
+    keys = router.routing_keys(LIB)
+    router.save()
+    path = tmp_path / victim
+    if victim == "ids.npy":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:10] + b"garbage")
+    again = Router(SMoAConfig(encoder="hash"), tmp_path, ids_of)
+    with caplog.at_level(logging.WARNING):
+        again.sync(rows_of(keys), generation=2)
+    assert "rebuilt" in caplog.text
+    assert again.route("contract clause review", k=1).adapter_ids == ["ad_002"]
+    # the rebuild was saved: a third open loads it silently
+    caplog.clear()
+    third = Router(SMoAConfig(encoder="hash"), tmp_path, ids_of)
+    with caplog.at_level(logging.WARNING):
+        third.sync(rows_of(keys), generation=2)
+    assert not caplog.records
+
+
+def test_in_memory_sync_builds_from_rows() -> None:
+    keys = make().routing_keys(LIB)
+    router = Router(SMoAConfig(encoder="hash"), None, ids_of)
+    router.sync(rows_of(keys), generation=1)
+    assert router.route("heart ecg reading", k=1).adapter_ids == ["ad_001"]
