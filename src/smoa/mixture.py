@@ -22,7 +22,9 @@ import contextlib
 import dataclasses
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -235,6 +237,49 @@ class SparseAdapterMixture:
                 np.array([r[0] for r in live], np.int64), np.stack([r[1] for r in live]),
                 [(r[2], r[3]) for r in live], self.library.generation,
             )  # fmt: skip
+
+    # == PEFT interop ==========================================================================================
+    async def import_peft(self, directory: str | Path, **fields: Any) -> Adapter:
+        """Import a PEFT LoRA directory; see :meth:`import_peft_sync`."""
+        return await asyncio.to_thread(self.import_peft_sync, directory, **fields)
+
+    def import_peft_sync(
+        self,
+        directory: str | Path,
+        *,
+        specialization: AdapterSpecialization | str = AdapterSpecialization.CUSTOM,
+        domain_tags: Sequence[str] = (),
+        skill_tags: Sequence[str] = (),
+        description: str = "",
+        examples: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Adapter:
+        """Import ``adapter_config.json`` + ``adapter_model.safetensors`` (untrusted: strictly checked, never
+        unpickled; every problem in one :class:`~smoa.errors.UnsafeAdapterFileError`) as a new adapter."""
+        from smoa.interop.peft import read_peft_dir
+
+        imported = read_peft_dir(directory, self.library.profile)
+        for message in imported.warnings:
+            warnings.warn(f"{directory}: {message}", stacklevel=2)
+        meta = {"imported_from": "peft", "base_model_name_or_path": imported.base_model_name_or_path, **(metadata or {})}
+        return self.create_adapter_sync(
+            specialization, domain_tags, skill_tags, weights=imported.weights, alpha=imported.alpha,
+            description=description, examples=examples, metadata=meta,
+        )  # fmt: skip
+
+    async def export_peft(self, adapter_id: str, directory: str | Path, overwrite: bool = False) -> Path:
+        return await asyncio.to_thread(self.export_peft_sync, adapter_id, directory, overwrite)
+
+    def export_peft_sync(self, adapter_id: str, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write an adapter (a composite: its exact ``cat`` materialisation) as a PEFT LoRA directory."""
+        from smoa.interop.peft import write_peft_dir
+
+        base = None
+        if self._engine is not None:
+            cfg = getattr(self._engine.model, "config", None)
+            base = getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
+        return write_peft_dir(self.library.get_weights(adapter_id), directory,
+                              base_model_name_or_path=base or self.library.profile.name, overwrite=overwrite)  # fmt: skip
 
     # == routing ===============================================================================================
     async def query_adapters(

@@ -148,6 +148,9 @@ class LoraWeights:
         """Parse bytes written by :meth:`to_bytes`. Raises :class:`CorruptAdapterError` on any defect."""
         from safetensors.torch import load  # the reference parser (Rust): never executes code
 
+        from smoa.interop.safetensors_check import check_stored_bytes
+
+        check_stored_bytes(data, name=name)  # strict header checks first: a clean error for any torn/odd file
         try:
             tensors = load(bytes(data))
             header = _read_header(data)
