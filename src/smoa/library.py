@@ -40,6 +40,7 @@ from smoa.errors import (
     InvalidAdapterError,
     InvalidInputError,
     ProfileMismatchError,
+    StorageError,
 )
 from smoa.storage.catalog import Catalog, NewAdapterRow
 from smoa.storage.files import DirectoryLock, FileStore
@@ -49,6 +50,8 @@ MAX_TAGS = 64
 MAX_DESCRIPTION_CHARS = 16_384
 MAX_METADATA_BYTES = 64 * 1024
 MAX_EXAMPLES = 10_000
+MAX_METADATA_DEPTH = 32
+MAX_ID_CHARS = 256
 _USAGE_FLUSH_EVERY = 2048
 _USAGE_FLUSH_SECONDS = 5.0
 
@@ -72,6 +75,28 @@ class AdapterSpec:
     members: Sequence[tuple[str, float]] | None = None  # COMPOSITE only
 
 
+def _is_unicode(text: str) -> bool:
+    """False for strings SQLite and JSON cannot store (lone surrogates such as ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of lists/dicts in ``value``, counted iteratively and capped at ``limit + 1``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, tuple, dict)):
+            deepest = max(deepest, d)
+            if d > limit:
+                return d
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def _check_text_list(name: str, value: Any) -> list[str]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise InvalidInputError(f"`{name}` must be a list of strings, got {value!r:.200}")
@@ -81,9 +106,9 @@ def _check_text_list(name: str, value: Any) -> list[str]:
     for tag in value:
         if not isinstance(tag, str):
             raise InvalidInputError(f"`{name}` must hold only strings, got {tag!r:.100} ({type(tag).__name__})")
-        if not tag.strip() or len(tag) > MAX_TAG_CHARS or any(ord(c) < 32 for c in tag):
+        if not tag.strip() or len(tag) > MAX_TAG_CHARS or any(ord(c) < 32 for c in tag) or not _is_unicode(tag):
             raise InvalidInputError(
-                f"`{name}` tag {tag[:80]!r} must be 1-{MAX_TAG_CHARS} characters with no control characters"
+                f"`{name}` tag {tag[:80]!r} must be 1-{MAX_TAG_CHARS} characters with no control characters or lone surrogates"
             )
         out.append(tag)
     return out
@@ -104,20 +129,25 @@ def validate_spec(spec: AdapterSpec, where: str = "") -> AdapterSpec:
         or spec.alpha <= 0
     ):  # fmt: skip
         raise InvalidInputError(f"{p}`alpha` must be a positive finite number, got {spec.alpha!r}")
-    if not isinstance(spec.description, str) or len(spec.description) > MAX_DESCRIPTION_CHARS or "\x00" in spec.description:
+    if (not isinstance(spec.description, str) or len(spec.description) > MAX_DESCRIPTION_CHARS
+            or "\x00" in spec.description or not _is_unicode(spec.description)):  # fmt: skip
         raise InvalidInputError(
-            f"{p}`description` must be a string of at most {MAX_DESCRIPTION_CHARS} characters without NUL, "
+            f"{p}`description` must be a string of at most {MAX_DESCRIPTION_CHARS} characters without NUL "
+            "or lone surrogates, "
             f"got {spec.description!r:.100}"
         )
     examples = list(spec.examples) if not isinstance(spec.examples, str) else None
-    if examples is None or len(examples) > MAX_EXAMPLES or not all(isinstance(e, str) for e in examples):
+    if examples is None or len(examples) > MAX_EXAMPLES or not all(isinstance(e, str) and _is_unicode(e) for e in examples):
         raise InvalidInputError(f"{p}`examples` must be a list of at most {MAX_EXAMPLES} strings, got {spec.examples!r:.100}")
     if not isinstance(spec.metadata, Mapping) or not all(isinstance(k, str) for k in spec.metadata):
         raise InvalidInputError(f"{p}`metadata` must be a mapping with string keys, got {spec.metadata!r:.100}")
+    if _depth(dict(spec.metadata), MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
+        raise InvalidInputError(f"{p}`metadata` is nested more than {MAX_METADATA_DEPTH} levels deep")
     try:
         meta_json = json.dumps(dict(spec.metadata), ensure_ascii=False, allow_nan=False) if spec.metadata else "{}"
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{p}`metadata` must be JSON-serialisable: {exc}") from None
+        meta_json.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidInputError(f"{p}`metadata` must be JSON-serialisable UTF-8: {str(exc)[:200]}") from None
     if len(meta_json.encode()) > MAX_METADATA_BYTES:
         raise InvalidInputError(f"{p}`metadata` is {len(meta_json):,} bytes; at most {MAX_METADATA_BYTES:,} allowed")
     if not isinstance(spec.pinned, bool):
@@ -142,7 +172,7 @@ def validate_spec(spec: AdapterSpec, where: str = "") -> AdapterSpec:
     return AdapterSpec(
         specialization=specialization, domain_tags=domain_tags, skill_tags=skill_tags, granularity=granularity, rank=spec.rank,
         alpha=spec.alpha, description=spec.description, examples=examples, weights=spec.weights,
-        target_modules=spec.target_modules, metadata=dict(spec.metadata), pinned=spec.pinned, members=members,
+        target_modules=spec.target_modules, metadata=json.loads(meta_json), pinned=spec.pinned, members=members,
     )  # fmt: skip
 
 
@@ -209,7 +239,7 @@ class AdapterLibrary:
             return False
         try:
             self.get_adapter(adapter_id)
-        except AdapterNotFoundError:
+        except (AdapterNotFoundError, InvalidInputError):
             return False
         return True
 
@@ -226,6 +256,10 @@ class AdapterLibrary:
         """The current id for ``adapter_id`` (following merge aliases)."""
         if not isinstance(adapter_id, str):
             raise InvalidInputError(f"`adapter_id` must be a string, got {adapter_id!r:.100}")
+        if len(adapter_id) > MAX_ID_CHARS or not _is_unicode(adapter_id):
+            raise InvalidInputError(
+                f"`adapter_id` must be valid Unicode of at most {MAX_ID_CHARS} characters, got {adapter_id!r:.100}"
+            )
         seen = 0
         current = adapter_id
         while (target := self.catalog.resolve_alias(current)) is not None and seen < 32:
@@ -321,14 +355,17 @@ class AdapterLibrary:
         weights.validate(self.profile, name=f"adapter {adapter.id}")
         data = weights.to_bytes()
         blob, file = self._place(data)
-        old_file = self.catalog.read_weights(adapter.key)[1]
-        self.catalog.replace_weights(
-            adapter.key, blob, file, checksum(data), len(data),
-            None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
-        )  # fmt: skip
-        if old_file and old_file != file and not self.catalog.file_referenced(old_file):
-            self.files.delete(old_file)
+        try:
+            old_file = self.catalog.read_weights(adapter.key)[1]
+            self.catalog.replace_weights(
+                adapter.key, blob, file, checksum(data), len(data),
+                None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
+            )  # fmt: skip
+        except BaseException:
+            self._discard_unused(file)  # the new file no row references: no orphan left by a failed update
+            raise
         self.cache.invalidate(adapter.id)
+        self._discard_unused(old_file, keep=file)
         return self.catalog.get(adapter.id)
 
     def set_embedding(self, adapter_id: str, embedding: np.ndarray) -> None:
@@ -371,10 +408,13 @@ class AdapterLibrary:
         blob, file, _ = self.catalog.read_weights(adapter.key)
         data = blob if blob is not None else self.files.read(file or "", name=f"adapter {adapter.id}")
         rel = self.files.write("cold", checksum(data), data)
-        old = self.catalog.set_status(adapter.key, "archived", blob=None, file=rel)
-        if old and old != rel and not self.catalog.file_referenced(old):
-            self.files.delete(old)
+        try:
+            old = self.catalog.set_status(adapter.key, "archived", blob=None, file=rel)
+        except BaseException:
+            self._discard_unused(rel)
+            raise
         self.cache.invalidate(adapter.id)
+        self._discard_unused(old, keep=rel)
         return len(data)
 
     def restore(self, adapter_id: str) -> Adapter:
@@ -385,10 +425,24 @@ class AdapterLibrary:
         _, file, _ = self.catalog.read_weights(adapter.key)
         data = self.files.read(file or "", name=f"adapter {adapter.id}")
         blob, new_file = self._place(data)
-        old = self.catalog.set_status(adapter.key, "active", blob=blob if blob is not None else None, file=new_file)
-        if old and old != new_file and not self.catalog.file_referenced(old):
-            self.files.delete(old)
+        try:
+            old = self.catalog.set_status(adapter.key, "active", blob=blob, file=new_file)
+        except BaseException:
+            self._discard_unused(new_file)
+            raise
+        self._discard_unused(old, keep=new_file)
         return self.catalog.get(adapter.id)
+
+    def _discard_unused(self, rel: str | None, keep: str | None = None) -> None:
+        """Delete weight file ``rel`` if no row references it (best effort after a commit: a read failing here
+        leaves the file to the collection at the next open instead of reporting a completed change as failed)."""
+        if not rel or rel == keep:
+            return
+        try:
+            if not self.catalog.file_referenced(rel):
+                self.files.delete(rel)
+        except StorageError:
+            pass
 
     def record_usage(self, adapter_ids: Sequence[str], *, query: bool = True) -> None:
         """Count a use of each adapter; written to the catalog in batches, not per query."""

@@ -26,6 +26,8 @@ from smoa.interop import read_peft_dir, write_peft_dir  # noqa: E402
 
 from .helpers import TINY, assert_same_weights, random_weights, tiny_profile  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
 
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:

@@ -117,11 +117,12 @@ def _check_shapes(
     pairs: dict[str, dict[str, str]], header: SafetensorsHeader, profile: BaseProfile, rank: int | None, problems: list[str]
 ) -> None:
     """Each A is ``[r, d_in]`` and each B ``[d_out, r]`` for the profile's shapes and the config's rank."""
+    entries = {t.name: t for t in header.tensors}
     for module, slot in pairs.items():
         if set(slot) != {"A", "B"}:
             continue
         d_in, d_out = profile.shape(module)
-        a, b = header.entry(slot["A"]), header.entry(slot["B"])
+        a, b = entries[slot["A"]], entries[slot["B"]]
         r = rank if rank is not None else (a.shape[0] if len(a.shape) == 2 else None)
         if a.shape != (r, d_in):
             problems.append(f"module {module!r}: lora_A has shape {list(a.shape)}, expected [{r}, {d_in}] (rank `r`={r})")

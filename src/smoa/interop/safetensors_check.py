@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -71,12 +70,6 @@ class SafetensorsHeader:
     tensors: tuple[TensorEntry, ...]
     metadata: dict[str, str]
     header_len: int
-
-    def entry(self, name: str) -> TensorEntry:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(name)
 
 
 class _DuplicateKeyError(ValueError):
@@ -339,7 +332,3 @@ def load_safetensors_bytes(
     tensors = {t.name: loaded[t.name] for t in header.tensors}
     return tensors, header.metadata
 
-
-def header_summary(header: SafetensorsHeader) -> Mapping[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (dtype, shape)}`` of a checked header (no tensor bytes touched)."""
-    return {t.name: (t.dtype, t.shape) for t in header.tensors}

@@ -267,7 +267,9 @@ class Catalog:
             db.executemany("DELETE FROM weights WHERE key = ?", params)
             db.executemany("DELETE FROM members WHERE composite = ?", params)
             db.executemany("DELETE FROM aliases WHERE target = ?", [(i,) for i in ids])
-        return [f for f in files if not self.file_referenced(f)]
+            # decided inside the transaction: no read after COMMIT can fail and hide a completed delete
+            unused = [f for f in files if not db.execute("SELECT 1 FROM weights WHERE file = ? LIMIT 1", (f,)).fetchone()]
+        return unused
 
     def set_status(self, key: int, status: str, blob: bytes | None = None, file: str | None = None) -> str | None:
         """Change status (active/archived/merged), optionally moving the weights; returns the old file, if any."""

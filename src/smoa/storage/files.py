@@ -30,8 +30,11 @@ class FileStore:
         path = self.library_dir / rel
         if path.exists() and path.stat().st_size == len(data):
             return rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:  # mkdir / mkstemp fail on a full or read-only disk too: the same clear StorageError
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as exc:
+            raise StorageError(f"could not write weight file {rel!r}: {exc.strerror or exc}") from exc
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -45,7 +48,7 @@ class FileStore:
         return rel
 
     def read(self, rel: str, *, name: str) -> bytes:
-        path = self._resolve(rel)
+        path = self._resolve(rel, name=name)
         try:
             return path.read_bytes()
         except FileNotFoundError:
@@ -77,10 +80,11 @@ class FileStore:
                 removed += 1
         return removed
 
-    def _resolve(self, rel: str) -> Path:
+    def _resolve(self, rel: str, name: str = "") -> Path:
         path = (self.library_dir / rel).resolve()
         if not str(path).startswith(str(self.library_dir.resolve()) + os.sep):
-            raise CorruptAdapterError(f"weight file reference {rel!r} points outside the library")
+            who = f"{name}: " if name else ""  # the adapter it belongs to, so the caller knows which one is bad
+            raise CorruptAdapterError(f"{who}weight file reference {rel!r} points outside the library")
         return path
 
 
