@@ -353,6 +353,9 @@ class AdapterLibrary:
         if adapter.is_composite:
             raise CompositionError(f"adapter {adapter.id!r} is COMPOSITE; change its members instead of its weights")
         weights.validate(self.profile, name=f"adapter {adapter.id}")
+        # profile order, as create stores them: equal weights give equal bytes (checksum, dedup) either way
+        weights = LoraWeights({m: weights.factors[m] for m in self.profile.module_names if m in weights.factors},
+                              weights.alpha, weights.rank)  # fmt: skip
         data = weights.to_bytes()
         blob, file = self._place(data)
         try:
@@ -649,8 +652,19 @@ class AdapterLibrary:
         return None, self.files.write("blobs", checksum(data), data)
 
     def _load_bytes(self, adapter_id: str, key: int) -> bytes:
-        blob, file, digest = self.catalog.read_weights(key)
-        data = blob if blob is not None else self.files.read(file or "", name=f"adapter {adapter_id}")
+        for attempt in range(3):
+            blob, file, digest = self.catalog.read_weights(key)  # one SELECT: blob/file and checksum agree
+            if blob is not None:
+                data = blob
+                break
+            try:
+                data = self.files.read(file or "", name=f"adapter {adapter_id}")
+                break
+            except CorruptAdapterError:
+                # A concurrent update/archive/delete may have committed and unlinked the file between the row
+                # read and the file read: read the row again (a deleted adapter raises AdapterNotFoundError).
+                if attempt == 2 or self.catalog.read_weights(key)[1] == file:
+                    raise
         if checksum(data) != digest:
             raise CorruptAdapterError(
                 f"adapter {adapter_id!r}: stored weights fail their checksum ({len(data)} bytes); "

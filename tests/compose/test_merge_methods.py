@@ -216,3 +216,14 @@ def test_dare_matches_peft_merge_utils_with_the_same_seed(method: str) -> None:
     ref = getattr(merge_utils, method)(tensors, w, 0.4)
     ours = _TASK_FUNCS[method](tensors, w, 0.4, torch.Generator().manual_seed(123), "total")
     torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_combine_mean_returns_identical_members_unchanged(method: str) -> None:
+    from smoa.compose.merge import combine_mean
+
+    g = torch.Generator().manual_seed(10)
+    one = _adapter(g, 2, ["m0", "m1"])
+    kwargs = {"density": 1.0} if METHODS[method].needs_density else {}
+    merged = combine_mean([one, one.clone(), one.clone()], method, **kwargs)
+    assert merge_error([one] * 3, [1 / 3] * 3, merged) < 1e-7

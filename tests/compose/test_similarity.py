@@ -9,6 +9,7 @@ import torch
 from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights
 from smoa.compose.similarity import (
+    LoraStack,
     batched_cosine,
     batched_inner,
     cosine,
@@ -104,17 +105,20 @@ def test_sketch_refuses_modules_outside_the_profile() -> None:
 
 def test_sketch_cosines_track_exact_cosines() -> None:
     g = torch.Generator().manual_seed(6)
-    rng = np.random.default_rng(0)
-    exact, approx = [], []
-    for _ in range(300):
-        x, y = _adapter(g, 2, ["m0", "m1", "m2"]), _adapter(g, 2, ["m0", "m1", "m2"])
-        z = _mix(x, y, float(rng.uniform(0, 1)))
-        exact.append(cosine(x, z))
-        approx.append(float(sketch(x, PROFILE, dim=128) @ sketch(z, PROFILE, dim=128)))
-    exact_a, approx_a = np.array(exact), np.array(approx)
-    assert exact_a.min() < 0.3 and exact_a.max() > 0.95  # the pairs span the range
-    assert np.corrcoef(exact_a, approx_a)[0, 1] > 0.95
-    assert np.abs(exact_a - approx_a).mean() < 0.06
+    n = 300
+    xs = stack_weights([_adapter(g, 2, ["m0", "m1", "m2"]) for _ in range(n)])
+    ys = stack_weights([_adapter(g, 2, ["m0", "m1", "m2"]) for _ in range(n)])
+    lam = torch.rand(n, generator=g, dtype=torch.float64)[:, None, None]
+    zs = LoraStack(  # z_i = lam_i x_i + (1 - lam_i) y_i, pairs spanning cosines from ~0 to 1
+        {m: (torch.cat([xs.factors[m][0], ys.factors[m][0]], dim=1),
+             torch.cat([lam * xs.factors[m][1], (1 - lam) * ys.factors[m][1]], dim=2)) for m in xs.factors},
+        xs.scaling,
+    )  # fmt: skip
+    exact = batched_cosine(xs, zs).numpy()
+    approx = (sketch_batch(xs, PROFILE, dim=128) * sketch_batch(zs, PROFILE, dim=128)).sum(axis=1)
+    assert exact.min() < 0.3 and exact.max() > 0.95
+    assert np.corrcoef(exact, approx)[0, 1] > 0.95
+    assert np.abs(exact - approx).mean() < 0.06
 
 
 def test_sketch_inner_product_is_unbiased_over_seeds() -> None:

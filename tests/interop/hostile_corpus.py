@@ -169,6 +169,9 @@ st_case("metadata-values-not-strings", {"__metadata__": {"alpha": 8}, "a": _entr
 st_case("metadata-not-object", {"__metadata__": ["x"], "a": _entry()}, bytes(8), r"`__metadata__` must be a JSON object")
 for _dtype in ("I64", "BOOL", "U8", "I32", "F8_E4M3", "C64", "float32"):
     st_case(f"dtype-{_dtype}", {"a": _entry(dtype=_dtype, shape=[8], offsets=[0, 8])}, bytes(8), rf"`dtype`='{_dtype}' is not allowed")
+st_case("dtype-object", {"a": _entry(dtype={"dtype": "F32"})}, bytes(8), r'`dtype`=\{"dtype": "F32"\} is not allowed')  # atheris find
+st_case("dtype-list", {"a": _entry(dtype=["F32"])}, bytes(8), r'`dtype`=\["F32"\] is not allowed')
+st_case("dtype-null", {"a": _entry(dtype=None)}, bytes(8), r"`dtype`=null is not allowed")
 
 
 def _truncations() -> None:
@@ -255,6 +258,12 @@ cfg_case(
     json.dumps(valid_config()).replace('"lora_alpha": 8', '"lora_alpha": 1e309').encode(),
     r"`lora_alpha` must be a finite number in \(0, 1e\+06\], got inf",
 )
+cfg_case(
+    "config-alpha-400-digit-int",
+    json.dumps(valid_config()).replace('"lora_alpha": 8', '"lora_alpha": ' + "9" * 400).encode(),
+    r"`lora_alpha` must be a finite number in \(0, 1e\+06\], got 9999",
+)
+cfg_case("config-alpha-pattern-400-digit-int", {"alpha_pattern": {"q_proj": 10**400}}, r"`alpha_pattern` sets per-module values")
 cfg_case("config-peft-type-loha", {"peft_type": "LOHA"}, r"`peft_type` must be 'LORA', got 'LOHA'")
 cfg_case("config-peft-type-missing", {}, r"`peft_type` must be 'LORA', got None", drop=("peft_type",))
 cfg_case("config-r-missing", {}, r"`r` \(the LoRA rank\) is missing", drop=("r",))

@@ -166,3 +166,48 @@ def test_arbitrary_bytes_never_escape_as_foreign_exceptions(data):
             read_peft_bytes(config, weights, PROFILE)
         except SmoaError:
             pass
+
+
+# -- structure-aware: adversarial JSON values in known fields --------------------------------------------------------
+JSON_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**5), 10**5),
+    st.integers(-(10**600), 10**600),  # past float range: float(x) raises OverflowError
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+    st.sampled_from(["LORA", "none", "all", "F32", "I64", "pissa", "q_proj", "../x", "\x00"]),
+)
+JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+CONFIG_KEYS = sorted(json.loads(BASE_CONFIG)) + ["auto_map", "use_dora", "lora_bias", "layer_replication", "unknown"]
+
+
+@MUTATION
+@given(st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, min_size=1, max_size=4))
+def test_adversarial_config_values_refuse_cleanly(patch):
+    config = json.dumps({**json.loads(BASE_CONFIG), **patch}).encode()
+    try:
+        read_peft_bytes(config, BASE_BYTES, PROFILE)
+    except SmoaError:
+        pass
+
+
+@MUTATION
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["dtype", "shape", "data_offsets", None]), JSON_VALUES), min_size=1, max_size=3))
+def test_adversarial_header_fields_refuse_cleanly(edits):
+    n = HEADER_END - 8
+    header = json.loads(BASE_BYTES[8:HEADER_END])
+    names = sorted(header)
+    for index, field_, value in edits:
+        name = names[index % len(names)]
+        if field_ is None or not isinstance(header[name], dict):
+            header[name] = value
+        else:
+            header[name][field_] = value
+    head = json.dumps(header).encode()
+    data = struct.pack("<Q", len(head)) + head + BASE_BYTES[8 + n :]
+    accepted = inspect_safetensors_bytes(data)[0] is not None
+    try:
+        load_safetensors_bytes(data, name="h")
+    except UnsafeAdapterFileError:
+        assert not accepted, "pre-check passed but the library refused"

@@ -96,3 +96,10 @@ def test_accepts_bytearray_and_memoryview(profile):
     check_safetensors_bytes(bytearray(data), name="x")
     check_safetensors_bytes(memoryview(data), name="x")
 
+
+
+def test_regression_unhashable_dtype_found_by_atheris():
+    """atheris found ``{"dtype": {...}}`` raising TypeError (unhashable dict) instead of a clean refusal."""
+    data = raw_safetensors(b'{"t":{"dtype":{"dtype":"F14","shape":[2,64]},"shape":[2],"data_offsets":[0,8]}}', bytes(8))
+    with pytest.raises(UnsafeAdapterFileError, match=r"`dtype`=\{.*\} is not allowed"):
+        check_safetensors_bytes(data, name="crash-326afc58")

@@ -102,3 +102,42 @@ def test_prune_by_queries_and_delete_action(lib: AdapterLibrary) -> None:
     report = optimize_library(lib, merge=False, prune_after_queries=10, prune_after_seconds=math.inf, prune_action="delete")
     assert report.deleted == [ids[0]]  # used, then 20 queries without it; ids[2] never used: time rule only
     assert ids[0] not in lib and lib.total_adapters == 2
+
+
+def test_through_the_facade_routes_forget_merged_sources(tmp_path) -> None:
+    import asyncio
+
+    from smoa.mixture import SparseAdapterMixture
+
+    g = torch.Generator().manual_seed(3)
+    base = _weights(g)
+    with SparseAdapterMixture(SMoAConfig(base_profile=TOY, seed=0, storage_path=tmp_path / "m")) as smoa:
+        a = smoa.create_adapter_sync("domain", ["medical"], ["diagnosis"], weights=base, description="chest x-ray")
+        b = smoa.create_adapter_sync("domain", ["radiology"], ["diagnosis"], weights=_weights(g, base))
+        smoa.create_adapter_sync("domain", ["legal"], ["review"], weights=_weights(g), description="contracts")
+        report = asyncio.run(smoa.optimize_library(prune=False))
+        (new_id,) = report.merged_into
+        route = asyncio.run(smoa.query_adapters("chest x-ray diagnosis", k=3))
+        assert new_id in route.adapter_ids and a.id not in route.adapter_ids and b.id not in route.adapter_ids
+        assert smoa.library.get_adapter(a.id).id == new_id and smoa.library.total_adapters == 2
+
+
+def test_undo_merge_restores_the_sources(lib: AdapterLibrary) -> None:
+    from smoa.optimize.optimizer import undo_merge
+
+    ids, planted = _populate(lib, n=10)
+    before = {i: lib.get_weights(i) for i in ids}
+    report = optimize_library(lib, prune=False, threshold=0.98)
+    assert len(report.merge_ids) == 2 and lib.total_adapters == len(ids) - 2
+    restored = undo_merge(lib, report.merge_ids[0])
+    assert sorted(restored) == sorted(report.groups_merged[0])
+    assert lib.total_adapters == len(ids) - 1  # 2 sources back, their merged adapter gone
+    assert report.merged_into[0] not in lib
+    for s in restored:
+        ad = lib.get_adapter(s)
+        assert ad.id == s and ad.status == "active"
+        w = lib.get_weights(s)
+        for m in w:
+            torch.testing.assert_close(w[m][0], before[s][m][0])
+    with pytest.raises(Exception, match="merge_id"):
+        undo_merge(lib, report.merge_ids[0])

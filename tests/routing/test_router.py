@@ -214,3 +214,22 @@ def test_in_memory_sync_builds_from_rows() -> None:
     router = Router(SMoAConfig(encoder="hash"), None, ids_of)
     router.sync(rows_of(keys), generation=1)
     assert router.route("heart ecg reading", k=1).adapter_ids == ["ad_001"]
+
+
+def test_learned_keys_separate_examples_better() -> None:
+    router = make()
+    items = [
+        RoutingText(["a"], ["x"], examples=["red apple pie", "apple crumble", "green apple tart"]),
+        RoutingText(["b"], ["y"], examples=["apple stock price", "apple shares fall", "buy apple stock"]),
+    ]
+    enc = get_encoder("hash")
+    ex = enc.encode([e for it in items for e in it.examples])
+    lab = np.array([0, 0, 0, 1, 1, 1])
+
+    def margin(keys: np.ndarray) -> float:
+        s = ex @ keys.T
+        return float(np.mean(s[np.arange(6), lab] - s[np.arange(6), 1 - lab]))
+
+    plain, learned = router.routing_keys(items), router.routing_keys(items, learn=True)
+    np.testing.assert_allclose(np.linalg.norm(learned, axis=1), 1.0, atol=1e-5)
+    assert margin(learned) > margin(plain)

@@ -42,7 +42,9 @@ class AdapterCache:
         self.device = device
         self._lock = threading.RLock()
         self._host: LRUCache[Key, bytes] | None = (
-            LRUCache(max_items=10**12, max_bytes=offload_bytes, size_of=len) if offload_bytes > 0 else None
+            LRUCache(max_items=10**12, max_bytes=offload_bytes, size_of=len, on_evict=self._forget)
+            if offload_bytes > 0
+            else None
         )
         self._device: LRUCache[Key, LoraWeights] = LRUCache(
             max_items=max_items, max_bytes=max_bytes, size_of=lambda w: w.nbytes, on_evict=self._offload
@@ -143,11 +145,17 @@ class AdapterCache:
         if self._host is not None and data is not None and len(data) <= self._host.max_bytes:
             self._host.put(key, data)
         else:
-            versions = self._versions.get(key[0])
-            if versions is not None:
-                versions.discard(key[1])
-                if not versions:
-                    del self._versions[key[0]]
+            self._forget(key, None)
+
+    def _forget(self, key: Key, _value: object) -> None:
+        """``key`` left the last tier holding it: drop it from ``_versions`` (else that map grows per adapter)."""
+        if key in self._device or (self._host is not None and key in self._host):
+            return
+        versions = self._versions.get(key[0])
+        if versions is not None:
+            versions.discard(key[1])
+            if not versions:
+                del self._versions[key[0]]
 
     def _record_ms(self, ms: float) -> None:
         self._load_ms.append(ms)

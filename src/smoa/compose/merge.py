@@ -131,6 +131,26 @@ def combine(
     return out.to(dtype=dtype)
 
 
+def combine_mean(
+    adapters: Sequence[LoraWeights],
+    method: str = "svd",
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int | None = None,
+) -> LoraWeights:
+    """Merge ``adapters`` into (an approximation of) their mean update ``(1/n) sum_i update_i``.
+
+    ``cat`` and ``svd`` get weights ``1/n``. The factor-space methods scale *both* factors by ``sqrt(w_i s_i)``
+    (PEFT): the summing ones (``linear``, ``dare_linear``, ``magnitude_prune``) get ``w_i = 1/n^2``, which
+    averages each factor (``A = sqrt(s) mean(A_i)``, ``B = sqrt(s) mean(B_i)``); the TIES ones already take a
+    (disjoint) mean per entry and get ``w_i = 1``. Either way identical members come back unchanged (at density
+    1). Measure the result with ``merge_error(adapters, [1/n] * n, merged)``.
+    """
+    n = len(adapters)
+    w = {"cat": 1.0 / n, "svd": 1.0 / n, "ties": 1.0, "dare_ties": 1.0}.get(method, 1.0 / (n * n))
+    return combine(adapters, [w] * n, method, rank, density, seed)
+
+
 def merge_error(adapters: Sequence[LoraWeights], weights: Sequence[float] | None, merged: LoraWeights) -> float:
     """Relative Frobenius error ``||merged - target||_F / ||target||_F`` over all modules.
 
@@ -218,7 +238,8 @@ def merge_svd(adapters: Sequence[LoraWeights], weights: Sequence[float], rank: i
 def truncated_factors(
     bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], rank: int, d_in: int, d_out: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [rank, d_in], B [d_out, rank])`` (float64) with ``B A`` = best rank-``rank`` approximation of ``sum B_i A_i``."""
+    """``(A [rank, d_in], B [d_out, rank])`` (float64): ``B A`` is the best rank-``rank`` approximation of
+    ``sum_i B_i A_i``."""
     u = torch.cat([b.double() for b in bs], dim=1)  # [d_out, R]
     v = torch.cat([a.double() for a in as_], dim=0)  # [R, d_in]
     q_u, r_u = torch.linalg.qr(u)  # [d_out, k1], [k1, R]
@@ -310,7 +331,9 @@ def _linear(ts: list[torch.Tensor], w: torch.Tensor, density: float, g: torch.Ge
     return _weighted_sum(torch.stack(ts), w)
 
 
-def _magnitude_prune(ts: list[torch.Tensor], w: torch.Tensor, density: float, g: torch.Generator, msm: str) -> torch.Tensor:
+def _magnitude_prune(
+    ts: list[torch.Tensor], w: torch.Tensor, density: float, g: torch.Generator, msm: str
+) -> torch.Tensor:
     return _weighted_sum(torch.stack([magnitude_mask(t, density) for t in ts]), w)
 
 
@@ -377,7 +400,9 @@ def _module_union(adapters: Sequence[LoraWeights]) -> list[str]:
 
 def _module_shape(adapters: Sequence[LoraWeights], module: str) -> tuple[int, int]:
     """``(d_in, d_out)`` of ``module``; members must agree."""
-    shapes = {(int(a.factors[module][0].shape[1]), int(a.factors[module][1].shape[0])) for a in adapters if module in a.factors}
+    shapes = {
+        (int(a.factors[module][0].shape[1]), int(a.factors[module][1].shape[0])) for a in adapters if module in a.factors
+    }
     if len(shapes) != 1:
         raise CompositionError(f"members disagree on the shape (d_in, d_out) of module {module!r}: {sorted(shapes)}")
     return shapes.pop()

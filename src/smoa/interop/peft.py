@@ -46,6 +46,7 @@ from smoa.interop.safetensors_check import (
     DEFAULT_MAX_HEADER_BYTES,
     SafetensorsHeader,
     inspect_safetensors_bytes,
+    refuse,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -174,6 +175,41 @@ def read_peft_bytes(
     return _import(config, weights, profile, name, max_config_bytes, max_header_bytes, [], [])
 
 
+def _config_stage(config_bytes: bytes | None | _Refused, max_config_bytes: int, problems: list[str]) -> PeftLoraSettings | None:
+    if config_bytes is None:
+        problems.append(f"`{CONFIG_NAME}` is missing")
+    elif isinstance(config_bytes, bytes):
+        settings, config_problems = parse_peft_config(config_bytes, max_config_bytes=max_config_bytes)
+        problems += config_problems
+        return settings
+    return None
+
+
+def _header_stage(weights_bytes: bytes | None | _Refused, max_header_bytes: int, problems: list[str]) -> SafetensorsHeader | None:
+    if weights_bytes is None:
+        problems.append(f"`{WEIGHTS_NAME}` is missing")
+    elif isinstance(weights_bytes, bytes):
+        header, header_problems = inspect_safetensors_bytes(weights_bytes, max_header_bytes=max_header_bytes)
+        problems += [f"{WEIGHTS_NAME}: {p}" for p in header_problems]
+        return header
+    return None
+
+
+def _tensor_stage(
+    header: SafetensorsHeader, settings: PeftLoraSettings | None, profile: BaseProfile, problems: list[str]
+) -> dict[str, dict[str, str]]:
+    """Keys -> profile modules, shapes against the profile and the config's rank, config's target list."""
+    if not header.tensors:
+        problems.append(f"{WEIGHTS_NAME} holds no tensors")
+    pairs = _map_keys(header, profile, problems)
+    _check_shapes(pairs, header, profile, settings.rank if settings else None, problems)
+    if settings is not None and not settings.target_is_regex:
+        for module in pairs:
+            if not matches_target(module, settings):
+                problems.append(f"module {module!r} has tensors but is not in the config's `target_modules`")
+    return pairs
+
+
 def _import(
     config_bytes: bytes | None | _Refused,
     weights_bytes: bytes | None | _Refused,
@@ -184,41 +220,22 @@ def _import(
     problems: list[str],
     warnings: list[str],
 ) -> ImportedAdapter:
-    settings: PeftLoraSettings | None = None
-    if config_bytes is None:
-        problems.append(f"`{CONFIG_NAME}` is missing")
-    elif isinstance(config_bytes, bytes):
-        settings, config_problems = parse_peft_config(config_bytes, max_config_bytes=max_config_bytes)
-        problems += config_problems
-    header: SafetensorsHeader | None = None
-    if weights_bytes is None:
-        problems.append(f"`{WEIGHTS_NAME}` is missing")
-    elif isinstance(weights_bytes, bytes):
-        header, header_problems = inspect_safetensors_bytes(weights_bytes, max_header_bytes=max_header_bytes)
-        problems += [f"{WEIGHTS_NAME}: {p}" for p in header_problems]
-    pairs: dict[str, dict[str, str]] = {}
-    if header is not None:
-        if not header.tensors:
-            problems.append(f"{WEIGHTS_NAME} holds no tensors")
-        pairs = _map_keys(header, profile, problems)
-        _check_shapes(pairs, header, profile, settings.rank if settings else None, problems)
-        if settings is not None and not settings.target_is_regex:
-            for module in pairs:
-                if not matches_target(module, settings):
-                    problems.append(f"module {module!r} has tensors but is not in the config's `target_modules`")
+    """Both files through every stage; tensors are materialised only once every header-level check passed."""
+    settings = _config_stage(config_bytes, max_config_bytes, problems)
+    header = _header_stage(weights_bytes, max_header_bytes, problems)
+    pairs = _tensor_stage(header, settings, profile, problems) if header is not None else {}
     if problems or settings is None or header is None or not isinstance(weights_bytes, bytes):
-        raise UnsafeAdapterFileError(name, problems)
+        raise refuse(name, problems, stored=False)
     tensors = _load_tensors(weights_bytes, name)
     problems += _non_finite(tensors)
     if problems:
-        raise UnsafeAdapterFileError(name, problems)
+        raise refuse(name, problems, stored=False)
     order = [m for m in profile.module_names if m in pairs]
-    factors = {m: (tensors[pairs[m]["A"]], tensors[pairs[m]["B"]]) for m in order}
-    weights = LoraWeights(factors, settings.alpha, settings.rank)
+    weights = LoraWeights({m: (tensors[pairs[m]["A"]], tensors[pairs[m]["B"]]) for m in order}, settings.alpha, settings.rank)
     try:
         weights.validate(profile, name=name)  # internal invariant: every check above already holds
     except InvalidAdapterError as exc:  # pragma: no cover - defensive
-        raise UnsafeAdapterFileError(name, [str(exc)]) from None
+        raise refuse(name, [str(exc)], stored=False) from None
     return ImportedAdapter(
         weights=weights,
         target_modules=order,
@@ -236,7 +253,7 @@ def _load_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
     try:
         return load(bytes(data))
     except Exception as exc:  # noqa: BLE001 - the library disagreeing with the pre-check is still a refusal
-        raise UnsafeAdapterFileError(name, [f"safetensors refused the file: {type(exc).__name__}: {str(exc)[:200]}"]) from None
+        raise refuse(name, [f"safetensors refused the file: {type(exc).__name__}: {str(exc)[:200]}"], stored=False) from None
 
 
 # -- the I/O shell: a directory on disk --------------------------------------------------------------------------

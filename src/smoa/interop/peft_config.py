@@ -101,6 +101,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _as_float(v: Any) -> float | None:
+    """A JSON number as a finite float, or ``None`` (bools, strings, huge ints, inf all give ``None``)."""
+    if not _is_number(v):
+        return None
+    try:
+        f = float(v)  # an int with 400 digits raises OverflowError
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 def _short(v: Any, n: int = 60) -> str:
     text = repr(v)
     return text if len(text) <= n else text[: n - 3] + "..."
@@ -171,11 +182,11 @@ def _parse_alpha(cfg: dict[str, Any], problems: list[str], warnings: list[str]) 
     if "lora_alpha" not in cfg:
         warnings.append(f"`lora_alpha` is missing: PEFT's default {PEFT_DEFAULT_ALPHA} is used")
         return float(PEFT_DEFAULT_ALPHA)
-    a = cfg["lora_alpha"]
-    if not _is_number(a) or not math.isfinite(a) or not 0 < a <= MAX_ALPHA:
-        problems.append(f"`lora_alpha` must be a finite number in (0, {MAX_ALPHA:g}], got {_short(a)}")
+    a = _as_float(cfg["lora_alpha"])
+    if a is None or not 0 < a <= MAX_ALPHA:
+        problems.append(f"`lora_alpha` must be a finite number in (0, {MAX_ALPHA:g}], got {_short(cfg['lora_alpha'])}")
         return None
-    return float(a)
+    return a
 
 
 def _check_flag(cfg: dict[str, Any], key: str, problems: list[str]) -> bool:
@@ -197,7 +208,7 @@ def _check_patterns(cfg: dict[str, Any], key: str, expected: float | None, probl
         problems.append(f"`{key}` must be an object, got {type(v).__name__}")
         return
     values = list(v.values())
-    if expected is None or not all(_is_number(x) and float(x) == expected for x in values):
+    if expected is None or not all(_as_float(x) == expected for x in values):
         problems.append(
             f"`{key}` sets per-module values {_short(dict(list(v.items())[:3]))}: smoa adapters have one rank "
             "and one alpha for every module (re-save the adapter without per-module patterns)"

@@ -119,7 +119,7 @@ def _fast_entry(name: str, entry: Any, buffer_len: int) -> TensorEntry | None:
     if type(entry) is not dict or entry.keys() != _ENTRY_FIELDS:
         return None
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES or type(shape) is not list or len(shape) > MAX_TENSOR_DIMS:
+    if type(dtype) is not str or dtype not in DTYPE_SIZES or type(shape) is not list or len(shape) > MAX_TENSOR_DIMS:
         return None
     if type(offsets) is not list or len(offsets) != 2:
         return None
@@ -149,8 +149,9 @@ def _check_entry(name: str, entry: Any, buffer_len: int) -> tuple[TensorEntry | 
     if unknown:
         problems.append(f"{label}: unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if "dtype" in entry and dtype not in DTYPE_SIZES:
-        problems.append(f"{label}: `dtype`={str(dtype)[:20]!r} is not allowed (allowed: {', '.join(DTYPE_SIZES)})")
+    if "dtype" in entry and not (isinstance(dtype, str) and dtype in DTYPE_SIZES):  # a dict dtype is unhashable
+        shown = repr(dtype[:20]) if isinstance(dtype, str) else json.dumps(dtype)[:40]
+        problems.append(f"{label}: `dtype`={shown} is not allowed (allowed: {', '.join(DTYPE_SIZES)})")
     if "shape" in entry:
         if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
             problems.append(f"{label}: `shape` must be a list of integers, got {json.dumps(shape)[:80]}")

@@ -60,7 +60,7 @@ def candidate_pairs(
     nprobe: int = 16,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(i, j)``, ``i < j``, with ``j`` among ``i``'s ``neighbours`` nearest sketches at cosine >= ``min_cosine``.
+    """Pairs ``(i, j)``, ``i < j``, ``j`` among ``i``'s ``neighbours`` nearest sketches at cosine >= ``min_cosine``.
 
     Args:
         sketches: ``[N, D]`` float32 unit rows (zero rows are ignored).
@@ -101,7 +101,7 @@ def _build_index(x: np.ndarray, flat_max: int, nprobe: int, seed: int):  # -> fa
     if n <= flat_max:
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = int(4 * np.sqrt(n))
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
@@ -203,7 +203,8 @@ def find_near_duplicates(
     parts = []
     for lab in np.unique(labels):
         rows = np.flatnonzero(labels == lab)
-        p, _ = candidate_pairs(sketches[rows], neighbours, threshold - candidate_margin, flat_max=flat_max, nprobe=nprobe)
+        cut = threshold - candidate_margin
+        p, _ = candidate_pairs(sketches[rows], neighbours, cut, flat_max=flat_max, nprobe=nprobe)
         parts.append(rows[p])
     cands = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
     t1 = time.perf_counter()

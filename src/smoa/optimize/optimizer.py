@@ -30,7 +30,7 @@ import numpy as np
 
 from smoa.adapter.spec import Adapter
 from smoa.adapter.weights import LoraWeights
-from smoa.compose.merge import combine, merge_error
+from smoa.compose.merge import combine_mean, merge_error
 from smoa.compose.similarity import DEFAULT_SKETCH_DIM, cosine, sketch_batch, stack_weights
 from smoa.errors import InvalidInputError
 from smoa.optimize.dedup import find_near_duplicates
@@ -172,7 +172,9 @@ def composite_members(facts: Any, lib: Any) -> set[str]:
     return out
 
 
-def iter_weight_batches(lib: Any, ids: Sequence[str], batch: int = _SKETCH_BATCH) -> Iterator[tuple[list[str], list[LoraWeights]]]:
+def iter_weight_batches(
+    lib: Any, ids: Sequence[str], batch: int = _SKETCH_BATCH
+) -> Iterator[tuple[list[str], list[LoraWeights]]]:
     """Weights of ``ids`` in batches (through ``lib.get_weights``; a bulk, cache-bypassing read would be faster)."""
     for s in range(0, len(ids), batch):
         chunk = list(ids[s : s + batch])
@@ -191,7 +193,8 @@ def near_duplicate_groups(
     row = 0
     for chunk, weights in iter_weight_batches(lib, ids):
         for sig_rows in _by_signature(weights).values():
-            sketches[[row + r for r in sig_rows]] = sketch_batch(stack_weights([weights[r] for r in sig_rows]), lib.profile, dim)
+            stack = stack_weights([weights[r] for r in sig_rows])
+            sketches[[row + r for r in sig_rows]] = sketch_batch(stack, lib.profile, dim)
         row += len(chunk)
     cache: dict[str, LoraWeights] = {}
 
@@ -219,10 +222,12 @@ def _by_signature(weights: Sequence[LoraWeights]) -> dict[tuple[Any, ...], list[
 # ---------------------------------------------------------------------------------------------------------------
 # changing the library
 # ---------------------------------------------------------------------------------------------------------------
-def _merge_one(target: Any, lib: Any, plan: MergePlan, max_error: float, dry_run: bool, report: OptimizationReport) -> None:
+def _merge_one(
+    target: Any, lib: Any, plan: MergePlan, max_error: float, dry_run: bool, report: OptimizationReport
+) -> None:
     members = [lib.get_weights(s) for s in plan.sources]
     rank = max(w.rank for w in members) if plan.method == "svd" else None
-    merged = combine(members, plan.weights, plan.method, rank=rank)
+    merged = combine_mean(members, plan.method, rank=rank)  # plan.weights are the mean weights 1/n
     err = merge_error(members, plan.weights, merged)
     if err > max_error:
         report.skipped_groups.append(list(plan.sources))
@@ -285,6 +290,51 @@ def _merge_into_fallback(lib: Any, sources: list[str], merged_id: str, method: s
     for s in sources:
         lib.cache.invalidate(s)
     return merge_id
+
+
+def undo_merge(target: Any, merge_id: int) -> list[str]:
+    """Undo a merge recorded by :func:`optimize_library`: sources active again, merged adapter deleted.
+
+    Args:
+        target: an ``AdapterLibrary`` or the facade (then routes are updated too).
+        merge_id: from :attr:`OptimizationReport.merge_ids`.
+
+    Returns:
+        The restored source ids.
+
+    Raises:
+        InvalidInputError: unknown or already undone ``merge_id``.
+    """
+    lib = getattr(target, "library", target)
+    if hasattr(lib, "undo_merge"):
+        sources = list(lib.undo_merge(merge_id))
+    else:
+        sources, merged_id = _undo_merge_fallback(lib, merge_id)
+        if hasattr(target, "delete_adapter_sync"):
+            target.delete_adapter_sync(merged_id)
+        else:
+            lib.delete(merged_id)
+    if hasattr(target, "reindex"):
+        target.reindex(sources)
+    return sources
+
+
+def _undo_merge_fallback(lib: Any, merge_id: int) -> tuple[list[str], str]:
+    """Stop-gap for ``library.undo_merge`` (inverse of :func:`_merge_into_fallback`)."""
+    rows = lib.catalog._read("SELECT merged_into, sources, undone FROM merges WHERE merge_id = ?", (int(merge_id),))
+    if not rows or rows[0][2]:
+        raise InvalidInputError(f"`merge_id`={merge_id!r} is not a merge that can be undone (unknown or undone)")
+    merged_id, sources = rows[0][0], list(json.loads(rows[0][1]))
+    with lib.catalog.transaction(bump=True) as db:
+        db.execute("DELETE FROM aliases WHERE merge_id = ?", (int(merge_id),))
+        db.executemany(
+            "UPDATE adapters SET status = 'archived' WHERE id = ? AND status = 'merged'", [(s,) for s in sources]
+        )
+        db.execute("UPDATE merges SET undone = 1 WHERE merge_id = ?", (int(merge_id),))
+    lib._count += len(sources)
+    for s in sources:
+        lib.restore(s)  # weights back from cold storage, routable again
+    return sources, merged_id
 
 
 def _forget_routes(target: Any, lib: Any, keys: list[int]) -> None:

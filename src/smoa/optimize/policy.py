@@ -155,7 +155,8 @@ def select_prunable(
     """Ids to prune: active, not pinned, not composite, not in ``protected`` (e.g. composite members), idle."""
     if after_queries < 1 or after_seconds < 0:
         raise InvalidInputError(
-            f"`prune_after_queries` must be >= 1 and `prune_after_seconds` >= 0, got {after_queries!r}, {after_seconds!r}"
+            "`prune_after_queries` must be >= 1 and `prune_after_seconds` >= 0, "
+            f"got {after_queries!r} and {after_seconds!r}"
         )
     return [
         f.id

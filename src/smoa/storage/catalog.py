@@ -67,7 +67,6 @@ CREATE TABLE IF NOT EXISTS tags(
     tag TEXT NOT NULL,
     PRIMARY KEY(key, kind, position)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
 CREATE TABLE IF NOT EXISTS weights(
     key INTEGER PRIMARY KEY,
     data BLOB,                      -- inline safetensors bytes, or NULL when in a file
