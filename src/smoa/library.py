@@ -556,21 +556,21 @@ class AdapterLibrary:
         itemsize = torch.empty((), dtype=self._dtype).element_size()
         st_dtype = _ST_DTYPES[self._dtype]
         for (modules, rank, alpha), idx in groups.items():
-            layout, a_parts, zeros = [], [], []
+            layout, columns = [], []
             for m in modules:
                 d_in, d_out = self.profile.shape(m)
                 layout += [(f"{m}.lora_A", st_dtype, (rank, d_in), rank * d_in * itemsize),
                            (f"{m}.lora_B", st_dtype, (d_out, rank), rank * d_out * itemsize)]  # fmt: skip
-                a = init_factor_a(len(idx), rank, d_in, self._gen, self._dtype)
-                a_parts.append(a.view(len(idx), -1).view(torch.uint8).numpy() if self._dtype is torch.bfloat16
-                               else a.view(len(idx), -1).numpy())  # fmt: skip
-                zeros.append(bytes(rank * d_out * itemsize))
+                a = init_factor_a(len(idx), rank, d_in, self._gen, self._dtype).reshape(len(idx), -1)
+                columns.append((a.view(torch.uint8) if a.dtype is torch.bfloat16 else a).numpy().view(np.uint8))
+                columns.append(np.zeros((len(idx), rank * d_out * itemsize), dtype=np.uint8))  # B = 0
             header = _header(tuple(layout), tuple(sorted({"format": FORMAT, "alpha": repr(alpha), "rank": str(rank)}.items())))
+            head = np.broadcast_to(np.frombuffer(header, dtype=np.uint8), (len(idx), len(header)))
+            files = np.concatenate([head, *columns], axis=1)  # [n, file bytes]: one safetensors file per row
             nparams = sum(rank * sum(self.profile.shape(m)) for m in modules)
             shared_modules = list(modules)  # one list per group: rows share it (and its JSON encoding)
             for j, i in enumerate(idx):
-                body = b"".join(part for a, z in zip(a_parts, zeros) for part in (a[j].tobytes(), z))
-                out[i] = (header + body, shared_modules, alpha, nparams)
+                out[i] = (files[j].tobytes(), shared_modules, alpha, nparams)
         return out
 
     def _row_for(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from smoa.inject.kernels import (
+    bgmv_indices,
     concat_factors,
     lora_bgmv,
     lora_sgmv,
@@ -62,8 +63,10 @@ def test_per_row_kernels_match_reference_with_no_adapter_rows(kernel: str) -> No
         got = lora_sgmv(x, y0.clone(), groups)
     else:
         r_max = max(a.shape[0] for a, _ in factors)
-        got = lora_bgmv(x, y0.clone(), torch.tensor(row_slots), pad_stack([a for a, _ in factors], 0, r_max),
-                        pad_stack([b for _, b in factors], 1, r_max))  # fmt: skip
+        slot, rows = bgmv_indices(torch.tensor(row_slots))
+        assert slot is not None and rows is not None
+        got = lora_bgmv(x, y0.clone(), pad_stack([a for a, _ in factors], 0, r_max),
+                        pad_stack([b for _, b in factors], 1, r_max), slot, rows)  # fmt: skip
     want = y0 + reference_delta(x, [mixes[s] if s >= 0 else [] for s in row_slots])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     no_adapter = [r for r, s in enumerate(row_slots) if s < 0]
@@ -96,7 +99,7 @@ def test_kernels_are_differentiable_out_of_place() -> None:
     y_copy = y0.clone()
     a, b = concat_factors(params)
     r_max = a.shape[0]
-    out_b = lora_bgmv(x, y0, torch.tensor([0, -1, 0, 0]), pad_stack([a], 0, r_max), pad_stack([b], 1, r_max))
+    out_b = lora_bgmv(x, y0, pad_stack([a], 0, r_max), pad_stack([b], 1, r_max), *bgmv_indices(torch.tensor([0, -1, 0, 0])))
     out_b.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for a_, b_, _ in params for p in (a_, b_))
     assert torch.equal(y0, y_copy)  # the base output is not modified in place under grad
@@ -107,3 +110,16 @@ def test_kernels_are_differentiable_out_of_place() -> None:
     lora_sgmv(x, y0, [(torch.tensor([0, 2, 3]), a, b)]).sum().backward()
     for g, p in zip(grads, [p for a_, b_, _ in params for p in (a_, b_)]):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)
+
+
+def test_bgmv_in_row_order_needs_no_gather() -> None:
+    mixes = [_mixture(s, 2) for s in (7, 8, 9)]
+    factors = [concat_factors(m) for m in mixes]
+    r_max = max(a.shape[0] for a, _ in factors)
+    a_stack, b_stack = pad_stack([a for a, _ in factors], 0, r_max), pad_stack([b for _, b in factors], 1, r_max)
+    assert bgmv_indices(torch.tensor([0, 1, 2])) == (None, None)
+    slot, rows = bgmv_indices(torch.tensor([0, -1, 1]))
+    assert slot is None and rows.tolist() == [0, 2]
+    x, y0 = _x(3), torch.randn(3, T, D_OUT)
+    got = lora_bgmv(x, y0.clone(), a_stack, b_stack)
+    torch.testing.assert_close(got, y0 + reference_delta(x, mixes), rtol=1e-5, atol=1e-5)

@@ -137,44 +137,66 @@ def lora_sgmv(x: torch.Tensor, y: torch.Tensor, groups: Sequence[Group]) -> torc
     return y
 
 
+def bgmv_indices(row_slots: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split per-row slots (``-1`` = no adapter) into :func:`lora_bgmv`'s ``(slot, rows)`` (done once per plan).
+
+    Args:
+        row_slots: ``[batch]`` long.
+
+    Returns:
+        ``slot`` ``[b_act]`` (``None`` when the active rows use slots ``0, 1, 2, ...`` in order: no gather) and
+        ``rows`` ``[b_act]`` (``None`` when every row is active).
+    """
+    active = row_slots >= 0
+    if bool(active.all()):
+        rows, slot = None, row_slots
+    else:
+        rows = active.nonzero().squeeze(1)
+        slot = row_slots.index_select(0, rows)
+    if torch.equal(slot, torch.arange(slot.numel(), device=slot.device)):
+        return None, rows
+    return slot, rows
+
+
 def lora_bgmv(
-    x: torch.Tensor, y: torch.Tensor, slot: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    slot: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row LoRA gathered from stacked slots (batched gather matrix-vector).
 
     Pseudo-loop::
 
-        for r in range(batch):
-            s = slot[r]
-            if s < 0:                          # explicit "no adapter" row
-                continue
+        active = rows if rows is not None else range(batch)   # rows left out: explicit "no adapter"
+        for j, r in enumerate(active):
+            s = slot[j] if slot is not None else j
             for t in range(T):
                 y[r, t] += b_stack[s] @ (a_stack[s] @ x[r, t])
 
     Args:
         x: ``[batch, T, d_in]``.
         y: ``[batch, T, d_out]`` base output.
-        slot: ``[batch]`` long, slot of each row or -1.
         a_stack: ``[S, R, d_in]``, b_stack: ``[S, d_out, R]`` (ranks zero-padded to ``R``).
+        slot: ``[b_act]`` long slot of each active row; ``None``: slot ``j`` for the ``j``-th active row.
+        rows: ``[b_act]`` long indices of the active rows; ``None``: every row. (See :func:`bgmv_indices`.)
 
     Returns:
         ``[batch, T, d_out]``.
     """
-    active = slot >= 0
-    if bool(active.all()):
-        rows: torch.Tensor | None = None
-        xs, sl = x, slot
-    else:
-        rows = active.nonzero().squeeze(1)  # [b_act]
-        xs, sl = x.index_select(0, rows), slot.index_select(0, rows)
-    a_rows = a_stack.index_select(0, sl)  # [b_act, R, d_in]
-    b_rows = b_stack.index_select(0, sl)  # [b_act, d_out, R]
-    delta = torch.bmm(torch.bmm(xs, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))  # [b_act, T, d_out]
+    xs = x if rows is None else x.index_select(0, rows)  # [b_act, T, d_in]
+    a_rows = a_stack if slot is None else a_stack.index_select(0, slot)  # [b_act, R, d_in]
+    b_rows = b_stack if slot is None else b_stack.index_select(0, slot)  # [b_act, d_out, R]
+    h = torch.bmm(xs, a_rows.transpose(1, 2))  # [b_act, T, R]
+    grad = torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or b_rows.requires_grad)
     if rows is None:
-        return _add(y, delta)
-    if torch.is_grad_enabled() and (y.requires_grad or delta.requires_grad):
-        return y.index_add(0, rows, delta)
-    return y.index_add_(0, rows, delta)
+        if grad:
+            return y + torch.bmm(h, b_rows.transpose(1, 2))
+        return y.baddbmm_(h, b_rows.transpose(1, 2))  # [b, T, d_out] += [b, T, R] @ [b, R, d_out]
+    delta = torch.bmm(h, b_rows.transpose(1, 2))  # [b_act, T, d_out]
+    return y.index_add(0, rows, delta) if grad else y.index_add_(0, rows, delta)
 
 
 def reference_delta(x: torch.Tensor, mixtures: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, float]]]) -> torch.Tensor:

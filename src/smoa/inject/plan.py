@@ -35,7 +35,7 @@ import torch
 from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights
 from smoa.errors import InvalidInputError
-from smoa.inject.kernels import Group, concat_factors, lora_bgmv, lora_sgmv, lora_shared, pad_stack
+from smoa.inject.kernels import Group, bgmv_indices, concat_factors, lora_bgmv, lora_sgmv, lora_shared, pad_stack
 
 MixtureItem = Union[tuple[LoraWeights, float], tuple[Hashable, LoraWeights, float]]
 Mixture = list[MixtureItem]
@@ -164,9 +164,11 @@ class FactorCache:
                 self.bytes -= old
         return factors
 
-    def clear(self) -> None:
+    def clear(self, validated: bool = True) -> None:
+        """Drop every stacked entry (and, unless ``validated=False``, the record of validated adapters)."""
         self._entries.clear()
-        self._validated.clear()
+        if validated:
+            self._validated.clear()
         self.bytes = 0
 
     def info(self) -> dict[str, int]:
@@ -240,17 +242,20 @@ class GroupPlan(ModulePlan):
         return GroupPlan(out)
 
 
-@dataclass
 class GatherPlan(ModulePlan):
-    slot: torch.Tensor  # [batch] long, -1 = no adapter
-    a_stack: torch.Tensor  # [S, R, d_in]
-    b_stack: torch.Tensor  # [S, d_out, R]
+    """BGMV over stacked slots; ``row_slots`` ``[batch]`` holds each row's slot or -1 (no adapter)."""
+
+    def __init__(self, row_slots: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor) -> None:
+        self.row_slots = row_slots
+        self.a_stack = a_stack  # [S, R, d_in]
+        self.b_stack = b_stack  # [S, d_out, R]
+        self.slot, self.rows = bgmv_indices(row_slots)  # resolved once, not in every forward
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return lora_bgmv(_rows3(x), _rows3(y), self.slot, self.a_stack, self.b_stack).view(y.shape)
+        return lora_bgmv(_rows3(x), _rows3(y), self.a_stack, self.b_stack, self.slot, self.rows).view(y.shape)
 
     def expand(self, n: int) -> ModulePlan:
-        return GatherPlan(self.slot.repeat_interleave(n), self.a_stack, self.b_stack)
+        return GatherPlan(self.row_slots.repeat_interleave(n), self.a_stack, self.b_stack)
 
 
 def _row_groups(rows: list[int], device: torch.device) -> torch.Tensor | slice:

@@ -30,7 +30,7 @@ from smoa.errors import InvalidInputError
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(left [P], right [P]) -> exact cosines [P]`` for row indices into the sketched set."""
 
-FLAT_MAX = 200_000
+FLAT_MAX = 50_000
 
 
 @dataclass

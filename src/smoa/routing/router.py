@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 2048
 N_GROUPS = 3
+EXACT_GROUP_LIMIT = 20_000  # HIERARCHICAL scores the chosen groups' members exactly up to this many
 LEARN_TEMPERATURE = 0.05  # refine_keys' softmax temperature, chosen on a held-out fifth of CLINC150 train
 TAG_SCAN_LIMIT = 50_000  # postings scanned by HYBRID's tag side before it keeps to the ANN candidates
 
@@ -311,8 +312,13 @@ class Router:
             else:
                 groups = self._groups.top_groups(q, N_GROUPS)
                 allowed = np.concatenate([self._groups.members(g) for g, _ in groups])
-        sims, keys = self._vectors.search(q[None, :], n_cand, allowed=allowed)
-        cos = {int(key): float(s) for key, s in zip(keys[0], sims[0]) if key >= 0}
+        if allowed is not None and len(allowed) <= EXACT_GROUP_LIMIT:
+            # few members: score them exactly (a filtered HNSW walk can miss a small, remote group)
+            found, vecs = self._vectors.vectors_of(allowed)
+            cos = {int(key): float(s) for key, s in zip(found, vecs @ q)}
+        else:
+            sims, keys = self._vectors.search(q[None, :], n_cand, allowed=allowed)
+            cos = {int(key): float(s) for key, s in zip(keys[0], sims[0]) if key >= 0}
         timings["search"] = (time.perf_counter() - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
             return cos, degraded

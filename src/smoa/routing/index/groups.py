@@ -82,10 +82,6 @@ class GroupIndex:
             self._sums[name] = self._sums[name] - vector
         self._invalidate(name)
 
-    def set_sum(self, name: str, total: np.ndarray) -> None:
-        self._sums[name] = np.asarray(total, np.float64)
-        self._invalidate(name)
-
     def group_of(self, key: int) -> str | None:
         return self._group_of.get(int(key))
 

@@ -185,9 +185,7 @@ class VectorIndex:
     def _reconstruct_positions(self, pos: np.ndarray) -> np.ndarray:
         if len(pos) == self._n:
             return self._index.reconstruct_n(0, self._n)
-        return np.stack([self._index.reconstruct(int(p)) for p in pos]) if len(pos) < 4096 else (
-            self._index.reconstruct_n(0, self._n)[pos]
-        )
+        return self._index.reconstruct_batch(np.ascontiguousarray(pos, dtype=np.int64))
 
     def vectors_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(found keys [m], vectors [m, dim])`` for the live ones among ``keys``."""
