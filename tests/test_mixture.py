@@ -138,3 +138,23 @@ def test_bulk_specs_validate_all_or_nothing() -> None:
         assert smoa.library.total_adapters == 0
         made = smoa.create_adapters_sync([{"domain_tags": [f"d{i}"]} for i in range(50)])
         assert len(made) == 50 and smoa.library.total_adapters == 50
+
+
+def test_peft_round_trip_and_refused_import_stores_nothing(tmp_path) -> None:
+    from smoa import UnsafeAdapterFileError
+
+    with SparseAdapterMixture(SMoAConfig(seed=0)) as smoa:
+        g = torch.Generator().manual_seed(3)
+        mod = "model.layers.4.self_attn.q_proj"
+        ad = smoa.create_adapter_sync(domain_tags=["poetry"], weights={mod: (torch.randn(4, 576, generator=g),
+                                                                             torch.randn(576, 4, generator=g))})  # fmt: skip
+        out = smoa.export_peft_sync(ad.id, tmp_path / "peft")
+        back = smoa.import_peft_sync(out, domain_tags=["poetry-copy"])
+        assert torch.equal(smoa.library.get_weights(back.id)[mod][0], smoa.library.get_weights(ad.id)[mod][0])
+        assert back.alpha == ad.alpha and back.rank == 4
+        (out / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+        (out / "adapter_model.safetensors").write_bytes(b"garbage")
+        before = (smoa.library.total_adapters, smoa.library.generation)
+        with pytest.raises(UnsafeAdapterFileError):
+            smoa.import_peft_sync(out)
+        assert (smoa.library.total_adapters, smoa.library.generation) == before

@@ -25,7 +25,7 @@ from smoa.adapter.weights import LoraWeights, checksum
 
 from .helpers import TINY, open_lib, seeded_weights
 
-SAMPLE_MODULES = ("layers.1.v", "layers.3.q")  # rank 1: A [1, 64], B [32, 1] / [64, 1] -> 904 bytes
+SAMPLE_MODULES = ("layers.1.v", "layers.3.q")  # rank 1: A [1, 64], B [32, 1] / [64, 1]: 1,272 bytes with the header
 
 
 class Fixture:
