@@ -118,9 +118,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def time_calls(fn: Callable[[], Any], reps: int) -> float:
+def time_calls(fn: Callable[[], Any], reps: int, warmup: bool = True) -> float:
     with torch.no_grad():
-        fn()
+        if warmup:
+            fn()
         out = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -212,13 +213,13 @@ def bench_model(name: str, batches: list[int], ks: list[int], seq: int, reps: in
         if pm is not None and 1 in ks:
             names = [f"a{rows_by_k[1][r][0][0]}" for r in range(batch)]
             fns["peft_mixed_k1"] = lambda: pm(input_ids=x, adapter_names=names)
-        med = interleaved(fns, reps)
+        med = interleaved(fns, reps if batch * seq <= 2048 else max(3, reps // 2))  # big batches: fewer reps
         peft_cat: dict[int, float] = {}
         if pm is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for k in ks:
-                    peft_cat[k] = time_calls(lambda: peft_cat_batch(pm, x, rows_by_k[k]), max(1, reps // 3))
+                    peft_cat[k] = time_calls(lambda: peft_cat_batch(pm, x, rows_by_k[k]), max(1, reps // 3), warmup=False)
         for k in ks:
             handle.cache.clear(validated=False)
             t0 = time.perf_counter()

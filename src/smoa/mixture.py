@@ -125,12 +125,14 @@ class SparseAdapterMixture:
         )  # fmt: skip
         return self.create_adapters_sync([spec])[0]
 
-    async def create_adapters(self, specs: Sequence[AdapterSpec | Mapping[str, Any]]) -> list[Adapter]:
+    async def create_adapters(self, specs: Sequence[AdapterSpec | Mapping[str, Any]], learn_keys: bool = False) -> list[Adapter]:
         """Bulk create (one transaction, batched routing-key encoding); all or nothing."""
         self._start_background()
-        return await asyncio.to_thread(self.create_adapters_sync, specs)
+        return await asyncio.to_thread(self.create_adapters_sync, specs, learn_keys)
 
-    def create_adapters_sync(self, specs: Sequence[AdapterSpec | Mapping[str, Any]]) -> list[Adapter]:
+    def create_adapters_sync(self, specs: Sequence[AdapterSpec | Mapping[str, Any]], learn_keys: bool = False) -> list[Adapter]:
+        """Bulk create. ``learn_keys=True``: the routing keys of the adapters given ``examples`` are trained jointly
+        to separate each other's examples (see ``Router.routing_keys``) — better routing for a batch of siblings."""
         from smoa.library import validate_spec
         from smoa.routing.router import RoutingText
 
@@ -143,7 +145,7 @@ class SparseAdapterMixture:
                 if s.specialization is AdapterSpecialization.COMPOSITE and not (d or sk or s.description):
                     d, sk = self._member_tags(s.members or [])
                 texts.append(RoutingText(domain_tags=d, skill_tags=sk, description=s.description, examples=list(s.examples)))
-            vectors = self.router.routing_keys(texts) if parsed else np.zeros((0, 1), np.float32)
+            vectors = self.router.routing_keys(texts, learn=learn_keys) if parsed else np.zeros((0, 1), np.float32)
             adapters = self.library.create_many(parsed, vectors)
             self.router.add(
                 np.array([a.key for a in adapters], dtype=np.int64), vectors,

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from smoa.adapter.profile import BaseProfile, profile_from_model
 from smoa.errors import ConfigError, InvalidInputError
-from smoa.inject.layer import MixtureLinear
+from smoa.inject.layer import MixtureLinear, StateSlot
 from smoa.inject.plan import KERNELS, FactorCache, MixtureState, NormMixture, normalize_batch
 
 
@@ -59,6 +59,7 @@ class MixtureHandle:
         self._originals = originals
         self._frozen = frozen
         self._state: MixtureState | None = None
+        self._slot = next(iter(layers.values())).slot
         self._attached = True
 
     # -- mixtures ------------------------------------------------------------------------------------------------
@@ -110,8 +111,7 @@ class MixtureHandle:
 
     def _install(self, state: MixtureState | None) -> None:
         self._state = state
-        for layer in self.layers.values():
-            layer.state = state
+        self._slot.state = state  # every layer reads this one cell
 
     def clear(self) -> None:
         """Back to the base model (same as ``set_mixtures(None)``)."""
@@ -230,9 +230,10 @@ def attach(
             p.requires_grad_(False)
     layers: dict[str, MixtureLinear] = {}
     originals: dict[str, nn.Module] = {}
+    slot = StateSlot()
     for name in profile.module_names:
         original = model.get_submodule(name)
-        layer = MixtureLinear(original, name)
+        layer = MixtureLinear(original, name, slot)
         _set_submodule(model, name, layer)
         layers[name] = layer
         originals[name] = original

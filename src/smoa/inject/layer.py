@@ -30,20 +30,34 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+class StateSlot:
+    """One mutable cell shared by every layer of a handle: switching mixtures is one assignment, not one per layer."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state: MixtureState | None = None
+
+
 class MixtureLinear(nn.Module):
     """Wraps one linear layer; adds the current mixture state's per-row updates to its output.
 
     Args:
         base_layer: the ``nn.Linear`` or ``Conv1D`` being wrapped (kept, not copied).
         module_name: its name in the model (the key of adapters' factors).
+        slot: the handle's shared :class:`StateSlot` (a private one when omitted).
     """
 
-    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str, slot: StateSlot | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.module_name = module_name
-        self.state: MixtureState | None = None
+        self.slot = slot if slot is not None else StateSlot()
         self._backup: torch.Tensor | None = None
+
+    @property
+    def state(self) -> MixtureState | None:
+        return self.slot.state
 
     @property
     def weight(self) -> torch.Tensor:  # some model code reads `.weight` of its linear layers
@@ -60,7 +74,7 @@ class MixtureLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x: [batch, ..., d_in]`` -> ``[batch, ..., d_out]``; row ``r`` gets its own mixture's update."""
         y = self.base_layer(x, *args, **kwargs)
-        state = self.state
+        state = self.slot.state
         if state is None or self._backup is not None:
             return y
         plan = state.plan_for(self.module_name, x.shape[0])
