@@ -27,6 +27,7 @@ import resource
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -167,10 +168,12 @@ def run_dedup(s: Setup, threshold: float, dim: int, neighbours: int) -> dict[str
     precision = len(found & truth) / max(len(found), 1)
     hard_pairs = pair_set(np.concatenate(hard))
     hard_cos = store.cosine(np.array([p[0] for p in hard_pairs]), np.array([p[1] for p in hard_pairs]))
+    dup_cos = store.cosine(np.array([p[0] for p in truth]), np.array([p[1] for p in truth]))
     nbytes = adapter_bytes(s)
     freed = sum(len(grp) - 1 for grp in res.groups) * nbytes
     return {
         "n": s.n, "planted": len(truth), "hard": len(hard_pairs), "hard_cos_max": float(hard_cos.max()),
+        "dup_cos_min": float(dup_cos.min()),
         "gen_s": gen_s, "sketch_s": sk_s, "search_s": res.timings["search"], "verify_s": res.timings["verify"],
         "group_s": res.timings["group"], "pipeline_s": sk_s + sum(res.timings.values()),
         "candidates": res.candidates, "found_pairs": len(found), "groups": len(res.groups),
@@ -205,9 +208,12 @@ def run_merge_errors(s: Setup, found: np.ndarray, trials: int) -> list[dict[str,
     triples = rng.choice(min(s.n, s.chunk), size=(trials, 3), replace=True)
     groups = [[stack.unstack(i) for i in range(len(m))] for m in (*pairs, *triples) for stack in [store.gather(np.asarray(m))]]
     rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny factorisations: thread hand-offs cost more than they save on a busy box
     for method, info in METHODS.items():
         errs: dict[str, list[float]] = {"dup": [], "tri_mean": [], "tri_given": []}
         secs = []
+        combine_mean(groups[0], method)  # warm-up (first LAPACK call initialises)
         for ads in groups:
             mean_w = [1.0 / len(ads)] * len(ads)
             t0 = time.perf_counter()
@@ -218,7 +224,66 @@ def run_merge_errors(s: Setup, found: np.ndarray, trials: int) -> list[dict[str,
                 errs["tri_given"].append(merge_error(ads, mean_w, combine(ads, mean_w, method)))
         rows.append({"method": method, "exact": info.exact, "rank": merged.rank, "ms": 1e3 * float(np.mean(secs)),
                      **{k: float(np.mean(v)) if v else float("nan") for k, v in errs.items()}})  # fmt: skip
+    torch.set_num_threads(threads)
     return rows
+
+
+def run_library(s: Setup, n_lib: int, threshold: float) -> dict[str, float]:
+    """The same planted set in a real AdapterLibrary, then ``optimize_library`` (merge only, method svd)."""
+    import tempfile
+
+    from smoa.config import SMoAConfig
+    from smoa.library import AdapterLibrary, AdapterSpec
+    from smoa.optimize.optimizer import optimize_library
+
+    sub = Setup(n_lib, n_lib, s.modules, s.dup_frac, s.hard_frac, s.seed, s.dup_noise)
+    stack, dups, _ = make_chunk(sub, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = SMoAConfig(storage_path=tmp, seed=0, max_loaded_adapters=1000, cache_max_bytes=64 << 20)
+        with AdapterLibrary(cfg, default_profile()) as lib:
+            t0 = time.perf_counter()
+            specs = [AdapterSpec(weights=stack.unstack(i), domain_tags=[f"t{i % 97}"]) for i in range(n_lib)]
+            ids = [a.id for a in lib.create_many(specs)]
+            t1 = time.perf_counter()
+            report = optimize_library(lib, prune=False, threshold=threshold, method="svd")
+            t2 = time.perf_counter()
+            truth = {frozenset((ids[a], ids[b])) for a, b in dups}
+            found = {frozenset(g) for g in report.groups_merged}
+            resolved = sum(lib.resolve(ids[a]) == lib.resolve(ids[b]) for a, b in dups)
+            return {"n": n_lib, "create_s": t1 - t0, "optimize_s": t2 - t1, "merged": len(report.groups_merged),
+                    "precision": len(found & truth) / max(len(found), 1), "recall": resolved / max(len(truth), 1),
+                    "bytes_freed": report.bytes_freed, "max_err": max(report.merge_errors, default=0.0),
+                    "total_after": lib.total_adapters, **{f"{k}_s": v for k, v in report.timings.items()}}  # fmt: skip
+
+
+def run_trained(folder: Path | None = None) -> tuple[list[str], np.ndarray, np.ndarray, list[dict[str, float]]] | None:
+    """On the shipped trained adapters (if present): exact vs sketch cosines, and merge errors of every method."""
+    from smoa.compose.similarity import cosine, sketch
+    from smoa.data.shipped import load_shipped_adapters
+
+    try:
+        shipped = load_shipped_adapters(folder)
+    except (FileNotFoundError, OSError):
+        return None
+    names = [a.name for a in shipped]
+    ws = [a.weights for a in shipped]
+    n = len(ws)
+    exact = np.array([[cosine(x, y) for y in ws] for x in ws])
+    profile = default_profile()
+    sk = np.stack([sketch(w, profile, 64) for w in ws])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    for method, info in METHODS.items():
+        pair_err = [merge_error([ws[i], ws[j]], [0.5, 0.5], combine_mean([ws[i], ws[j]], method)) for i, j in pairs]
+        t0 = time.perf_counter()
+        merged = combine_mean(ws, method)
+        ms = 1e3 * (time.perf_counter() - t0)
+        rows.append({"method": method, "exact": info.exact, "rank": merged.rank, "pair": float(np.mean(pair_err)),
+                     "all": merge_error(ws, [1.0 / n] * n, merged), "ms": ms})  # fmt: skip
+    torch.set_num_threads(threads)
+    return names, exact, sk @ sk.T, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neighbours", type=int, default=10)
     ap.add_argument("--exact-subset", type=int, default=4000)
     ap.add_argument("--merge-trials", type=int, default=50)
+    ap.add_argument("--library", type=int, default=None, help="adapters in the real-library run (default 5K; 1K quick)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     n = args.n or (10_000 if args.quick else 1_000_000 if args.full else 100_000)
@@ -250,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
 
     r = run_dedup(s, args.threshold, args.dim, args.neighbours)
     print("\n## Near-duplicate search")
-    print("| N | planted dup pairs | hard negatives (max cos) | candidates verified | found pairs | groups | precision "
+    print("| N | planted dup pairs (min cos) | hard negatives (max cos) | candidates verified | found pairs | groups | precision "
           "| recall | sketch s | ANN search s | verify s | group s | pipeline s | (generation s) | bytes freed by merging |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {r['n']:,} | {r['planted']:,} | {r['hard']:,} ({r['hard_cos_max']:.3f}) | {r['candidates']:,} | "
+    print(f"| {r['n']:,} | {r['planted']:,} ({r['dup_cos_min']:.3f}) | {r['hard']:,} ({r['hard_cos_max']:.3f}) | {r['candidates']:,} | "
           f"{r['found_pairs']:,} | {r['groups']:,} | {r['precision']:.4f} | {r['recall']:.4f} | {r['sketch_s']:.1f} | "
           f"{r['search_s']:.1f} | {r['verify_s']:.1f} | {r['group_s']:.2f} | {r['pipeline_s']:.1f} | {r['gen_s']:.1f} | "
           f"{r['bytes_freed']:,} ({r['bytes_freed'] / (r['n'] * r['adapter_bytes']):.1%}) |")  # fmt: skip
@@ -269,16 +335,42 @@ def main(argv: list[str] | None = None) -> int:
               f"{e['brute_s'] / e['pipeline_s']:.1f}x | {e['recall_vs_exact']:.4f} | {e['precision_vs_exact']:.4f} | "
               f"{e['brute_s'] * scale:,.0f} s | {r['pipeline_s']:.1f} s | {e['brute_s'] * scale / r['pipeline_s']:,.0f}x |")  # fmt: skip
 
+    n_lib = args.library if args.library is not None else (1000 if args.quick else 5000)
+    if n_lib:
+        lr = run_library(s, n_lib, args.threshold)
+        print("\n## The same, end to end through AdapterLibrary + optimize_library (merge only, svd, SQLite on disk)")
+        print("| adapters | create_many s | optimize_library s | (dedup s / merge s) | groups merged | precision "
+              "| recall (old ids resolve together) | max merge error | bytes freed | adapters after |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| {lr['n']:,} | {lr['create_s']:.1f} | {lr['optimize_s']:.1f} | {lr.get('dedup_s', 0):.1f} / "
+              f"{lr.get('merge_s', 0):.1f} | {lr['merged']:,} | {lr['precision']:.4f} | {lr['recall']:.4f} | "
+              f"{lr['max_err']:.2e} | {lr['bytes_freed']:,} | {lr['total_after']:,} |")  # fmt: skip
+
     rows = run_merge_errors(s, r["found"], args.merge_trials)
     print(f"\n## Merge error ||merged - target||_F / ||target||_F (mean over {args.merge_trials} merges per column)")
     print("target = the members' mean update. 'mean' columns use combine_mean (what optimize_library does: factor-space "
           "methods get weights 1/n^2, TIES ones 1); the last column passes w = 1/3 as given (PEFT semantics).")
     print("| method | exact when | output rank | found duplicate pairs, mean | unrelated triples, mean "
-          "| unrelated triples, w = 1/3 as given | ms per merge |")
+          "| unrelated triples, w = 1/3 as given | ms per merge (1 thread) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['method']} | {row['exact']} | {row['rank']} | {row['dup']:.2e} | {row['tri_mean']:.2e} | "
               f"{row['tri_given']:.2e} | {row['ms']:.1f} |")
+    trained = run_trained()
+    if trained is not None:
+        names, exact, approx, trows = trained
+        off = ~np.eye(len(names), dtype=bool)
+        print(f"\n## Real trained adapters ({len(names)} shipped: {', '.join(names)})")
+        print(f"update cosines between different adapters: exact min {exact[off].min():.3f} / mean "
+              f"{exact[off].mean():.3f} / max {exact[off].max():.3f}; sketch (dim 64) mean abs error "
+              f"{np.abs(exact - approx)[off].mean():.3f}")  # fmt: skip
+        print("| method | exact when | output rank | all pairs, mean update (mean error) | all adapters, mean update "
+              "| ms (all, 1 thread) |")
+        print("|---|---|---|---|---|---|")
+        for row in trows:
+            print(f"| {row['method']} | {row['exact']} | {row['rank']} | {row['pair']:.2e} | {row['all']:.2e} | {row['ms']:.1f} |")
+    else:
+        print("\n(no shipped trained adapters found in smoa/data/adapters: real-adapter merge errors skipped)")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS {rss:,.0f} MB; total wall {r['wall_s']:.1f} s for the search stage")
     return 0

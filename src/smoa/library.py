@@ -219,7 +219,7 @@ class AdapterLibrary:
         self._modules_for: dict[tuple[Any, ...], list[str]] = {}
         self._usage_lock = threading.Lock()
         self._usage: dict[int, int] = {}
-        self._last_used: dict[int, float] = {}
+        self._last_used: dict[int, tuple[float, int]] = {}
         self._usage_pending = 0
         self._usage_flushed_at = time.monotonic()
         self.queries = int(self.catalog.get_meta("queries") or 0)
@@ -459,11 +459,53 @@ class AdapterLibrary:
                 except AdapterNotFoundError:
                     continue
                 self._usage[key] = self._usage.get(key, 0) + 1
-                self._last_used[key] = now
+                self._last_used[key] = (now, self.queries)
             self._usage_pending += 1
             due = self._usage_pending >= _USAGE_FLUSH_EVERY or time.monotonic() - self._usage_flushed_at > _USAGE_FLUSH_SECONDS
         if due:
             self.flush_usage()
+
+    def merge_into(self, source_ids: Sequence[str], merged_id: str, method: str) -> int:
+        """Record that ``source_ids`` were merged into ``merged_id``: the sources' weights move to cold storage
+        (kept for :meth:`undo_merge`), their status becomes ``merged`` (not routed, not counted) and their ids
+        resolve to ``merged_id`` from now on — in one transaction. Returns the merge id."""
+        self._check_open()
+        target = self.get_adapter(merged_id)
+        sources = [self.get_adapter(s) for s in source_ids]
+        if any(s.id == target.id for s in sources) or len({s.id for s in sources}) != len(sources):
+            raise CompositionError(f"`source_ids` {list(source_ids)} must be distinct and differ from {merged_id!r}")
+        moves, old_files = [], []
+        for ad in sources:  # files first, rows second
+            blob, file, _ = self.catalog.read_weights(ad.key)
+            data = blob if blob is not None else self.files.read(file or "", name=f"adapter {ad.id}")
+            moves.append((ad.key, ad.id, self.files.write("cold", checksum(data), data)))
+            if file:
+                old_files.append(file)
+        merge_id = self.catalog.record_merge(moves, target.id, method)
+        for rel in old_files:
+            if not self.catalog.file_referenced(rel):
+                self.files.delete(rel)
+        for ad in sources:
+            self.cache.invalidate(ad.id)
+        self._count -= sum(1 for ad in sources if ad.status != "merged")
+        return merge_id
+
+    def undo_merge(self, merge_id: int) -> tuple[list[str], str]:
+        """Undo :meth:`merge_into`: sources active again (weights back from cold storage), their aliases gone.
+        Returns ``(source ids, merged id)``; the merged adapter itself is left for the caller to delete."""
+        self._check_open()
+        sources, merged = self.catalog.undo_merge(int(merge_id))
+        self._count += len(sources)
+        for s in sources:
+            self.restore(s)
+        return sources, merged
+
+    def iter_weights(self, adapter_ids: Sequence[str]) -> Iterator[tuple[str, LoraWeights]]:
+        """Weights read straight from storage (checksum-verified), bypassing and not disturbing the cache."""
+        for aid in adapter_ids:
+            resolved = self.resolve(aid)
+            key = self.catalog.key_of(resolved)
+            yield aid, self._parse(resolved, self._load_bytes(resolved, key))
 
     def flush_usage(self) -> None:
         with self._usage_lock:
@@ -591,7 +633,7 @@ class AdapterLibrary:
                 file=file, nbytes=len(data), created_at=now, domain_tags=list(spec.domain_tags),
                 skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata),
                 embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
-                pinned=spec.pinned,
+                pinned=spec.pinned, created_query=self.queries,
             )  # fmt: skip
         assert spec.weights is not None  # fresh adapters were handled above
         weights = weights_from_mapping(spec.weights, spec.alpha, name="weights")
@@ -612,7 +654,7 @@ class AdapterLibrary:
             blob=blob, file=file, nbytes=len(data), created_at=now, domain_tags=list(spec.domain_tags),
             skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata),
             embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
-            pinned=spec.pinned,
+            pinned=spec.pinned, created_query=self.queries,
         )  # fmt: skip
 
     def _composite_row(self, aid: str, spec: AdapterSpec, now: float, embedding: np.ndarray | None) -> NewAdapterRow:
@@ -642,7 +684,7 @@ class AdapterLibrary:
             profile=self.profile.fingerprint, checksum="", blob=b"", file=None, nbytes=0, created_at=now,
             domain_tags=list(spec.domain_tags), skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata),
             embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
-            pinned=spec.pinned, members=members,
+            pinned=spec.pinned, members=members, created_query=self.queries,
         )  # fmt: skip
 
     def _place(self, data: bytes) -> tuple[bytes | None, str | None]:
@@ -687,7 +729,7 @@ class AdapterLibrary:
             domain_tags=list(r.domain_tags), skill_tags=list(r.skill_tags), description=r.description,
             target_modules=list(r.target_modules), num_parameters=r.num_parameters, profile=r.profile, version=1,
             checksum=r.checksum, created_at=r.created_at, pinned=r.pinned, members=list(r.members or []),
-            metadata=dict(r.metadata),
+            metadata=dict(r.metadata), created_query=r.created_query,
         )  # fmt: skip
 
     def __enter__(self) -> AdapterLibrary:

@@ -99,7 +99,8 @@ def test_kernels_are_differentiable_out_of_place() -> None:
     y_copy = y0.clone()
     a, b = concat_factors(params)
     r_max = a.shape[0]
-    out_b = lora_bgmv(x, y0, pad_stack([a], 0, r_max), pad_stack([b], 1, r_max), *bgmv_indices(torch.tensor([0, -1, 0, 0])))
+    slot, rows = bgmv_indices(torch.tensor([0, -1, 0, 0]))
+    out_b = lora_bgmv(x, y0, pad_stack([a], 0, r_max), pad_stack([b], 1, r_max), slot, rows)
     out_b.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for a_, b_, _ in params for p in (a_, b_))
     assert torch.equal(y0, y_copy)  # the base output is not modified in place under grad

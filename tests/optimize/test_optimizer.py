@@ -94,14 +94,17 @@ def test_prune_archives_idle_unpinned_non_member_adapters(lib: AdapterLibrary) -
 def test_prune_by_queries_and_delete_action(lib: AdapterLibrary) -> None:
     g = torch.Generator().manual_seed(2)
     ids = [a.id for a in lib.create_many([AdapterSpec(weights=_weights(g)) for _ in range(3)])]
-    lib.record_usage([ids[0]])
-    lib.flush_usage()  # the stored query mark is the counter at flush time (usage is written in batches)
+    lib.record_usage([ids[0]])  # query 1 uses ids[0]
     for _ in range(20):
         lib.record_usage([ids[1]])
-    lib.flush_usage()
+    lib.flush_usage()  # one batched write; each adapter keeps the query counter of its own latest use
+    assert lib.get_adapter(ids[0]).last_used_query == 1 and lib.get_adapter(ids[1]).last_used_query == 21
+    late = lib.create(AdapterSpec(weights=_weights(g)))  # created at query 21: young by the query rule
+    assert late.created_query == 21
     report = optimize_library(lib, merge=False, prune_after_queries=10, prune_after_seconds=math.inf, prune_action="delete")
-    assert report.deleted == [ids[0]]  # used, then 20 queries without it; ids[2] never used: time rule only
-    assert ids[0] not in lib and lib.total_adapters == 2
+    # ids[0]: 20 queries since its use; ids[2]: never used, 21 queries since creation; late: 0 queries old
+    assert sorted(report.deleted) == sorted([ids[0], ids[2]])
+    assert ids[0] not in lib and late.id in lib and lib.total_adapters == 2
 
 
 def test_through_the_facade_routes_forget_merged_sources(tmp_path) -> None:

@@ -24,7 +24,8 @@ class Adapter:
         version: bumped each time its weights change; caches key on (id, version).
         checksum: sha256 of its serialised weights.
         members: for COMPOSITE adapters, ``(member id, weight)`` pairs.
-        status: ``"active"`` or ``"archived"`` (weights in cold storage, restorable).
+        status: ``"active"``, ``"archived"`` (weights in cold storage, restorable) or ``"merged"`` (merged into
+            another adapter, which its id now aliases; weights kept so the merge can be undone).
     """
 
     id: str
@@ -48,6 +49,8 @@ class Adapter:
     status: str = "active"
     members: list[tuple[str, float]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    last_used_query: int = 0  # library query counter at its latest use (0: never used)
+    created_query: int = 0  # library query counter when it was created
 
     @property
     def scaling(self) -> float:

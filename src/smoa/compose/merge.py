@@ -374,6 +374,8 @@ def _check_members(adapters: Sequence[LoraWeights], weights: Sequence[float] | N
     for i, a in enumerate(adapters):
         if not isinstance(a, LoraWeights):
             raise CompositionError(f"`adapters`[{i}] must be LoraWeights, got {type(a).__name__}")
+        if not a.factors:
+            raise CompositionError(f"`adapters`[{i}] has no modules")
     if weights is None:
         return [1.0] * len(adapters)
     ws = list(weights)

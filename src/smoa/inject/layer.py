@@ -2,9 +2,9 @@
 
 ::
 
-    x ──► base layer (run once) ──────────────────────────► y_base ─┐
-    │                                                               ▼
-    └──► plan.apply: per row  sum_i w_i s_i B_i (A_i x)  ───────► (+) ──► y
+    x ──► base layer (run once) ─────────────────► y_base ─┐
+    │                                                      ▼
+    └──► per row: sum_i w_i s_i B_i (A_i x)  ───────────► (+) ──► y
 
 The layer holds no adapter weights of its own: the :class:`~smoa.inject.plan.MixtureState` shared by all
 wrapped layers of a model says, per module, which kernel adds which factors to which rows. With no state, or

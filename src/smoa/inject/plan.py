@@ -73,7 +73,9 @@ def normalize_mixture(mixture: Any, where: str = "mixture") -> NormMixture:
     if mixture is None:
         return ()
     if not isinstance(mixture, (list, tuple)):
-        raise InvalidInputError(f"`{where}` must be a list of (LoraWeights, weight) pairs, got {type(mixture).__name__}")
+        raise InvalidInputError(
+            f"`{where}` must be a list of (LoraWeights, weight) pairs, got {type(mixture).__name__}"
+        )
     entries: list[Entry] = []
     for i, item in enumerate(mixture):
         if not _is_item(item):
@@ -102,7 +104,9 @@ def normalize_batch(mixtures: Any) -> tuple[NormMixture | None, list[NormMixture
     if mixtures is None or (isinstance(mixtures, (list, tuple)) and len(mixtures) == 0):
         return (), None
     if not isinstance(mixtures, (list, tuple)):
-        raise InvalidInputError(f"`mixtures` must be a list (one mixture, or one per row), got {type(mixtures).__name__}")
+        raise InvalidInputError(
+            f"`mixtures` must be a list (one mixture, or one per row), got {type(mixtures).__name__}"
+        )
     if all(_is_item(m) for m in mixtures):
         return normalize_mixture(mixtures, "mixtures"), None
     return None, [normalize_mixture(m, f"mixtures[{r}]") for r, m in enumerate(mixtures)]
@@ -358,8 +362,9 @@ class MixtureState:
         mix = self.uniques[u]
         if self.lazy:
             return build_mixture_factors(mix, self.placement, only)
-        placement_key = self.placement(next(iter(mix[0].weights.factors)))
-        return self.cache.get((mixture_key(mix), placement_key), lambda: build_mixture_factors(mix, self.placement), mix)
+        placement_key = self.placement(next(iter(mix[0].weights.factors)))  # model moved -> new entries
+        key = (mixture_key(mix), placement_key)
+        return self.cache.get(key, lambda: build_mixture_factors(mix, self.placement), mix)
 
     def _build(self, module: str, factors: list[dict[str, Factors]]) -> ModulePlan:
         us = self.touching[module]

@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,6 +143,7 @@ def run_main_job(
     progress: bool = True,
     model: Any = None,
     tokenizer: Any = None,
+    adapters_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Run the main job (see the module docstring) and return every figure as a JSON-able dict.
 
@@ -159,6 +161,7 @@ def run_main_job(
         progress: tqdm bars.
         model, tokenizer: a base model to use instead of :func:`smoa.models.load_default_base_model` (must fit
             the shipped adapters' profile).
+        adapters_dir: a folder of adapters in the shipped format (default: the ones shipped in the package).
     """
     from tqdm.auto import tqdm
 
@@ -174,7 +177,7 @@ def run_main_job(
 
         model, tokenizer = load_default_base_model()
     timings["load_model_s"] = time.perf_counter() - t
-    shipped = load_shipped_adapters()
+    shipped = load_shipped_adapters(Path(adapters_dir) if adapters_dir is not None else None)
     if domains is not None:
         shipped = [a for a in shipped if a.domain in set(domains)]
     names = [a.domain for a in shipped]
@@ -331,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strategy", default=None, help="routing strategy (default hybrid)")
     p.add_argument("--distractor-noise", type=float, default=0.05, help="std of distractors' B (0 = inert)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapters-dir", default=None, help="adapters in the shipped format (default: the package's)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(list(argv) if argv is not None else None)
@@ -340,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_main_job(
         distractors=args.distractors, per_domain=args.per_domain, k=args.k, extra_k=args.extra_k, seed=args.seed,
         max_tokens=args.max_tokens, strategy=args.strategy, distractor_noise=args.distractor_noise,
-        progress=not args.no_progress,
+        progress=not args.no_progress, adapters_dir=args.adapters_dir,
     )  # fmt: skip
     print(format_table(result))
     if args.json_out:

@@ -10,17 +10,12 @@ Works on an :class:`~smoa.library.AdapterLibrary` or on the facade (anything wit
 adapters get routing keys and the router forgets merged-away, archived and deleted adapters). Merging loads
 each candidate's weights once to sketch it (linear in the library) and again only for verified candidates.
 
-Library hooks used when present (the fallback below is a stop-gap until the library offers them):
-
-- ``library.merge_into(source_ids, merged_id, method) -> merge_id``: one transaction: sources -> status
-  ``"merged"`` (not routed, not counted, weights kept for undo), alias ``source -> merged_id``, a ``merges`` row.
-- ``library.undo_merge(merge_id) -> list[str]``: the inverse (sources active again, aliases and merged adapter
-  removed).
+Merges are recorded by ``library.merge_into`` (one transaction: sources -> status ``"merged"``, weights kept in
+cold storage for undo, alias ``source -> merged``, a ``merges`` row) and undone by ``library.undo_merge``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -152,7 +147,7 @@ def collect_facts(lib: Any) -> dict[str, AdapterFacts]:
     for ad in lib.iter_adapters(("active", "archived")):
         row = usage.get(ad.id)
         last_query = int(row[3]) if row is not None and ad.usage_count > 0 else None
-        created_query = ad.metadata.get("created_query") if isinstance(ad.metadata.get("created_query"), int) else None
+        created_query = ad.created_query
         out[ad.id] = AdapterFacts(
             id=ad.id, profile=ad.profile, status=ad.status, pinned=ad.pinned, is_composite=ad.is_composite,
             created_at=ad.created_at, last_used_at=ad.last_used_at, usage_count=ad.usage_count,
@@ -175,10 +170,10 @@ def composite_members(facts: Any, lib: Any) -> set[str]:
 def iter_weight_batches(
     lib: Any, ids: Sequence[str], batch: int = _SKETCH_BATCH
 ) -> Iterator[tuple[list[str], list[LoraWeights]]]:
-    """Weights of ``ids`` in batches (through ``lib.get_weights``; a bulk, cache-bypassing read would be faster)."""
+    """Weights of ``ids`` in batches, read past the cache (a library-wide scan must not evict the working set)."""
     for s in range(0, len(ids), batch):
         chunk = list(ids[s : s + batch])
-        yield chunk, [lib.get_weights(i) for i in chunk]
+        yield chunk, [w for _, w in lib.iter_weights(chunk)]
 
 
 def near_duplicate_groups(
@@ -262,34 +257,7 @@ def _create_merged(target: Any, lib: Any, plan: MergePlan, merged: LoraWeights, 
 
 
 def _record_merge(lib: Any, sources: list[str], merged_id: str, method: str) -> int:
-    if hasattr(lib, "merge_into"):
-        return int(lib.merge_into(sources, merged_id, method))
-    return _merge_into_fallback(lib, sources, merged_id, method)
-
-
-def _merge_into_fallback(lib: Any, sources: list[str], merged_id: str, method: str) -> int:
-    """Stop-gap for ``library.merge_into``: sources' weights to cold storage, status ``merged``, aliases, record.
-
-    Uses the catalog's public transaction; adjusts the library's adapter count. To be replaced by the library's
-    own method (see the module docstring).
-    """
-    for s in sources:
-        lib.archive(s)  # weights to cold storage, restorable: the merge can be undone
-    keys = [lib.get_adapter(s).key for s in sources]
-    with lib.catalog.transaction(bump=True) as db:
-        cur = db.execute(
-            "INSERT INTO merges(created_at, merged_into, sources, method) VALUES(?,?,?,?)",
-            (time.time(), merged_id, json.dumps(sources), method),
-        )
-        merge_id = int(cur.lastrowid)
-        db.executemany("UPDATE adapters SET status = 'merged' WHERE key = ?", [(k,) for k in keys])
-        for s in sources:
-            db.execute("UPDATE aliases SET target = ? WHERE target = ?", (merged_id, s))
-            lib.catalog.add_alias(db, s, merged_id, merge_id)
-    lib._count -= len(sources)  # merged-away sources are not counted (library.total_adapters)
-    for s in sources:
-        lib.cache.invalidate(s)
-    return merge_id
+    return int(lib.merge_into(sources, merged_id, method))
 
 
 def undo_merge(target: Any, merge_id: int) -> list[str]:
@@ -306,35 +274,14 @@ def undo_merge(target: Any, merge_id: int) -> list[str]:
         InvalidInputError: unknown or already undone ``merge_id``.
     """
     lib = getattr(target, "library", target)
-    if hasattr(lib, "undo_merge"):
-        sources = list(lib.undo_merge(merge_id))
+    sources, merged_id = lib.undo_merge(merge_id)
+    if hasattr(target, "delete_adapter_sync"):
+        target.delete_adapter_sync(merged_id)
     else:
-        sources, merged_id = _undo_merge_fallback(lib, merge_id)
-        if hasattr(target, "delete_adapter_sync"):
-            target.delete_adapter_sync(merged_id)
-        else:
-            lib.delete(merged_id)
+        lib.delete(merged_id)
     if hasattr(target, "reindex"):
         target.reindex(sources)
     return sources
-
-
-def _undo_merge_fallback(lib: Any, merge_id: int) -> tuple[list[str], str]:
-    """Stop-gap for ``library.undo_merge`` (inverse of :func:`_merge_into_fallback`)."""
-    rows = lib.catalog._read("SELECT merged_into, sources, undone FROM merges WHERE merge_id = ?", (int(merge_id),))
-    if not rows or rows[0][2]:
-        raise InvalidInputError(f"`merge_id`={merge_id!r} is not a merge that can be undone (unknown or undone)")
-    merged_id, sources = rows[0][0], list(json.loads(rows[0][1]))
-    with lib.catalog.transaction(bump=True) as db:
-        db.execute("DELETE FROM aliases WHERE merge_id = ?", (int(merge_id),))
-        db.executemany(
-            "UPDATE adapters SET status = 'archived' WHERE id = ? AND status = 'merged'", [(s,) for s in sources]
-        )
-        db.execute("UPDATE merges SET undone = 1 WHERE merge_id = ?", (int(merge_id),))
-    lib._count += len(sources)
-    for s in sources:
-        lib.restore(s)  # weights back from cold storage, routable again
-    return sources, merged_id
 
 
 def _forget_routes(target: Any, lib: Any, keys: list[int]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 
 from smoa.adapter.spec import Adapter
 from smoa.config import AdapterGranularity, AdapterSpecialization
-from smoa.errors import AdapterNotFoundError, StorageError
+from smoa.errors import AdapterNotFoundError, InvalidInputError, StorageError
 
 SCHEMA_VERSION = 1
 
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS adapters(
     last_used_at REAL,
     usage_count INTEGER NOT NULL DEFAULT 0,
     last_used_query INTEGER NOT NULL DEFAULT 0,
+    created_query INTEGER NOT NULL DEFAULT 0,
     pinned INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL DEFAULT 'active',
     metadata TEXT NOT NULL DEFAULT '{}',
@@ -93,7 +95,8 @@ CREATE TABLE IF NOT EXISTS merges(
 
 _COLUMNS = (
     "key, id, specialization, granularity, rank, alpha, description, target_modules, num_parameters, profile, "
-    "version, checksum, nbytes, created_at, last_used_at, usage_count, pinned, status, metadata"
+    "version, checksum, nbytes, created_at, last_used_at, usage_count, pinned, status, metadata, last_used_query, "
+    "created_query"
 )
 
 
@@ -121,6 +124,7 @@ class NewAdapterRow:
     embedding: bytes | None
     pinned: bool = False
     members: list[tuple[str, float]] | None = None
+    created_query: int = 0
 
 
 class Catalog:
@@ -208,12 +212,13 @@ class Catalog:
             keys = list(range(start, start + len(rows)))
             db.executemany(
                 "INSERT INTO adapters(key, id, specialization, granularity, rank, alpha, description, target_modules,"
-                " num_parameters, profile, checksum, nbytes, created_at, pinned, metadata, embedding)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " num_parameters, profile, checksum, nbytes, created_at, pinned, metadata, embedding, created_query)"
+                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (k, r.id, r.specialization, r.granularity, r.rank, r.alpha, r.description,
                      mods(r), r.num_parameters, r.profile, r.checksum, r.nbytes, r.created_at,
-                     int(r.pinned), json.dumps(r.metadata, ensure_ascii=False) if r.metadata else "{}", r.embedding)
+                     int(r.pinned), json.dumps(r.metadata, ensure_ascii=False) if r.metadata else "{}", r.embedding,
+                     r.created_query)
                     for k, r in zip(keys, rows)
                 ],
             )  # fmt: skip
@@ -291,17 +296,48 @@ class Catalog:
                 ).fetchone()[0]
                 db.executemany("INSERT INTO tags VALUES(?,?,?,?)", [(key, kind, start + i, t) for i, t in enumerate(tags)])
 
-    def record_usage(self, counts: dict[int, int], last_used: dict[int, float], query_counter: int) -> None:
-        """Flush batched usage statistics (one transaction, no generation bump: routing is unaffected)."""
+    def record_usage(
+        self, counts: dict[int, int], last_used: dict[int, tuple[float, int]], query_counter: int
+    ) -> None:
+        """Flush batched usage statistics (one transaction, no generation bump: routing is unaffected).
+
+        ``last_used`` maps a key to ``(time, library query counter)`` at its latest use.
+        """
         with self.transaction() as db:
             db.executemany(
                 "UPDATE adapters SET usage_count = usage_count + ?, last_used_at = ?, last_used_query = ? WHERE key = ?",
-                [(n, last_used[k], query_counter, k) for k, n in counts.items()],
+                [(n, last_used[k][0], last_used[k][1], k) for k, n in counts.items()],
             )
             db.execute("UPDATE meta SET value = ? WHERE key = 'queries'", (str(query_counter),))
 
-    def add_alias(self, db: sqlite3.Connection, alias: str, target: str, merge_id: int | None) -> None:
-        db.execute("INSERT OR REPLACE INTO aliases VALUES(?,?,?)", (alias, target, merge_id))
+    def record_merge(self, moves: Sequence[tuple[int, str, str]], merged_id: str, method: str) -> int:
+        """One transaction: sources ``(key, id, cold file)`` become ``merged`` (weights in cold storage, kept
+        for undo), each id an alias of ``merged_id`` (aliases that pointed at a source follow it), one
+        ``merges`` row. Returns the merge id."""
+        with self.transaction(bump=True) as db:
+            cur = db.execute(
+                "INSERT INTO merges(created_at, merged_into, sources, method) VALUES(?,?,?,?)",
+                (time.time(), merged_id, json.dumps([m[1] for m in moves]), method),
+            )
+            merge_id = int(cur.lastrowid or 0)
+            for key, source_id, cold in moves:
+                db.execute("UPDATE weights SET data = NULL, file = ? WHERE key = ?", (cold, key))
+                db.execute("UPDATE adapters SET status = 'merged' WHERE key = ?", (key,))
+                db.execute("UPDATE aliases SET target = ? WHERE target = ?", (merged_id, source_id))
+                db.execute("INSERT OR REPLACE INTO aliases VALUES(?,?,?)", (source_id, merged_id, merge_id))
+        return merge_id
+
+    def undo_merge(self, merge_id: int) -> tuple[list[str], str]:
+        """Inverse of :meth:`record_merge` (sources become ``archived``, aliases dropped); ``(sources, merged)``."""
+        with self.transaction(bump=True) as db:
+            row = db.execute("SELECT merged_into, sources, undone FROM merges WHERE merge_id = ?", (merge_id,)).fetchone()
+            if row is None or row[2]:
+                raise InvalidInputError(f"`merge_id`={merge_id!r} is not a merge that can be undone (unknown or undone)")
+            sources = list(json.loads(row[1]))
+            db.execute("DELETE FROM aliases WHERE merge_id = ?", (merge_id,))
+            db.executemany("UPDATE adapters SET status = 'archived' WHERE id = ? AND status = 'merged'", [(x,) for x in sources])
+            db.execute("UPDATE merges SET undone = 1 WHERE merge_id = ?", (merge_id,))
+        return sources, str(row[0])
 
     # -- reads -------------------------------------------------------------------------------------------------
     def count(self, statuses: Sequence[str] = ("active", "archived")) -> int:
@@ -423,7 +459,7 @@ class Catalog:
 
     def _to_adapter(self, r: tuple[Any, ...]) -> Adapter:
         (key, aid, spec, gran, rank, alpha, desc, mods, nparams, profile, version, checksum, _nbytes, created,
-         last_used, usage, pinned, status, meta) = r  # fmt: skip
+         last_used, usage, pinned, status, meta, last_query, created_query) = r  # fmt: skip
         domain, skill = self._tags(key)
         specialization = AdapterSpecialization(spec)
         members = self.members_of(key) if specialization is AdapterSpecialization.COMPOSITE else []
@@ -433,6 +469,7 @@ class Catalog:
             target_modules=json.loads(mods), num_parameters=int(nparams), profile=profile, version=int(version),
             checksum=checksum, created_at=float(created), last_used_at=last_used, usage_count=int(usage),
             pinned=bool(pinned), status=status, members=members, metadata=json.loads(meta),
+            last_used_query=int(last_query), created_query=int(created_query),
         )  # fmt: skip
 
     def close(self) -> None:
