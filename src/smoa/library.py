@@ -475,19 +475,23 @@ class AdapterLibrary:
         if any(s.id == target.id for s in sources) or len({s.id for s in sources}) != len(sources):
             raise CompositionError(f"`source_ids` {list(source_ids)} must be distinct and differ from {merged_id!r}")
         moves, old_files = [], []
-        for ad in sources:  # files first, rows second
-            blob, file, _ = self.catalog.read_weights(ad.key)
-            data = blob if blob is not None else self.files.read(file or "", name=f"adapter {ad.id}")
-            moves.append((ad.key, ad.id, self.files.write("cold", checksum(data), data)))
-            if file:
-                old_files.append(file)
-        merge_id = self.catalog.record_merge(moves, target.id, method)
-        for rel in old_files:
-            if not self.catalog.file_referenced(rel):
-                self.files.delete(rel)
-        for ad in sources:
+        try:
+            for ad in sources:  # files first, rows second
+                blob, file, _ = self.catalog.read_weights(ad.key)
+                data = blob if blob is not None else self.files.read(file or "", name=f"adapter {ad.id}")
+                moves.append((ad.key, ad.id, self.files.write("cold", checksum(data), data)))
+                if file:
+                    old_files.append(file)
+            merge_id = self.catalog.record_merge(moves, target.id, method)
+        except BaseException:
+            for _, _, cold in moves:  # the cold copies no row references: no orphan left by a failed merge
+                self._discard_unused(cold)
+            raise
+        for ad in sources:  # in-memory state first: nothing after the commit may leave it behind
             self.cache.invalidate(ad.id)
         self._count -= sum(1 for ad in sources if ad.status != "merged")
+        for rel in old_files:
+            self._discard_unused(rel)
         return merge_id
 
     def undo_merge(self, merge_id: int) -> tuple[list[str], str]:

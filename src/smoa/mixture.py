@@ -38,7 +38,7 @@ from smoa.errors import ConfigError, InvalidInputError, ProfileMismatchError
 from smoa.library import AdapterLibrary, AdapterSpec
 from smoa.routing.route import Route
 
-Mixture = list[tuple[LoraWeights, float]]
+Mixture = list[tuple[tuple[str, int], LoraWeights, float]]  # ((adapter id, version), weights, mixing weight)
 
 
 class SparseAdapterMixture:
@@ -307,7 +307,8 @@ class SparseAdapterMixture:
         """Attach a base model; its profile must match the library's. Returns the inference engine."""
         from smoa.inject.engine import InferenceEngine
 
-        engine = InferenceEngine(model, tokenizer, target_modules=target_modules, device=None)
+        engine = InferenceEngine(model, tokenizer, target_modules=target_modules, device=None,
+                                 cache_bytes=self.config.cache_max_bytes)  # fmt: skip
         missing = [m for m in self.library.profile.module_names if m not in engine.profile]
         if missing or any(engine.profile.shape(m) != self.library.profile.shape(m) for m in self.library.profile.module_names):
             engine.detach()
@@ -327,12 +328,17 @@ class SparseAdapterMixture:
         return self._engine
 
     def mixture_for(self, route: Route | Sequence[tuple[str, float]]) -> Mixture:
-        """The weights of a route (composites flattened to leaves, weights multiplied along the way)."""
+        """The weights of a route (composites flattened to leaves, weights multiplied along the way).
+
+        Items are ``((id, version), LoraWeights, weight)``: the engine reuses stacked factors per key, and a new
+        version is a new key, so a changed adapter is never mixed from stale factors.
+        """
         pairs = list(zip(route.adapter_ids, route.weights)) if isinstance(route, Route) else list(route)
         out: Mixture = []
         for aid, w in pairs:
             for leaf, lw in self.library.flatten(aid):
-                out.append((self.library.get_weights(leaf), float(w) * lw))
+                _key, version, _status = self.library.catalog.version_of(leaf)
+                out.append(((leaf, version), self.library.get_weights(leaf), float(w) * lw))
         return out
 
     @contextlib.contextmanager
@@ -377,6 +383,17 @@ class SparseAdapterMixture:
         engine = self.engine
         with self._engine_lock:
             return getattr(engine, method)(*args, **kwargs)
+
+    # == training ==============================================================================================
+    async def train_adapter(self, adapter_or_spec: Any, data: Sequence[Any], **kwargs: Any) -> Any:
+        """Train an adapter's factors on ``data`` (texts or (input, target) pairs) with the base model frozen;
+        see :func:`smoa.train.train_adapter` for the arguments. Returns a ``TrainResult``."""
+        return await asyncio.to_thread(self.train_adapter_sync, adapter_or_spec, data, **kwargs)
+
+    def train_adapter_sync(self, adapter_or_spec: Any, data: Sequence[Any], **kwargs: Any) -> Any:
+        from smoa.train.api import train_adapter
+
+        return train_adapter(self, adapter_or_spec, data, **kwargs)  # holds the engine lock while it trains
 
     # == optimisation ==========================================================================================
     async def optimize_library(self, **kwargs: Any) -> Any:

@@ -216,3 +216,20 @@ def test_zero_weight_and_empty_rows_are_the_base_model(tiny: nn.Module, adapters
     torch.testing.assert_close(_logits(tiny, x), base, rtol=0, atol=0)
     handle.set_mixtures([])
     assert handle.state is None
+
+
+def test_cache_keeps_no_adapter_alive(tiny: nn.Module, adapters: list[LoraWeights]) -> None:
+    import gc
+    import weakref
+
+    handle = attach(tiny)
+    lora = adapters[2].clone()
+    ref = weakref.ref(lora)
+    handle.set_mixtures([(lora, 1.0)])
+    handle.set_mixtures([(("k", 1), adapters[3].clone(), 1.0)])  # a keyed copy: no reference held either
+    handle.clear()
+    assert handle.cache_info()["entries"] == 2
+    del lora
+    gc.collect()
+    assert ref() is None  # neither the validation record nor the stacks kept it alive
+    assert handle.cache_info()["entries"] == 1 and len(handle.cache._validated) == 1

@@ -166,6 +166,7 @@ OPS: dict[str, Callable[[AdapterLibrary, dict[str, Any], int], Any]] = {
     "archive": lambda lib, ids, n: lib.archive(ids["filed"]),
     "restore": lambda lib, ids, n: lib.restore(ids["archived"]),
     "pin": lambda lib, ids, n: lib.pin(ids["inline"]),
+    "merge_into": lambda lib, ids, n: lib.merge_into([ids["filed"], ids["victim"]], ids["inline"], "linear"),
 }
 
 
@@ -241,6 +242,8 @@ def _assert_complete(op: str, lib: AdapterLibrary, ids: dict[str, Any], before: 
         assert lib.get_adapter(ids["archived"]).status == "active"
     elif op == "pin":
         assert lib.get_adapter(ids["inline"]).pinned
+    elif op == "merge_into":
+        assert lib.resolve(ids["filed"]) == lib.resolve(ids["victim"]) == ids["inline"]
     else:
         raise AssertionError(op)
 
@@ -335,3 +338,26 @@ def test_close_with_a_failing_catalog_still_releases_the_lock(tmp_path: Path) ->
     again = open_lib(path)  # ... but the lock and the connection are released
     assert again.get_adapter(a.id).checksum == a.checksum
     again.close()
+
+
+def test_merge_of_a_source_deleted_meanwhile_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source deleted between merge_into's reads and its commit (the optimizer runs beside other writers)."""
+    from smoa import AdapterNotFoundError
+
+    lib = open_lib(tmp_path / "lib")
+    ids = _setup(lib)
+    real_record = lib.catalog.record_merge
+
+    def delete_then_record(*args: Any, **kwargs: Any) -> int:
+        lib.delete(ids["victim"])  # the concurrent delete lands just before the merge commits
+        return real_record(*args, **kwargs)
+
+    monkeypatch.setattr(lib.catalog, "record_merge", delete_then_record)
+    before_count = lib.total_adapters
+    with pytest.raises(AdapterNotFoundError, match=ids["victim"]):
+        lib.merge_into([ids["filed"], ids["victim"]], ids["inline"], "linear")
+    assert lib.total_adapters == before_count - 1 == lib.catalog.count()  # only the delete happened
+    assert lib.resolve(ids["filed"]) == ids["filed"] and lib.get_adapter(ids["filed"]).status == "active"
+    _check_live(lib)
+    assert lib.files.all_files() == lib.catalog.all_files()  # the cold copies of the failed merge are gone
+    lib.close()

@@ -233,3 +233,51 @@ def test_learned_keys_separate_examples_better() -> None:
     plain, learned = router.routing_keys(items), router.routing_keys(items, learn=True)
     np.testing.assert_allclose(np.linalg.norm(learned, axis=1), 1.0, atol=1e-5)
     assert margin(learned) > margin(plain)
+
+
+def _island_library(n_big: int = 3000, n_small: int = 12, dim: int = 64, seed: int = 0):
+    """A small remote group (tag "island", added first) and a big group of keys around another centre."""
+    rng = np.random.default_rng(seed)
+    centre_big, centre_small = rng.standard_normal((2, dim))
+    big = centre_big + 1.2 * rng.standard_normal((n_big, dim))
+    small = centre_small + 0.5 * rng.standard_normal((n_small, dim))
+    x = np.concatenate([small, big])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    tags = [(["island"], ["s"])] * n_small + [(["bulk"], ["s"])] * n_big
+    queries = centre_small + 0.5 * rng.standard_normal((40, dim))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    return x, tags, queries
+
+
+def test_small_groups_are_scored_exactly_beside_the_graph() -> None:
+    from smoa.routing.index import IndexParams
+    from smoa.routing.router import SMALL_GROUP_LIMIT
+
+    x, tags, queries = _island_library()
+    config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
+    router = Router(config, None, ids_of, encoder=_PrimedDim(64), params=IndexParams(exact_threshold=100, ef_search=16))
+    router.add(np.arange(len(x)), x, tags, generation=1)
+    assert router.statistics()["index_kind"] == "hnsw-sq8" and 12 <= SMALL_GROUP_LIMIT
+    texts = [f"q{i}" for i in range(len(queries))]
+    router.encoder.prime(texts, queries)
+    for strategy in ("semantic", "hybrid"):
+        for text, q in zip(texts, queries):
+            route = router.route(text, strategy=strategy, k=3)
+            got = [int(a[3:]) for a in route.adapter_ids]
+            sims = x @ q
+            assert all(g < 12 for g in got), (strategy, text, got)  # all from the island
+            # best found = best there is, up to the 8-bit codes' rounding (near ties may swap)
+            assert sims[got[0]] >= sims.max() - 0.02, (strategy, text)
+            np.testing.assert_allclose(route.routing_scores, sims[got], atol=0.02)
+
+
+class _PrimedDim:
+    """An encoder of dimension ``dim`` for queries primed into the router's cache (never called)."""
+
+    name = "primed"
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        raise AssertionError(f"unexpected encode of {texts!r}")

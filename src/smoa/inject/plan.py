@@ -6,8 +6,8 @@ A *mixture* is one request's adapters and mixing weights::
 
 The optional ``key`` (any hashable, e.g. ``(adapter_id, version)``) names the adapter's content: two
 ``LoraWeights`` objects under one key are taken to hold equal factors, so a reloaded copy reuses the stacks
-built for the first. Without a key the object's identity is used (the cache keeps the object alive, so an id is
-never reused while its entry exists). Either way the tensors' in-place version counters are part of the key,
+built for the first. Without a key the object's identity is used (records hold only weak references and vanish
+with the object, so a recycled id never hits a stale record). Either way the tensors' in-place version counters are part of the key,
 so weights edited in place (an optimiser step) are restacked.
 
 For a batch, :class:`MixtureState` deduplicates the rows' mixtures and, for every targeted module touched by
@@ -25,6 +25,7 @@ from the live tensors, so gradients reach the adapters' factors.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,9 @@ class FactorCache:
     """Byte-bounded LRU: mixture key -> ``{module: (A_cat, B_cat)}`` on the model's device and dtype.
 
     Also remembers which adapters passed validation against the profile (bounded by ``max_validated``).
+    Nothing here keeps a ``LoraWeights`` alive: identity-keyed records hold weak references and are dropped as
+    soon as their weights are garbage-collected (so a recycled ``id`` can never hit a stale record); records
+    under a caller's key hold no reference at all (the key vouches for the content).
     """
 
     def __init__(self, max_bytes: int = 256 * 1024 * 1024, max_validated: int = 65536) -> None:
@@ -132,8 +136,8 @@ class FactorCache:
             raise InvalidInputError(f"`max_bytes` must be >= 0, got {max_bytes!r}")
         self.max_bytes = int(max_bytes)
         self.max_validated = int(max_validated)
-        self._entries: OrderedDict[Hashable, tuple[dict[str, Factors], int, NormMixture]] = OrderedDict()
-        self._validated: OrderedDict[Hashable, LoraWeights] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[dict[str, Factors], int, tuple[Any, ...]]] = OrderedDict()
+        self._validated: OrderedDict[Hashable, tuple[Any, ...]] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -141,13 +145,29 @@ class FactorCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _refs(self, entries: Sequence[Entry], store: str, key: Hashable) -> tuple[Any, ...]:
+        """Weak references to the identity-keyed weights; each drops ``key`` from ``store`` when they die."""
+        refs = []
+        for e in entries:
+            if e.key[0][0] == "id":
+                refs.append(weakref.ref(e.weights, lambda _r, s=store, k=key: self._forget(s, k)))
+        return tuple(refs)
+
+    def _forget(self, store: str, key: Hashable) -> None:
+        if store == "validated":
+            self._validated.pop(key, None)
+            return
+        gone = self._entries.pop(key, None)
+        if gone is not None:
+            self.bytes -= gone[1]
+
     def validate(self, entry: Entry, profile: BaseProfile) -> None:
         """Validate an adapter once per key (raises ProfileMismatchError / NonFiniteWeightsError)."""
         if entry.key in self._validated:
             self._validated.move_to_end(entry.key)
             return
         entry.weights.validate(profile, name=f"adapter {entry.key[0][1]!r}" if entry.key[0][0] == "key" else "adapter")
-        self._validated[entry.key] = entry.weights  # strong ref: id-based keys stay unique while cached
+        self._validated[entry.key] = self._refs([entry], "validated", entry.key)
         while len(self._validated) > self.max_validated:
             self._validated.popitem(last=False)
 
@@ -161,7 +181,7 @@ class FactorCache:
         factors = build()
         size = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in factors.values())
         if size <= self.max_bytes:
-            self._entries[key] = (factors, size, mix)  # mix keeps the LoraWeights alive (id keys)
+            self._entries[key] = (factors, size, self._refs(mix, "entries", key))
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, (_, old, _) = self._entries.popitem(last=False)

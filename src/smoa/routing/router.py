@@ -5,9 +5,10 @@
     query ──normalise/cap──► route cache (query, metadata terms, strategy, k, generation) ──hit──► Route
        │ miss
        ├─ encode (LRU of query embeddings) ──► q [dim]
-       ├─ search: SEMANTIC      ANN top-C by cos(q, key)
+       ├─ search: SEMANTIC      ANN top-C by cos(q, key)  ∪  members of small groups near q, scored exactly
        │          TASK_BASED    tag index (metadata terms, else query words found among the tags)
-       │          HYBRID        ANN top-C  ∪  tag top-C, each candidate scored on both
+       │          HYBRID        SEMANTIC's candidates  ∪  tag top-C among the adapters holding the query's
+       │                        rarest terms (at most TAG_SCAN_LIMIT postings), each candidate scored on both
        │          HIERARCHICAL  best groups by centroid cos, then ANN restricted to their members
        └─ fuse: scores -> threshold -> top-k (ties by id) -> softmax(score / temperature) weights
 
@@ -16,6 +17,14 @@ strings) -> :class:`~smoa.errors.InvalidInputError` naming it; unknown metadata 
 all-blank) query routes by its metadata alone (TASK_BASED); with no usable metadata either it returns the empty
 route (the base model alone). A query longer than ``MAX_QUERY_CHARS`` is cut to that length and the route says
 so (``query_truncated``); the encoder further truncates to 256 tokens.
+
+Small groups (the ANN's blind spot): an HNSW graph built over a million keys can leave a small group of keys
+that sits apart from the rest (a new domain's handful of adapters among a million others) with no edge leading
+into it, so the greedy walk never reaches it. When the index is approximate, SEMANTIC and HYBRID therefore also
+take, among the groups (domain tags, or clusters of untagged keys) with at most ``SMALL_GROUP_LIMIT`` members,
+the ``RESCUE_GROUPS`` whose centroids are nearest to the query, and score every member exhaustively (on its
+8-bit code, like the graph). Large groups are dense enough for the graph. Cost: one ``[groups, dim]`` product and at most ``RESCUE_GROUPS *
+SMALL_GROUP_LIMIT`` decoded keys per query.
 
 Latency budget: when encode + search already took ``routing_latency_budget_ms``, HYBRID skips the tag side
 (cosine only) and HIERARCHICAL falls back to plain ANN; the route is marked ``degraded`` and counted.
@@ -50,7 +59,9 @@ MAX_QUERY_CHARS = 2048
 N_GROUPS = 3
 EXACT_GROUP_LIMIT = 20_000  # HIERARCHICAL scores the chosen groups' members exactly up to this many
 LEARN_TEMPERATURE = 0.05  # refine_keys' softmax temperature, chosen on a held-out fifth of CLINC150 train
-TAG_SCAN_LIMIT = 50_000  # postings scanned by HYBRID's tag side before it keeps to the ANN candidates
+TAG_SCAN_LIMIT = 500  # postings HYBRID's tag side scans for extra candidates (rarest query terms first)
+RESCUE_GROUPS = 3  # SEMANTIC / HYBRID: nearest groups whose members are scored exactly when the group is small
+SMALL_GROUP_LIMIT = 256
 
 
 @dataclass
@@ -319,6 +330,8 @@ class Router:
         else:
             sims, keys = self._vectors.search(q[None, :], n_cand, allowed=allowed)
             cos = {int(key): float(s) for key, s in zip(keys[0], sims[0]) if key >= 0}
+            if allowed is None and self._vectors.kind != "flat":
+                cos.update(self._small_group_scores(q))
         timings["search"] = (time.perf_counter() - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
             return cos, degraded
@@ -332,15 +345,31 @@ class Router:
             timings["fuse"] = (time.perf_counter() - t) * 1e3
             return cos, True
         tag = self._tags.score_keys(terms, cos)
-        if self._tags.posting_total(terms) <= TAG_SCAN_LIMIT:
-            extra = {key: s for key, s in self._tags.score(terms, limit=n_cand).items() if key not in cos}
+        rare, budget = [], TAG_SCAN_LIMIT
+        for term in sorted(terms, key=lambda tf: self._tags.posting_total([tf])):
+            budget -= self._tags.posting_total([term])
+            if budget < 0:
+                break
+            rare.append(term)
+        if rare:  # tag-side candidates: the adapters holding the query's rarest tags (bounded scan)
+            extra = [key for key in self._tags.score(rare, limit=n_cand) if key not in cos]
             if extra:
-                found, vecs = self._vectors.vectors_of(np.fromiter(extra, np.int64, len(extra)))
+                found, vecs = self._vectors.vectors_of(np.asarray(extra, np.int64))
                 cos.update({int(key): float(s) for key, s in zip(found, vecs @ q)})
-                tag.update({key: extra[key] for key in map(int, found)})
+                tag.update(self._tags.score_keys(terms, found))
         scores = fuse(cos, tag, lam)
         timings["fuse"] = (time.perf_counter() - t) * 1e3
         return scores, degraded
+
+    def _small_group_scores(self, q: np.ndarray) -> dict[int, float]:
+        """Exact ``cos(q, key)`` of every member of the small groups nearest to ``q`` (module docstring)."""
+        if len(self._groups) < 2:
+            return {}
+        small = [g for g, _ in self._groups.top_groups(q, RESCUE_GROUPS, max_size=SMALL_GROUP_LIMIT)]
+        if not small:
+            return {}
+        found, vecs = self._vectors.vectors_of(np.concatenate([self._groups.members(g) for g in small]))
+        return {int(key): float(s) for key, s in zip(found, vecs @ q)}
 
     def _finish(
         self, chosen: list[tuple[str, float]], strat: RoutingStrategy, timings: dict[str, float], degraded: bool, t0: float
@@ -396,4 +425,4 @@ class Router:
             self._cache.clear()
 
 
-__all__ = ["MAX_QUERY_CHARS", "Router", "RoutingText"]
+__all__ = ["MAX_QUERY_CHARS", "RESCUE_GROUPS", "SMALL_GROUP_LIMIT", "Router", "RoutingText"]

@@ -16,6 +16,7 @@ Mixing weights are ``softmax(score / routing_temperature)`` over the kept adapte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -46,7 +47,7 @@ def select_top(
 
     Only the keys that can make the cut (score >= the k-th best score) are resolved to ids.
     """
-    kept = [(key, s) for key, s in scores.items() if s >= threshold and np.isfinite(s)]
+    kept = [(key, s) for key, s in scores.items() if s >= threshold and math.isfinite(s)]
     if not kept:
         return []
     kept.sort(key=lambda kv: (-kv[1], kv[0]))

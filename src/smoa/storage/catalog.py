@@ -321,7 +321,9 @@ class Catalog:
             )
             merge_id = int(cur.lastrowid or 0)
             for key, source_id, cold in moves:
-                db.execute("UPDATE weights SET data = NULL, file = ? WHERE key = ?", (cold, key))
+                if db.execute("UPDATE weights SET data = NULL, file = ? WHERE key = ?", (cold, key)).rowcount != 1:
+                    # deleted by a concurrent writer since the caller read it: roll the whole merge back
+                    raise AdapterNotFoundError(f"no adapter with id {source_id!r} (deleted during the merge)")
                 db.execute("UPDATE adapters SET status = 'merged' WHERE key = ?", (key,))
                 db.execute("UPDATE aliases SET target = ? WHERE target = ?", (merged_id, source_id))
                 db.execute("INSERT OR REPLACE INTO aliases VALUES(?,?,?)", (source_id, merged_id, merge_id))

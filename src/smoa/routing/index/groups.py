@@ -8,7 +8,8 @@ the running sum of its members' keys, so its centroid is always current::
     centroid(g) = normalise(sum_{a in g} key(a))
 
 Routing is then coarse to fine: score the groups by ``cos(q, centroid(g))``, keep the best ``n_groups``, and
-search the adapters inside them only.
+search the adapters inside them only. SEMANTIC and HYBRID also use the groups: the members of *small* groups
+near the query are scored exactly beside the approximate search (see :mod:`smoa.routing.router`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class GroupIndex:
         self._group_of: dict[int, str] = {}
         self._next_cluster = 0
         self._centroid_cache: tuple[list[str], np.ndarray] | None = None
+        self._sizes = np.zeros(0, np.int64)  # members per group, in centroids()' order
         self._member_cache: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -102,6 +104,7 @@ class GroupIndex:
             sums = np.stack([self._sums[n] for n in names]) if names else np.zeros((0, self.dim))
             norms = np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
             self._centroid_cache = (names, (sums / norms).astype(np.float32))
+            self._sizes = np.fromiter((len(self._members[n]) for n in names), np.int64, len(names))
         return self._centroid_cache
 
     def _nearest_cluster(self, vector: np.ndarray) -> str:
@@ -116,11 +119,20 @@ class GroupIndex:
         self._next_cluster += 1
         return name
 
-    def top_groups(self, query: np.ndarray, n_groups: int) -> list[tuple[str, float]]:
-        """The ``n_groups`` groups whose centroid is nearest to ``query`` ``[dim]``, best first (ties by name)."""
+    def top_groups(self, query: np.ndarray, n_groups: int, max_size: int | None = None) -> list[tuple[str, float]]:
+        """The ``n_groups`` groups whose centroid is nearest to ``query`` ``[dim]``, best first (ties by name).
+
+        ``max_size``: consider only the groups with at most this many members.
+        """
         names, cents = self.centroids()
         if not names:
             return []
         sims = cents @ query.astype(np.float32)  # [G]
-        order = sorted(range(len(names)), key=lambda i: (-float(sims[i]), names[i]))[:n_groups]
-        return [(names[i], float(sims[i])) for i in order]
+        if max_size is not None:
+            sims = np.where(self._sizes <= max_size, sims, -np.inf)
+        order = np.argsort(-sims, kind="stable")[:n_groups]  # names are sorted: stable sort breaks ties by name
+        return [(names[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
+
+    def size(self, name: str) -> int:
+        """Members of group ``name`` (0 if unknown)."""
+        return len(self._members.get(name, ()))

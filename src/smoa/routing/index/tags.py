@@ -19,6 +19,7 @@ with ``w = 1`` when the term is found in its own field and ``0.5`` when found on
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -138,7 +139,7 @@ class TagIndex:
 
     def idf(self, term: str) -> float:
         n, df = len(self._entries), len(self._postings.get(term, ()))
-        return float(np.log1p((n - df + 0.5) / (df + 0.5)))
+        return math.log1p((n - df + 0.5) / (df + 0.5))
 
     def posting_total(self, terms: Sequence[tuple[str, int]]) -> int:
         """Sum of the posting lengths of ``terms`` (the cost of :meth:`score`)."""
@@ -163,25 +164,28 @@ class TagIndex:
                 gain = w if have & want else w * CROSS_FIELD_WEIGHT
                 acc[key] = acc.get(key, 0.0) + gain / total
         if limit is not None and len(acc) > limit:
-            best = sorted(acc.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
-            return dict(best)
+            keys = np.fromiter(acc.keys(), np.int64, len(acc))
+            vals = np.fromiter(acc.values(), np.float64, len(acc))
+            best = np.lexsort((keys, -vals))[:limit]  # best score first, ties by key
+            return {int(keys[i]): float(vals[i]) for i in best}
         return acc
 
     def score_keys(self, terms: Sequence[tuple[str, int]], keys: Iterable[int]) -> dict[int, float]:
-        """Scores of the given ``keys`` only (0 for a key matching nothing). Cost: O(len(keys) * len(terms))."""
-        if not terms:
-            return {int(k): 0.0 for k in keys}
+        """Scores of the given ``keys`` only (0 for a key matching nothing).
+
+        Cost: one set intersection of ``keys`` with each term's posting (O(min of the two sizes)).
+        """
+        out = dict.fromkeys(map(int, keys), 0.0)
+        if not terms or not out:
+            return out
         idfs = [self.idf(t) for t, _ in terms]
         total = sum(idfs) or 1.0
-        out: dict[int, float] = {}
-        for key in keys:
-            key = int(key)
-            s = 0.0
-            for (t, want), w in zip(terms, idfs):
-                have = self._postings.get(t, {}).get(key, 0)
-                if have:
-                    s += w if have & want else w * CROSS_FIELD_WEIGHT
-            out[key] = s / total
+        for (t, want), w in zip(terms, idfs):
+            posting = self._postings.get(t)
+            if not posting:
+                continue
+            for key in out.keys() & posting.keys():
+                out[key] += (w if posting[key] & want else w * CROSS_FIELD_WEIGHT) / total
         return out
 
     def memory_bytes(self) -> int:
