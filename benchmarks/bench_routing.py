@@ -156,7 +156,7 @@ def rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ one size
-def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef: int, sweep: bool) -> dict:
+def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef: int | None, sweep: bool) -> dict:
     import faiss
 
     keys, tags = pool.keys(n, rng)
@@ -175,7 +175,7 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
     del tags
     faiss.omp_set_num_threads(1)
     index: VectorIndex = router._vectors
-    out: dict = {"n": n, "kind": index.kind, "build_s": build_s, "bytes_per": index.memory_bytes() / n,
+    out: dict = {"n": n, "kind": index.kind if index.kind == "flat" else f"{index.kind} ef{index.ef_search}", "build_s": build_s, "bytes_per": index.memory_bytes() / n,
                  "tag_bytes_per": router._tags.memory_bytes() / n, "rss_per": rss / n}
     for i in range(20):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1K and 10K only, no sweep, no comparison")
     ap.add_argument("--sizes", default="1000,10000,100000,1000000")
-    ap.add_argument("--ef", type=int, default=IndexParams().ef_search)
+    ap.add_argument("--ef", type=int, default=None, help="HNSW efSearch (default: auto by size)")
     ap.add_argument("--compare", type=int, default=100_000, help="size of the index comparison (0: skip)")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "bench_routing.png"))
     args = ap.parse_args(argv)
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print("encode one sentence (ms p50 / p99):", ", ".join(f"{k} {v[0]:.3f} / {v[1]:.3f}" for k, v in enc_lat.items()))
     p = IndexParams()
     print(f"\nexact below {p.exact_threshold:,} keys, else HNSW-SQ8 M={p.hnsw_m} efConstruction={p.ef_construction} "
-          f"efSearch={args.ef}; k=5, {N_QUERIES} queries, one query thread\n")
+          f"efSearch={args.ef or 'auto (48 at 10K, x2 per decade)'}; k=5, {N_QUERIES} queries, one query thread\n")
     head = ("| adapters | index | build s | B/adapter index | B/adapter tags | RSS B/adapter | search p50/p99 ms | "
             "brute p50/p99 ms | brute/search p99 | search+fuse p50/p99 ms | "
             + " | ".join(f"e2e {e} p50/p99 ms" for e in encoders) + " | recall@5 |")

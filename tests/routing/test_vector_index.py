@@ -112,3 +112,13 @@ def test_memory_per_vector_hnsw() -> None:
     idx = VectorIndex.build(dim, np.arange(3000), x, IndexParams(exact_threshold=100))
     per = idx.memory_bytes() / len(idx)
     assert per < 600, per
+
+
+def test_auto_ef_search_widens_with_size() -> None:
+    from smoa.routing.index.vector import auto_ef_search
+
+    efs = [auto_ef_search(n) for n in (1_000, 10_000, 100_000, 1_000_000, 10**9)]
+    assert efs == sorted(efs) and efs[1] == 48 and efs[2] == 96 and efs[3] == 192 and efs[-1] == 256
+    idx = VectorIndex.build(64, np.arange(3000), clustered(3000), IndexParams(exact_threshold=100))
+    assert idx.ef_search == 48
+    assert VectorIndex(64, IndexParams(ef_search=20)).ef_search == 20

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 EXACT_THRESHOLD = 5_000
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 128
-HNSW_EF_SEARCH = 96
+HNSW_EF_SEARCH_BASE = 48  # efSearch at 10K live keys, doubled per decade (auto_ef_search)
+HNSW_EF_SEARCH_MAX = 256
 COMPACT_DEAD_FRACTION = 0.25
 
 
@@ -45,7 +46,17 @@ class IndexParams:
     exact_threshold: int = EXACT_THRESHOLD
     hnsw_m: int = HNSW_M
     ef_construction: int = HNSW_EF_CONSTRUCTION
-    ef_search: int = HNSW_EF_SEARCH
+    ef_search: int | None = None  # None: auto_ef_search(live keys)
+
+
+def auto_ef_search(n: int) -> int:
+    """HNSW beam width for ``n`` live keys: 48 at 10K, doubled per decade (96 at 100K, 192 at 1M), <= 256.
+
+    A graph over more keys needs a wider beam for the same recall; measured on real MiniLM embeddings
+    (``docs/bench_routing.md``) this keeps recall@5 at ~0.95 or more up to 1M keys.
+    """
+    ef = HNSW_EF_SEARCH_BASE * 2.0 ** (np.log10(max(n, 10_000)) - 4.0)
+    return int(min(HNSW_EF_SEARCH_MAX, 16 * round(ef / 16)))
 
 
 def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -83,7 +94,7 @@ class VectorIndex:
 
         index = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_8bit, self.params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = self.params.ef_construction
-        index.hnsw.efSearch = self.params.ef_search
+        index.hnsw.efSearch = self.ef_search
         index.train(train)
         return index
 
@@ -113,6 +124,11 @@ class VectorIndex:
         self._selector_cache = None
         if len(keys):
             self._index.add(vectors)
+
+    @property
+    def ef_search(self) -> int:
+        """The HNSW beam width in use: ``params.ef_search``, or :func:`auto_ef_search` of the live keys."""
+        return self.params.ef_search or auto_ef_search(len(self))
 
     # ------------------------------------------------------------------ updates
     def __len__(self) -> int:
@@ -226,7 +242,7 @@ class VectorIndex:
             queries: float32 ``[m, dim]`` (a float64 query would be converted, at a cost, so cast first).
             k: neighbours per query.
             allowed: optional int64 keys to restrict the search to.
-            ef_search: HNSW beam width (default ``params.ef_search``, raised to ``k`` at least).
+            ef_search: HNSW beam width (default :attr:`ef_search`, raised to ``k`` at least).
 
         Returns:
             ``(scores [m, k] float32, keys [m, k] int64)``, best first, padded with ``-inf`` / ``-1``.
@@ -241,7 +257,7 @@ class VectorIndex:
         if self.kind == "flat":
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
         else:
-            params = faiss.SearchParametersHNSW(efSearch=max(ef_search or self.params.ef_search, k))
+            params = faiss.SearchParametersHNSW(efSearch=max(ef_search or self.ef_search, k))
             if sel is not None:
                 params.sel = sel
         scores, pos = self._index.search(q, k, params=params)
@@ -289,7 +305,7 @@ class VectorIndex:
         out._index, out._ids, out._alive = index, ids, alive.astype(bool)
         out.kind = "flat" if isinstance(index, faiss.IndexFlat) else "hnsw-sq8"
         if out.kind != "flat":
-            out._index.hnsw.efSearch = out.params.ef_search
+            out._index.hnsw.efSearch = out.ef_search
         out._n, out._dead = len(ids), int((~out._alive).sum())
         out._sorted = bool(np.all(np.diff(ids) > 0))
         return out
