@@ -175,7 +175,8 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
     del tags
     faiss.omp_set_num_threads(1)
     index: VectorIndex = router._vectors
-    out: dict = {"n": n, "kind": index.kind if index.kind == "flat" else f"{index.kind} ef{index.ef_search}", "build_s": build_s, "bytes_per": index.memory_bytes() / n,
+    kind = index.kind if index.kind == "flat" else f"{index.kind} ef{index.ef_search}"
+    out: dict = {"n": n, "kind": kind, "build_s": build_s, "bytes_per": index.memory_bytes() / n,
                  "tag_bytes_per": router._tags.memory_bytes() / n, "rss_per": rss / n}
     for i in range(20):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)

@@ -165,7 +165,8 @@ def distractors(kind: str, n: int, emb: dict, dim: int, seed: int = 0) -> tuple[
     out = np.empty((n, dim), np.float32)
     for s in range(0, n, 100_000):  # main sentence + two secondary ones + a little per-adapter noise
         e = min(n, s + 100_000)
-        x = pool[main[s:e]] + 0.5 * pool[rng.integers(0, len(pool), e - s)] + 0.25 * pool[rng.integers(0, len(pool), e - s)]
+        x = pool[main[s:e]] + 0.5 * pool[rng.integers(0, len(pool), e - s)]
+        x += 0.25 * pool[rng.integers(0, len(pool), e - s)]
         x = l2_normalize(x) + (0.05 / np.sqrt(dim)) * rng.standard_normal((e - s, dim), dtype=np.float32)
         out[s:e] = l2_normalize(x)
     return out, [[sent_cat[m]] for m in main]

@@ -55,6 +55,12 @@ DISTRACTOR_SKILLS = (
     "entity-recognition", "retrieval", "planning", "tutoring", "formatting", "rewriting", "fact-checking",
     "scheduling", "recommendation", "explanation",
 )  # fmt: skip
+# Distractor tags that name a BBC topic or a close synonym: left out unless ``overlap=True`` (see the docstring).
+TOPIC_WORDS = frozenset({
+    "business", "economy", "finance", "trading", "banking", "accounting", "tax", "entertainment", "film", "music",
+    "television", "celebrity", "politics", "government", "elections", "sports", "football", "tennis", "fitness",
+    "technology", "internet", "software", "mobile", "cloud", "gaming", "cybersecurity", "telecom",
+})  # fmt: skip
 _TEMPLATES = (
     "{skill} for {d1} texts", "{d1} and {d2} {skill}", "adapter specialised in {skill} of {d1} documents",
     "{skill} assistant for {d1} questions", "{d1} {skill} on short {d2} notes",
@@ -70,7 +76,7 @@ class EvalText:
 
 
 # -- pure helpers ------------------------------------------------------------------------------------------------
-def distractor_specs(n: int, seed: int, noise: float, profile: Any, rank: int = 2) -> list[Any]:
+def distractor_specs(n: int, seed: int, noise: float, profile: Any, rank: int = 2, overlap: bool = True) -> list[Any]:
     """``n`` NANO adapter specs with random realistic tags and descriptions.
 
     Args:
@@ -79,18 +85,20 @@ def distractor_specs(n: int, seed: int, noise: float, profile: Any, rank: int = 
         noise: std of the random ``B`` factors (``A`` is Kaiming-uniform as usual); 0 = fresh adapters (``B = 0``).
         profile: the library's profile (module shapes).
         rank: LoRA rank.
+        overlap: draw tags from the whole vocabulary; ``False`` leaves out :data:`TOPIC_WORDS`.
     """
     from smoa.adapter.granularity import select_modules
     from smoa.adapter.weights import init_factor_a
     from smoa.config import AdapterGranularity
     from smoa.library import AdapterSpec
 
+    domains = [d for d in DISTRACTOR_DOMAINS if overlap or d not in TOPIC_WORDS]
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     modules = select_modules(profile, AdapterGranularity.NANO, rank)
     specs = []
     for i in range(n):
-        d = [str(x) for x in rng.choice(DISTRACTOR_DOMAINS, size=int(rng.integers(1, 3)), replace=False)]
+        d = [str(x) for x in rng.choice(domains, size=int(rng.integers(1, 3)), replace=False)]
         s = [str(x) for x in rng.choice(DISTRACTOR_SKILLS, size=int(rng.integers(1, 3)), replace=False)]
         desc = str(rng.choice(_TEMPLATES)).format(skill=s[0], d1=d[0], d2=d[-1])
         weights = None

@@ -23,8 +23,8 @@ that sits apart from the rest (a new domain's handful of adapters among a millio
 into it, so the greedy walk never reaches it. When the index is approximate, SEMANTIC and HYBRID therefore also
 take, among the groups (domain tags, or clusters of untagged keys) with at most ``SMALL_GROUP_LIMIT`` members,
 the ``RESCUE_GROUPS`` whose centroids are nearest to the query, and score every member exhaustively (on its
-8-bit code, like the graph). Large groups are dense enough for the graph. Cost: one ``[groups, dim]`` product and at most ``RESCUE_GROUPS *
-SMALL_GROUP_LIMIT`` decoded keys per query.
+8-bit code, like the graph). Large groups are dense enough for the graph. Cost: one ``[groups, dim]`` product
+and at most ``RESCUE_GROUPS * SMALL_GROUP_LIMIT`` decoded keys per query.
 
 Latency budget: when encode + search already took ``routing_latency_budget_ms``, HYBRID skips the tag side
 (cosine only) and HIERARCHICAL falls back to plain ANN; the route is marked ``degraded`` and counted.
