@@ -85,6 +85,7 @@ class Command:
     name: str
     run: Callable[[argparse.Namespace], int]
     arguments: Callable[[argparse.ArgumentParser], None]
+    passthrough: bool = False  # every argument (``--help`` too) goes to the command's own parser
 
 
 def _lib(p: argparse.ArgumentParser) -> None:
@@ -114,7 +115,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("run", cmd_run, lambda p: p.add_argument("rest", nargs=argparse.REMAINDER)),
+    Command("run", cmd_run, lambda p: p.add_argument("rest", nargs=argparse.REMAINDER), passthrough=True),
     Command("stats", cmd_stats, _lib),
     Command("route", cmd_route, _route_args),
     Command("import-peft", cmd_import_peft, _import_args),
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoa", description="Sparse Mixtures of Adapters")
     sub = parser.add_subparsers(dest="command", required=True)
     for c in COMMANDS:
-        p = sub.add_parser(c.name, help=(c.run.__doc__ or "").strip().splitlines()[0])
+        p = sub.add_parser(c.name, help=(c.run.__doc__ or "").strip().splitlines()[0], add_help=not c.passthrough)
         c.arguments(p)
         p.set_defaults(_run=c.run)
     return parser
@@ -136,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from smoa.errors import SmoaError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not next(c for c in COMMANDS if c.name == args.command).passthrough:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.rest = [*extra, *args.rest]
     try:
         return args._run(args)
     except SmoaError as exc:
