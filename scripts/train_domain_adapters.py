@@ -9,6 +9,9 @@ SmolLM2-135M-Instruct, trained with :func:`smoa.train.train_adapter_weights` on 
 articles (the held-out articles are never seen), ``--steps`` AdamW steps of ``--batch-size`` passages cut to
 ``--max-length`` tokens, seed ``--seed``. Writes ``bbc-<topic>.safetensors`` and ``manifest.json`` (tags,
 description, routing examples, seed, steps, losses, timings, sha256).
+
+Routing examples: the first 128 tokens (headline + lead, cut to 320 characters) of up to ``--routing-examples`` train articles per topic,
+evenly spread. ``--rekey-only`` rewrites just the routing examples of an existing manifest (no training).
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import torch  # noqa: E402
 
 from smoa.adapter.profile import layer_index  # noqa: E402
 from smoa.adapter.weights import init_lora  # noqa: E402
-from smoa.data.bbc import BBC_TOPICS, bbc_passages  # noqa: E402
+from smoa.data.bbc import BBC_TOPICS, bbc_news, bbc_passages  # noqa: E402
+from smoa.data.text import head_tokens  # noqa: E402
 from smoa.data.shipped import FORMAT, MANIFEST, shipped_adapter_dir  # noqa: E402
 from smoa.inject.engine import InferenceEngine  # noqa: E402
 from smoa.models import CACHE_NAME, load_default_base_model  # noqa: E402
-from smoa.train.api import routing_examples  # noqa: E402
 from smoa.train.loop import train_adapter_weights  # noqa: E402
 
 # What each topic's adapter is called and routed by (tags and a one-line description; examples come from data).
@@ -62,14 +65,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--passage-chars", type=int, default=600)
-    p.add_argument("--routing-examples", type=int, default=64)
+    p.add_argument("--routing-examples", type=int, default=240)
+    p.add_argument("--rekey-only", action="store_true", help="only rewrite the manifest's routing examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
+def topic_examples(topic: str, tokenizer: object, n: int, max_tokens: int = 128, max_chars: int = 320) -> list[str]:
+    """Headline + lead (first ``max_tokens`` tokens, at most ``max_chars`` characters) of ``n`` train articles of
+    ``topic``, evenly spread: what a query about the topic looks like."""
+    arts = bbc_news("train", [topic])
+    arts = arts[:: max(1, len(arts) // n)][:n]
+    return [" ".join(t.split())[:max_chars] for t in head_tokens([a.text for a in arts], tokenizer, max_tokens)]
+
+
+def rekey(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from smoa.models import default_model_dir
+
+    load_default_base_model()  # makes sure the tokenizer is cached
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    path = args.out / MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    for entry in manifest["adapters"]:
+        entry["routing_examples"] = topic_examples(entry["domain"], tokenizer, args.routing_examples)
+    manifest["routing_examples"] = ROUTING_NOTE
+    path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    print(f"rewrote the routing examples of {len(manifest['adapters'])} adapters in {path}")
+    return 0
+
+
+ROUTING_NOTE = "headline + lead (first 128 tokens, <= 320 chars) of evenly spread train articles of the topic"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rekey_only:
+        return rekey(args)
     t_load = time.perf_counter()
     model, tokenizer = load_default_base_model()
     engine = InferenceEngine(model, tokenizer)
@@ -89,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         blob = weights.to_bytes()
         (args.out / f"{name}.safetensors").write_bytes(blob)
         domain_tags, skill_tags, description = DOMAIN_INFO[topic]
-        examples = [" ".join(t.split())[:400] for t in routing_examples(data, args.routing_examples)]
+        examples = topic_examples(topic, tokenizer, args.routing_examples)
         entries.append({
             "name": name, "file": f"{name}.safetensors", "sha256": hashlib.sha256(blob).hexdigest(),
             "domain": topic, "domain_tags": domain_tags, "skill_tags": skill_tags, "description": description,
@@ -107,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile_fingerprint": engine.profile.fingerprint, "created_by": "scripts/train_domain_adapters.py",
         "command": "python scripts/train_domain_adapters.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "split": "BBC train articles only (smoa.data.bbc: sha256-hash split, ~20% held out)",
-        "torch": torch.__version__, "total_seconds": round(time.perf_counter() - total, 1), "adapters": entries,
+        "routing_examples": ROUTING_NOTE, "torch": torch.__version__, "total_seconds": round(time.perf_counter() - total, 1), "adapters": entries,
     }  # fmt: skip
     (args.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {len(entries)} adapters to {args.out} in {manifest['total_seconds']:.0f}s")

@@ -79,7 +79,8 @@ def test_main_job_smoke_real_numbers() -> None:
     res = run_main_job(distractors=100, per_domain=3, domains=["sports", "tech"], max_tokens=64, extra_k=(1,),
                        progress=False)  # fmt: skip
     c = res["conditions"]
-    assert res["config"]["library_size"] == 102 and res["config"]["texts"] == 6
+    # 2 topic adapters + their prototype routing keys (COMPOSITE aliases) + 100 distractors
+    assert res["config"]["library_size"] == 102 + 2 * res["config"]["prototypes"] and res["config"]["texts"] == 6
     assert c["oracle"]["loss"] < c["base"]["loss"]  # trained adapters help on held-out text
     assert c["routed k=3"]["loss"] <= c["base"]["loss"] and c["routed k=1"]["loss"] <= c["base"]["loss"]
     assert res["routing"]["top1_accuracy"] >= 0.5
@@ -99,5 +100,5 @@ def test_main_job_full_recovers_90_percent() -> None:
     from smoa.jobs.main_job import run_main_job
 
     res = run_main_job(progress=False)
-    assert res["config"]["library_size"] == 5005
+    assert res["config"]["library_size"] == 5005 + 5 * res["config"]["prototypes"]
     assert res["recovered"] >= 0.9, format_table(res)

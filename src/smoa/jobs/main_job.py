@@ -3,6 +3,7 @@
 ::
 
     SmolLM2-135M (frozen) + library = 5 shipped BBC-topic adapters  +  N distractor NANO adapters (random tags)
+                                      (+ 8 prototype routing keys per topic adapter, COMPOSITE aliases of it)
                                             │
     held-out BBC articles (never trained on), first T tokens ──► route from the text alone (no metadata)
                                             │
@@ -14,7 +15,8 @@
           + routing accuracy (top-1 = the right topic's adapter), routing / encoding latencies, forward overhead
 
 ``recovered = (loss_base - loss_routed) / (loss_base - loss_oracle)``: the share of the oracle's gain the
-routed mixture keeps. Distractors get small random ``B`` factors (``--distractor-noise``) so that routing to
+routed mixture keeps. Top-1 routing counts as right when the first adapter of the route is (an alias of) the
+text's topic adapter. Distractors get small random ``B`` factors (``--distractor-noise``) so that routing to
 one costs something; with ``0`` they are the library's fresh adapters (``B = 0``, no effect).
 Conditions are evaluated batch by batch, interleaved, so the forward-time ratios see the same machine load.
 """
@@ -148,6 +150,8 @@ def run_main_job(
     domains: Sequence[str] | None = None,
     strategy: str | None = None,
     distractor_noise: float = 0.05,
+    prototypes: int = 8,
+    overlap: bool = True,
     progress: bool = True,
     model: Any = None,
     tokenizer: Any = None,
@@ -165,7 +169,12 @@ def run_main_job(
         batch_size: texts per forward.
         domains: topics to use (default: every shipped adapter's).
         strategy: routing strategy (default the config's, HYBRID).
-        distractor_noise: std of the distractors' random ``B`` factors (0 = inert fresh adapters).
+        distractor_noise: std of the distractors' random ``B`` factors (0 = inert fresh adapters); the shipped
+            adapters' trained ``B`` have std ~0.042.
+        prototypes: extra routing keys per topic adapter (:func:`smoa.train.prototypes.add_routing_prototypes`,
+            from its routing examples); 0 = one key each.
+        overlap: distractor tags may name the topics themselves (the hard setting); ``False`` leaves out
+            :data:`TOPIC_WORDS`.
         progress: tqdm bars.
         model, tokenizer: a base model to use instead of :func:`smoa.models.load_default_base_model` (must fit
             the shipped adapters' profile).
@@ -174,7 +183,7 @@ def run_main_job(
     from tqdm.auto import tqdm
 
     from smoa.config import SMoAConfig
-    from smoa.data.shipped import load_shipped_adapters, shipped_specs
+    from smoa.data.shipped import load_shipped_adapters
     from smoa.mixture import SparseAdapterMixture
 
     t_start = time.perf_counter()
@@ -197,10 +206,10 @@ def run_main_job(
     smoa = SparseAdapterMixture(config, base_model=model, tokenizer=tokenizer)
     try:
         t = time.perf_counter()
-        domain_ads = smoa.create_adapters_sync(shipped_specs(shipped))
+        domain_ads, aliases = _add_topic_adapters(smoa, shipped, prototypes, seed)
         timings["create_domain_adapters_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        specs = distractor_specs(distractors, seed, distractor_noise, smoa.library.profile)
+        specs = distractor_specs(distractors, seed, distractor_noise, smoa.library.profile, overlap=overlap)
         chunk = 500
         with tqdm(total=distractors, desc="distractor adapters", unit="ad", disable=not progress, leave=False) as bar:
             for i in range(0, distractors, chunk):
@@ -210,6 +219,7 @@ def run_main_job(
         ad_of = {d: a.id for d, a in zip(names, domain_ads)}
         texts = held_out_texts(names, per_domain, tokenizer, max_tokens)
         routes, routing = _route_all(smoa, texts, ad_of, all_k, progress)
+        routing["keys_per_topic"] = 1 + (len(aliases[names[0]]) - 1)
         conditions, forward_s = _evaluate(smoa, texts, ad_of, routes, k, all_k, batch_size, max_tokens + 8, progress)
         stats = smoa.get_statistics()
     finally:
@@ -225,6 +235,7 @@ def run_main_job(
         "config": {"distractors": distractors, "per_domain": per_domain, "k": k, "extra_k": list(extra_k), "seed": seed,
                    "max_tokens": max_tokens, "batch_size": batch_size, "domains": names,
                    "strategy": config.routing_strategy.value, "distractor_noise": distractor_noise,
+                   "prototypes": prototypes, "overlap": overlap,
                    "library_size": stats["library"]["total_adapters"], "texts": len(texts),
                    "torch_threads": torch.get_num_threads()},
         "conditions": conditions,
@@ -234,6 +245,28 @@ def run_main_job(
         "forward_overhead": {c: forward_s[c] / forward_s["base"] - 1.0 for c in forward_s if c != "base"},
         "timings": timings,
     }  # fmt: skip
+
+
+def _add_topic_adapters(smoa: Any, shipped: list[Any], prototypes: int, seed: int) -> tuple[list[Any], dict[str, list[str]]]:
+    """Add the shipped adapters keyed by their routing examples (each encoded once), plus ``prototypes`` alias
+    keys each; returns the adapters and ``topic -> [adapter id, alias ids...]``."""
+    from smoa.data.shipped import shipped_specs
+    from smoa.train.prototypes import add_routing_prototypes, example_key
+
+    specs = shipped_specs(shipped)
+    for spec in specs:
+        spec.examples = ()  # keyed below from the same example vectors the prototypes use
+    ads = smoa.create_adapters_sync(specs)
+    aliases: dict[str, list[str]] = {}
+    for a, ad in zip(shipped, ads):
+        vecs = smoa.router.encoder.encode_batch(list(a.routing_examples))  # [n, dim]
+        smoa.library.set_embedding(ad.id, example_key(smoa, ad, vecs))
+        aliases[a.domain] = [ad.id]
+        if prototypes > 0:
+            aliases[a.domain] += [p.id for p in add_routing_prototypes(smoa, ad.id, a.routing_examples, prototypes,
+                                                                         seed, vectors=vecs)]  # fmt: skip
+    smoa.reindex([ad.id for ad in ads])
+    return ads, aliases
 
 
 def _route_all(smoa: Any, texts: list[EvalText], ad_of: dict[str, str], all_k: list[int], progress: bool
@@ -246,13 +279,15 @@ def _route_all(smoa: Any, texts: list[EvalText], ad_of: dict[str, str], all_k: l
         routes[kk] = [smoa.query_adapters_sync(t.text, k=kk)
                       for t in tqdm(texts, desc=f"routing k={kk}", disable=not progress, leave=False)]  # fmt: skip
     cold = routes[max(all_k)]
-    top1 = [bool(r.adapter_ids) and r.adapter_ids[0] == ad_of[t.domain] for r, t in zip(cold, texts)]
-    in_k = {kk: float(np.mean([ad_of[t.domain] in r.adapter_ids for r, t in zip(routes[kk], texts)])) for kk in all_k}
-    right_w = {kk: float(np.mean([sum(w for a, w in zip(r.adapter_ids, r.weights) if a == ad_of[t.domain])
-                                  for r, t in zip(routes[kk], texts)])) for kk in all_k}  # fmt: skip
+    leaf = _leaf_weights(smoa)
+    top1 = [bool(r.adapter_ids) and next(iter(leaf(r.adapter_ids[0])), None) == ad_of[t.domain] for r, t in zip(cold, texts)]
+    right_w = {kk: float(np.mean([sum(w * lw for a, w in zip(r.adapter_ids, r.weights) for x, lw in leaf(a).items()
+                                      if x == ad_of[t.domain]) for r, t in zip(routes[kk], texts)])) for kk in all_k}
+    in_k = {kk: float(np.mean([any(ad_of[t.domain] in leaf(a) for a in r.adapter_ids) for r, t in zip(routes[kk], texts)]))
+            for kk in all_k}
     domain_ids = set(ad_of.values())
-    distractor_w = {kk: float(np.mean([sum(w for a, w in zip(r.adapter_ids, r.weights) if a not in domain_ids)
-                                       for r in routes[kk]])) for kk in all_k}  # fmt: skip
+    distractor_w = {kk: float(np.mean([sum(w * lw for a, w in zip(r.adapter_ids, r.weights) for x, lw in leaf(a).items()
+                                           if x not in domain_ids) for r in routes[kk]])) for kk in all_k}
     per_domain = {d: float(np.mean([c for c, t in zip(top1, texts) if t.domain == d])) for d in ad_of}
     lat = [r.routing_latency_ms for r in cold]
     enc = [r.timings_ms.get("encode", math.nan) for r in cold]
@@ -264,6 +299,21 @@ def _route_all(smoa: Any, texts: list[EvalText], ad_of: dict[str, str], all_k: l
         "encode_ms_p50": percentile(enc, 50), "search_ms_p50": percentile(search, 50),
         "degraded": int(sum(r.degraded for r in cold)),
     }  # fmt: skip
+
+
+def _leaf_weights(smoa: Any) -> Any:
+    """``adapter id -> {leaf id: weight}`` (composites flattened), memoised."""
+    memo: dict[str, dict[str, float]] = {}
+
+    def leaf(aid: str) -> dict[str, float]:
+        if aid not in memo:
+            out: dict[str, float] = {}
+            for x, w in smoa.library.flatten(aid):
+                out[x] = out.get(x, 0.0) + w
+            memo[aid] = out
+        return memo[aid]
+
+    return leaf
 
 
 def _evaluate(smoa: Any, texts: list[EvalText], ad_of: dict[str, str], routes: dict[int, list[Any]], k: int,
@@ -305,8 +355,9 @@ def format_table(result: dict[str, Any]) -> str:
     cfg, r = result["config"], result["routing"]
     lines = [
         f"SMoA main job: SmolLM2-135M, {len(cfg['domains'])} BBC topic adapters + {cfg['distractors']:,} distractors "
-        f"(library {cfg['library_size']:,}), {cfg['texts']} held-out texts x {cfg['max_tokens']} tokens, "
-        f"strategy {cfg['strategy']}",
+        f"(library {cfg['library_size']:,} with {r['keys_per_topic']} routing keys per topic), {cfg['texts']} held-out "
+        f"texts x {cfg['max_tokens']} tokens, strategy {cfg['strategy']}, distractor tags "
+        f"{'may name the topics' if cfg['overlap'] else 'never name the topics'}",
         "",
         f"{'condition':<14}{'loss':>8}{'ppl':>9}{'gain':>8}{'% oracle gain':>15}{'fwd ms/text':>13}",
     ]
@@ -341,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per held-out text (default 128)")
     p.add_argument("--strategy", default=None, help="routing strategy (default hybrid)")
     p.add_argument("--distractor-noise", type=float, default=0.05, help="std of distractors' B (0 = inert)")
+    p.add_argument("--prototypes", type=int, default=8, help="extra routing keys per topic adapter (0 = one key)")
+    p.add_argument("--disjoint-distractors", action="store_true", help="distractor tags never name a BBC topic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapters-dir", default=None, help="adapters in the shipped format (default: the package's)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here")
@@ -352,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_main_job(
         distractors=args.distractors, per_domain=args.per_domain, k=args.k, extra_k=args.extra_k, seed=args.seed,
         max_tokens=args.max_tokens, strategy=args.strategy, distractor_noise=args.distractor_noise,
-        progress=not args.no_progress, adapters_dir=args.adapters_dir,
+        progress=not args.no_progress, adapters_dir=args.adapters_dir, prototypes=args.prototypes,
+        overlap=not args.disjoint_distractors,
     )  # fmt: skip
     print(format_table(result))
     if args.json_out:
