@@ -78,8 +78,11 @@ async def demo_routing(smoa: Any) -> None:
 
 
 # -- 3 ----------------------------------------------------------------------------------------------------------
-def demo_statistics(smoa: Any) -> None:
-    header(3, "statistics")
+def demo_statistics(smoa: Any, final: bool = False) -> None:
+    if final:
+        print(f"\n{'=' * 100}\nFINAL STATISTICS\n{'=' * 100}")
+    else:
+        header(3, "statistics")
     s = smoa.get_statistics()
     lib, cache, rt = s["library"], s["cache"], s["routing"]
     print(f"  library: {lib['total_adapters']} adapters, {lib['loaded_adapters']} loaded, {lib['queries']} queries")
@@ -223,8 +226,9 @@ def demo_continual(smoa: Any, steps: int) -> str:
     print(f"  held-out ({len(held)} queries): base loss {base_loss:.3f} -> with the new adapter {new_loss:.3f}")
     print(f"  existing adapters unchanged (version + sha256): {unchanged} / {len(before)}; base model unchanged: "
           f"{base_sum == base_after}")  # fmt: skip
-    route = smoa.query_adapters_sync(held[0])
-    print(f"  {held[0]!r} now routes to {[smoa.library.get_adapter(a).domain_tags for a in route.adapter_ids]}")
+    routes = [smoa.query_adapters_sync(q).adapter_ids for q in held]
+    top1 = [smoa.library.flatten(r[0])[0][0] if r else None for r in routes]
+    print(f"  held-out queries routed (top-1) to the new adapter: {sum(a == result.adapter.id for a in top1)} / {len(held)}")
     return result.adapter.id
 
 
@@ -270,11 +274,15 @@ async def main(scale: int, train_steps: int, with_model: bool) -> None:
         await demo_routing(smoa)
         demo_statistics(smoa)
         await demo_scale(smoa, scale)
-        from smoa.data.shipped import load_shipped_adapters, shipped_specs
+        from smoa.data.shipped import load_shipped_adapters
+        from smoa.jobs.main_job import add_topic_adapters
 
+        t0 = time.perf_counter()
         shipped = load_shipped_adapters()
-        ids = {a.domain: ad.id for a, ad in zip(shipped, await smoa.create_adapters(shipped_specs(shipped)))}
-        print(f"\n(loaded {len(ids)} shipped BBC-topic adapters into the library: {sorted(ids)})")
+        ads, aliases = add_topic_adapters(smoa, shipped, prototypes=8, seed=0)
+        ids = {a.domain: ad.id for a, ad in zip(shipped, ads)}
+        print(f"\n(loaded the {len(ids)} shipped BBC-topic adapters {sorted(ids)}, each with 8 prototype routing keys, "
+              f"in {time.perf_counter() - t0:.1f} s)")
         demo_composition(smoa, ids)
         demo_optimisation()
         if with_model:
@@ -286,7 +294,7 @@ async def main(scale: int, train_steps: int, with_model: bool) -> None:
             print(f"\n(SmolLM2-135M attached in {time.perf_counter() - t0:.1f} s)")
             demo_continual(smoa, train_steps)
             demo_integration(smoa)
-        demo_statistics(smoa)
+        demo_statistics(smoa, final=True)
     finally:
         await smoa.aclose()
     print(f"\nall demos done in {time.perf_counter() - t_all:.0f} s")

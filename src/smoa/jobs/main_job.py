@@ -206,7 +206,7 @@ def run_main_job(
     smoa = SparseAdapterMixture(config, base_model=model, tokenizer=tokenizer)
     try:
         t = time.perf_counter()
-        domain_ads, aliases = _add_topic_adapters(smoa, shipped, prototypes, seed)
+        domain_ads, aliases = add_topic_adapters(smoa, shipped, prototypes, seed)
         timings["create_domain_adapters_s"] = time.perf_counter() - t
         t = time.perf_counter()
         specs = distractor_specs(distractors, seed, distractor_noise, smoa.library.profile, overlap=overlap)
@@ -247,7 +247,7 @@ def run_main_job(
     }  # fmt: skip
 
 
-def _add_topic_adapters(smoa: Any, shipped: list[Any], prototypes: int, seed: int) -> tuple[list[Any], dict[str, list[str]]]:
+def add_topic_adapters(smoa: Any, shipped: list[Any], prototypes: int, seed: int) -> tuple[list[Any], dict[str, list[str]]]:
     """Add the shipped adapters keyed by their routing examples (each encoded once), plus ``prototypes`` alias
     keys each; returns the adapters and ``topic -> [adapter id, alias ids...]``."""
     from smoa.data.shipped import shipped_specs

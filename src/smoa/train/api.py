@@ -2,11 +2,12 @@
 
 ::
 
-    adapter_or_spec ──(spec: create it)──► adapter id ──► library.get_weights ──► train_adapter_weights (frozen base)
-                                                                                         │
-    routing key  ◄── router.routing_keys(tags, description, examples = its training inputs) │
-          │                                                                              ▼
-          └──► library.set_embedding + reindex          update_adapter_weights_sync (new version, caches dropped)
+    adapter_or_spec ──(a spec: create it)──► adapter id ──► library.get_weights
+                                                                   │
+                                  train_adapter_weights (frozen base) ──► update_adapter_weights_sync
+                                                                          (new version, caches dropped)
+    routing key = router.routing_keys(tags, description, examples = its training inputs)
+                ──► library.set_embedding + reindex
 
 Nothing else changes: other adapters' weights, keys and versions and the base model's parameters are left
 bit for bit as they were (tested), so adapters can be added and trained one after another without forgetting.
