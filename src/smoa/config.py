@@ -70,7 +70,6 @@ class RoutingStrategy(str, enum.Enum):
     HIERARCHICAL = "hierarchical"
 
 
-E = type[enum.Enum]
 
 
 def coerce_enum(enum_cls: Any, value: Any, field_name: str) -> Any:
