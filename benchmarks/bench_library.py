@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from smoa import AdapterLibrary, AdapterSpec, SMoAConfig
+from smoa import AdapterSpec, SMoAConfig
+from smoa.library import AdapterLibrary
 
 VOCAB = ["medical", "legal", "finance", "code", "cooking", "travel", "sports", "music", "science", "history",
          "radiology", "contract", "trading", "python", "baking", "hotels", "football", "jazz", "physics", "war"]  # fmt: skip

@@ -8,7 +8,6 @@ import torch
 
 from smoa import (
     AdapterGranularity,
-    AdapterLibrary,
     AdapterNotFoundError,
     AdapterSpec,
     AdapterSpecialization,
@@ -21,6 +20,7 @@ from smoa import (
     SMoAConfig,
 )
 from smoa.adapter.profile import BaseProfile
+from smoa.library import AdapterLibrary
 from smoa.adapter.weights import LoraWeights
 
 TINY = BaseProfile("tiny", tuple((f"layers.{i}.{n}", 64, o) for i in range(4) for n, o in (("q", 64), ("v", 32))))
@@ -123,18 +123,18 @@ def test_update_bumps_version_and_never_serves_stale(tmp_path) -> None:
 def test_large_adapters_are_content_addressed_files(tmp_path) -> None:
     lib = _lib(tmp_path, blob_inline_max_bytes=100)
     a = lib.create(AdapterSpec(weights=_weights(1)))
-    files = list((tmp_path / "lib" / "blobs").rglob("*"))
+    files = list((tmp_path / "lib" / "weights" / "hot").rglob("*"))
     assert any(f.name == a.checksum for f in files)
     assert torch.equal(lib.get_weights(a.id)["layers.2.v"][1], _weights(1)["layers.2.v"][1])
     lib.delete(a.id)
-    assert not any(f.is_file() for f in (tmp_path / "lib" / "blobs").rglob("*"))
+    assert not any(f.is_file() for f in (tmp_path / "lib" / "weights" / "hot").rglob("*"))
     lib.close()
 
 
 def test_orphan_files_are_collected_at_open(tmp_path) -> None:
     lib = _lib(tmp_path)
     lib.close()
-    orphan = tmp_path / "lib" / "blobs" / "ab" / ("ab" + "0" * 62)
+    orphan = tmp_path / "lib" / "weights" / "hot" / "ab" / ("ab" + "0" * 62)
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"half-written")
     lib = _lib(tmp_path)

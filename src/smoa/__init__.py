@@ -11,7 +11,7 @@ applied to the model, with lazy loading and a bounded cache so memory stays flat
 from __future__ import annotations
 
 from smoa.adapter.profile import BaseProfile, default_profile, profile_from_model
-from smoa.adapter.spec import Adapter
+from smoa.adapter.spec import Adapter, AdapterSpec
 from smoa.adapter.weights import LoraWeights
 from smoa.config import AdapterGranularity, AdapterSpecialization, RoutingStrategy, SMoAConfig
 from smoa.errors import (
@@ -30,18 +30,19 @@ from smoa.errors import (
     StorageError,
     UnsafeAdapterFileError,
 )
+from smoa.core import LibraryCore
 from smoa.inject.attach import attach
 from smoa.inject.engine import InferenceEngine
-from smoa.library import AdapterLibrary, AdapterSpec
 from smoa.mixture import SparseAdapterMixture, create_sparse_adapter_mixture
+from smoa.optimize.optimizer import OptimizationReport
 from smoa.routing.route import Route
+from smoa.train.api import TrainResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
     "AdapterGranularity",
-    "AdapterLibrary",
     "AdapterNotFoundError",
     "AdapterSpec",
     "AdapterSpecialization",
@@ -54,9 +55,11 @@ __all__ = [
     "InferenceEngine",
     "InvalidAdapterError",
     "InvalidInputError",
+    "LibraryCore",
     "LibraryLockedError",
     "LoraWeights",
     "NonFiniteWeightsError",
+    "OptimizationReport",
     "ProfileMismatchError",
     "Route",
     "RoutingStrategy",
@@ -64,6 +67,7 @@ __all__ = [
     "SmoaError",
     "SparseAdapterMixture",
     "StorageError",
+    "TrainResult",
     "UnsafeAdapterFileError",
     "__version__",
     "attach",

@@ -99,7 +99,7 @@ class SMoAConfig:
     # --- routing
     routing_strategy: RoutingStrategy = RoutingStrategy.HYBRID
     max_active_adapters: int = 3
-    routing_threshold: float = 0.0
+    routing_threshold: float | str = "auto"  # "auto": calibrated from the adapters' examples (smoa.routing.calibrate)
     routing_latency_budget_ms: float = 10.0
     enable_caching: bool = True
     # --- memory
@@ -117,6 +117,8 @@ class SMoAConfig:
     cache_max_bytes: int = 256 * 1024 * 1024
     offload_max_bytes: int = 1024 * 1024 * 1024
     blob_inline_max_bytes: int = 1024 * 1024
+    factor_cache_bytes: int = 256 * 1024 * 1024  # the engine's stacked-factor cache (per attached model)
+    weights_path: str | None = None  # None: <storage_path>/weights; "s3://bucket/prefix": smoa.storage.s3
     # --- adapters
     default_alpha_ratio: float = 2.0  # alpha = ratio * rank unless given
     adapter_dtype: str = "float32"  # storage dtype of new adapters' factors: float32 | float16 | bfloat16
@@ -124,6 +126,7 @@ class SMoAConfig:
     # --- routing details
     encoder: str = "default"
     routing_temperature: float = 0.05
+    routing_keys_per_adapter: int = 4  # P: most routing keys (k-means prototypes of its examples) per adapter
     route_cache_size: int = 10_000
     embedding_cache_size: int = 10_000
     # --- optimisation details
@@ -143,19 +146,19 @@ class SMoAConfig:
         for name, lo, hi in _INT_RANGES:
             _check_int(name, getattr(self, name), lo, hi)
         for name, lo, hi in _FLOAT_RANGES:
+            if name == "routing_threshold" and self.routing_threshold == "auto":
+                continue  # the calibrated default; any number in [-1, 1] overrides it
             setattr(self, name, _check_float(name, getattr(self, name), lo, hi))
         for name in _BOOL_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
         if self.storage_path is not None:
-            if not isinstance(self.storage_path, (str, Path)) or str(self.storage_path) == "" or "\x00" in str(
-                self.storage_path
-            ):
-                raise ConfigError(f"`storage_path` must be a non-empty path or None, got {self.storage_path!r}")
-            self.storage_path = Path(self.storage_path)
+            self.storage_path = _check_storage_path(self.storage_path)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ConfigError(f"`seed` must be an int or None, got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"`seed` must be in [0, 2**63 - 1], got {self.seed!r}")
         for name, allowed in (
             ("prune_action", ("archive", "delete")),
             ("merge_method", _MERGE_METHODS),
@@ -165,8 +168,7 @@ class SMoAConfig:
                 raise ConfigError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.encoder, str) or not self.encoder:
             raise ConfigError(f"`encoder` must be a non-empty string, got {self.encoder!r}")
-        if not isinstance(self.device, str) or not self.device:
-            raise ConfigError(f"`device` must be a device string like 'cpu' or 'cuda', got {self.device!r}")
+        self.device = _check_device(self.device)
         if not isinstance(self.extra, dict):
             raise ConfigError(f"`extra` must be a dict, got {self.extra!r}")
         if self.base_profile is not None and not isinstance(self.base_profile, str):
@@ -197,6 +199,8 @@ class SMoAConfig:
         return out
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's default_rng both take it
+MIN_OPTIMIZE_INTERVAL_S = 0.01  # `auto_optimize_interval_s`: 0 would be a busy loop
 _MERGE_METHODS = ("svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _INT_RANGES: tuple[tuple[str, int, float], ...] = (
     ("max_adapters", 1, 10**12),
@@ -204,10 +208,12 @@ _INT_RANGES: tuple[tuple[str, int, float], ...] = (
     ("max_loaded_adapters", 1, 10**9),
     ("cache_max_bytes", 1, math.inf),
     ("offload_max_bytes", 0, math.inf),
+    ("factor_cache_bytes", 0, math.inf),
     ("blob_inline_max_bytes", 0, math.inf),
     ("route_cache_size", 0, math.inf),
     ("embedding_cache_size", 0, math.inf),
     ("prune_after_queries", 1, math.inf),
+    ("routing_keys_per_adapter", 1, 16),
 )
 _FLOAT_RANGES: tuple[tuple[str, float, float], ...] = (
     ("routing_threshold", -1.0, 1.0),
@@ -216,7 +222,7 @@ _FLOAT_RANGES: tuple[tuple[str, float, float], ...] = (
     ("routing_temperature", 1e-6, 1e3),
     ("merge_similarity_threshold", -1.0, 1.0),
     ("prune_after_seconds", 0.0, math.inf),
-    ("auto_optimize_interval_s", 0.0, math.inf),
+    ("auto_optimize_interval_s", MIN_OPTIMIZE_INTERVAL_S, math.inf),
 )
 _BOOL_FIELDS = (
     "enable_caching",
@@ -226,6 +232,59 @@ _BOOL_FIELDS = (
     "enable_auto_pruning",
     "enable_auto_optimization",
 )
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def _check_device(value: Any) -> str:
+    """``device`` as a canonical string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), checked against torch.
+
+    Refused (ConfigError naming `device`): not a string, unparsable (``"bogus"``), a type smoa cannot run on
+    (``"meta"``), or an accelerator this torch build or machine does not have (``"cuda"`` without CUDA, an
+    index beyond the device count).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"`device` must be a device string like 'cpu' or 'cuda', got {value!r}")
+    text = value.strip().lower()
+    if text == "cpu":
+        return "cpu"
+    import torch  # lazy: config is imported by light modules too
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"`device` must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}") from None
+    if dev.type not in _DEVICE_TYPES:
+        raise ConfigError(f"`device`={value!r}: smoa runs on {', '.join(_DEVICE_TYPES)}, not on {dev.type!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"`device`={value!r} but CUDA is not available (this torch build or machine has no GPU)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"`device`={value!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"`device`={value!r} but MPS is not available on this machine")
+    return str(dev)
+
+
+def _check_storage_path(value: Any) -> Path | str:
+    """``storage_path`` as an absolute :class:`Path` (a ``scheme://`` URL is kept as a string).
+
+    Refused: not a str/Path, empty, NUL, or a path whose first existing ancestor is a file (``ConfigError``
+    naming `storage_path`, never a raw ``FileExistsError`` later).
+    """
+    if not isinstance(value, (str, Path)) or str(value) == "" or "\x00" in str(value):
+        raise ConfigError(f"`storage_path` must be a non-empty path or None, got {value!r}")
+    if isinstance(value, str) and "://" in value:
+        return value  # a backend URL (postgresql://...), resolved by smoa.storage.base
+    path = Path(value).expanduser().absolute()  # finding 7: a later os.chdir must not move the library
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == path else f"lies under {str(probe)!r}, which is a file"
+        raise ConfigError(f"`storage_path`={str(value)!r} {where}; it must be a directory (existing or new)")
+    return path
 
 
 def _check_int(name: str, value: Any, lo: float, hi: float) -> None:

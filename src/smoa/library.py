@@ -1,36 +1,48 @@
-"""The adapter library: catalog + weight files + weight cache for one base-model profile (synchronous core).
+"""The adapter store: catalog + weight files + weight cache for one base-model profile.
+
+Internal: only :class:`smoa.core.LibraryCore` calls its writes (the core applies each change to the routing
+index and its in-memory directory in the same locked step); use the core, or the facade, instead.
 
 ``AdapterLibrary`` validates every request up front, turns it into rows and safetensors bytes, and writes each
 adapter (or each bulk call) in one catalog transaction. Weights load lazily through the two-tier
 :class:`~smoa.cache.tiered.AdapterCache`, keyed by ``(id, version)`` and checked against their sha256 on every
 load from storage. Routing keys are computed by the caller (the router) and stored in the ``embedding`` column.
 
-The async facade (:mod:`smoa.mixture`) wraps this class; nothing here knows about routing or models.
+Nothing here knows about routing or models.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import os
 import secrets
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from smoa.adapter.granularity import granularity_of, select_modules
+from smoa.adapter.granularity import granularity_of
 from smoa.adapter.profile import BaseProfile, resolve_profile
-from smoa.adapter.spec import Adapter
+from smoa.adapter.spec import (  # noqa: F401 - MAX_* re-exported for older imports
+    MAX_DESCRIPTION_CHARS,
+    MAX_ID_CHARS,
+    MAX_METADATA_BYTES,
+    MAX_TAG_CHARS,
+    MAX_TAGS,
+    Adapter,
+    AdapterSpec,
+    is_unicode,
+    plan_modules,
+    validate_spec,
+)
 from smoa.adapter.weights import LoraWeights, checksum, weights_from_mapping
 from smoa.cache.tiered import AdapterCache
-from smoa.config import AdapterGranularity, AdapterSpecialization, SMoAConfig, coerce_enum
+from smoa.config import AdapterGranularity, AdapterSpecialization, SMoAConfig
 from smoa.errors import (
     AdapterNotFoundError,
     CapacityError,
@@ -45,135 +57,8 @@ from smoa.errors import (
 from smoa.storage.catalog import Catalog, NewAdapterRow
 from smoa.storage.files import DirectoryLock, FileStore
 
-MAX_TAG_CHARS = 256
-MAX_TAGS = 64
-MAX_DESCRIPTION_CHARS = 16_384
-MAX_METADATA_BYTES = 64 * 1024
-MAX_EXAMPLES = 10_000
-MAX_METADATA_DEPTH = 32
-MAX_ID_CHARS = 256
 _USAGE_FLUSH_EVERY = 2048
 _USAGE_FLUSH_SECONDS = 5.0
-
-
-@dataclass
-class AdapterSpec:
-    """A request to create one adapter (validated by :func:`validate_spec`)."""
-
-    specialization: AdapterSpecialization | str = AdapterSpecialization.CUSTOM
-    domain_tags: Sequence[str] = ()
-    skill_tags: Sequence[str] = ()
-    granularity: AdapterGranularity | str = AdapterGranularity.NANO
-    rank: int = 2
-    alpha: float | None = None
-    description: str = ""
-    examples: Sequence[str] = ()
-    weights: LoraWeights | Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    target_modules: Sequence[str] | str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    pinned: bool = False
-    members: Sequence[tuple[str, float]] | None = None  # COMPOSITE only
-
-
-def _is_unicode(text: str) -> bool:
-    """False for strings SQLite and JSON cannot store (lone surrogates such as ``"\\ud800"``)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _depth(value: Any, limit: int) -> int:
-    """Nesting depth of lists/dicts in ``value``, counted iteratively and capped at ``limit + 1``."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (list, tuple, dict)):
-            deepest = max(deepest, d)
-            if d > limit:
-                return d
-            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
-
-
-def _check_text_list(name: str, value: Any) -> list[str]:
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise InvalidInputError(f"`{name}` must be a list of strings, got {value!r:.200}")
-    if len(value) > MAX_TAGS:
-        raise InvalidInputError(f"`{name}` holds {len(value)} tags; at most {MAX_TAGS} are allowed")
-    out = []
-    for tag in value:
-        if not isinstance(tag, str):
-            raise InvalidInputError(f"`{name}` must hold only strings, got {tag!r:.100} ({type(tag).__name__})")
-        if not tag.strip() or len(tag) > MAX_TAG_CHARS or any(ord(c) < 32 for c in tag) or not _is_unicode(tag):
-            raise InvalidInputError(
-                f"`{name}` tag {tag[:80]!r} must be 1-{MAX_TAG_CHARS} characters with no control characters or lone surrogates"
-            )
-        out.append(tag)
-    return out
-
-
-def validate_spec(spec: AdapterSpec, where: str = "") -> AdapterSpec:
-    """Check and normalise every field of ``spec``; raise :class:`InvalidInputError` naming the bad one."""
-    p = f"{where}: " if where else ""
-    try:
-        specialization = coerce_enum(AdapterSpecialization, spec.specialization, "specialization")
-        granularity = coerce_enum(AdapterGranularity, spec.granularity, "granularity")
-    except ConfigError as exc:
-        raise InvalidInputError(p + str(exc)) from None
-    if not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or not 1 <= spec.rank <= 4096:
-        raise InvalidInputError(f"{p}`rank` must be an int in [1, 4096], got {spec.rank!r}")
-    if spec.alpha is not None and (
-        isinstance(spec.alpha, bool) or not isinstance(spec.alpha, (int, float)) or not math.isfinite(spec.alpha)
-        or spec.alpha <= 0
-    ):  # fmt: skip
-        raise InvalidInputError(f"{p}`alpha` must be a positive finite number, got {spec.alpha!r}")
-    if (not isinstance(spec.description, str) or len(spec.description) > MAX_DESCRIPTION_CHARS
-            or "\x00" in spec.description or not _is_unicode(spec.description)):  # fmt: skip
-        raise InvalidInputError(
-            f"{p}`description` must be a string of at most {MAX_DESCRIPTION_CHARS} characters without NUL "
-            "or lone surrogates, "
-            f"got {spec.description!r:.100}"
-        )
-    examples = list(spec.examples) if not isinstance(spec.examples, str) else None
-    if examples is None or len(examples) > MAX_EXAMPLES or not all(isinstance(e, str) and _is_unicode(e) for e in examples):
-        raise InvalidInputError(f"{p}`examples` must be a list of at most {MAX_EXAMPLES} strings, got {spec.examples!r:.100}")
-    if not isinstance(spec.metadata, Mapping) or not all(isinstance(k, str) for k in spec.metadata):
-        raise InvalidInputError(f"{p}`metadata` must be a mapping with string keys, got {spec.metadata!r:.100}")
-    if _depth(dict(spec.metadata), MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
-        raise InvalidInputError(f"{p}`metadata` is nested more than {MAX_METADATA_DEPTH} levels deep")
-    try:
-        meta_json = json.dumps(dict(spec.metadata), ensure_ascii=False, allow_nan=False) if spec.metadata else "{}"
-        meta_json.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
-        raise InvalidInputError(f"{p}`metadata` must be JSON-serialisable UTF-8: {str(exc)[:200]}") from None
-    if len(meta_json.encode()) > MAX_METADATA_BYTES:
-        raise InvalidInputError(f"{p}`metadata` is {len(meta_json):,} bytes; at most {MAX_METADATA_BYTES:,} allowed")
-    if not isinstance(spec.pinned, bool):
-        raise InvalidInputError(f"{p}`pinned` must be a bool, got {spec.pinned!r}")
-    members = None
-    if specialization is AdapterSpecialization.COMPOSITE:
-        if not spec.members:
-            raise InvalidInputError(f"{p}a COMPOSITE adapter needs `members` [(adapter_id, weight), ...]")
-        members = []
-        for m in spec.members:
-            if not (isinstance(m, (tuple, list)) and len(m) == 2 and isinstance(m[0], str)
-                    and isinstance(m[1], (int, float)) and not isinstance(m[1], bool) and math.isfinite(m[1])):  # fmt: skip
-                raise InvalidInputError(f"{p}`members` items must be (adapter_id: str, weight: float), got {m!r:.100}")
-            members.append((m[0], float(m[1])))
-    elif spec.members:
-        raise InvalidInputError(f"{p}`members` is only for COMPOSITE adapters (got specialization {specialization.value!r})")
-    try:
-        domain_tags = _check_text_list("domain_tags", spec.domain_tags)
-        skill_tags = _check_text_list("skill_tags", spec.skill_tags)
-    except InvalidInputError as exc:
-        raise InvalidInputError(p + str(exc)) from None
-    return AdapterSpec(
-        specialization=specialization, domain_tags=domain_tags, skill_tags=skill_tags, granularity=granularity, rank=spec.rank,
-        alpha=spec.alpha, description=spec.description, examples=examples, weights=spec.weights,
-        target_modules=spec.target_modules, metadata=json.loads(meta_json), pinned=spec.pinned, members=members,
-    )  # fmt: skip
 
 
 def new_adapter_ids(n: int) -> list[str]:
@@ -194,36 +79,58 @@ class AdapterLibrary:
         self.config = config
         self.profile = profile or resolve_profile(config.base_profile)
         self._temporary = config.storage_path is None
-        directory = Path(tempfile.mkdtemp(prefix="smoa-")) if self._temporary else Path(config.storage_path)  # type: ignore[arg-type]
-        directory.mkdir(parents=True, exist_ok=True)
+        self._closed = True
+        self.catalog = None  # type: ignore[assignment]
+        directory = Path(tempfile.mkdtemp(prefix="smoa-")) if self._temporary else _library_dir(config.storage_path)
         self.directory = directory
         self._dir_lock = DirectoryLock(directory)
-        self._dir_lock.acquire()
         try:
-            self.catalog = Catalog(directory / "catalog.sqlite3")
-            self._check_profile()
+            self._open(directory)
         except BaseException:
-            self._dir_lock.release()
+            self._release()
             raise
+        self._closed = False
+
+    def _open(self, directory: Path) -> None:
+        """Lock, check, open the catalog, sweep orphans, set up the cache (undone by ``_release`` on failure)."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"`storage_path`={str(directory)!r} cannot be created: {exc.strerror or exc}") from exc
+        self._dir_lock.acquire()
         self.files = FileStore(directory)
+        _refuse_lost_catalog(directory, self.files)
+        self.catalog = Catalog(directory / "catalog.sqlite3")
+        self._check_profile()
         self.collected_files = self.files.collect_garbage(self.catalog.all_files())
         self.cache = AdapterCache(
-            max_items=config.max_loaded_adapters,
-            max_bytes=config.cache_max_bytes,
-            offload_bytes=config.offload_max_bytes if config.enable_offloading else 0,
-            device=config.device,
+            max_items=self.config.max_loaded_adapters,
+            max_bytes=self.config.cache_max_bytes,
+            offload_bytes=self.config.offload_max_bytes if self.config.enable_offloading else 0,
+            device=self.config.device,
         )
         self._count = self.catalog.count()
-        self._gen = torch.Generator().manual_seed(config.seed if config.seed is not None else secrets.randbits(62))
-        self._dtype = getattr(torch, config.adapter_dtype)
-        self._modules_for: dict[tuple[Any, ...], list[str]] = {}
+        seed = self.config.seed if self.config.seed is not None else secrets.randbits(62)
+        try:
+            self._gen = torch.Generator().manual_seed(seed)
+        except (ValueError, RuntimeError, OverflowError) as exc:
+            raise ConfigError(f"`seed` must be an int in [0, 2**64), got {seed!r:.100}") from exc
+        self._dtype = getattr(torch, self.config.adapter_dtype)
+        self._modules_for: dict[tuple[Any, ...], tuple[list[str], AdapterGranularity, int]] = {}
         self._usage_lock = threading.Lock()
         self._usage: dict[int, int] = {}
         self._last_used: dict[int, tuple[float, int]] = {}
         self._usage_pending = 0
         self._usage_flushed_at = time.monotonic()
         self.queries = int(self.catalog.get_meta("queries") or 0)
-        self._closed = False
+
+    def _release(self) -> None:
+        """Give back everything the constructor took (catalog, lock, a temporary directory)."""
+        if self.catalog is not None:
+            self.catalog.close()
+        self._dir_lock.release()
+        if self._temporary:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- public reads ------------------------------------------------------------------------------------------
     @property
@@ -256,7 +163,7 @@ class AdapterLibrary:
         """The current id for ``adapter_id`` (following merge aliases)."""
         if not isinstance(adapter_id, str):
             raise InvalidInputError(f"`adapter_id` must be a string, got {adapter_id!r:.100}")
-        if len(adapter_id) > MAX_ID_CHARS or not _is_unicode(adapter_id):
+        if len(adapter_id) > MAX_ID_CHARS or not is_unicode(adapter_id):
             raise InvalidInputError(
                 f"`adapter_id` must be valid Unicode of at most {MAX_ID_CHARS} characters, got {adapter_id!r:.100}"
             )
@@ -276,14 +183,23 @@ class AdapterLibrary:
         For a COMPOSITE adapter this is the exact ``cat`` materialisation of its flattened members.
         """
         aid = self.resolve(adapter_id)
-        key, version, _status = self.catalog.version_of(aid)
-        members = self.catalog.members_of(key)
-        if members:
+        ad = self.catalog.get(aid)
+        if ad.is_composite:
             from smoa.compose.merge import combine  # lazy: compose depends on nothing here
 
             leaves = self.flatten(aid)
             return combine([self.get_weights(i) for i, _ in leaves], [w for _, w in leaves], method="cat")
-        return self.cache.get(aid, version, lambda: self._load_bytes(aid, key), lambda b: self._parse(aid, b))
+        return self.load(aid, ad.key, ad.version)[1]
+
+    def load(self, adapter_id: str, key: int, version: int | None) -> tuple[int, LoraWeights]:
+        """``(version, weights)`` of a plain adapter, read atomically: a cache hit on ``(id, version)``, else one
+        catalog read that returns the bytes *with* their version (the weights are cached under that version)."""
+        if version is not None:
+            hit = self.cache.peek(adapter_id, version)
+            if hit is not None:
+                return version, hit
+        data, stored = self._load_bytes(adapter_id, key)
+        return stored, self.cache.get(adapter_id, stored, lambda: data, lambda b: self._parse(adapter_id, b))
 
     def flatten(self, adapter_id: str) -> list[tuple[str, float]]:
         """Leaf adapters and their effective weights for ``adapter_id`` (itself at 1.0 unless composite)."""
@@ -375,20 +291,52 @@ class AdapterLibrary:
         self.catalog.set_embedding(self.get_adapter(adapter_id).key, np.asarray(embedding, np.float32).tobytes())
 
     def delete(self, adapter_id: str) -> Adapter:
-        """Delete an adapter; refused while a COMPOSITE adapter lists it as a member."""
+        """Delete an adapter; refused while a COMPOSITE adapter lists it as a member.
+
+        An id that was merged away (an alias) deletes only that id: its alias and its retained pre-merge copy.
+        The adapter it was merged into, and the other sources, are untouched (see ``docs`` "Aliases").
+        """
         self._check_open()
-        adapter = self.get_adapter(adapter_id)
-        users = self.catalog.composites_containing(adapter.id)
-        if users:
-            raise CompositionError(
-                f"adapter {adapter.id!r} is a member of composite adapter(s) {users}; delete or change those first"
-            )
-        for rel in self.catalog.delete([adapter.key]):
+        return self.delete_many([adapter_id])[0]
+
+    def delete_many(self, adapter_ids: Sequence[str]) -> list[Adapter]:
+        """Delete adapters in one transaction (all or nothing; see :meth:`delete` for aliases)."""
+        self._check_open()
+        plain: list[Adapter] = []
+        aliases: list[Adapter] = []
+        for aid in dict.fromkeys(adapter_ids):
+            if not isinstance(aid, str):
+                raise InvalidInputError(f"`adapter_ids` must hold strings, got {aid!r:.100}")
+            own = self._own_row(aid)
+            if own is not None and own.status == "merged":
+                aliases.append(own)
+                continue
+            ad = self.get_adapter(aid)
+            if ad.id not in {p.id for p in plain}:
+                plain.append(ad)
+        gone = {a.id for a in plain}
+        for ad in plain:
+            users = [u for u in self.catalog.composites_containing(ad.id) if u not in gone]
+            if users:
+                raise CompositionError(
+                    f"adapter {ad.id!r} is a member of composite adapter(s) {users}; delete or change those first"
+                )
+        unused = self.catalog.delete([a.key for a in plain]) if plain else []
+        for ad in aliases:
+            unused += self.catalog.delete_alias(ad.id)
+        for ad in plain + aliases:
+            self.cache.invalidate(ad.id)
+        self._count -= len(plain)
+        for rel in unused:
             self.files.delete(rel)
-        self.cache.invalidate(adapter.id)
-        if adapter.status != "merged":
-            self._count -= 1
-        return adapter
+        return plain + aliases
+
+    def _own_row(self, adapter_id: str) -> Adapter | None:
+        """The row stored under exactly this id (no alias following), or None."""
+        try:
+            return self.catalog.get(adapter_id)
+        except AdapterNotFoundError:
+            return None
 
     def pin(self, adapter_id: str) -> None:
         """Protect from pruning and keep loaded in the cache."""
@@ -408,7 +356,7 @@ class AdapterLibrary:
         adapter = self.get_adapter(adapter_id)
         if adapter.status == "archived":
             return 0
-        blob, file, _ = self.catalog.read_weights(adapter.key)
+        blob, file, _, _ = self.catalog.read_weights(adapter.key)
         data = blob if blob is not None else self.files.read(file or "", name=f"adapter {adapter.id}")
         rel = self.files.write("cold", checksum(data), data)
         try:
@@ -425,7 +373,7 @@ class AdapterLibrary:
         adapter = self.get_adapter(adapter_id)
         if adapter.status != "archived":
             return adapter
-        _, file, _ = self.catalog.read_weights(adapter.key)
+        _, file, _, _ = self.catalog.read_weights(adapter.key)
         data = self.files.read(file or "", name=f"adapter {adapter.id}")
         blob, new_file = self._place(data)
         try:
@@ -448,16 +396,22 @@ class AdapterLibrary:
             pass
 
     def record_usage(self, adapter_ids: Sequence[str], *, query: bool = True) -> None:
-        """Count a use of each adapter; written to the catalog in batches, not per query."""
+        """Count a use of each adapter (by id; one catalog read per id — the core uses :meth:`record_usage_keys`)."""
+        keys = []
+        for aid in adapter_ids:
+            try:
+                keys.append(self.catalog.key_of(aid))
+            except AdapterNotFoundError:
+                continue
+        self.record_usage_keys(keys, query=query)
+
+    def record_usage_keys(self, keys: Sequence[int], *, query: bool = True) -> None:
+        """Count a use of each adapter key; written to the catalog in batches, not per query (no SQL here)."""
         now = time.time()
         with self._usage_lock:
             if query:
                 self.queries += 1
-            for aid in adapter_ids:
-                try:
-                    key = self.catalog.key_of(aid)
-                except AdapterNotFoundError:
-                    continue
+            for key in keys:
                 self._usage[key] = self._usage.get(key, 0) + 1
                 self._last_used[key] = (now, self.queries)
             self._usage_pending += 1
@@ -477,7 +431,7 @@ class AdapterLibrary:
         moves, old_files = [], []
         try:
             for ad in sources:  # files first, rows second
-                blob, file, _ = self.catalog.read_weights(ad.key)
+                blob, file, _, _ = self.catalog.read_weights(ad.key)
                 data = blob if blob is not None else self.files.read(file or "", name=f"adapter {ad.id}")
                 moves.append((ad.key, ad.id, self.files.write("cold", checksum(data), data)))
                 if file:
@@ -495,21 +449,53 @@ class AdapterLibrary:
         return merge_id
 
     def undo_merge(self, merge_id: int) -> tuple[list[str], str]:
-        """Undo :meth:`merge_into`: sources active again (weights back from cold storage), their aliases gone.
-        Returns ``(source ids, merged id)``; the merged adapter itself is left for the caller to delete."""
+        """Undo :meth:`merge_into`, all or nothing: the sources still held become active again (weights back
+        from cold storage), their aliases go and the merged adapter is deleted — in one transaction. Returns
+        ``(restored source ids, merged id)``. Nothing changes when it raises."""
         self._check_open()
-        sources, merged = self.catalog.undo_merge(int(merge_id))
-        self._count += len(sources)
-        for s in sources:
-            self.restore(s)
-        return sources, merged
+        if isinstance(merge_id, bool) or not isinstance(merge_id, int):
+            raise InvalidInputError(f"`merge_id` must be an int, got {merge_id!r:.100}")
+        info = self.catalog.merge_info(merge_id)
+        if info is None or info[2]:
+            raise InvalidInputError(f"`merge_id`={merge_id!r} is not a merge that can be undone (unknown or undone)")
+        merged_id, source_ids, _ = info
+        merged = self._own_row(merged_id)
+        if merged is not None:
+            if merged.status == "merged":
+                raise InvalidInputError(f"`merge_id`={merge_id!r}: {merged_id!r} was merged again; undo that merge first")
+            users = self.catalog.composites_containing(merged_id)
+            if users:
+                raise CompositionError(f"{merged_id!r} is a member of composite adapter(s) {users}; change those first")
+        sources = [ad for ad in (self._own_row(x) for x in source_ids) if ad is not None and ad.status == "merged"]
+        restores: list[tuple[int, bytes | None, str | None]] = []
+        written: list[str] = []
+        try:
+            for ad in sources:  # files first (verified), rows second
+                data, _ = self._load_bytes(ad.id, ad.key)
+                blob, file = self._place(data)
+                if file is not None:
+                    written.append(file)
+                restores.append((ad.key, blob, file))
+            restored, _, unused = self.catalog.undo_merge(merge_id, restores, merged.key if merged else None)
+        except BaseException:
+            for rel in written:
+                self._discard_unused(rel)
+            raise
+        for ad in sources:
+            self.cache.invalidate(ad.id)
+        if merged is not None:
+            self.cache.invalidate(merged.id)
+        self._count += len(restored) - (1 if merged is not None else 0)
+        for rel in unused:
+            self._discard_unused(rel)
+        return restored, merged_id
 
     def iter_weights(self, adapter_ids: Sequence[str]) -> Iterator[tuple[str, LoraWeights]]:
         """Weights read straight from storage (checksum-verified), bypassing and not disturbing the cache."""
         for aid in adapter_ids:
             resolved = self.resolve(aid)
             key = self.catalog.key_of(resolved)
-            yield aid, self._parse(resolved, self._load_bytes(resolved, key))
+            yield aid, self._parse(resolved, self._load_bytes(resolved, key)[0])
 
     def flush_usage(self) -> None:
         with self._usage_lock:
@@ -565,26 +551,18 @@ class AdapterLibrary:
                 f"({stored_profile.fingerprint}), not for {self.profile.name!r} ({self.profile.fingerprint})"
             )
 
-    def _modules(self, spec: AdapterSpec) -> list[str]:
-        """Target modules of a fresh adapter: explicit ``target_modules`` or the granularity's choice (memoised)."""
+    def _modules(self, spec: AdapterSpec) -> tuple[list[str], AdapterGranularity, int]:
+        """Modules, real granularity and parameter count of a fresh adapter (memoised per request shape)."""
         tm = spec.target_modules
         key: tuple[Any, ...] = (
-            ("tm", tm if isinstance(tm, str) else tuple(tm)) if tm is not None else ("g", spec.granularity, spec.rank)
+            ("tm", tm if isinstance(tm, str) else tuple(tm), spec.rank) if tm is not None else ("g", spec.granularity, spec.rank)
         )
-        mods = self._modules_for.get(key)
-        if mods is None:
-            if tm is not None:
-                mods = self.profile.match(tm)
-                if not mods:
-                    raise InvalidInputError(
-                        f"`target_modules`={tm!r:.100} matches no module of profile {self.profile.name!r}"
-                    )
-            else:
-                mods = select_modules(self.profile, spec.granularity, spec.rank)  # type: ignore[arg-type]
-            self._modules_for[key] = mods
-        return mods
+        planned = self._modules_for.get(key)
+        if planned is None:
+            planned = self._modules_for[key] = plan_modules(self.profile, spec)
+        return planned
 
-    def _fresh_weight_bytes(self, specs: Sequence[AdapterSpec]) -> dict[int, tuple[bytes, list[str], float, int]]:
+    def _fresh_weight_bytes(self, specs: Sequence[AdapterSpec]) -> dict[int, tuple[bytes, list[str], float, int, Any]]:
         """Serialised fresh LoRA weights (A random, B zero) for every spec without weights, made in batches.
 
         Returns ``{spec index: (safetensors bytes, modules, alpha, num_parameters)}``. Adapters sharing modules,
@@ -594,11 +572,14 @@ class AdapterLibrary:
         from smoa.adapter.weights import FORMAT, _header, _ST_DTYPES, init_factor_a
 
         groups: dict[tuple[tuple[str, ...], int, float], list[int]] = {}
+        gran: dict[tuple[str, ...], AdapterGranularity] = {}
         for i, spec in enumerate(specs):
             if spec.weights is None and spec.specialization is not AdapterSpecialization.COMPOSITE:
                 alpha = float(spec.alpha if spec.alpha is not None else self.config.default_alpha_ratio * spec.rank)
-                groups.setdefault((tuple(self._modules(spec)), spec.rank, alpha), []).append(i)
-        out: dict[int, tuple[bytes, list[str], float, int]] = {}
+                mods, g, _count = self._modules(spec)
+                gran[tuple(mods)] = g
+                groups.setdefault((tuple(mods), spec.rank, alpha), []).append(i)
+        out: dict[int, tuple[bytes, list[str], float, int, AdapterGranularity]] = {}
         itemsize = torch.empty((), dtype=self._dtype).element_size()
         st_dtype = _ST_DTYPES[self._dtype]
         for (modules, rank, alpha), idx in groups.items():
@@ -616,28 +597,28 @@ class AdapterLibrary:
             nparams = sum(rank * sum(self.profile.shape(m)) for m in modules)
             shared_modules = list(modules)  # one list per group: rows share it (and its JSON encoding)
             for j, i in enumerate(idx):
-                out[i] = (files[j].tobytes(), shared_modules, alpha, nparams)
+                out[i] = (files[j].tobytes(), shared_modules, alpha, nparams, gran[modules])
         return out
 
     def _row_for(
         self, aid: str, spec: AdapterSpec, now: float, embedding: np.ndarray | None, written: list[str],
-        fresh: tuple[bytes, list[str], float, int] | None,
+        fresh: tuple[bytes, list[str], float, int, AdapterGranularity] | None,
     ) -> NewAdapterRow:  # fmt: skip
         if spec.specialization is AdapterSpecialization.COMPOSITE:
             return self._composite_row(aid, spec, now, embedding)
         if fresh is not None:
-            data, modules, alpha, nparams = fresh
+            data, modules, alpha, nparams, granularity = fresh
             blob, file = self._place(data)
             if file is not None:
                 written.append(file)
             return NewAdapterRow(
-                id=aid, specialization=spec.specialization.value, granularity=spec.granularity.value,  # type: ignore[union-attr]
+                id=aid, specialization=spec.specialization.value, granularity=granularity.value,  # type: ignore[union-attr]
                 rank=spec.rank, alpha=alpha, description=spec.description, target_modules=modules,
                 num_parameters=nparams, profile=self.profile.fingerprint, checksum=checksum(data), blob=blob,
                 file=file, nbytes=len(data), created_at=now, domain_tags=list(spec.domain_tags),
                 skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata),
                 embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
-                pinned=spec.pinned, created_query=self.queries,
+                pinned=spec.pinned, created_query=self.queries, examples=list(spec.examples),
             )  # fmt: skip
         assert spec.weights is not None  # fresh adapters were handled above
         weights = weights_from_mapping(spec.weights, spec.alpha, name="weights")
@@ -658,7 +639,7 @@ class AdapterLibrary:
             blob=blob, file=file, nbytes=len(data), created_at=now, domain_tags=list(spec.domain_tags),
             skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata),
             embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
-            pinned=spec.pinned, created_query=self.queries,
+            pinned=spec.pinned, created_query=self.queries, examples=list(spec.examples),
         )  # fmt: skip
 
     def _composite_row(self, aid: str, spec: AdapterSpec, now: float, embedding: np.ndarray | None) -> NewAdapterRow:
@@ -688,7 +669,7 @@ class AdapterLibrary:
             profile=self.profile.fingerprint, checksum="", blob=b"", file=None, nbytes=0, created_at=now,
             domain_tags=list(spec.domain_tags), skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata),
             embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
-            pinned=spec.pinned, members=members, created_query=self.queries,
+            pinned=spec.pinned, members=members, created_query=self.queries, examples=list(spec.examples),
         )  # fmt: skip
 
     def _place(self, data: bytes) -> tuple[bytes | None, str | None]:
@@ -697,9 +678,10 @@ class AdapterLibrary:
             return data, None
         return None, self.files.write("blobs", checksum(data), data)
 
-    def _load_bytes(self, adapter_id: str, key: int) -> bytes:
+    def _load_bytes(self, adapter_id: str, key: int) -> tuple[bytes, int]:
+        """Checksum-verified stored bytes of an adapter and the version they belong to."""
         for attempt in range(3):
-            blob, file, digest = self.catalog.read_weights(key)  # one SELECT: blob/file and checksum agree
+            blob, file, digest, version = self.catalog.read_weights(key)  # one SELECT: bytes, sha, version agree
             if blob is not None:
                 data = blob
                 break
@@ -716,7 +698,7 @@ class AdapterLibrary:
                 f"adapter {adapter_id!r}: stored weights fail their checksum ({len(data)} bytes); "
                 "the adapter is corrupt and was not loaded"
             )
-        return data
+        return data, version
 
     def _parse(self, adapter_id: str, data: bytes) -> LoraWeights:
         weights = LoraWeights.from_bytes(data, name=f"adapter {adapter_id!r}")
@@ -733,7 +715,7 @@ class AdapterLibrary:
             domain_tags=list(r.domain_tags), skill_tags=list(r.skill_tags), description=r.description,
             target_modules=list(r.target_modules), num_parameters=r.num_parameters, profile=r.profile, version=1,
             checksum=r.checksum, created_at=r.created_at, pinned=r.pinned, members=list(r.members or []),
-            metadata=dict(r.metadata), created_query=r.created_query,
+            metadata=dict(r.metadata), created_query=r.created_query, examples=list(r.examples or []),
         )  # fmt: skip
 
     def __enter__(self) -> AdapterLibrary:
@@ -743,6 +725,33 @@ class AdapterLibrary:
         self.close()
 
 
+def _library_dir(storage_path: Any) -> Path:
+    """``storage_path`` as an absolute directory (resolved once, at open: a later ``os.chdir`` changes nothing)."""
+    path = Path(storage_path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"`storage_path`={str(path)!r} is a file, not a directory")
+    return Path(os.path.realpath(path))
+
+
+def _refuse_lost_catalog(directory: Path, files: FileStore) -> None:
+    """Refuse a directory whose weight files (or index) outlive a missing, empty or unreadable catalog.
+
+    Opening it would create an empty catalog and then sweep every weight file as an orphan.
+    """
+    db = directory / "catalog.sqlite3"
+    size = db.stat().st_size if db.exists() else -1
+    if size > 0:
+        return
+    left = files.holds_weights() or (directory / "index" / "meta.json").exists() or (directory / "catalog.sqlite3-wal").exists()
+    if left:
+        problem = "is missing" if size < 0 else "is empty (0 bytes)"
+        raise StorageError(
+            f"library {str(directory)!r}: the catalog {db.name} {problem}, but the directory still holds "
+            f"adapter weight files or an index; refusing to open (nothing was changed). "
+            f"Recover with `smoa fsck {directory} --repair`"
+        )
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -750,4 +759,4 @@ def _size(path: Path) -> int:
         return 0
 
 
-__all__ = ["AdapterLibrary", "AdapterSpec", "validate_spec", "new_adapter_ids"]
+__all__ = ["AdapterLibrary", "AdapterSpec", "new_adapter_ids", "validate_spec"]

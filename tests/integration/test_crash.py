@@ -17,7 +17,8 @@ import time
 import pytest
 import torch
 
-from smoa import AdapterLibrary, AdapterSpec, SMoAConfig
+from smoa import AdapterSpec, SMoAConfig
+from smoa.library import AdapterLibrary
 from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights, checksum
 

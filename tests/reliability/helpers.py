@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from smoa import AdapterLibrary, SMoAConfig
+from smoa import SMoAConfig
+from smoa.library import AdapterLibrary
 from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights, checksum
 

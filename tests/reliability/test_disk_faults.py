@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from smoa import AdapterLibrary, AdapterSpec, StorageError
+from smoa import AdapterSpec, StorageError
+from smoa.library import AdapterLibrary
 from smoa.adapter.weights import checksum
 
 from .helpers import assert_consistent, open_lib, seeded_weights, state

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smoa import AdapterLibrary, AdapterSpec, CorruptAdapterError, StorageError
+from smoa import AdapterSpec, CorruptAdapterError, StorageError
+from smoa.library import AdapterLibrary
 from smoa.adapter.weights import LoraWeights, checksum
 
 from .helpers import TINY, open_lib, seeded_weights

@@ -26,7 +26,8 @@ from .helpers import TINY, open_lib, seeded_weights, state
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from smoa import AdapterLibrary, AdapterSpec, SMoAConfig
+    from smoa import AdapterSpec, SMoAConfig
+    from smoa.library import AdapterLibrary
     from smoa.adapter.profile import BaseProfile
     TINY = BaseProfile("tiny", tuple((f"layers.{i}.{n}", 64, o) for i in range(4) for n, o in (("q", 64), ("v", 32))))
     lib = AdapterLibrary(SMoAConfig(storage_path=sys.argv[1], blob_inline_max_bytes=1500), TINY)
@@ -42,7 +43,8 @@ HOLDER = textwrap.dedent(
 OPENER = textwrap.dedent(
     """
     import sys
-    from smoa import AdapterLibrary, LibraryLockedError, SMoAConfig
+    from smoa import LibraryLockedError, SMoAConfig
+    from smoa.library import AdapterLibrary
     from smoa.adapter.profile import BaseProfile
     TINY = BaseProfile("tiny", tuple((f"layers.{i}.{n}", 64, o) for i in range(4) for n, o in (("q", 64), ("v", 32))))
     try:

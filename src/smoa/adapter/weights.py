@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from smoa.adapter.profile import BaseProfile
+from smoa.adapter.safetensors_io import FORMAT, _header, check_stored_bytes, encode_safetensors
 from smoa.errors import CorruptAdapterError, InvalidAdapterError, NonFiniteWeightsError, ProfileMismatchError
 
-FORMAT = "smoa-lora/1"
+MAX_DELTA_ABS = 1e6  # largest |alpha / r * (B @ A)[i, j]| accepted: a sanity cap (real LoRA deltas are << 1)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -129,6 +130,60 @@ class LoraWeights:
             raise ProfileMismatchError(f"{name} does not fit profile {profile.name!r}: " + "; ".join(problems))
         if non_finite:
             raise NonFiniteWeightsError(f"{name}: NaN or Inf in {', '.join(non_finite)}")
+        self._check_delta_range(name)
+
+    def check_values(self, *, name: str = "adapter") -> None:
+        """The profile-free checks: rank, alpha, tensor pairs, float dtypes, finiteness and delta range.
+
+        Raises:
+            InvalidAdapterError: bad rank/alpha, a module that is not a pair of float tensors.
+            NonFiniteWeightsError: NaN/Inf in a factor, or a delta entry beyond :data:`MAX_DELTA_ABS`.
+        """
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise InvalidAdapterError(f"{name}: `rank` must be a positive int, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise InvalidAdapterError(f"{name}: `alpha` must be a positive finite number, got {self.alpha!r}")
+        if not self.factors:
+            raise InvalidAdapterError(f"{name}: no target modules (empty `weights`)")
+        non_finite: list[str] = []
+        for module, pair in self.factors.items():
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+                raise InvalidAdapterError(f"{name}: module {module!r}: expected a pair of tensors (A, B), got {type(pair).__name__}")
+            for label, t in zip("AB", pair):
+                if t.dtype not in _FLOAT_DTYPES:
+                    raise InvalidAdapterError(f"{name}: module {module!r}: {label} has dtype {t.dtype}, expected a float dtype")
+                if not bool(torch.isfinite(t).all()):
+                    non_finite.append(f"{module}.{label}")
+        if non_finite:
+            raise NonFiniteWeightsError(f"{name}: NaN or Inf in {', '.join(non_finite)}")
+        self._check_delta_range(name)
+
+    def _check_delta_range(self, name: str) -> None:
+        """Refuse a delta ``s * B @ A`` with an entry beyond :data:`MAX_DELTA_ABS` (or not finite).
+
+        Cheap bound first (``s * r * max|A| * max|B|``, float64); only when it exceeds the limit is the exact
+        maximum computed, one module at a time in float64.
+        """
+        s = float(self.alpha) / self.rank
+        if not math.isfinite(s):
+            raise NonFiniteWeightsError(f"{name}: scaling alpha / rank = {self.alpha!r} / {self.rank} is not finite")
+        bad: list[str] = []
+        for module, (a, b) in self.factors.items():
+            if a.numel() == 0 or b.numel() == 0:
+                continue
+            bound = s * self.rank * float(a.detach().abs().max()) * float(b.detach().abs().max())
+            if bound <= MAX_DELTA_ABS:
+                continue
+            exact = s * float((b.detach().double().abs() @ a.detach().double().abs()).max())  # >= max |entry|
+            if not math.isfinite(exact) or exact > MAX_DELTA_ABS:
+                peak = s * float((b.detach().double() @ a.detach().double()).abs().max())
+                if not math.isfinite(peak) or peak > MAX_DELTA_ABS:
+                    bad.append(f"{module} (max |delta| {peak:.3g})")
+        if bad:
+            raise NonFiniteWeightsError(
+                f"{name}: alpha / rank * B @ A exceeds {MAX_DELTA_ABS:g} (a forward would overflow or be swamped) in "
+                + ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            )
 
     # -- serialisation -----------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -147,8 +202,6 @@ class LoraWeights:
     def from_bytes(cls, data: bytes, *, name: str = "adapter") -> LoraWeights:
         """Parse bytes written by :meth:`to_bytes`. Raises :class:`CorruptAdapterError` on any defect."""
         from safetensors.torch import load  # the reference parser (Rust): never executes code
-
-        from smoa.interop.safetensors_check import check_stored_bytes
 
         check_stored_bytes(data, name=name)  # strict header checks first: a clean error for any torn/odd file
         try:
@@ -175,38 +228,6 @@ class LoraWeights:
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
-
-@functools.lru_cache(maxsize=4096)
-def _header(layout: tuple[tuple[str, str, tuple[int, ...], int], ...], metadata: tuple[tuple[str, str], ...]) -> bytes:
-    entries: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name, dtype, shape, nbytes in layout:
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # pad the header to 8 bytes, as safetensors does
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def encode_safetensors(tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> bytes:
-    """Encode named tensors in the safetensors format (header cached per layout: the bulk path is one join).
-
-    Args:
-        tensors: ``(name, tensor)`` pairs, written in this order; float dtypes only.
-        metadata: string -> string header metadata.
-    """
-    layout = []
-    parts = []
-    for name, t in tensors:
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.dtype is torch.bfloat16 else t.numpy().tobytes()
-        layout.append((name, _ST_DTYPES[t.dtype], tuple(t.shape), len(raw)))
-        parts.append(raw)
-    return _header(tuple(layout), tuple(sorted(metadata.items()))) + b"".join(parts)
 
 
 def _read_header(data: bytes) -> dict[str, Any]:

@@ -84,6 +84,11 @@ class AdapterCache:
             self._record_ms((time.perf_counter() - t0) * 1000.0)
         return weights
 
+    def peek(self, adapter_id: str, version: int) -> LoraWeights | None:
+        """The device-tier entry of ``(adapter_id, version)`` if cached (counted as a hit and touched), else None."""
+        with self._lock:
+            return self._device.get((adapter_id, version)) if (adapter_id, version) in self._device else None
+
     def pin(self, adapter_id: str, version: int) -> None:
         with self._lock:
             self._device.pin((adapter_id, version))

@@ -27,8 +27,10 @@ from smoa.adapter.profile import BaseProfile
 from smoa.errors import ConfigError, InvalidInputError
 from smoa.inject.attach import MixtureHandle, attach
 from smoa.inject.plan import Mixture
+from smoa.textcheck import validate_texts
 
 Inputs = list[str] | torch.Tensor | list[list[int]]
+_MAX_CHARS_PER_TOKEN = 64  # texts are cut to context * this many characters before tokenizing
 
 __all__ = ["InferenceEngine", "Mixture"]
 
@@ -72,6 +74,16 @@ class InferenceEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens (``config.max_position_embeddings`` / ``n_positions``), if it says."""
+        cfg = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     # -- inputs --------------------------------------------------------------------------------------------------
     def encode(
         self, inputs: Inputs, padding_side: str = "right", max_length: int | None = None
@@ -79,7 +91,11 @@ class InferenceEngine:
         """``{"input_ids": [batch, T], "attention_mask": [batch, T]}`` on the model's device.
 
         Texts are tokenized (``tokenizer`` required); lists of token ids are padded with the pad token id (0
-        without a tokenizer); a tensor is taken as is, with an all-ones mask.
+        without a tokenizer); a tensor is taken as is, with an all-ones mask. Texts and id lists are cut to
+        ``max_length`` and never beyond the model's :attr:`context_length`.
+
+        Raises:
+            InvalidInputError: bad types, a text with a lone surrogate, or a text that tokenizes to no token.
         """
         if isinstance(inputs, torch.Tensor):
             if inputs.dim() != 2:
@@ -90,20 +106,24 @@ class InferenceEngine:
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if not isinstance(inputs, (list, tuple)) or not inputs:
             raise InvalidInputError(f"`inputs` must be a non-empty list of texts or token-id lists, got {inputs!r:.80}")
+        limit = self.context_length if max_length is None else min(max_length, self.context_length or max_length)
         if all(isinstance(t, str) for t in inputs):
             if self.tokenizer is None:
                 raise InvalidInputError("text `inputs` need a tokenizer; pass `tokenizer=` to the engine")
+            texts = validate_texts(list(inputs), "inputs")  # a lone surrogate: InvalidInputError, not TypeError
+            if limit is not None:  # a 1 MB text must not reach the tokenizer whole (no token is 64 chars long)
+                texts = [t[: limit * _MAX_CHARS_PER_TOKEN] for t in texts]
             tok = self.tokenizer
             old_side = tok.padding_side
             tok.padding_side = padding_side
             try:
-                enc = tok(list(inputs), return_tensors="pt", padding=True, truncation=max_length is not None,
-                          max_length=max_length)  # fmt: skip
+                enc = tok(texts, return_tensors="pt", padding=True, truncation=limit is not None, max_length=limit)
             finally:
                 tok.padding_side = old_side
+            _refuse_empty_rows(enc["attention_mask"])
             return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
         if all(isinstance(t, (list, tuple)) and t and all(isinstance(i, int) for i in t) for t in inputs):
-            return self._pad_ids([list(t) for t in inputs], padding_side)
+            return self._pad_ids([list(t)[:limit] for t in inputs], padding_side)
         raise InvalidInputError("`inputs` must be all texts or all non-empty lists of int token ids")
 
     def _pad_ids(self, rows: list[list[int]], side: str) -> dict[str, torch.Tensor]:
@@ -192,6 +212,17 @@ class InferenceEngine:
     def detach(self) -> nn.Module:
         """Remove the mixture layers; returns the original model."""
         return self.handle.detach()
+
+
+def _refuse_empty_rows(mask: torch.Tensor) -> None:
+    """A text that tokenizes to no token has nothing to run on: a clear error instead of a reshape error."""
+    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty or mask.shape[1] == 0:
+        rows = empty or list(range(mask.shape[0]))
+        raise InvalidInputError(
+            f"`inputs[{rows[0]}]` tokenizes to no token (empty text); every input needs at least one token"
+            + (f" ({len(rows)} empty rows)" if len(rows) > 1 else "")
+        )
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """PEFT import / export and the strict checks applied to untrusted adapter files.
 
-Names are resolved lazily (PEP 562), so :mod:`smoa.adapter.weights` can import
-:mod:`smoa.interop.safetensors_check` without importing :mod:`smoa.interop.peft` (which imports it back).
+Names are resolved lazily (PEP 562), so importing :mod:`smoa.interop.safetensors_check` (a re-export of
+:mod:`smoa.adapter.safetensors_io`) does not import :mod:`smoa.interop.peft`.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from smoa.interop.peft_config import (
     matches_target,
     parse_peft_config,
 )
-from smoa.interop.safetensors_check import (
+from smoa.adapter.safetensors_io import (
     DEFAULT_MAX_HEADER_BYTES,
     SafetensorsHeader,
     inspect_safetensors_bytes,

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from smoa.interop.safetensors_check import strict_json_loads
+from smoa.adapter.safetensors_io import strict_json_loads
 
 DEFAULT_MAX_CONFIG_BYTES = 64 * 1024
 MAX_RANK = 4096

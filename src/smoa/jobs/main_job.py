@@ -31,12 +31,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from smoa.adapter.weights import LoraWeights
+
+if TYPE_CHECKING:
+    from smoa.mixture import SparseAdapterMixture
 
 DISTRACTOR_DOMAINS = (
     "medical", "radiology", "cardiology", "oncology", "pediatrics", "pharmacy", "nursing", "dentistry", "veterinary",
@@ -92,7 +95,7 @@ def distractor_specs(n: int, seed: int, noise: float, profile: Any, rank: int = 
     from smoa.adapter.granularity import select_modules
     from smoa.adapter.weights import init_factor_a
     from smoa.config import AdapterGranularity
-    from smoa.library import AdapterSpec
+    from smoa.adapter.spec import AdapterSpec
 
     domains = [d for d in DISTRACTOR_DOMAINS if overlap or d not in TOPIC_WORDS]
     rng = np.random.default_rng(seed)
@@ -247,7 +250,7 @@ def run_main_job(
     }  # fmt: skip
 
 
-def add_topic_adapters(smoa: Any, shipped: list[Any], prototypes: int, seed: int) -> tuple[list[Any], dict[str, list[str]]]:
+def add_topic_adapters(smoa: SparseAdapterMixture, shipped: list[Any], prototypes: int, seed: int) -> tuple[list[Any], dict[str, list[str]]]:
     """Add the shipped adapters keyed by their routing examples (each encoded once), plus ``prototypes`` alias
     keys each; returns the adapters and ``topic -> [adapter id, alias ids...]``."""
     from smoa.data.shipped import shipped_specs
@@ -260,16 +263,15 @@ def add_topic_adapters(smoa: Any, shipped: list[Any], prototypes: int, seed: int
     aliases: dict[str, list[str]] = {}
     for a, ad in zip(shipped, ads):
         vecs = smoa.router.encoder.encode_batch(list(a.routing_examples))  # [n, dim]
-        smoa.library.set_embedding(ad.id, example_key(smoa, ad, vecs))
+        smoa.core.set_routing_keys(ad.id, example_key(smoa, ad, vecs))
         aliases[a.domain] = [ad.id]
         if prototypes > 0:
             aliases[a.domain] += [p.id for p in add_routing_prototypes(smoa, ad.id, a.routing_examples, prototypes,
                                                                          seed, vectors=vecs)]  # fmt: skip
-    smoa.reindex([ad.id for ad in ads])
     return ads, aliases
 
 
-def _route_all(smoa: Any, texts: list[EvalText], ad_of: dict[str, str], all_k: list[int], progress: bool
+def _route_all(smoa: SparseAdapterMixture, texts: list[EvalText], ad_of: dict[str, str], all_k: list[int], progress: bool
                ) -> tuple[dict[int, list[Any]], dict[str, Any]]:  # fmt: skip
     """Route every text for every k (largest first: its latencies are the cold ones); accuracy and latencies."""
     from tqdm.auto import tqdm
@@ -301,7 +303,7 @@ def _route_all(smoa: Any, texts: list[EvalText], ad_of: dict[str, str], all_k: l
     }  # fmt: skip
 
 
-def _leaf_weights(smoa: Any) -> Any:
+def _leaf_weights(smoa: SparseAdapterMixture) -> Any:
     """``adapter id -> {leaf id: weight}`` (composites flattened), memoised."""
     memo: dict[str, dict[str, float]] = {}
 
@@ -316,7 +318,7 @@ def _leaf_weights(smoa: Any) -> Any:
     return leaf
 
 
-def _evaluate(smoa: Any, texts: list[EvalText], ad_of: dict[str, str], routes: dict[int, list[Any]], k: int,
+def _evaluate(smoa: SparseAdapterMixture, texts: list[EvalText], ad_of: dict[str, str], routes: dict[int, list[Any]], k: int,
               all_k: list[int], batch_size: int, max_length: int, progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:  # fmt: skip
     """Mean per-text NLL of every condition, evaluated batch by batch (conditions interleaved)."""
     from tqdm.auto import tqdm

@@ -6,12 +6,16 @@
                                                                                          │
           report ◄── prune (archive / delete idle adapters) ◄── merged adapters + aliases ◄┘
 
-Works on an :class:`~smoa.library.AdapterLibrary` or on the facade (anything with ``.library``; then new
-adapters get routing keys and the router forgets merged-away, archived and deleted adapters). Merging loads
-each candidate's weights once to sketch it (linear in the library) and again only for verified candidates.
+Works on the library core (:class:`~smoa.core.LibraryCore`; the facade passes its ``core``): every change is one
+core mutation, so routes and caches follow at once. Merging loads each candidate's weights once to sketch it
+(linear in the library) and again only for verified candidates.
 
-Merges are recorded by ``library.merge_into`` (one transaction: sources -> status ``"merged"``, weights kept in
-cold storage for undo, alias ``source -> merged``, a ``merges`` row) and undone by ``library.undo_merge``.
+Adapters deleted, archived or merged by someone else while a run is under way are skipped, never an error: the
+run works on a snapshot of the catalog and each change re-checks its adapters under the core's lock.
+
+Merges are recorded by ``LibraryCore.merge`` (the merged adapter and the merge record — sources -> status
+``"merged"``, weights kept in cold storage for undo, alias ``source -> merged`` — under one lock) and undone by
+``LibraryCore.undo_merge`` (everything or nothing).
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from smoa.adapter.spec import Adapter
 from smoa.adapter.weights import LoraWeights
 from smoa.compose.merge import combine_mean, merge_error
 from smoa.compose.similarity import DEFAULT_SKETCH_DIM, cosine, sketch_batch, stack_weights
-from smoa.errors import InvalidInputError
+from smoa.errors import AdapterNotFoundError, CompositionError, InvalidInputError
 from smoa.optimize.dedup import find_near_duplicates
 from smoa.optimize.policy import AdapterFacts, MergePlan, mergeable, plan_merges, select_prunable
+
+if TYPE_CHECKING:
+    from smoa.core import LibraryCore
 
 _SKETCH_BATCH = 2048
 
@@ -69,7 +75,7 @@ class OptimizationReport:
 
 
 def optimize_library(
-    target: Any,
+    core: LibraryCore,
     *,
     merge: bool | None = None,
     prune: bool | None = None,
@@ -87,7 +93,7 @@ def optimize_library(
     """Merge near-duplicates, then prune idle adapters; every ``None`` argument comes from the config.
 
     Args:
-        target: an ``AdapterLibrary`` or the facade (``.library``, ``.router``).
+        core: the library core (``smoa.core`` of the facade).
         merge, prune: run each stage (defaults ``enable_auto_merging`` / ``enable_auto_pruning``).
         threshold: exact update cosine for near-duplicates (``merge_similarity_threshold``).
         method: merge method (``merge_method``).
@@ -99,7 +105,11 @@ def optimize_library(
         dry_run: decide and report, change nothing.
     """
     t0 = time.perf_counter()
-    lib = getattr(target, "library", target)
+    from smoa.core import LibraryCore
+
+    if not isinstance(core, LibraryCore):
+        raise InvalidInputError(f"`core` must be a LibraryCore (the facade's `.core`), got {type(core).__name__}")
+    lib = core
     cfg = lib.config
     merge = cfg.enable_auto_merging if merge is None else merge
     prune = cfg.enable_auto_pruning if prune is None else prune
@@ -118,7 +128,7 @@ def optimize_library(
         report.timings["dedup"] = time.perf_counter() - t
         t = time.perf_counter()
         for plan in plan_merges(groups, facts, method):
-            _merge_one(target, lib, plan, max_merge_error, dry_run, report)
+            _merge_one(lib, plan, max_merge_error, dry_run, report)
             touched.update(plan.sources)
         touched.update(report.merged_into)
         report.timings["merge"] = time.perf_counter() - t
@@ -131,7 +141,7 @@ def optimize_library(
             after_seconds=cfg.prune_after_seconds if prune_after_seconds is None else prune_after_seconds,
             protected=protected,
         )  # fmt: skip
-        _prune(target, lib, ids, action, facts, dry_run, report)
+        _prune(lib, ids, action, facts, dry_run, report)
         report.timings["prune"] = time.perf_counter() - t
     report.seconds = time.perf_counter() - t0
     return report
@@ -140,7 +150,7 @@ def optimize_library(
 # ---------------------------------------------------------------------------------------------------------------
 # reading the library
 # ---------------------------------------------------------------------------------------------------------------
-def collect_facts(lib: Any) -> dict[str, AdapterFacts]:
+def collect_facts(lib: LibraryCore) -> dict[str, AdapterFacts]:
     """:class:`AdapterFacts` of every active and archived adapter (catalog reads only, no weights)."""
     usage = {row[0]: row for row in lib.catalog.usage_rows()}  # id -> (id, count, last_at, last_query, ...)
     out: dict[str, AdapterFacts] = {}
@@ -158,48 +168,69 @@ def collect_facts(lib: Any) -> dict[str, AdapterFacts]:
     return out
 
 
-def composite_members(facts: Any, lib: Any) -> set[str]:
+def composite_members(facts: Any, lib: LibraryCore) -> set[str]:
     """Ids listed (after alias resolution) as members of any composite adapter."""
     out: set[str] = set()
     for f in facts:
         if f.is_composite:
-            out.update(lib.resolve(mid) for mid, _ in lib.get_adapter(f.id).members)
+            try:
+                out.update(lib.resolve(mid) for mid, _ in lib.get_adapter(f.id).members)
+            except AdapterNotFoundError:
+                continue
     return out
 
 
 def iter_weight_batches(
-    lib: Any, ids: Sequence[str], batch: int = _SKETCH_BATCH
+    lib: LibraryCore, ids: Sequence[str], batch: int = _SKETCH_BATCH
 ) -> Iterator[tuple[list[str], list[LoraWeights]]]:
-    """Weights of ``ids`` in batches, read past the cache (a library-wide scan must not evict the working set)."""
+    """Weights of ``ids`` in batches, read past the cache (a library-wide scan must not evict the working set);
+    adapters deleted meanwhile are left out of their batch."""
     for s in range(0, len(ids), batch):
-        chunk = list(ids[s : s + batch])
-        yield chunk, [w for _, w in lib.iter_weights(chunk)]
+        got: list[tuple[str, LoraWeights]] = []
+        for aid in ids[s : s + batch]:
+            try:
+                got.extend(lib.iter_weights([aid]))
+            except AdapterNotFoundError:
+                continue
+        yield [a for a, _ in got], [w for _, w in got]
 
 
 def near_duplicate_groups(
-    lib: Any, facts: dict[str, AdapterFacts], threshold: float, dim: int, neighbours: int, report: OptimizationReport
-) -> list[list[str]]:
+    lib: LibraryCore, facts: dict[str, AdapterFacts], threshold: float, dim: int, neighbours: int,
+    report: OptimizationReport,
+) -> list[list[str]]:  # fmt: skip
     """Near-duplicate groups (ids) among mergeable adapters: sketch, ANN search, exact verification."""
-    ids = [i for i, f in facts.items() if mergeable(f)]
-    report.adapters_scanned = len(ids)
+    wanted = [i for i, f in facts.items() if mergeable(f)]
+    report.adapters_scanned = len(wanted)
+    if len(wanted) < 2:
+        return []
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for chunk, weights in iter_weight_batches(lib, wanted):
+        sk = np.zeros((len(chunk), dim), np.float32)
+        for sig_rows in _by_signature(weights).values():
+            sk[sig_rows] = sketch_batch(stack_weights([weights[r] for r in sig_rows]), lib.profile, dim)
+        ids += chunk
+        parts.append(sk)
     if len(ids) < 2:
         return []
-    sketches = np.zeros((len(ids), dim), np.float32)
-    row = 0
-    for chunk, weights in iter_weight_batches(lib, ids):
-        for sig_rows in _by_signature(weights).values():
-            stack = stack_weights([weights[r] for r in sig_rows])
-            sketches[[row + r for r in sig_rows]] = sketch_batch(stack, lib.profile, dim)
-        row += len(chunk)
-    cache: dict[str, LoraWeights] = {}
+    sketches = np.concatenate(parts)
+    cache: dict[str, LoraWeights | None] = {}
 
-    def load(i: str) -> LoraWeights:
+    def load(i: str) -> LoraWeights | None:
         if i not in cache:
-            cache[i] = lib.get_weights(i)
+            try:
+                cache[i] = lib.get_weights(i)
+            except AdapterNotFoundError:  # deleted while the run goes on: never a duplicate of anything
+                cache[i] = None
         return cache[i]
 
+    def score(a: int, b: int) -> float:
+        wa, wb = load(ids[a]), load(ids[b])
+        return cosine(wa, wb) if wa is not None and wb is not None else 0.0
+
     def scorer(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-        return np.array([cosine(load(ids[a]), load(ids[b])) for a, b in zip(left, right)])
+        return np.array([score(a, b) for a, b in zip(left, right)])
 
     partition = np.array([facts[i].profile for i in ids])
     result = find_near_duplicates(sketches, scorer, threshold, partition=partition, neighbours=neighbours)
@@ -217,54 +248,50 @@ def _by_signature(weights: Sequence[LoraWeights]) -> dict[tuple[Any, ...], list[
 # ---------------------------------------------------------------------------------------------------------------
 # changing the library
 # ---------------------------------------------------------------------------------------------------------------
-def _merge_one(
-    target: Any, lib: Any, plan: MergePlan, max_error: float, dry_run: bool, report: OptimizationReport
-) -> None:
-    members = [lib.get_weights(s) for s in plan.sources]
+def _merge_one(lib: LibraryCore, plan: MergePlan, max_error: float, dry_run: bool, report: OptimizationReport) -> None:
+    try:
+        members = [lib.get_weights(s) for s in plan.sources]
+    except AdapterNotFoundError:  # a source was deleted meanwhile: leave the group alone
+        report.skipped_groups.append(list(plan.sources))
+        return
     rank = max(w.rank for w in members) if plan.method == "svd" else None
     merged = combine_mean(members, plan.method, rank=rank)  # plan.weights are the mean weights 1/n
     err = merge_error(members, plan.weights, merged)
     if err > max_error:
         report.skipped_groups.append(list(plan.sources))
         return
-    report.groups_merged.append(list(plan.sources))
-    report.merge_errors.append(err)
     if dry_run:
+        report.groups_merged.append(list(plan.sources))
+        report.merge_errors.append(err)
         report.merged_into.append("")
         report.merge_ids.append(-1)
         report.bytes_freed += plan.source_bytes - len(merged.to_bytes())
         return
-    keys = [lib.get_adapter(s).key for s in plan.sources]
-    new = _create_merged(target, lib, plan, merged, err)
-    merge_id = _record_merge(lib, plan.sources, new.id, plan.method)
-    _forget_routes(target, lib, keys)
-    report.merged_into.append(new.id)
-    report.merge_ids.append(merge_id)
-    report.bytes_freed += plan.source_bytes - len(merged.to_bytes())
-
-
-def _create_merged(target: Any, lib: Any, plan: MergePlan, merged: LoraWeights, err: float) -> Adapter:
-    from smoa.library import AdapterSpec
+    from smoa.adapter.spec import AdapterSpec
 
     spec = AdapterSpec(
         specialization=plan.specialization, domain_tags=plan.domain_tags[:64], skill_tags=plan.skill_tags[:64],
         description=plan.description, weights=merged, alpha=merged.alpha,
         metadata={"merged_from": plan.sources, "merge_method": plan.method, "merge_error": err},
     )  # fmt: skip
-    if hasattr(target, "create_adapters_sync"):  # the facade: routing key computed and indexed
-        return target.create_adapters_sync([spec])[0]
-    return lib.create(spec)
+    try:
+        new, merge_id = lib.merge(plan.sources, spec, plan.method)
+    except (AdapterNotFoundError, CompositionError):  # changed by someone else meanwhile: nothing was merged
+        report.skipped_groups.append(list(plan.sources))
+        return
+    report.groups_merged.append(list(plan.sources))
+    report.merge_errors.append(err)
+    report.merged_into.append(new.id)
+    report.merge_ids.append(merge_id)
+    report.bytes_freed += plan.source_bytes - len(merged.to_bytes())
 
 
-def _record_merge(lib: Any, sources: list[str], merged_id: str, method: str) -> int:
-    return int(lib.merge_into(sources, merged_id, method))
-
-
-def undo_merge(target: Any, merge_id: int) -> list[str]:
-    """Undo a merge recorded by :func:`optimize_library`: sources active again, merged adapter deleted.
+def undo_merge(core: LibraryCore, merge_id: int) -> list[str]:
+    """Undo a merge recorded by :func:`optimize_library`: sources active again, merged adapter deleted —
+    everything or nothing.
 
     Args:
-        target: an ``AdapterLibrary`` or the facade (then routes are updated too).
+        core: the library core.
         merge_id: from :attr:`OptimizationReport.merge_ids`.
 
     Returns:
@@ -273,36 +300,20 @@ def undo_merge(target: Any, merge_id: int) -> list[str]:
     Raises:
         InvalidInputError: unknown or already undone ``merge_id``.
     """
-    lib = getattr(target, "library", target)
-    sources, merged_id = lib.undo_merge(merge_id)
-    if hasattr(target, "delete_adapter_sync"):
-        target.delete_adapter_sync(merged_id)
-    else:
-        lib.delete(merged_id)
-    if hasattr(target, "reindex"):
-        target.reindex(sources)
-    return sources
+    return core.undo_merge(merge_id)
 
 
-def _forget_routes(target: Any, lib: Any, keys: list[int]) -> None:
-    router = getattr(target, "router", None)
-    if router is not None and keys:
-        router.remove(keys, lib.generation)
-
-
-def _prune(target: Any, lib: Any, ids: list[str], action: str, facts: dict[str, AdapterFacts], dry_run: bool,
+def _prune(lib: LibraryCore, ids: list[str], action: str, facts: dict[str, AdapterFacts], dry_run: bool,
            report: OptimizationReport) -> None:  # fmt: skip
-    for aid in ids:
-        if dry_run:
+    if dry_run:
+        for aid in ids:
             report.bytes_freed += facts[aid].nbytes
             (report.archived if action == "archive" else report.deleted).append(aid)
-            continue
-        key = lib.get_adapter(aid).key
+        return
+    for aid, freed in lib.prune(ids, action):
         if action == "archive":
-            report.bytes_freed += int(lib.archive(aid))
+            report.bytes_freed += freed
             report.archived.append(aid)
         else:
-            lib.delete(aid)
-            report.bytes_freed += facts[aid].nbytes
+            report.bytes_freed += facts[aid].nbytes if aid in facts else 0
             report.deleted.append(aid)
-        _forget_routes(target, lib, [key])

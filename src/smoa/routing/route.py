@@ -23,6 +23,9 @@ class Route:
         degraded: a stage was skipped to honour ``routing_latency_budget_ms``.
         library_version: the library version the route was computed against.
         query_truncated: the query was longer than the router's cap and only its head was routed.
+        confidence: calibrated probability that the best adapter is the right one (``smoa.routing.calibrate``);
+            an empty route (no adapter fits: the base model alone) carries the confidence of its best candidate.
+        escalated: the static fast path was unsure and the main encoder decided the route (cascade).
     """
 
     adapter_ids: list[str]
@@ -35,6 +38,8 @@ class Route:
     degraded: bool = False
     library_version: int = 0
     query_truncated: bool = False
+    confidence: float = 0.0
+    escalated: bool = False
 
     def __len__(self) -> int:
         return len(self.adapter_ids)

@@ -32,6 +32,8 @@ Latency budget: when encode + search already took ``routing_latency_budget_ms``,
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import threading
 import time
@@ -50,8 +52,13 @@ from smoa.routing.index import GroupIndex, IndexParams, StaleIndexError, TagInde
 from smoa.routing.index.store import load_indexes, save_indexes
 from smoa.routing.index.tags import query_terms_from_metadata
 from smoa.routing.keys import TEXT_WEIGHT, blend_keys, example_centroids, refine_keys, routing_text
+from smoa.routing.learner import (
+    FIXED_NEIGHBOURS, LOCAL_EPOCHS, MAX_KEYS, NEIGHBOURS, REFIT_EPOCHS, KeyLearner, digest, initial_keys, owner_of,
+    slots_of,
+)  # fmt: skip
 from smoa.routing.route import Route
 from smoa.routing.strategies import METADATA_TAG_WEIGHT, TEXT_TAG_WEIGHT, fuse, select_top, softmax_weights
+from smoa.textcheck import validate_query_text
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,9 @@ LEARN_TEMPERATURE = 0.05  # refine_keys' softmax temperature, chosen on a held-o
 TAG_SCAN_LIMIT = 500  # postings HYBRID's tag side scans for extra candidates (rarest query terms first)
 RESCUE_GROUPS = 3  # SEMANTIC / HYBRID: nearest groups whose members are scored exactly when the group is small
 SMALL_GROUP_LIMIT = 256
+CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
+FAST_ENCODERS = ("minilm", "minilm-int8")
+LEARNER_FILE = "learner.npz"  # key spaces the static fast path is projected into
 
 
 @dataclass
@@ -72,6 +82,22 @@ class RoutingText:
     skill_tags: list[str]
     description: str = ""
     examples: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """One adapter as the core hands it to the router (``/work/notes/keys_contract.md``).
+
+    Attributes:
+        key: the catalog key.
+        vectors: float32 ``[P, dim]`` routing keys (P >= 1), unit rows.
+        domain_tags, skill_tags: its tags.
+    """
+
+    key: int
+    vectors: np.ndarray
+    domain_tags: list[str]
+    skill_tags: list[str]
 
 
 def _candidates(k: int, strategy: RoutingStrategy) -> int:
@@ -112,7 +138,34 @@ class Router:
         self._lock = threading.RLock()
         self._cache: OrderedDict[tuple, Route] = OrderedDict()
         self._latencies: deque[float] = deque(maxlen=10_000)
-        self._counts = {"queries": 0, "cache_hits": 0, "cache_misses": 0, "degraded": 0, "truncated": 0}
+        self._counts = {"queries": 0, "cache_hits": 0, "cache_misses": 0, "degraded": 0, "truncated": 0,
+                        "escalated": 0, "fast": 0, "empty": 0}  # fmt: skip
+        self._learner = KeyLearner(self.dim, int(getattr(config, "routing_keys_per_adapter", 4)))
+        self._max_p = 1  # most keys any adapter holds (bounds slot lookups)
+        self._pending: OrderedDict[bytes, tuple] = OrderedDict()  # encode_keys output -> its embeddings
+        self._main_cost = [3.0, 0.02]  # predicted main-encoder ms: base + per character (updated online)
+        self._fast: Encoder | None = None
+        self._fast_error: str | None = None
+        self._fast_ready = threading.Event()
+        if inner.name in FAST_ENCODERS and encoder is None:
+            threading.Thread(target=self._load_fast, name="smoa-fast-encoder", daemon=True).start()
+        else:
+            self._fast_ready.set()
+
+    def _load_fast(self) -> None:
+        """Load (distilling once if needed) the static encoder of the fast path, off the caller's thread."""
+        try:
+            self._fast = get_encoder("static")
+        except Exception as exc:  # the fast path is an optimisation: without it every route uses the main encoder
+            self._fast_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("smoa routing: static fast path unavailable (%s)", self._fast_error)
+        finally:
+            self._fast_ready.set()
+
+    def wait_fast_path(self, timeout: float | None = None) -> bool:
+        """Block until the static fast-path encoder is loaded (or failed); returns whether it is available."""
+        self._fast_ready.wait(timeout)
+        return self._fast is not None
 
     # ------------------------------------------------------------------ keys
     def routing_keys(self, items: Sequence[RoutingText], learn: bool = False) -> np.ndarray:
@@ -135,50 +188,290 @@ class Router:
         keys = blend_keys(text_vecs, cents, has, TEXT_WEIGHT)
         if learn and has.sum() >= 2:
             keys = refine_keys(keys, ex_vecs, owner, temperature=LEARN_TEMPERATURE)
+        self._stash(items, text_vecs, ex_vecs, owner, [k[None, :] for k in keys])
         return keys
+
+    def encode_keys(self, items: Sequence[RoutingText]) -> list[np.ndarray]:
+        """Multi-vector routing keys of ``items``: float32 ``[P_i, dim]`` each, unit rows (module :mod:`.learner`).
+
+        An item with examples gets ``min(P, ceil(n / 40))`` k-means prototypes of its examples blended with its
+        tags/description text; without examples, one key from its text. The embeddings are remembered (by the
+        keys' content) so that :meth:`apply` can learn from the examples when the core indexes these keys.
+        """
+        n = len(items)
+        if n == 0:
+            return []
+        texts = [routing_text(it.domain_tags, it.skill_tags, it.description) for it in items]
+        text_vecs = self.encoder.encode_batch(texts)
+        owner = np.repeat(np.arange(n), [len(it.examples) for it in items])
+        ex_vecs = self.encoder.encode_batch([ex for it in items for ex in it.examples])
+        p = self._learner.max_keys
+        keys = [initial_keys(text_vecs[i], ex_vecs[owner == i], p) for i in range(n)]
+        self._stash(items, text_vecs, ex_vecs, owner, keys)
+        return keys
+
+    def _stash(self, items: Sequence[RoutingText], text_vecs: np.ndarray, ex_vecs: np.ndarray, owner: np.ndarray,
+               keys: Sequence[np.ndarray]) -> None:
+        """Remember the embeddings behind ``keys`` until :meth:`apply` indexes them (bounded, oldest dropped)."""
+        fast = self._fast
+        texts = [routing_text(it.domain_tags, it.skill_tags, it.description) for it in items]
+        ft = fast.encode(texts) if fast is not None else None
+        fe = fast.encode([ex for it in items for ex in it.examples]) if fast is not None and len(ex_vecs) else None
+        with self._lock:
+            for i, k in enumerate(keys):
+                rows = owner == i
+                self._pending[digest(k)] = (text_vecs[i], ex_vecs[rows], None if ft is None else ft[i],
+                                            None if fe is None else fe[rows])  # fmt: skip
+            while len(self._pending) > 4096:
+                self._pending.popitem(last=False)
 
     # ------------------------------------------------------------------ library changes
     def add(
         self,
         keys: np.ndarray,
-        vectors: np.ndarray,
+        vectors: np.ndarray | Sequence[np.ndarray],
         tags: Sequence[tuple[list[str], list[str]]],
         generation: int,
     ) -> None:
-        """Insert or replace adapters: ``keys`` int64 ``[n]``, ``vectors`` ``[n, dim]``, ``(domain, skill)`` tags."""
+        """Insert or replace adapters: ``keys`` int64 ``[n]``, ``vectors`` ``[n, dim]`` (one key each) or a list of
+        ``[P_i, dim]`` (multi-vector keys, ``1 <= P_i <= 16``), ``(domain, skill)`` tags."""
         keys = np.asarray(keys, np.int64).reshape(-1)
-        vectors = np.ascontiguousarray(vectors, np.float32).reshape(len(keys), -1)
-        if len(tags) != len(keys) or vectors.shape[1] != self.dim:
-            raise InvalidInputError(
-                f"`keys` [{len(keys)}], `vectors` {tuple(vectors.shape)} and `tags` [{len(tags)}] must agree "
-                f"(dim {self.dim})"
-            )
+        mats = _as_key_list(vectors, len(keys), self.dim)
+        if len(tags) != len(keys) or len(mats) != len(keys):
+            raise InvalidInputError(f"`keys` [{len(keys)}], `vectors` [{len(mats)}] and `tags` [{len(tags)}] must agree")
         with self._lock:
-            old_keys, old_vecs = self._vectors.vectors_of(keys)
-            for k, v in zip(old_keys, old_vecs):
-                self._groups.remove(int(k), v)
-            self._vectors.add(keys, vectors)
+            self._drop(keys)
+            self._put(keys, mats)
             for k, (d, s) in zip(keys, tags):
                 self._tags.add(int(k), d, s)
-            self._groups.add_many(keys, vectors, [list(d) for d, _ in tags])
+            self._groups.add_many(keys, _means(mats), [list(d) for d, _ in tags])
             self._changed(generation)
+
+    def _put(self, keys: np.ndarray, mats: Sequence[np.ndarray]) -> None:
+        """Index each adapter's ``[P, dim]`` keys under its slot ids (caller holds the lock, old slots dropped)."""
+        if not len(keys):
+            return
+        self._max_p = max(self._max_p, max(len(m) for m in mats))
+        slots = np.concatenate([slots_of(np.asarray([k]), len(m)) for k, m in zip(keys, mats)])
+        self._vectors.add(slots, np.concatenate(mats))
+
+    def _drop(self, keys: np.ndarray) -> None:
+        """Take ``keys``' slots out of the vector index and the groups (caller holds the lock)."""
+        if not len(keys):
+            return
+        found, vecs = self._vectors.vectors_of(slots_of(keys, self._max_p))
+        if len(found):
+            own = owner_of(found)
+            for k in np.unique(own):
+                self._groups.remove(int(k), _means([vecs[own == k]])[0])
+            self._vectors.remove(found)
+
+    def key_vectors(self, key: int) -> np.ndarray:
+        """The ``[P, dim]`` keys adapter ``key`` is routed by now (learned ones included), ``[0, dim]`` if none."""
+        with self._lock:
+            return self._vectors.vectors_of(slots_of(np.asarray([key]), self._max_p))[1]
 
     def remove(self, keys: Sequence[int], generation: int) -> None:
         """Remove adapters by key (unknown keys are ignored)."""
         keys = np.asarray(list(keys), np.int64).reshape(-1)
         with self._lock:
-            old_keys, old_vecs = self._vectors.vectors_of(keys)
-            for k, v in zip(old_keys, old_vecs):
-                self._groups.remove(int(k), v)
-            self._vectors.remove(keys)
+            self._drop(keys)
             for k in keys:
                 self._tags.remove(int(k))
+            self._learner.forget(keys)
             self._changed(generation)
 
     def _changed(self, generation: int) -> None:
         self._generation = int(generation)
         self._cache.clear()
         self._dirty = True
+
+    # ------------------------------------------------------------------ the core's catch-up interface
+    def apply(self, upserts: Sequence[KeyEntry], removes: Sequence[int], generation: int) -> None:
+        """One change set from the core: drop ``removes`` (unknown keys ignored), insert or replace ``upserts``;
+        afterwards :attr:`generation` is ``generation`` and the route cache is empty."""
+        learn: list[int] = []
+        with self._lock:
+            if removes:
+                self.remove(sorted({int(k) for k in removes}), generation)
+            if upserts:
+                keys = np.array([e.key for e in upserts], np.int64)
+                mats = [self._adopt(e) for e in upserts]
+                learn = [e.key for e, m in zip(upserts, mats) if m is None]
+                mats = [_first_vector(e, self.dim) if m is None else m for e, m in zip(upserts, mats)]
+                self.add(keys, mats, [(list(e.domain_tags), list(e.skill_tags)) for e in upserts], generation)
+            self._changed(generation)
+        if learn:
+            self._local_update(learn)
+
+    def _adopt(self, entry: KeyEntry) -> np.ndarray | None:
+        """Link ``entry`` to what the learner knows (caller holds the lock).
+
+        Returns the learned keys to index instead of the catalog's when this adapter's catalog keys are unchanged
+        since they were learned (e.g. a tag update), else ``None`` (index the catalog keys; learn if it has
+        examples: the embeddings :meth:`encode_keys` remembered are attached to the adapter here).
+        """
+        vecs = _first_vector(entry, self.dim)
+        d = digest(vecs)
+        learned = self._learner.learned.get(entry.key)
+        if learned is not None and learned[0] == d:
+            return learned[1].astype(np.float32)
+        hit = self._pending.pop(d, None)
+        if hit is not None:
+            text, ex, text_fast, ex_fast = hit
+            self._learner.remember(entry.key, text, ex, text_fast, ex_fast)
+            self._learner.initial[entry.key] = (d, vecs)
+        elif entry.key in self._learner.stored:
+            self._learner.initial[entry.key] = (d, vecs)
+        return None
+
+    def rebuild(self, entries: Iterable[KeyEntry], generation: int) -> int:
+        """Replace both indexes with ``entries``; returns how many adapters were indexed."""
+        with self._lock:
+            return self._rebuild(((e.key, _first_vector(e, self.dim), e.domain_tags, e.skill_tags) for e in entries),
+                                 generation)  # fmt: skip
+
+    # ------------------------------------------------------------------ learning (module smoa.routing.learner)
+    def _neighbourhood(self, new: list[int]) -> tuple[list[int], np.ndarray]:
+        """Trainable adapters (``new`` + nearest adapters with examples) and fixed neighbour keys ``[f, dim]``."""
+        lrn = self._learner
+        with self._lock:
+            ex_keys = lrn.with_examples()
+            if not ex_keys:
+                return [], np.zeros((0, self.dim), np.float32)
+            means = np.stack([_means([lrn.current_keys(k)])[0] for k in ex_keys])  # [E, dim]
+            new_set = {k for k in new if k in lrn.stored and len(lrn.stored[k].examples)}
+            if not new_set:
+                return [], np.zeros((0, self.dim), np.float32)
+            q = np.stack([_means([lrn.current_keys(k)])[0] for k in sorted(new_set)])
+            near = np.argsort(-(q @ means.T), axis=1)[:, : NEIGHBOURS + 1]
+            trainable = sorted(new_set | {ex_keys[i] for i in near.reshape(-1)})
+            probe = np.concatenate([lrn.current_keys(k) for k in trainable])
+            sims, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
+            fixed_slots = np.unique(slots[(slots >= 0) & ~np.isin(owner_of(slots), trainable)])
+            fixed_slots = fixed_slots[~np.isin(owner_of(fixed_slots), ex_keys)]  # other learners move: not fixed
+            _, fixed = self._vectors.vectors_of(fixed_slots[: 4 * FIXED_NEIGHBOURS])
+            return trainable, fixed
+
+    def _local_update(self, new: list[int]) -> None:
+        """Refit the keys of ``new`` adapters and their neighbourhood (runs outside the lock; routes go on)."""
+        trainable, fixed = self._neighbourhood(new)
+        if not trainable:
+            return
+        lrn = self._learner
+        with self._lock:
+            start = {k: lrn.initial_keys_of(k) if k in new else lrn.current_keys(k) for k in trainable}
+        keys, evidence = lrn.fit(trainable, start, fixed, LOCAL_EPOCHS)
+        self._install_learned(keys, evidence)
+
+    def refit(self) -> dict[str, float]:
+        """Full refit: every adapter with examples, from its initial keys (so arrival order does not matter),
+        against the nearest keys of the others; then the fast projection and the calibration. Called by
+        ``optimize_library()`` and the background optimiser; routes keep being served meanwhile."""
+        t = time.perf_counter()
+        lrn = self._learner
+        with self._lock:
+            trainable = lrn.with_examples()
+        if trainable:
+            _, fixed = self._neighbourhood(trainable)
+            with self._lock:
+                start = {k: lrn.initial_keys_of(k) for k in trainable}
+            keys, evidence = lrn.fit(trainable, start, fixed, REFIT_EPOCHS)
+            self._install_learned(keys, evidence)
+            with self._lock:
+                ks = [k for k in trainable if k in keys]
+            if ks and self._fast is not None:
+                lrn.tune_projection(np.concatenate([keys[k] for k in ks]),
+                                    np.concatenate([[k] * len(keys[k]) for k in ks]))  # fmt: skip
+                with self._lock:
+                    self._cache.clear()
+        lrn.refits += 1
+        return {"adapters": float(len(trainable)), "seconds": time.perf_counter() - t}
+
+    def _install_learned(self, keys: dict[int, np.ndarray], evidence: dict) -> None:
+        """Swap learned keys in for the adapters still as they were when the fit started; recalibrate."""
+        lrn = self._learner
+        with self._lock:
+            live = [k for k in keys if k in lrn.stored and k in lrn.initial]
+            if live:
+                arr = np.asarray(live, np.int64)
+                tags = [self._tags.tags_of(k) or ((), ()) for k in live]
+                self._drop(arr)
+                self._put(arr, [keys[k] for k in live])
+                self._groups.add_many(arr, _means([keys[k] for k in live]), [list(d) for d, _ in tags])
+                for k in live:
+                    lrn.learned[k] = (lrn.initial[k][0], keys[k].astype(np.float16))
+                    lrn.evidence[k] = evidence.get(k, lrn.evidence.get(k))
+            self._recalibrate()
+            self._cache.clear()
+            self._dirty = True
+
+    def _recalibrate(self) -> None:
+        """Re-pool the calibration evidence and score the user's negatives against the current keys."""
+        lrn = self._learner
+        neg = None
+        if len(lrn.negatives) and len(self._vectors):
+            sims, _ = self._vectors.search(lrn.negatives.astype(np.float32), 2)
+            best = sims[:, 0]
+            neg = (best, best - np.where(np.isfinite(sims[:, 1]), sims[:, 1], best - 1.0))
+        lrn.recalibrate(neg)
+
+    def add_negative_examples(self, texts: Sequence[str]) -> int:
+        """Register out-of-scope texts (queries no adapter should serve): they tune the ``"auto"`` threshold.
+
+        Returns how many negatives are registered in all. Raises :class:`InvalidInputError` on a non-string.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InvalidInputError(f"`texts` must be a list of strings, got {texts!r:.100}")
+        clean = [" ".join(validate_query_text(t, f"texts[{i}]")[:MAX_QUERY_CHARS].split()) for i, t in enumerate(texts)]
+        clean = [t for t in clean if t]
+        if not clean:
+            return len(self._learner.negatives)
+        vecs = self.encoder.encode_batch(clean).astype(np.float16)
+        fast = self._fast.encode(clean).astype(np.float16) if self._fast is not None else np.zeros((0, self.dim), np.float16)
+        with self._lock:
+            lrn = self._learner
+            lrn.negatives = np.concatenate([lrn.negatives, vecs])
+            if len(fast):
+                lrn.negatives_fast = np.concatenate([lrn.negatives_fast, fast])
+            self._recalibrate()
+            self._cache.clear()
+            self._dirty = True
+            return len(lrn.negatives)
+
+    @property
+    def calibration(self):  # -> smoa.routing.calibrate.Calibration
+        """The current ``"auto"`` threshold and confidence model."""
+        return self._learner.calibration
+
+    def threshold(self) -> float:
+        """The threshold in force: the configured number, or the calibrated one when ``"auto"``."""
+        t = self.config.routing_threshold
+        return self._learner.calibration.threshold if isinstance(t, str) else float(t)
+
+    def load(self, max_generation: int) -> int | None:
+        """Load the persisted indexes if they were built with this encoder and reflect a generation
+        ``<= max_generation``; returns that generation (the core catches up from there), else None."""
+        if self.index_dir is None:
+            return None
+        try:
+            import json
+
+            saved = int(json.loads((self.index_dir / "meta.json").read_text()).get("generation", -1))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        if not 0 <= saved <= max_generation:
+            return None
+        with self._lock:
+            try:
+                vectors, tags = load_indexes(self.index_dir, saved, self.encoder.name, self.dim, self._params)
+            except StaleIndexError as exc:
+                logger.info("smoa routing: persisted index not used (%s)", exc)
+                return None
+            self._install(vectors, tags, saved)
+            self._dirty = False
+            self._load_learner()
+        return saved
 
     def sync(
         self,
@@ -195,6 +488,7 @@ class Router:
                 else:
                     self._install(vectors, tags, generation)
                     self._dirty = False
+                    self._load_learner()
                     return
             else:
                 reason = ""
@@ -209,19 +503,27 @@ class Router:
         vecs: list[np.ndarray] = []
         tags = TagIndex()
         for key, vec, domain, skill in rows:
+            mat = np.asarray(vec, np.float32).reshape(-1, self.dim)[:MAX_KEYS]
             keys.append(int(key))
-            vecs.append(np.asarray(vec, np.float32).reshape(-1))
+            vecs.append(mat)
             tags.add(int(key), domain, skill)
-        matrix = np.stack(vecs) if vecs else np.zeros((0, self.dim), np.float32)
-        self._install(VectorIndex.build(self.dim, np.asarray(keys, np.int64), matrix, self._params), tags, generation)
+        matrix = np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float32)
+        slots = np.concatenate([slots_of(np.asarray([k]), len(m)) for k, m in zip(keys, vecs)]) if vecs else \
+            np.zeros(0, np.int64)
+        self._install(VectorIndex.build(self.dim, slots, matrix, self._params), tags, generation)
         return len(keys)
 
     def _install(self, vectors: VectorIndex, tags: TagIndex, generation: int) -> None:
         self._vectors, self._tags = vectors, tags
-        keys, vecs = vectors.items()
+        slots, vecs = vectors.items()
         self._groups = GroupIndex(self.dim)
+        own = owner_of(slots)
+        keys, inverse = np.unique(own, return_inverse=True)
+        sums = np.zeros((len(keys), self.dim), np.float64)
+        np.add.at(sums, inverse, vecs)
+        self._max_p = int(np.bincount(inverse).max()) if len(keys) else 1
         domains = [list((tags.tags_of(int(k)) or ((), ()))[0]) for k in keys]
-        self._groups.add_many(keys, vecs, domains)
+        self._groups.add_many(keys, _unit(sums), domains)
         self._changed(generation)
 
     # ------------------------------------------------------------------ routing
@@ -260,8 +562,7 @@ class Router:
     def _validate(
         self, query: Any, metadata: Any, strategy: Any, k: Any
     ) -> tuple[str, bool, list[tuple[str, int]], RoutingStrategy, int]:
-        if not isinstance(query, str):
-            raise InvalidInputError(f"`query` must be a string, got {query!r} ({type(query).__name__})")
+        query = validate_query_text(query, "query")  # str, no lone surrogate (issue 10, finding 11)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise InvalidInputError(f"`metadata` must be a mapping or None, got {metadata!r}")
         terms = query_terms_from_metadata(metadata or {})
@@ -278,26 +579,89 @@ class Router:
 
     def _compute(self, text: str, terms: list[tuple[str, int]], strat: RoutingStrategy, k: int, t0: float) -> Route:
         timings = {"encode": 0.0, "search": 0.0, "fuse": 0.0}
-        degraded = False
+        degraded = escalated = False
+        auto = isinstance(self.config.routing_threshold, str)
         if not text or len(self._vectors) == 0:
             if not text and terms and len(self._tags):
                 strat = RoutingStrategy.TASK_BASED
             else:
                 return self._finish([], strat, timings, False, t0)
+        best = margin = None
         if strat is RoutingStrategy.TASK_BASED:
             t = time.perf_counter()
             use = terms or self._tags.match_text(text)
             scores = self._tags.score(use)
             timings["search"] = (time.perf_counter() - t) * 1e3
+            threshold = 1e-9 if auto else float(self.config.routing_threshold)  # auto: any tag match
         else:
-            t = time.perf_counter()
-            q = self.encoder.encode([text])[0]  # [dim]
-            timings["encode"] = (time.perf_counter() - t) * 1e3
-            scores, degraded = self._semantic_side(q, text, terms, strat, k, timings, t0)
+            scores, cos, degraded, escalated = self._cascade(text, terms, strat, k, timings, t0)
+            best, margin = _best_margin(cos)
+            threshold = -np.inf if auto else float(self.config.routing_threshold)
         t = time.perf_counter()
-        chosen = select_top(scores, k, self.config.routing_threshold, self._resolve)
+        if auto and best is not None and best < self._learner.calibration.threshold:
+            chosen: list[tuple[str, float]] = []  # no adapter fits: the base model alone
+        else:
+            chosen = select_top(scores, k, threshold, self._resolve)
         timings["fuse"] += (time.perf_counter() - t) * 1e3
-        return self._finish(chosen, strat, timings, degraded, t0)
+        if best is None:
+            conf = float(min(1.0, max(0.0, chosen[0][1]))) if chosen else 0.0
+        else:
+            conf = self._learner.calibration.confidence(best, margin)
+        self._counts["escalated"] += escalated
+        self._counts["empty"] += not chosen
+        return replace(self._finish(chosen, strat, timings, degraded, t0), confidence=conf, escalated=escalated)
+
+    def _cascade(
+        self, text: str, terms: list[tuple[str, int]], strat: RoutingStrategy, k: int, timings: dict[str, float],
+        t0: float,
+    ) -> tuple[dict[int, float], dict[int, float], bool, bool]:
+        """Encode and score, cheapest path first: the static fast path (projected into the key space) answers
+        when its top-1 leads clearly; else the main encoder, if the latency budget predicts it fits. Returns
+        ``(scores, cosines, degraded, escalated)``; ``degraded``: the fast answer was unsure and the budget
+        forbade the main encoder (a real loss of quality)."""
+        budget = self.config.routing_latency_budget_ms
+        fast = self._fast
+        projected = None
+        if fast is not None and self._learner.projection is not None:
+            t = time.perf_counter()
+            cached = self.encoder.peek(text)
+            if cached is None:
+                projected = self._learner.project(fast.encode([text]))[0]  # [dim], key space
+            timings["encode"] = (time.perf_counter() - t) * 1e3
+            if cached is not None:  # the main encoder's embedding is already known: no need for the fast path
+                scores, cos, degraded = self._semantic_side(cached, text, terms, strat, k, timings, t0)
+                return scores, cos, degraded, False
+        if projected is not None:
+            scores, cos, degraded = self._semantic_side(projected, text, terms, strat, k, timings, t0)
+            best, margin = _best_margin(cos)
+            thr = self._learner.calibration.threshold if isinstance(self.config.routing_threshold, str) else None
+            unsure = best is not None and (margin < CASCADE_MARGIN or (thr is not None and abs(best - thr) < CASCADE_MARGIN / 2))
+            if not unsure:
+                self._counts["fast"] += 1
+                return scores, cos, degraded, False
+            spent = (time.perf_counter() - t0) * 1e3
+            if spent + self._predict_main_ms(text) > budget:
+                self._counts["fast"] += 1
+                return scores, cos, True, False
+        t = time.perf_counter()
+        q = self.encoder.encode([text])[0]  # [dim]
+        ms = (time.perf_counter() - t) * 1e3
+        self._learn_cost(len(text), ms)
+        timings["encode"] += ms
+        scores, cos, degraded = self._semantic_side(q, text, terms, strat, k, timings, t0)
+        return scores, cos, degraded, projected is not None
+
+    def _predict_main_ms(self, text: str) -> float:
+        base, per_char = self._main_cost
+        return base + per_char * max(0, len(text) - 64)
+
+    def _learn_cost(self, chars: int, ms: float) -> None:
+        """Online cost model of the main encoder: ``base`` from short texts, ``per_char`` from long ones (EMA)."""
+        base, per_char = self._main_cost
+        if chars <= 64:
+            self._main_cost[0] = 0.8 * base + 0.2 * ms
+        else:
+            self._main_cost[1] = max(0.0, 0.8 * per_char + 0.2 * (ms - base) / (chars - 64))
 
     def _over_budget(self, t0: float) -> bool:
         return (time.perf_counter() - t0) * 1e3 > self.config.routing_latency_budget_ms
@@ -311,8 +675,9 @@ class Router:
         k: int,
         timings: dict[str, float],
         t0: float,
-    ) -> tuple[dict[int, float], bool]:
-        """Scores of the candidate keys for SEMANTIC / HYBRID / HIERARCHICAL, and whether it degraded."""
+    ) -> tuple[dict[int, float], dict[int, float], bool]:
+        """Scores of the candidate adapters for SEMANTIC / HYBRID / HIERARCHICAL, their cosines, and whether it
+        degraded (multi-vector keys: an adapter scores its best key)."""
         n_cand = _candidates(k, strat)
         t = time.perf_counter()
         allowed = None
@@ -325,25 +690,25 @@ class Router:
                 allowed = np.concatenate([self._groups.members(g) for g, _ in groups])
         if allowed is not None and len(allowed) <= EXACT_GROUP_LIMIT:
             # few members: score them exactly (a filtered HNSW walk can miss a small, remote group)
-            found, vecs = self._vectors.vectors_of(allowed)
-            cos = {int(key): float(s) for key, s in zip(found, vecs @ q)}
+            cos = self._exact_scores(allowed, q)
         else:
-            sims, keys = self._vectors.search(q[None, :], n_cand, allowed=allowed)
-            cos = {int(key): float(s) for key, s in zip(keys[0], sims[0]) if key >= 0}
+            slots_allowed = None if allowed is None else slots_of(allowed, self._max_p)
+            sims, slots = self._vectors.search(q[None, :], n_cand * min(self._max_p, 4), allowed=slots_allowed)
+            cos = _max_by_owner(slots[0], sims[0])
             if allowed is None and self._vectors.kind != "flat":
                 cos.update(self._small_group_scores(q))
-        timings["search"] = (time.perf_counter() - t) * 1e3
+        timings["search"] += (time.perf_counter() - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
-            return cos, degraded
+            return cos, cos, degraded
         t = time.perf_counter()
         lam = METADATA_TAG_WEIGHT if terms else TEXT_TAG_WEIGHT
         terms = terms or self._tags.match_text(text)
         if not terms:
-            timings["fuse"] = (time.perf_counter() - t) * 1e3
-            return cos, degraded
+            timings["fuse"] += (time.perf_counter() - t) * 1e3
+            return cos, cos, degraded
         if self._over_budget(t0):
-            timings["fuse"] = (time.perf_counter() - t) * 1e3
-            return cos, True
+            timings["fuse"] += (time.perf_counter() - t) * 1e3
+            return cos, cos, True
         tag = self._tags.score_keys(terms, cos)
         rare, budget = [], TAG_SCAN_LIMIT
         for term in sorted(terms, key=lambda tf: self._tags.posting_total([tf])):
@@ -354,12 +719,17 @@ class Router:
         if rare:  # tag-side candidates: the adapters holding the query's rarest tags (bounded scan)
             extra = [key for key in self._tags.score(rare, limit=n_cand) if key not in cos]
             if extra:
-                found, vecs = self._vectors.vectors_of(np.asarray(extra, np.int64))
-                cos.update({int(key): float(s) for key, s in zip(found, vecs @ q)})
-                tag.update(self._tags.score_keys(terms, found))
+                got = self._exact_scores(np.asarray(extra, np.int64), q)
+                cos.update(got)
+                tag.update(self._tags.score_keys(terms, list(got)))
         scores = fuse(cos, tag, lam)
-        timings["fuse"] = (time.perf_counter() - t) * 1e3
-        return scores, degraded
+        timings["fuse"] += (time.perf_counter() - t) * 1e3
+        return scores, cos, degraded
+
+    def _exact_scores(self, keys: np.ndarray, q: np.ndarray) -> dict[int, float]:
+        """``max_j cos(q, key_j)`` of each adapter in ``keys`` (all its vectors scored exactly)."""
+        found, vecs = self._vectors.vectors_of(slots_of(np.asarray(keys, np.int64), self._max_p))
+        return _max_by_owner(found, vecs @ q)
 
     def _small_group_scores(self, q: np.ndarray) -> dict[int, float]:
         """Exact ``cos(q, key)`` of every member of the small groups nearest to ``q`` (module docstring)."""
@@ -368,8 +738,7 @@ class Router:
         small = [g for g, _ in self._groups.top_groups(q, RESCUE_GROUPS, max_size=SMALL_GROUP_LIMIT)]
         if not small:
             return {}
-        found, vecs = self._vectors.vectors_of(np.concatenate([self._groups.members(g) for g in small]))
-        return {int(key): float(s) for key, s in zip(found, vecs @ q)}
+        return self._exact_scores(np.concatenate([self._groups.members(g) for g in small]), q)
 
     def _finish(
         self, chosen: list[tuple[str, float]], strat: RoutingStrategy, timings: dict[str, float], degraded: bool, t0: float
@@ -405,6 +774,13 @@ class Router:
                 "embedding_cache": self.encoder.stats(),
                 "route_cache_size": len(self._cache),
                 "generation": self._generation,
+                "max_keys_per_adapter": self._max_p,
+                "threshold": self.threshold(),
+                "calibration": dataclasses.asdict(self._learner.calibration),
+                "fast_path": self._fast is not None and self._learner.projection is not None,
+                "learned_adapters": len(self._learner.learned),
+                "negatives": len(self._learner.negatives),
+                "refits": self._learner.refits,
             }
 
     @property
@@ -415,8 +791,24 @@ class Router:
         """Persist the indexes (no-op in memory or when nothing changed since the last save)."""
         with self._lock:
             if self.index_dir is not None and self._dirty:
-                save_indexes(self.index_dir, self._vectors, self._tags, self._generation, self.encoder.name)
+                buf = io.BytesIO()
+                np.savez(buf, **self._learner.to_arrays())
+                save_indexes(self.index_dir, self._vectors, self._tags, self._generation, self.encoder.name,
+                             extra={LEARNER_FILE: buf.getvalue()})  # fmt: skip
                 self._dirty = False
+
+    def _load_learner(self) -> None:
+        """Read the learner's state beside the loaded index (checksummed with it); refused as a whole if bad."""
+        path = self.index_dir / LEARNER_FILE if self.index_dir is not None else None
+        self._learner = KeyLearner(self.dim, self._learner.max_keys)
+        if path is None or not path.is_file():
+            return
+        try:
+            self._learner = KeyLearner.load(path, self.dim, self._learner.max_keys)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            logger.warning("smoa routing: learned routing state %s refused (%s); it will be relearned", path, exc)
+            self._learner = KeyLearner(self.dim, self._learner.max_keys)
+            self._dirty = True
 
     def close(self) -> None:
         """Save and drop the route cache."""
@@ -425,4 +817,52 @@ class Router:
             self._cache.clear()
 
 
-__all__ = ["MAX_QUERY_CHARS", "RESCUE_GROUPS", "SMALL_GROUP_LIMIT", "Router", "RoutingText"]
+def _first_vector(entry: KeyEntry, dim: int) -> np.ndarray:
+    """All of ``entry``'s key vectors ``[P, dim]`` (at most ``MAX_KEYS``; the name predates multi-vector keys)."""
+    vecs = np.asarray(entry.vectors, np.float32).reshape(-1, dim)
+    if not len(vecs) or len(vecs) > MAX_KEYS:
+        raise InvalidInputError(f"adapter key {entry.key}: `vectors` must hold 1..{MAX_KEYS} keys, got {len(vecs)}")
+    return vecs
+
+
+def _as_key_list(vectors: np.ndarray | Sequence[np.ndarray], n: int, dim: int) -> list[np.ndarray]:
+    """``[n, dim]`` or a list of ``[P_i, dim]`` -> list of float32 ``[P_i, dim]`` (1 <= P_i <= MAX_KEYS)."""
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
+        if vectors.shape != (n, dim):
+            raise InvalidInputError(f"`vectors` must be [{n}, {dim}], got {tuple(vectors.shape)}")
+        return list(np.ascontiguousarray(vectors, np.float32)[:, None, :])
+    out = [np.ascontiguousarray(v, np.float32).reshape(-1, dim) if np.size(v) % dim == 0 else None for v in vectors]
+    if any(m is None or not 1 <= len(m) <= MAX_KEYS for m in out):
+        raise InvalidInputError(f"each adapter needs 1..{MAX_KEYS} key vectors of dim {dim}")
+    return out  # type: ignore[return-value]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _means(mats: Sequence[np.ndarray]) -> np.ndarray:
+    """Unit mean of each adapter's keys -> ``[n, dim]`` (its vector for the groups)."""
+    return _unit(np.stack([np.asarray(m, np.float64).mean(0) for m in mats])) if len(mats) else np.zeros((0, 0))
+
+
+def _max_by_owner(slots: np.ndarray, sims: np.ndarray) -> dict[int, float]:
+    """Vector-index hits -> ``{adapter key: best score}`` (padding ``-1`` slots skipped)."""
+    out: dict[int, float] = {}
+    for slot, s in zip(slots.tolist(), sims.tolist()):
+        if slot >= 0:
+            key = slot >> 4
+            if s > out.get(key, -np.inf):
+                out[key] = s
+    return out
+
+
+def _best_margin(cos: Mapping[int, float]) -> tuple[float | None, float]:
+    """Best cosine and its lead over the second (1.0 when alone); ``(None, 0)`` without candidates."""
+    if not cos:
+        return None, 0.0
+    vals = sorted(cos.values(), reverse=True)
+    return float(vals[0]), float(vals[0] - vals[1]) if len(vals) > 1 else 1.0
+
+
+__all__ = ["KeyEntry", "MAX_QUERY_CHARS", "RESCUE_GROUPS", "SMALL_GROUP_LIMIT", "Router", "RoutingText"]

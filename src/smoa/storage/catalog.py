@@ -4,17 +4,21 @@ Layout of a library directory::
 
     <storage_path>/
       catalog.sqlite3        adapters, tags, weights (inline safetensors BLOBs), members, aliases, merges, meta
-      blobs/ab/<sha256>      content-addressed safetensors files of adapters larger than `blob_inline_max_bytes`
-      cold/ab/<sha256>       weights of archived adapters (restorable)
+      weights/hot/ab/<sha256>   content-addressed safetensors files of adapters larger than `blob_inline_max_bytes`
+      weights/cold/ab/<sha256>  weights of archived and merged-away adapters (restorable)
+      (blobs/, cold/: the same for libraries made before schema 2; read, never swept)
       index/                 the router's persisted indexes (owned by smoa.routing)
       LOCK                   held (flock) by the one process that has the library open
 
 One adapter = one transaction: its row, tags and weights commit together or not at all. File blobs are written
 (temp file, fsync, rename) *before* the rows that reference them commit and unlinked only *after* the rows that
-referenced them are gone; files no row references (a crash between the two steps) are collected at open.
+referenced them are gone; files no row references (a crash between the two steps) are collected at open — only
+inside ``weights/``, only names that are sha256 digests: the library never deletes a file it did not write.
 
-Every write transaction bumps ``generation`` in ``meta``; caches and the router key on it, so nothing stale is
-served after a change.
+Every write transaction that changes what routing or mixing sees bumps ``generation`` in ``meta``, and triggers
+append ``(generation, key)`` to the ``changes`` table for every adapter row (or its tags / members) touched —
+even by a write that did not go through :class:`smoa.core.LibraryCore` — so a router that is behind catches up
+from :meth:`Catalog.changes_since` instead of rebuilding. Key 0 in the log means "the alias table changed".
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from typing import Any
 from smoa.adapter.spec import Adapter
 from smoa.config import AdapterGranularity, AdapterSpecialization
 from smoa.errors import AdapterNotFoundError, InvalidInputError, StorageError
+from smoa.storage.base import DirectoryRow, RoutingRow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RECOVER_HINT = "run `smoa fsck {path} --repair` to rebuild the catalog from the weight files"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +65,8 @@ CREATE TABLE IF NOT EXISTS adapters(
     pinned INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL DEFAULT 'active',
     metadata TEXT NOT NULL DEFAULT '{}',
-    embedding BLOB
+    embedding BLOB,
+    examples TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS adapters_by_status ON adapters(status);
 CREATE TABLE IF NOT EXISTS tags(
@@ -93,10 +100,33 @@ CREATE TABLE IF NOT EXISTS merges(
 );
 """
 
+_NEXT_GEN = "(SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE key = 'generation')"
+_LOG_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS changes(generation INTEGER NOT NULL, key INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS changes_by_generation ON changes(generation);
+CREATE TRIGGER IF NOT EXISTS log_adapter_insert AFTER INSERT ON adapters
+    BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
+CREATE TRIGGER IF NOT EXISTS log_adapter_delete AFTER DELETE ON adapters
+    BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, OLD.key); END;
+CREATE TRIGGER IF NOT EXISTS log_adapter_update AFTER UPDATE OF status, version, embedding, description, examples
+    ON adapters BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
+CREATE TRIGGER IF NOT EXISTS log_tags_insert AFTER INSERT ON tags
+    BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
+CREATE TRIGGER IF NOT EXISTS log_tags_delete AFTER DELETE ON tags
+    BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, OLD.key); END;
+CREATE TRIGGER IF NOT EXISTS log_members_insert AFTER INSERT ON members
+    BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.composite); END;
+CREATE TRIGGER IF NOT EXISTS log_members_delete AFTER DELETE ON members
+    BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, OLD.composite); END;
+CREATE TRIGGER IF NOT EXISTS log_alias_insert AFTER INSERT ON aliases BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, 0); END;
+CREATE TRIGGER IF NOT EXISTS log_alias_delete AFTER DELETE ON aliases BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, 0); END;
+CREATE TRIGGER IF NOT EXISTS log_alias_update AFTER UPDATE ON aliases BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, 0); END;
+"""
+
 _COLUMNS = (
     "key, id, specialization, granularity, rank, alpha, description, target_modules, num_parameters, profile, "
     "version, checksum, nbytes, created_at, last_used_at, usage_count, pinned, status, metadata, last_used_query, "
-    "created_query"
+    "created_query, examples"
 )
 
 
@@ -125,6 +155,7 @@ class NewAdapterRow:
     pinned: bool = False
     members: list[tuple[str, float]] | None = None
     created_query: int = 0
+    examples: list[str] | None = None
 
 
 class Catalog:
@@ -133,25 +164,52 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        hint = RECOVER_HINT.format(path=str(path.parent))
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"cannot open catalog {str(path)!r}: {exc}; {hint}") from exc
+        try:
+            self._open(path, hint)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: Path, hint: str) -> None:
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self._db.execute("PRAGMA foreign_keys=OFF")
-            self._db.executescript(_SCHEMA)
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StorageError(f"catalog {str(path)!r} failed its integrity check: {check}; {hint}")
+            self._db.executescript(_SCHEMA)
+            self._migrate()
+            self._db.executescript(_LOG_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise StorageError(f"cannot open catalog {str(path)!r}: {exc}") from exc
-        if check != "ok":
-            raise StorageError(f"catalog {str(path)!r} failed its integrity check: {check}")
+            raise StorageError(f"cannot open catalog {str(path)!r}: {exc}; {hint}") from exc
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
             db.execute("INSERT OR IGNORE INTO meta VALUES('generation', '0')")
             db.execute("INSERT OR IGNORE INTO meta VALUES('queries', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES('changes_floor', '0')")
         version = int(self.get_meta("schema_version") or 0)
         if version != SCHEMA_VERSION:
             raise StorageError(f"catalog {str(path)!r} has schema version {version}, this smoa reads {SCHEMA_VERSION}")
         self.generation = int(self.get_meta("generation") or 0)
+
+    def _migrate(self) -> None:
+        """Schema 1 -> 2: the ``examples`` column and the change log (the log starts at today's generation)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or int(row[0]) != 1:
+            return
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(adapters)")}
+        self._db.execute("BEGIN IMMEDIATE")
+        if "examples" not in cols:
+            self._db.execute("ALTER TABLE adapters ADD COLUMN examples TEXT NOT NULL DEFAULT '[]'")
+        self._db.execute("INSERT OR REPLACE INTO meta SELECT 'changes_floor', value FROM meta WHERE key = 'generation'")
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        self._db.execute("COMMIT")
 
     # -- transactions ------------------------------------------------------------------------------------------
     @contextmanager
@@ -212,13 +270,13 @@ class Catalog:
             keys = list(range(start, start + len(rows)))
             db.executemany(
                 "INSERT INTO adapters(key, id, specialization, granularity, rank, alpha, description, target_modules,"
-                " num_parameters, profile, checksum, nbytes, created_at, pinned, metadata, embedding, created_query)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " num_parameters, profile, checksum, nbytes, created_at, pinned, metadata, embedding, created_query,"
+                " examples) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (k, r.id, r.specialization, r.granularity, r.rank, r.alpha, r.description,
                      mods(r), r.num_parameters, r.profile, r.checksum, r.nbytes, r.created_at,
                      int(r.pinned), json.dumps(r.metadata, ensure_ascii=False) if r.metadata else "{}", r.embedding,
-                     r.created_query)
+                     r.created_query, json.dumps(r.examples, ensure_ascii=False) if r.examples else "[]")
                     for k, r in zip(keys, rows)
                 ],
             )  # fmt: skip
@@ -257,22 +315,13 @@ class Catalog:
             db.execute("UPDATE adapters SET embedding = ? WHERE key = ?", (embedding, key))
 
     def delete(self, keys: Sequence[int]) -> list[str]:
-        """Delete adapters (rows, tags, weights, members, aliases pointing at them); returns files now unused."""
+        """Delete adapters (rows, tags, weights, members, aliases to/from them) in one transaction; returns files
+        no row references any more."""
         with self.transaction(bump=True) as db:
-            params = [(k,) for k in keys]
-            files: list[str] = []
-            for k in keys:
-                row = db.execute("SELECT file FROM weights WHERE key = ?", (k,)).fetchone()
-                if row and row[0]:
-                    files.append(row[0])
-            ids = [r[0] for k in keys for r in db.execute("SELECT id FROM adapters WHERE key = ?", (k,))]
-            db.executemany("DELETE FROM adapters WHERE key = ?", params)
-            db.executemany("DELETE FROM tags WHERE key = ?", params)
-            db.executemany("DELETE FROM weights WHERE key = ?", params)
-            db.executemany("DELETE FROM members WHERE composite = ?", params)
-            db.executemany("DELETE FROM aliases WHERE target = ?", [(i,) for i in ids])
+            files = self._delete_rows(db, keys)
             # decided inside the transaction: no read after COMMIT can fail and hide a completed delete
-            unused = [f for f in files if not db.execute("SELECT 1 FROM weights WHERE file = ? LIMIT 1", (f,)).fetchone()]
+            unused = [f for f in dict.fromkeys(files)
+                      if not db.execute("SELECT 1 FROM weights WHERE file = ? LIMIT 1", (f,)).fetchone()]  # fmt: skip
         return unused
 
     def set_status(self, key: int, status: str, blob: bytes | None = None, file: str | None = None) -> str | None:
@@ -329,17 +378,119 @@ class Catalog:
                 db.execute("INSERT OR REPLACE INTO aliases VALUES(?,?,?)", (source_id, merged_id, merge_id))
         return merge_id
 
-    def undo_merge(self, merge_id: int) -> tuple[list[str], str]:
-        """Inverse of :meth:`record_merge` (sources become ``archived``, aliases dropped); ``(sources, merged)``."""
+    def merge_info(self, merge_id: int) -> tuple[str, list[str], bool] | None:
+        """``(merged_into, source ids, undone)`` of a merge record, or None."""
+        rows = self._read("SELECT merged_into, sources, undone FROM merges WHERE merge_id = ?", (int(merge_id),))
+        return (str(rows[0][0]), list(json.loads(rows[0][1])), bool(rows[0][2])) if rows else None
+
+    def undo_merge(
+        self, merge_id: int, restores: Sequence[tuple[int, bytes | None, str | None]], delete_key: int | None
+    ) -> tuple[list[str], str, list[str]]:
+        """Inverse of :meth:`record_merge`, in one transaction: the sources in ``restores`` ``(key, blob, file)``
+        become ``active`` with those weights, the merge's aliases go, the record is marked undone and the merged
+        adapter (``delete_key``) is deleted. Returns ``(restored ids, merged id, files no row references now)``."""
         with self.transaction(bump=True) as db:
-            row = db.execute("SELECT merged_into, sources, undone FROM merges WHERE merge_id = ?", (merge_id,)).fetchone()
-            if row is None or row[2]:
+            row = db.execute("SELECT merged_into, undone FROM merges WHERE merge_id = ?", (merge_id,)).fetchone()
+            if row is None or row[1]:
                 raise InvalidInputError(f"`merge_id`={merge_id!r} is not a merge that can be undone (unknown or undone)")
-            sources = list(json.loads(row[1]))
+            old_files = [r[0] for k, _, _ in restores for r in db.execute("SELECT file FROM weights WHERE key = ?", (k,)) if r[0]]
+            restored = []
+            for key, blob, file in restores:
+                if db.execute("UPDATE adapters SET status = 'active' WHERE key = ? AND status = 'merged'", (key,)).rowcount != 1:
+                    raise InvalidInputError(f"`merge_id`={merge_id!r}: a source changed during the undo; nothing was changed")
+                db.execute("UPDATE weights SET data = ?, file = ? WHERE key = ?", (blob, file, key))
+                restored.append(str(db.execute("SELECT id FROM adapters WHERE key = ?", (key,)).fetchone()[0]))
             db.execute("DELETE FROM aliases WHERE merge_id = ?", (merge_id,))
-            db.executemany("UPDATE adapters SET status = 'archived' WHERE id = ? AND status = 'merged'", [(x,) for x in sources])
             db.execute("UPDATE merges SET undone = 1 WHERE merge_id = ?", (merge_id,))
-        return sources, str(row[0])
+            if delete_key is not None:
+                old_files += self._delete_rows(db, [delete_key])
+            unused = [f for f in old_files if not db.execute("SELECT 1 FROM weights WHERE file = ? LIMIT 1", (f,)).fetchone()]
+        return restored, str(row[0]), unused
+
+    def delete_alias(self, alias: str) -> list[str]:
+        """Forget a merged-away id: its alias and its retained pre-merge copy (row + cold weights) go; the adapter
+        it was merged into and every other source stay. Returns files no row references now."""
+        with self.transaction(bump=True) as db:
+            db.execute("DELETE FROM aliases WHERE alias = ?", (alias,))
+            row = db.execute("SELECT key FROM adapters WHERE id = ? AND status = 'merged'", (alias,)).fetchone()
+            files = self._delete_rows(db, [int(row[0])]) if row else []
+            unused = [f for f in files if not db.execute("SELECT 1 FROM weights WHERE file = ? LIMIT 1", (f,)).fetchone()]
+        return unused
+
+    def set_embeddings(self, items: Sequence[tuple[int, bytes | None]]) -> None:
+        """New routing keys (float32 ``[P, dim]`` bytes, or None) for many adapters in one transaction."""
+        with self.transaction(bump=True) as db:
+            db.executemany("UPDATE adapters SET embedding = ? WHERE key = ?", [(e, int(k)) for k, e in items])
+
+    def update_fields(
+        self, key: int, *, domain_tags: Sequence[str] | None = None, skill_tags: Sequence[str] | None = None,
+        description: str | None = None, examples: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None, embedding: bytes | None = None,
+    ) -> None:  # fmt: skip
+        """Replace an adapter's routing texts / metadata (only the fields given) and its key, in one transaction."""
+        with self.transaction(bump=True) as db:
+            if db.execute("SELECT 1 FROM adapters WHERE key = ?", (key,)).fetchone() is None:
+                raise AdapterNotFoundError(f"no adapter with key {key}")
+            for kind, tags in ((0, domain_tags), (1, skill_tags)):
+                if tags is not None:
+                    db.execute("DELETE FROM tags WHERE key = ? AND kind = ?", (key, kind))
+                    db.executemany("INSERT INTO tags VALUES(?,?,?,?)", [(key, kind, i, t) for i, t in enumerate(tags)])
+            if description is not None:
+                db.execute("UPDATE adapters SET description = ? WHERE key = ?", (description, key))
+            if examples is not None:
+                db.execute("UPDATE adapters SET examples = ? WHERE key = ?", (json.dumps(list(examples), ensure_ascii=False), key))
+            if metadata is not None:
+                db.execute("UPDATE adapters SET metadata = ? WHERE key = ?", (json.dumps(metadata, ensure_ascii=False), key))
+            if embedding is not None:
+                db.execute("UPDATE adapters SET embedding = ? WHERE key = ?", (embedding, key))
+
+    def compact(self) -> int:
+        """Reclaim the space of deleted rows (checkpoint + VACUUM); returns the bytes the database shrank by."""
+        def size() -> int:
+            return sum(p.stat().st_size for p in (self.path, Path(str(self.path) + "-wal")) if p.exists())
+
+        with self._lock:
+            before = size()
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db.execute("VACUUM")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise StorageError(f"catalog compaction failed ({exc}); nothing was changed") from exc
+            return max(0, before - size())
+
+    def trim_changes(self, upto: int) -> None:
+        """Drop change-log rows of generations ``<= upto`` (no reader needs them any more)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM changes WHERE generation <= ?", (int(upto),))
+            db.execute("UPDATE meta SET value = ? WHERE key = 'changes_floor' AND CAST(value AS INTEGER) < ?",
+                       (str(int(upto)), int(upto)))  # fmt: skip
+
+    def changes_since(self, generation: int) -> list[int] | None:
+        """Keys changed in generations after ``generation`` (0 = the alias table), or None when the log has been
+        trimmed past it (the caller then rebuilds)."""
+        floor = int(self.get_meta("changes_floor") or 0)
+        if generation < floor:
+            return None
+        return [int(r[0]) for r in self._read(
+            "SELECT DISTINCT key FROM changes WHERE generation > ? ORDER BY key", (int(generation),))]  # fmt: skip
+
+    def read_generation(self) -> int:
+        """The committed generation as stored (sees other connections' commits)."""
+        self.generation = max(self.generation, int(self.get_meta("generation") or 0))
+        return self.generation
+
+    def _delete_rows(self, db: sqlite3.Connection, keys: Sequence[int]) -> list[str]:
+        """Inside a transaction: delete adapters' rows, tags, weights, members, aliases; returns their files."""
+        params = [(k,) for k in keys]
+        files = [r[0] for k in keys for r in db.execute("SELECT file FROM weights WHERE key = ?", (k,)) if r[0]]
+        ids = [r[0] for k in keys for r in db.execute("SELECT id FROM adapters WHERE key = ?", (k,))]
+        db.executemany("DELETE FROM adapters WHERE key = ?", params)
+        db.executemany("DELETE FROM tags WHERE key = ?", params)
+        db.executemany("DELETE FROM weights WHERE key = ?", params)
+        db.executemany("DELETE FROM members WHERE composite = ?", params)
+        db.executemany("DELETE FROM aliases WHERE target = ? OR alias = ?", [(i, i) for i in ids])
+        return files
 
     # -- reads -------------------------------------------------------------------------------------------------
     def count(self, statuses: Sequence[str] = ("active", "archived")) -> int:
@@ -379,14 +530,15 @@ class Catalog:
         key, version, status = rows[0]
         return int(key), int(version), str(status)
 
-    def read_weights(self, key: int) -> tuple[bytes | None, str | None, str]:
-        """``(inline blob, file, checksum)`` of an adapter's stored weights."""
+    def read_weights(self, key: int) -> tuple[bytes | None, str | None, str, int]:
+        """``(inline blob, file, checksum, version)`` of an adapter's stored weights, read in one statement."""
         rows = self._read(
-            "SELECT w.data, w.file, a.checksum FROM weights w JOIN adapters a ON a.key = w.key WHERE w.key = ?", (key,)
-        )
+            "SELECT w.data, w.file, a.checksum, a.version FROM weights w JOIN adapters a ON a.key = w.key"
+            " WHERE w.key = ?", (key,)
+        )  # fmt: skip
         if not rows:
             raise AdapterNotFoundError(f"no weights stored for adapter key {key}")
-        return rows[0][0], rows[0][1], rows[0][2]
+        return rows[0][0], rows[0][1], rows[0][2], int(rows[0][3])
 
     def members_of(self, key: int) -> list[tuple[str, float]]:
         return [(m, float(w)) for m, w in self._read(
@@ -461,7 +613,7 @@ class Catalog:
 
     def _to_adapter(self, r: tuple[Any, ...]) -> Adapter:
         (key, aid, spec, gran, rank, alpha, desc, mods, nparams, profile, version, checksum, _nbytes, created,
-         last_used, usage, pinned, status, meta, last_query, created_query) = r  # fmt: skip
+         last_used, usage, pinned, status, meta, last_query, created_query, examples) = r  # fmt: skip
         domain, skill = self._tags(key)
         specialization = AdapterSpecialization(spec)
         members = self.members_of(key) if specialization is AdapterSpecialization.COMPOSITE else []
@@ -471,8 +623,72 @@ class Catalog:
             target_modules=json.loads(mods), num_parameters=int(nparams), profile=profile, version=int(version),
             checksum=checksum, created_at=float(created), last_used_at=last_used, usage_count=int(usage),
             pinned=bool(pinned), status=status, members=members, metadata=json.loads(meta),
-            last_used_query=int(last_query), created_query=int(created_query),
+            last_used_query=int(last_query), created_query=int(created_query), examples=json.loads(examples or "[]"),
         )  # fmt: skip
+
+    def get_by_key(self, key: int) -> Adapter:
+        rows = self._read(f"SELECT {_COLUMNS} FROM adapters WHERE key = ?", (int(key),))
+        if not rows:
+            raise AdapterNotFoundError(f"no adapter with key {key}")
+        return self._to_adapter(rows[0])
+
+    def page(self, statuses: Sequence[str], offset: int, limit: int, tag: str | None = None) -> list[Adapter]:
+        """Adapters with these statuses by key, ``limit`` from ``offset`` (only those holding ``tag`` if given)."""
+        marks = ",".join("?" * len(statuses))
+        where = f"status IN ({marks})"
+        params: list[Any] = list(statuses)
+        if tag is not None:
+            where += " AND key IN (SELECT key FROM tags WHERE tag = ?)"
+            params.append(tag)
+        rows = self._read(f"SELECT {_COLUMNS} FROM adapters WHERE {where} ORDER BY key LIMIT ? OFFSET ?",
+                          (*params, int(limit), int(offset)))  # fmt: skip
+        return [self._to_adapter(r) for r in rows]
+
+    def directory_rows(self, keys: Sequence[int] | None = None) -> Iterator[DirectoryRow]:
+        """``(key, id, version, status, members, pinned)`` of every adapter (or of ``keys``), for the core's
+        in-memory directory."""
+        if keys is None:
+            rows = self._read("SELECT key, id, version, status, pinned, specialization FROM adapters ORDER BY key")
+        else:
+            rows = [r for k in keys for r in self._read(
+                "SELECT key, id, version, status, pinned, specialization FROM adapters WHERE key = ?", (int(k),))]  # fmt: skip
+        members: dict[int, list[tuple[str, float]]] = {}
+        if any(r[5] == AdapterSpecialization.COMPOSITE.value for r in rows):
+            for comp, mid, w in self._read("SELECT composite, member_id, weight FROM members ORDER BY composite, position"):
+                members.setdefault(int(comp), []).append((str(mid), float(w)))
+        for key, aid, version, status, pinned, _spec in rows:
+            yield DirectoryRow(int(key), str(aid), int(version), str(status), tuple(members.get(int(key), ())), bool(pinned))
+
+    def aliases(self) -> dict[str, str]:
+        return {str(a): str(t) for a, t in self._read("SELECT alias, target FROM aliases")}
+
+    def routing_rows(self, keys: Sequence[int] | None = None, batch: int = 20_000) -> Iterator[RoutingRow]:
+        """Routing state (keys + texts) of every adapter, or of ``keys``, read in batches."""
+        sel = "SELECT key, status, embedding, description, examples FROM adapters"
+        chunks: Iterator[list[tuple[Any, ...]]]
+        if keys is None:
+            def all_rows() -> Iterator[list[tuple[Any, ...]]]:
+                last = 0
+                while rows := self._read(f"{sel} WHERE key > ? ORDER BY key LIMIT ?", (last, batch)):
+                    yield rows
+                    last = rows[-1][0]
+            chunks = all_rows()
+        else:
+            ks = [int(k) for k in keys]
+            chunks = (self._read(f"{sel} WHERE key IN ({','.join('?' * len(c))}) ORDER BY key", c)
+                      for c in (ks[i : i + 500] for i in range(0, len(ks), 500)))  # fmt: skip
+        for rows in chunks:
+            if not rows:
+                continue
+            lo, hi = rows[0][0], rows[-1][0]
+            tags: dict[int, tuple[list[str], list[str]]] = {}
+            for key, kind, tag in self._read(
+                "SELECT key, kind, tag FROM tags WHERE key BETWEEN ? AND ? ORDER BY key, kind, position", (lo, hi)
+            ):
+                tags.setdefault(key, ([], []))[kind].append(tag)
+            for key, status, emb, desc, ex in rows:
+                d, s = tags.get(key, ([], []))
+                yield RoutingRow(int(key), str(status), emb, d, s, desc, json.loads(ex or "[]"))
 
     def close(self) -> None:
         with self._lock:

@@ -1,7 +1,9 @@
 """Content-addressed weight files and the library directory lock.
 
-Files are named by the sha256 of their bytes (``blobs/ab/abcdef...``): a name never comes from user input, so no
-tag, description or id can become a path. A write goes to a temporary file in the same directory, is fsynced, then
+Files are named by the sha256 of their bytes (``weights/hot/ab/abcdef...``): a name never comes from user input,
+so no tag, description or id can become a path. The store owns only ``weights/`` (and reads the ``blobs/`` and
+``cold/`` paths that libraries made before schema 2 recorded); it never lists, sweeps or deletes anything else in
+the directory, so a user's own ``blobs/images/photo.jpg`` is never touched. A write goes to a temporary file in the same directory, is fsynced, then
 renamed into place (atomic on POSIX); a crash leaves at worst an unreferenced file, collected at the next open.
 """
 
@@ -10,21 +12,29 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from smoa.errors import CorruptAdapterError, LibraryLockedError, StorageError
 
 
+AREAS = ("weights/hot", "weights/cold")
+LEGACY_AREAS = ("blobs", "cold")  # schema 1 libraries: read and deleted when their rows go, never swept
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
 class FileStore:
-    """Content-addressed files under ``root`` (``blobs`` for large adapters, ``cold`` for archived ones)."""
+    """Content-addressed files under ``<library>/weights`` (``hot`` for large adapters, ``cold`` for archived and
+    merged-away ones). Implements :class:`smoa.storage.base.WeightStore`."""
 
     def __init__(self, library_dir: Path) -> None:
         self.library_dir = library_dir
 
     def write(self, area: str, digest: str, data: bytes) -> str:
         """Store ``data`` under ``<area>/<digest[:2]>/<digest>``; returns the relative path. Idempotent."""
-        if area not in ("blobs", "cold") or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        area = {"blobs": "weights/hot", "cold": "weights/cold"}.get(area, area)
+        if area not in AREAS or not _DIGEST.fullmatch(digest):
             raise StorageError(f"invalid blob address {area!r}/{digest!r}")
         rel = f"{area}/{digest[:2]}/{digest}"
         path = self.library_dir / rel
@@ -57,28 +67,43 @@ class FileStore:
             raise StorageError(f"{name}: cannot read weight file {rel!r}: {exc}") from exc
 
     def delete(self, rel: str) -> None:
+        """Delete a file the catalog recorded (only content-addressed paths in the store's areas)."""
+        parts = rel.split("/")
+        if "/".join(parts[:-2]) not in AREAS + LEGACY_AREAS or not _DIGEST.fullmatch(parts[-1]):
+            return  # not a path this store writes: never delete it
         _silent_unlink(self._resolve(rel))
 
-    def all_files(self) -> set[str]:
+    def owned_files(self, areas: tuple[str, ...] = AREAS) -> set[str]:
+        """Every content-addressed file (``<area>/ab/<sha256>``) in ``areas``."""
         out: set[str] = set()
-        for area in ("blobs", "cold"):
+        for area in areas:
             root = self.library_dir / area
             if root.is_dir():
-                for p in root.glob("*/*"):
-                    out.add(str(p.relative_to(self.library_dir)))
+                for p in root.glob("[0-9a-f][0-9a-f]/*"):
+                    if _DIGEST.fullmatch(p.name) and p.parent.name == p.name[:2] and p.is_file():
+                        out.add(f"{area}/{p.parent.name}/{p.name}")
         return out
 
+    all_files = owned_files
+
+    def holds_weights(self) -> bool:
+        """Whether the directory holds weight files of a library (new or legacy layout)."""
+        return bool(self.owned_files(AREAS + LEGACY_AREAS))
+
     def collect_garbage(self, referenced: set[str]) -> int:
-        """Delete files no catalog row references and leftover temp files; returns how many were removed."""
+        """Delete files in ``weights/`` no catalog row references, and leftover temp files; returns the count."""
         removed = 0
-        for rel in self.all_files() - referenced:
+        for rel in self.owned_files() - referenced:
             self.delete(rel)
             removed += 1
-        for area in ("blobs", "cold"):
-            for tmp in (self.library_dir / area).glob("*/.tmp-*"):
+        for area in AREAS:
+            for tmp in (self.library_dir / area).glob("[0-9a-f][0-9a-f]/.tmp-*"):
                 _silent_unlink(tmp)
                 removed += 1
         return removed
+
+    def close(self) -> None:
+        """Nothing to release (files are opened per call)."""
 
     def _resolve(self, rel: str, name: str = "") -> Path:
         path = (self.library_dir / rel).resolve()
@@ -98,30 +123,38 @@ class DirectoryLock:
 
     def __init__(self, library_dir: Path) -> None:
         self.path = library_dir / "LOCK"
-        self._fd: int | None = None
+        self._fds: list[int] = []
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Lock ``LOCK`` and the directory itself (so deleting ``LOCK`` does not let a second process in)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fds = [os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), os.open(self.path.parent, os.O_RDONLY)]
         except OSError as exc:
-            os.close(fd)
+            raise StorageError(f"cannot lock {str(self.path)!r}: {exc.strerror or exc}") from exc
+        try:
+            for fd in fds:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise LibraryLockedError(
                     f"library {str(self.path.parent)!r} is open in another process; close it there first"
                 ) from None
             raise StorageError(f"cannot lock {str(self.path)!r}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        os.ftruncate(fds[0], 0)
+        os.write(fds[0], str(os.getpid()).encode())
+        self._fds = fds
 
     def release(self) -> None:
-        if self._fd is not None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
             finally:
-                os.close(self._fd)
-                self._fd = None
+                os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

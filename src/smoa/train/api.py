@@ -2,12 +2,11 @@
 
 ::
 
-    adapter_or_spec ──(a spec: create it)──► adapter id ──► library.get_weights
+    adapter_or_spec ──(a spec: create it)──► adapter id ──► core.get_weights
                                                                    │
-                                  train_adapter_weights (frozen base) ──► update_adapter_weights_sync
+                                  train_adapter_weights (frozen base) ──► core.update_weights
                                                                           (new version, caches dropped)
-    routing key = router.routing_keys(tags, description, examples = its training inputs)
-                ──► library.set_embedding + reindex
+    routing texts += its training inputs as examples ──► core.update_adapter (key re-encoded, routes follow)
 
 Nothing else changes: other adapters' weights, keys and versions and the base model's parameters are left
 bit for bit as they were (tested), so adapters can be added and trained one after another without forgetting.
@@ -15,14 +14,16 @@ bit for bit as they were (tested), so adapters can be added and trained one afte
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from smoa.adapter.spec import Adapter
+from smoa.adapter.spec import Adapter, AdapterSpec
 from smoa.errors import CompositionError, InvalidInputError
 from smoa.train.loop import TrainHistory, train_adapter_weights
+
+if TYPE_CHECKING:
+    from smoa.mixture import SparseAdapterMixture
 
 MAX_ROUTING_EXAMPLES = 256
 
@@ -59,15 +60,13 @@ def routing_examples(data: Sequence[Any], limit: int = MAX_ROUTING_EXAMPLES) -> 
     return [texts[int(i * step)] for i in range(limit)]
 
 
-def _resolve_adapter(smoa: Any, adapter_or_spec: Any) -> tuple[Adapter, bool]:
-    from smoa.library import AdapterSpec
-
+def _resolve_adapter(smoa: SparseAdapterMixture, adapter_or_spec: Any) -> tuple[Adapter, bool]:
     if isinstance(adapter_or_spec, (AdapterSpec, Mapping)):
-        return smoa.create_adapters_sync([adapter_or_spec])[0], True
+        return smoa.core.create_many([adapter_or_spec])[0], True
     if isinstance(adapter_or_spec, Adapter):
-        return smoa.library.get_adapter(adapter_or_spec.id), False
+        return smoa.core.get_adapter(adapter_or_spec.id), False
     if isinstance(adapter_or_spec, str):
-        return smoa.library.get_adapter(adapter_or_spec), False
+        return smoa.core.get_adapter(adapter_or_spec), False
     raise InvalidInputError(
         f"`adapter_or_spec` must be an adapter id, an Adapter, an AdapterSpec or a mapping, got "
         f"{type(adapter_or_spec).__name__}"
@@ -75,8 +74,8 @@ def _resolve_adapter(smoa: Any, adapter_or_spec: Any) -> tuple[Adapter, bool]:
 
 
 def train_adapter(
-    smoa: Any,
-    adapter_or_spec: str | Adapter | Any,
+    smoa: SparseAdapterMixture,
+    adapter_or_spec: str | Adapter | AdapterSpec | Mapping[str, Any],
     data: Sequence[Any],
     steps: int = 100,
     lr: float = 2e-3,
@@ -86,7 +85,9 @@ def train_adapter(
     progress: bool = True,
     *,
     update_routing_key: bool = True,
-    **loop_kwargs: Any,
+    weight_decay: float = 0.0,
+    warmup: int | None = None,
+    grad_clip: float | None = 1.0,
 ) -> TrainResult:
     """Train an adapter of ``smoa``'s library on ``data`` with the attached base model frozen.
 
@@ -96,8 +97,9 @@ def train_adapter(
             mapping of its fields) for a new adapter, created first (fresh factors: A random, B zero).
         data: texts, or ``(input, target)`` pairs (loss on the target only); see :mod:`smoa.train.loop`.
         steps, lr, batch_size, seed, max_length, progress: as in :func:`~smoa.train.loop.train_adapter_weights`.
-        update_routing_key: re-key the adapter from its tags, description and training inputs.
-        **loop_kwargs: ``weight_decay``, ``warmup``, ``grad_clip``.
+        update_routing_key: store (a spread of) the training inputs as the adapter's routing examples and re-key
+            it from its tags, description and those examples.
+        weight_decay, warmup, grad_clip: as in :func:`~smoa.train.loop.train_adapter_weights`.
 
     Returns:
         A :class:`TrainResult`. On any error during training nothing is stored (a freshly created adapter stays,
@@ -111,25 +113,21 @@ def train_adapter(
     adapter, created = _resolve_adapter(smoa, adapter_or_spec)
     if adapter.is_composite:
         raise CompositionError(f"adapter {adapter.id!r} is COMPOSITE; train its members instead")
-    start = smoa.library.get_weights(adapter.id)
-    lock = getattr(smoa, "_engine_lock", None)
-    with lock if lock is not None else contextlib.nullcontext():
+    core = smoa.core
+    start = core.get_weights(adapter.id)
+    loop_kwargs: dict[str, Any] = {"weight_decay": weight_decay, "warmup": warmup}
+    if grad_clip is not None:
+        loop_kwargs["grad_clip"] = grad_clip
+    with smoa.engine_lock:
         trained, history = train_adapter_weights(
             engine, start, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed, max_length=max_length,
             progress=progress, description=f"training {adapter.id}", **loop_kwargs,
         )  # fmt: skip
-    adapter = smoa.update_adapter_weights_sync(adapter.id, trained)
+    adapter = core.update_weights(adapter.id, trained)
     examples = routing_examples(data) if update_routing_key else []
     if examples:
-        from smoa.routing.router import RoutingText
-
-        key = smoa.router.routing_keys([RoutingText(
-            domain_tags=list(adapter.domain_tags), skill_tags=list(adapter.skill_tags),
-            description=adapter.description, examples=examples,
-        )])[0]  # fmt: skip
-        smoa.library.set_embedding(adapter.id, key)
-        smoa.reindex([adapter.id])
-    return TrainResult(smoa.library.get_adapter(adapter.id), history, created, len(examples))
+        adapter = core.update_adapter(adapter.id, examples=examples)
+    return TrainResult(core.get_adapter(adapter.id), history, created, len(examples))
 
 
 __all__ = ["TrainResult", "routing_examples", "train_adapter"]

@@ -16,11 +16,15 @@ On the main job (5 BBC topics + 5,000 distractors) 8 prototypes lift top-1 routi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from smoa.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from smoa.adapter.spec import Adapter
+    from smoa.mixture import SparseAdapterMixture
 
 
 def spherical_kmeans(x: np.ndarray, m: int, seed: int = 0, iters: int = 30) -> np.ndarray:
@@ -55,7 +59,7 @@ def spherical_kmeans(x: np.ndarray, m: int, seed: int = 0, iters: int = 30) -> n
     return np.array([order[int(a)] for a in assign], np.int64)
 
 
-def example_key(smoa: Any, adapter: Any, vectors: np.ndarray) -> np.ndarray:
+def example_key(smoa: SparseAdapterMixture, adapter: Adapter, vectors: np.ndarray) -> np.ndarray:
     """The key :meth:`Router.routing_keys` gives ``adapter`` with examples embedded as ``vectors`` ``[n, dim]``:
     ``normalise(TEXT_WEIGHT * e(tags + description) + (1 - TEXT_WEIGHT) * unit mean of vectors)``, float32 ``[dim]``."""
     from smoa.routing.keys import TEXT_WEIGHT, blend_keys, example_centroids, routing_text
@@ -66,8 +70,9 @@ def example_key(smoa: Any, adapter: Any, vectors: np.ndarray) -> np.ndarray:
 
 
 def add_routing_prototypes(
-    smoa: Any, adapter_id: str, examples: Sequence[str], m: int = 8, seed: int = 0, vectors: np.ndarray | None = None
-) -> list[Any]:
+    smoa: SparseAdapterMixture, adapter_id: str, examples: Sequence[str], m: int = 8, seed: int = 0,
+    vectors: np.ndarray | None = None, multi_vector: bool = False,
+) -> list[Any]:  # fmt: skip
     """Give ``adapter_id`` ``m`` extra routing keys, one per cluster of ``examples``.
 
     Args:
@@ -77,29 +82,37 @@ def add_routing_prototypes(
         m: prototypes (clusters); capped at ``len(examples)``.
         seed: k-means seed.
         vectors: the examples already encoded by ``smoa.router.encoder`` (``[n, dim]``), to encode them once.
+        multi_vector: store the prototypes as extra keys of the adapter itself (``[1 + m, dim]`` via
+            ``LibraryCore.set_routing_keys``; needs the router's multi-vector index, issue 11) instead of as
+            COMPOSITE alias entries.
 
     Returns:
         The COMPOSITE alias adapters (each ``members == [(adapter_id, 1.0)]``, same tags and description,
-        ``metadata["prototype_of"] = adapter_id``), each keyed like an adapter whose examples are its cluster.
+        ``metadata["prototype_of"] = adapter_id``), each keyed like an adapter whose examples are its cluster;
+        ``[]`` with ``multi_vector``.
     """
-    from smoa.library import AdapterSpec
+    from smoa.adapter.spec import AdapterSpec
 
     texts = [e for e in examples if isinstance(e, str) and e.strip()]
     if not texts or (vectors is not None and len(vectors) != len(texts)):
         raise InvalidInputError(f"`examples` must hold non-empty texts (and `vectors` one row each), got {len(texts)}")
-    ad = smoa.library.get_adapter(adapter_id)
+    core = smoa.core
+    ad = core.get_adapter(adapter_id)
     vecs = smoa.router.encoder.encode_batch(texts) if vectors is None else np.asarray(vectors, np.float32)
     labels = spherical_kmeans(vecs, min(m, len(texts)), seed=seed)
     n = int(labels.max()) + 1
+    keys = [example_key(smoa, ad, vecs[labels == j]) for j in range(n)]
+    if multi_vector:
+        core.set_routing_keys(ad.id, np.stack([example_key(smoa, ad, vecs), *keys]))
+        return []
     specs = [
         AdapterSpec(specialization="composite", domain_tags=list(ad.domain_tags), skill_tags=list(ad.skill_tags),
                     description=ad.description, members=[(ad.id, 1.0)], metadata={"prototype_of": ad.id, "prototype": j})
         for j in range(n)
     ]  # fmt: skip
-    aliases = smoa.create_adapters_sync(specs)
-    for j, alias in enumerate(aliases):
-        smoa.library.set_embedding(alias.id, example_key(smoa, ad, vecs[labels == j]))
-    smoa.reindex([a.id for a in aliases])
+    aliases = core.create_many(specs)
+    for alias, key in zip(aliases, keys):
+        core.set_routing_keys(alias.id, key)
     return aliases
 
 

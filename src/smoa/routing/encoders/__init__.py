@@ -129,6 +129,15 @@ class CachedEncoder:
                         self._cache.popitem(last=False)
         return out
 
+    def peek(self, text: str) -> np.ndarray | None:
+        """The cached embedding of ``text`` (counted as a hit), or ``None`` without encoding anything."""
+        with self._lock:
+            vec = self._cache.get(text)
+            if vec is not None:
+                self._cache.move_to_end(text)
+                self.hits += 1
+            return vec
+
     def prime(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         """Store precomputed embeddings ``vectors`` ``[n, dim]`` of ``texts`` (e.g. from a bulk encode)."""
         with self._lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from smoa.routing.index.tags import TagIndex
@@ -35,14 +36,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_indexes(directory: Path, vectors: VectorIndex, tags: TagIndex, generation: int, encoder: str) -> None:
-    """Write both indexes and their ``meta.json`` into ``directory`` (created if needed)."""
+def save_indexes(
+    directory: Path, vectors: VectorIndex, tags: TagIndex, generation: int, encoder: str,
+    extra: Mapping[str, bytes] | None = None,
+) -> None:
+    """Write both indexes, the ``extra`` files (name -> bytes, e.g. the learned routing state) and their
+    ``meta.json`` into ``directory`` (created if needed); every file is checksummed in ``meta.json``."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tmp-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     names = vectors.save(tmp)
     (tmp / "tags.json").write_text(json.dumps(tags.to_json()))
     names.append("tags.json")
+    for name, data in (extra or {}).items():
+        (tmp / name).write_bytes(data)
+        names.append(name)
     meta = {
         "format": FORMAT,
         "generation": int(generation),

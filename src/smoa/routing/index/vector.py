@@ -83,6 +83,7 @@ class VectorIndex:
         self._sorted = True  # ids[:_n] strictly increasing
         self._dead = 0
         self._selector_cache: tuple[np.ndarray, object] | None = None
+        self._view: tuple[np.ndarray, int] | None = None  # sorted view of ids for lookups when unsorted
 
     # ------------------------------------------------------------------ construction
     def _new_flat(self):  # -> faiss.Index
@@ -123,6 +124,7 @@ class VectorIndex:
         self._n, self._dead = len(keys), 0
         self._sorted = bool(np.all(np.diff(self._ids) > 0))
         self._selector_cache = None
+        self._view = None
         if len(keys):
             self._index.add(vectors)
 
@@ -147,7 +149,26 @@ class VectorIndex:
             inside = pos < len(ids)
             pos = pos[inside][ids[pos[inside]] == keys[inside]]
             return np.unique(pos[alive[pos]])
+        if len(keys) * 64 < self._n:  # few keys in a big, unsorted index: a sorted view + a small unsorted tail
+            order, upto = self._sorted_view()
+            sids = ids[order]
+            at = np.searchsorted(sids, keys)
+            ok = at < len(sids)
+            hits = order[at[ok][sids[at[ok]] == keys[ok]]]
+            # duplicates of a key in the view are dead except the last one: collect every equal run
+            lo, hi = np.searchsorted(sids, keys, "left"), np.searchsorted(sids, keys, "right")
+            runs = [order[a:b] for a, b in zip(lo, hi) if b - a > 1]
+            tail = upto + np.flatnonzero(np.isin(ids[upto:], keys))
+            pos = np.concatenate([hits, *runs, tail]).astype(np.int64)
+            return np.unique(pos[alive[pos]])
         return np.flatnonzero(np.isin(ids, keys) & alive)
+
+    def _sorted_view(self) -> tuple[np.ndarray, int]:
+        """``(argsort of ids[:upto], upto)``; re-sorted when the unsorted tail past ``upto`` grows past 1/16."""
+        view = self._view
+        if view is None or self._n - view[1] > max(4096, self._n // 16) or view[1] > self._n:
+            view = self._view = (np.argsort(self._ids[: self._n], kind="stable"), self._n)
+        return view
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or replace ``keys`` ``[n]`` with ``vectors`` ``[n, dim]`` (unit norm expected)."""

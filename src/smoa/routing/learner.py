@@ -1,0 +1,434 @@
+"""Routing keys that learn as the library grows: multi-vector keys, local updates, full refits, calibration.
+
+Each adapter has up to ``P`` keys (``SMoAConfig.routing_keys_per_adapter``) in the encoder's space. An adapter
+with examples starts from ``min(P, ceil(n_examples / EXAMPLES_PER_KEY))`` spherical k-means prototypes of its
+examples (each blended with its tags/description text like a single key); an adapter without examples has one
+key from its text. An adapter's score is its best key (max cosine).
+
+Keys are then *learned* (NormFace: a cosine-softmax classifier whose class weights are the keys, one
+class per adapter pooled over its keys by log-sum-exp)::
+
+    p(a | x) = softmax over adapters and fixed neighbours ( logsumexp_j cos(e(x), key_aj) / tau )
+
+* **on each create** (:meth:`KeyLearner.local_update`): the new adapters, their ``NEIGHBOURS`` nearest adapters
+  with examples (trainable) and the nearest keys of adapters without examples (fixed classes: keys of the rest
+  of the library the learned keys must stay apart from) are refitted on their examples. Cost ~O(examples of the
+  neighbourhood), about a second on CPU for 100-example adapters.
+* **refit** (:meth:`KeyLearner.refit`, called by ``optimize_library()`` and the background optimiser): the same
+  fit over every adapter with examples at once, so the result no longer depends on the order in which the
+  adapters arrived (bulk and one-by-one libraries meet there), then the projection of the fast encoder.
+
+Every fit also runs two folds (keys fitted on one half of each adapter's examples, the other half scored) whose
+scores become the calibration evidence of :mod:`smoa.routing.calibrate` (threshold ``"auto"``, confidence).
+
+Fast path (cascade): the static encoder's embedding ``s(x)`` is mapped into the key space by a linear
+projection ``A`` (ridge regression of ``e(x)`` on ``s(x)`` over the stored examples and routing texts, kept as
+exact Gram sums so that it does not depend on the order of arrival, then fine-tuned in :meth:`refit` by the same
+cross-entropy over the keys). RAM: example embeddings are kept as float16, at most ``MAX_STORED_EXAMPLES``
+per adapter and ``MAX_STORED_TOTAL`` in all (deterministic subsample beyond).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smoa.routing.calibrate import Calibration, Evidence, calibrate, held_out_evidence, merge
+from smoa.routing.encoders import l2_normalize
+
+logger = logging.getLogger(__name__)
+
+SLOT_BITS = 4
+MAX_KEYS = 1 << SLOT_BITS  # keys per adapter the slot ids can hold (16)
+EXAMPLES_PER_KEY = 40  # one prototype per this many examples (100 examples -> 3 keys at P >= 3)
+TEXT_WEIGHT = 0.1
+TEMPERATURE = 0.05
+NEIGHBOURS = 16
+FIXED_NEIGHBOURS = 64
+MAX_STORED_EXAMPLES = 128
+MAX_STORED_TOTAL = 200_000  # ~150 MB of float16 for both encoders at dim 384
+LOCAL_EPOCHS = 20
+REFIT_EPOCHS = 30
+PROJECTION_EPOCHS = 4
+MIN_PAIRS = 32
+
+
+def slots_of(keys: np.ndarray, n_keys: int) -> np.ndarray:
+    """Vector-index ids of the first ``n_keys`` keys of each adapter: ``key << SLOT_BITS | j`` -> int64 ``[n * n_keys]``."""
+    keys = np.asarray(keys, np.int64).reshape(-1)
+    return (keys[:, None] * MAX_KEYS + np.arange(n_keys, dtype=np.int64)[None, :]).reshape(-1)
+
+
+def owner_of(slots: np.ndarray) -> np.ndarray:
+    """Adapter key of each vector-index id (inverse of :func:`slots_of`)."""
+    return np.asarray(slots, np.int64) >> SLOT_BITS
+
+
+def spherical_kmeans(x: np.ndarray, m: int, iters: int = 20) -> np.ndarray:
+    """``m`` unit centres of the unit rows ``x`` ``[n, d]`` (cosine k-means, deterministic farthest-point init)."""
+    n = len(x)
+    m = max(1, min(m, n))
+    if m == 1:
+        return l2_normalize(x.mean(0, keepdims=True))
+    first = int(np.argmax(x @ l2_normalize(x.mean(0, keepdims=True))[0]))
+    idx = [first]
+    for _ in range(m - 1):  # farthest point from the chosen centres (order-free: depends on x only)
+        idx.append(int(np.argmin((x @ x[idx].T).max(1))))
+    centres = x[idx].astype(np.float64)
+    for _ in range(iters):
+        assign = (x @ centres.T).argmax(1)
+        new = np.stack([x[assign == j].sum(0) if (assign == j).any() else centres[j] for j in range(m)])
+        new = l2_normalize(new)
+        if np.allclose(new, centres, atol=1e-6):
+            break
+        centres = new
+    return l2_normalize(centres)
+
+
+def initial_keys(text_vec: np.ndarray, example_vecs: np.ndarray, max_keys: int) -> np.ndarray:
+    """An adapter's starting keys ``[P, d]``: k-means prototypes of its examples blended with its text vector."""
+    text_vec = np.asarray(text_vec, np.float32).reshape(1, -1)
+    if not len(example_vecs):
+        return l2_normalize(text_vec)
+    m = min(max_keys, max(1, -(-len(example_vecs) // EXAMPLES_PER_KEY)))
+    protos = spherical_kmeans(np.asarray(example_vecs, np.float32), m)
+    return l2_normalize(TEXT_WEIGHT * text_vec + (1.0 - TEXT_WEIGHT) * protos)
+
+
+def fit_keys(
+    init: np.ndarray,
+    owner: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    fixed: np.ndarray | None = None,
+    epochs: int = REFIT_EPOCHS,
+    temperature: float = TEMPERATURE,
+    lr: float = 0.01,
+    seed: int = 0,
+) -> np.ndarray:
+    """NormFace over multi-vector keys (module docstring).
+
+    Args:
+        init: float32 ``[K, d]`` initial keys (several rows may belong to one adapter).
+        owner: int ``[K]`` adapter column (``0..n-1``) of each key.
+        x: float32 ``[m, d]`` unit example embeddings.
+        y: int ``[m]`` adapter column of each example.
+        fixed: float32 ``[f, d]`` keys of other adapters, extra classes that are not trained (or ``None``).
+        epochs: passes over the examples (mini-batches of 256).
+
+    Returns:
+        float32 ``[K, d]`` unit keys.
+    """
+    import torch
+
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(seed)
+    n = int(owner.max()) + 1
+    w = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(init, np.float32)).clone())
+    pool = F.one_hot(torch.from_numpy(np.asarray(owner, np.int64)), n).float()  # [K, n]
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    yt = torch.from_numpy(np.asarray(y, np.int64))
+    ft = torch.from_numpy(np.ascontiguousarray(fixed, np.float32)) if fixed is not None and len(fixed) else None
+    multi = len(init) > n
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(xt), 256):
+            idx = perm[start : start + 256]
+            s = xt[idx] @ F.normalize(w, dim=1).T / temperature  # [b, K]
+            if multi:
+                top = s.max(1, keepdim=True).values
+                s = torch.log(torch.exp(s - top) @ pool + 1e-30) + top  # [b, n] log-sum-exp per adapter
+            if ft is not None:
+                s = torch.cat([s, xt[idx] @ ft.T / temperature], 1)
+            loss = F.cross_entropy(s, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return F.normalize(w.detach(), dim=1).numpy().astype(np.float32)
+
+
+def max_by_owner(scores: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """``[m, K]`` key scores -> ``[m, n]`` best key per adapter column."""
+    out = np.full((scores.shape[0], n), -np.inf, np.float32)
+    for j in range(n):
+        cols = owner == j
+        if cols.any():
+            out[:, j] = scores[:, cols].max(1)
+    return out
+
+
+@dataclass
+class Stored:
+    """What the learner keeps per adapter: its text vectors and a bounded sample of its example embeddings."""
+
+    text: np.ndarray  # float16 [d] (key space)
+    text_fast: np.ndarray | None  # float16 [d] (fast encoder space) or None
+    examples: np.ndarray  # float16 [m, d]
+    examples_fast: np.ndarray | None  # float16 [m, d] or None
+
+
+class KeyLearner:
+    """Example store, key fitting, calibration evidence and the fast-path projection (module docstring).
+
+    Not thread-safe by itself: the router calls it under its lock (fits run on snapshots, outside it).
+    """
+
+    def __init__(self, dim: int, max_keys: int = 4) -> None:
+        self.dim = dim
+        self.max_keys = max(1, min(int(max_keys), MAX_KEYS))
+        self.stored: dict[int, Stored] = {}
+        self.evidence: dict[int, Evidence] = {}
+        self.negatives = np.zeros((0, dim), np.float16)
+        self.negatives_fast = np.zeros((0, dim), np.float16)
+        self.calibration = Calibration()
+        self._gram = np.zeros((dim, dim), np.float64)  # sum s s^T over (fast, key-space) pairs
+        self._cross = np.zeros((dim, dim), np.float64)  # sum s e^T
+        self._pairs = 0
+        self.projection: np.ndarray | None = None  # float32 [d, d], fast space -> key space
+        self._tuned_projection = False
+        self.refits = 0
+        self.initial: dict[int, tuple[bytes, np.ndarray]] = {}  # catalog keys' digest, catalog keys [P, d]
+        self.learned: dict[int, tuple[bytes, np.ndarray]] = {}  # digest of the catalog keys learned from, keys
+
+    def initial_keys_of(self, key: int) -> np.ndarray:
+        """The adapter's catalog keys ``[P, d]`` (the start of every fit)."""
+        return np.asarray(self.initial[int(key)][1], np.float32)
+
+    def current_keys(self, key: int) -> np.ndarray:
+        """The adapter's keys in use: learned if they match its catalog keys, else the catalog keys."""
+        key = int(key)
+        got = self.learned.get(key)
+        if got is not None and key in self.initial and got[0] == self.initial[key][0]:
+            return got[1].astype(np.float32)
+        return self.initial_keys_of(key)
+
+    # ------------------------------------------------------------------ store
+    def remember(self, key: int, text: np.ndarray, examples: np.ndarray, text_fast: np.ndarray | None = None,
+                 examples_fast: np.ndarray | None = None) -> None:
+        """Keep adapter ``key``'s text vector and (a deterministic sample of) its example embeddings."""
+        self.forget([key])
+        keep = _sample(len(examples), MAX_STORED_EXAMPLES, key)
+        ex = np.asarray(examples, np.float32)[keep]
+        exf = None if examples_fast is None else np.asarray(examples_fast, np.float32)[keep]
+        st = Stored(np.asarray(text, np.float16).reshape(-1), None if text_fast is None else
+                    np.asarray(text_fast, np.float16).reshape(-1), ex.astype(np.float16),
+                    None if exf is None else exf.astype(np.float16))  # fmt: skip
+        if sum(len(s.examples) for s in self.stored.values()) + len(ex) > MAX_STORED_TOTAL:
+            st.examples, st.examples_fast = st.examples[:0], None if exf is None else st.examples_fast[:0]
+            logger.warning("smoa routing: example store full (%d); adapter %d keeps its keys only", MAX_STORED_TOTAL, key)
+        self.stored[int(key)] = st
+        self._pair_update(st, +1.0)
+
+    def forget(self, keys) -> None:
+        for k in keys:
+            st = self.stored.pop(int(k), None)
+            self.evidence.pop(int(k), None)
+            self.initial.pop(int(k), None)
+            self.learned.pop(int(k), None)
+            if st is not None:
+                self._pair_update(st, -1.0)
+
+    def _pair_update(self, st: Stored, sign: float) -> None:
+        if st.text_fast is None:
+            return
+        s = np.concatenate([st.text_fast[None, :], st.examples_fast if st.examples_fast is not None else
+                            np.zeros((0, self.dim), np.float16)]).astype(np.float64)  # fmt: skip
+        e = np.concatenate([st.text[None, :], st.examples[: len(s) - 1]]).astype(np.float64)
+        self._gram += sign * (s.T @ s)
+        self._cross += sign * (s.T @ e)
+        self._pairs += int(sign) * len(s)
+        if not self._tuned_projection:
+            self.projection = self._ridge()
+
+    def _ridge(self) -> np.ndarray | None:
+        if self._pairs < MIN_PAIRS:
+            return None
+        lam = 1.0 + 0.01 * self._pairs / self.dim
+        return np.linalg.solve(self._gram + lam * np.eye(self.dim), self._cross).astype(np.float32)
+
+    def with_examples(self) -> list[int]:
+        """Keys of the adapters with stored examples and known catalog keys, sorted."""
+        return sorted(k for k, s in self.stored.items() if len(s.examples) and k in self.initial)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, trainable: list[int], current: dict[int, np.ndarray], fixed: np.ndarray, epochs: int) -> tuple[
+            dict[int, np.ndarray], dict[int, Evidence]]:
+        """Fit the keys of ``trainable`` adapters (current keys ``[P, d]`` each) against ``fixed`` keys ``[f, d]``.
+
+        Returns the new keys per adapter and the held-out evidence per adapter (two folds).
+        """
+        init, owner, xs, ys, folds = [], [], [], [], []
+        for col, key in enumerate(trainable):
+            k = current[key]
+            init.append(k)
+            owner += [col] * len(k)
+            ex = self.stored[key].examples.astype(np.float32)
+            xs.append(ex)
+            ys += [col] * len(ex)
+            folds.append(_folds(len(ex), key))
+        init_m, owner_a = np.concatenate(init), np.asarray(owner)
+        x, y, fold = np.concatenate(xs), np.asarray(ys), np.concatenate(folds)
+        keys = fit_keys(init_m, owner_a, x, y, fixed, epochs=epochs)
+        evidence: dict[int, list[Evidence]] = {k: [] for k in trainable}
+        for f in (0, 1):
+            tr, te = fold != f, fold == f
+            if tr.sum() == 0 or te.sum() == 0:
+                continue
+            kf = fit_keys(init_m, owner_a, x[tr], y[tr], fixed, epochs=epochs)
+            sc = max_by_owner(x[te] @ kf.T, owner_a, len(trainable))
+            if fixed is not None and len(fixed):
+                sc = np.concatenate([sc, x[te] @ fixed.T], 1)
+            yt = y[te]
+            for col, key in enumerate(trainable):
+                rows = yt == col
+                if rows.any():
+                    evidence[key].append(held_out_evidence(sc[rows], yt[rows]))
+        out = {key: keys[owner_a == col] for col, key in enumerate(trainable)}
+        return out, {k: merge(v) for k, v in evidence.items()}
+
+    def recalibrate(self, neg_scores: tuple[np.ndarray, np.ndarray] | None = None) -> Calibration:
+        """Pool the per-adapter evidence (and the negatives' best scores / margins) into the calibration."""
+        ev = merge(list(self.evidence.values()))
+        nb, nm = neg_scores if neg_scores is not None else (None, None)
+        self.calibration = calibrate(ev, nb, nm)
+        return self.calibration
+
+    def tune_projection(self, keys: np.ndarray, owner: np.ndarray, epochs: int = PROJECTION_EPOCHS) -> None:
+        """Fine-tune the fast projection by cross-entropy of the projected fast example embeddings over ``keys``
+        (``[K, d]``, ``owner`` = adapter key of each row) — the static encoder learns the library's adapters."""
+        base = self._ridge()
+        adapters = [k for k in self.with_examples() if self.stored[k].examples_fast is not None]
+        if base is None or not adapters:
+            return
+        import torch
+
+        F = torch.nn.functional
+        col = {k: j for j, k in enumerate(np.unique(owner))}
+        xs = [self.stored[k].examples_fast.astype(np.float32) for k in adapters if k in col]
+        ys = [np.full(len(self.stored[k].examples_fast), col[k]) for k in adapters if k in col]
+        if not xs:
+            return
+        x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys).astype(np.int64))
+        kt = torch.from_numpy(np.ascontiguousarray(keys, np.float32))
+        pool = F.one_hot(torch.from_numpy(np.asarray([col[int(o)] for o in owner], np.int64)), len(col)).float()
+        a = torch.nn.Parameter(torch.from_numpy(base))
+        opt = torch.optim.Adam([a], lr=1e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), 256):
+                idx = perm[start : start + 256]
+                s = F.normalize(x[idx] @ a, dim=1) @ kt.T / TEMPERATURE  # [b, K]
+                top = s.max(1, keepdim=True).values
+                s = torch.log(torch.exp(s - top) @ pool + 1e-30) + top
+                loss = F.cross_entropy(s, y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.projection = a.detach().numpy().astype(np.float32)
+        self._tuned_projection = True
+
+    def project(self, fast: np.ndarray) -> np.ndarray | None:
+        """Fast-encoder rows ``[n, d]`` -> unit rows in the key space, or ``None`` when no projection exists yet."""
+        if self.projection is None:
+            return None
+        return l2_normalize(np.asarray(fast, np.float32) @ self.projection)
+
+    # ------------------------------------------------------------------ persistence
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        keys = sorted(self.stored)
+        counts = np.asarray([len(self.stored[k].examples) for k in keys], np.int64)
+        has_fast = bool(keys) and all(self.stored[k].text_fast is not None for k in keys)
+        d = self.dim
+        out = {
+            "keys": np.asarray(keys, np.int64),
+            "counts": counts,
+            "text": np.stack([self.stored[k].text for k in keys]) if keys else np.zeros((0, d), np.float16),
+            "examples": np.concatenate([self.stored[k].examples for k in keys]) if keys else np.zeros((0, d), np.float16),
+            "negatives": self.negatives,
+            "negatives_fast": self.negatives_fast,
+            "projection": self.projection if self.projection is not None else np.zeros((0, d), np.float32),
+            "tuned": np.asarray([self._tuned_projection]),
+        }
+        if has_fast:
+            out["text_fast"] = np.stack([self.stored[k].text_fast for k in keys])
+            out["examples_fast"] = np.concatenate([self.stored[k].examples_fast for k in keys])
+        ev = [(k, e) for k, e in self.evidence.items() if k in self.stored]
+        out["ev_keys"] = np.asarray([k for k, e in ev for _ in range(len(e.in_best))], np.int64)
+        for name in ("in_best", "in_margin", "in_correct", "proxy_best", "proxy_margin"):
+            out[f"ev_{name}"] = np.concatenate([getattr(e, name) for _, e in ev]) if ev else np.zeros(0)
+        out["ev_proxy_keys"] = np.asarray([k for k, e in ev for _ in range(len(e.proxy_best))], np.int64)
+        for name, table in (("initial", self.initial), ("learned", self.learned)):
+            ks = sorted(table)
+            out[f"{name}_keys"] = np.asarray(ks, np.int64)
+            out[f"{name}_counts"] = np.asarray([len(table[k][1]) for k in ks], np.int64)
+            out[f"{name}_digest"] = np.asarray([np.frombuffer(table[k][0], np.uint8) for k in ks], np.uint8).reshape(-1, 16)
+            out[f"{name}_vectors"] = (np.concatenate([np.asarray(table[k][1], np.float32) for k in ks]) if ks
+                                      else np.zeros((0, d), np.float32))  # fmt: skip
+        return out
+
+    def save(self, path: Path) -> None:
+        """Write the learner's state to ``path`` (a ``.npz``; no pickles)."""
+        with path.open("wb") as f:
+            np.savez(f, **self.to_arrays())
+
+    @classmethod
+    def load(cls, path: Path, dim: int, max_keys: int) -> KeyLearner:
+        """Read what :meth:`save` wrote (raises ``ValueError``/``OSError``/``KeyError`` when inconsistent)."""
+        out = cls(dim, max_keys)
+        with np.load(path, allow_pickle=False) as z:
+            keys, counts = z["keys"], z["counts"]
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            if len(z["examples"]) != bounds[-1] or z["text"].shape != (len(keys), dim):
+                raise ValueError("learner state: arrays disagree")
+            fast = "examples_fast" in z.files
+            for i, k in enumerate(keys):
+                sl = slice(bounds[i], bounds[i + 1])
+                out.stored[int(k)] = Stored(z["text"][i], z["text_fast"][i] if fast else None, z["examples"][sl],
+                                            z["examples_fast"][sl] if fast else None)  # fmt: skip
+                out._pair_update(out.stored[int(k)], +1.0)
+            out.negatives, out.negatives_fast = z["negatives"], z["negatives_fast"]
+            if z["tuned"][0] and z["projection"].shape == (dim, dim):
+                out.projection, out._tuned_projection = z["projection"], True
+            for name, table in (("initial", out.initial), ("learned", out.learned)):
+                ks, cs = z[f"{name}_keys"], z[f"{name}_counts"]
+                bd = np.concatenate([[0], np.cumsum(cs)])
+                if len(z[f"{name}_vectors"]) != bd[-1]:
+                    raise ValueError(f"learner state: {name} arrays disagree")
+                for i, k in enumerate(ks):
+                    table[int(k)] = (z[f"{name}_digest"][i].tobytes(), z[f"{name}_vectors"][bd[i] : bd[i + 1]])
+            ek, epk = z["ev_keys"], z["ev_proxy_keys"]
+            for k in np.unique(ek):
+                m, p = ek == k, epk == k
+                out.evidence[int(k)] = Evidence(z["ev_in_best"][m].astype(np.float32), z["ev_in_margin"][m].astype(
+                    np.float32), z["ev_in_correct"][m].astype(bool), z["ev_proxy_best"][p].astype(np.float32),
+                    z["ev_proxy_margin"][p].astype(np.float32))  # fmt: skip
+        return out
+
+
+def _sample(n: int, limit: int, key: int) -> np.ndarray:
+    """Deterministic subsample of ``range(n)`` of at most ``limit`` rows (seeded by the adapter key)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(int(key) & 0xFFFFFFFF).choice(n, limit, replace=False))
+
+
+def _folds(n: int, key: int) -> np.ndarray:
+    """Two balanced folds of ``n`` examples, seeded by the adapter key (so they do not depend on arrival order)."""
+    fold = np.arange(n) % 2
+    np.random.default_rng((int(key) * 7919) & 0xFFFFFFFF).shuffle(fold)
+    return fold
+
+
+def digest(vectors: np.ndarray) -> bytes:
+    """A short content hash of a key matrix (links :meth:`Router.encode_keys` output to the later ``apply``)."""
+    return hashlib.blake2b(np.ascontiguousarray(vectors, np.float32).tobytes(), digest_size=16).digest()
+
+
+__all__ = ["MAX_KEYS", "KeyLearner", "fit_keys", "initial_keys", "owner_of", "slots_of", "spherical_kmeans"]

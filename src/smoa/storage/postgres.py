@@ -1,0 +1,497 @@
+"""The catalog on PostgreSQL (psycopg 3): one library shared by several processes and machines.
+
+``SMoAConfig(storage_path="postgresql://user@host:port/db")`` keeps the catalog — adapters, tags, routing keys and
+texts, members, aliases, merges, meta, the change log, and small weights inline as ``bytea`` — in one PostgreSQL
+database. It is the SQLite catalog (:class:`smoa.storage.catalog.Catalog`, the reference implementation) on
+another engine: the same tables and columns (the DDL is derived from SQLite's, types mapped), the same methods
+(inherited; their SQL is rewritten once per statement to PostgreSQL's dialect by :func:`to_postgres`), the same
+rules:
+
+* **One transaction per mutation.** A write that changes what routing or mixing sees first locks the
+  ``generation`` row of ``meta`` (``SELECT ... FOR UPDATE``), so writers from every process serialise there,
+  exactly as ``BEGIN IMMEDIATE`` serialises them on SQLite; it bumps the generation and ``NOTIFY``-s it at commit.
+* **The change log is a table** ``changes(generation, key)`` filled by triggers (statement triggers with
+  transition tables for inserts/deletes, row triggers for the routed columns), so even a write that bypasses the
+  core is logged; :meth:`changes_since` lets another process's router catch up without a rebuild.
+* **Other processes' commits** reach this one through ``LISTEN``/``NOTIFY`` on a second connection (a listener
+  thread), with a poll of the committed generation every ``poll_interval_s`` (default 1 s) as the safety net
+  for notifications lost across a reconnect. The listener raises :attr:`generation`; the core compares it with
+  the generation its index reflects on every route (in memory) and, when behind, applies the change log — so
+  the hot path reads no SQL until something changed. Documented lag: another process's commit is routed after
+  the NOTIFY round trip (milliseconds on one LAN) plus one catch-up, and never later than ``poll_interval_s``
+  (+ one reconnect when the server restarted).
+* **A restarting or unreachable server.** Reads retry once after reconnecting; a transaction whose ``BEGIN``
+  fails reconnects and begins again (nothing was sent yet); a failure inside a transaction rolls back and raises
+  :class:`~smoa.errors.StorageError` ("nothing was changed"). A failure *during* ``COMMIT`` is resolved, not
+  guessed: after reconnecting, ``txid_status`` of the transaction says whether it committed (then the call
+  succeeds) or not (then it raises) — so an acknowledged write is never lost and an error never hides a commit.
+
+The directory lock of the SQLite backend does not exist here: any number of processes open the same library.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from smoa.errors import ConfigError, StorageError
+from smoa.storage import catalog as sqlite_catalog
+from smoa.storage.catalog import Catalog
+
+CHANNEL = "smoa_changes"
+_SCHEMA_LOCK = 0x534D4F41  # pg_advisory_xact_lock key while creating the schema ("SMOA")
+_BUMP_LOCK = "SELECT value FROM meta WHERE key = 'generation' FOR UPDATE"
+_BUMP = "UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) WHERE key = 'generation' RETURNING value"
+_NEXT_GEN = "(SELECT CAST(value AS BIGINT) + 1 FROM meta WHERE key = 'generation')"
+
+# The change log: the SQLite catalog's triggers, in PL/pgSQL. Inserts and deletes use statement triggers with
+# transition tables (one INSERT ... SELECT per statement: a 20,000-row bulk create logs in one statement).
+_LOG_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS changes(generation BIGINT NOT NULL, key BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS weights_by_file ON weights(file) WHERE file IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
+CREATE INDEX IF NOT EXISTS changes_by_generation ON changes(generation);
+CREATE OR REPLACE FUNCTION smoa_log_new_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO changes SELECT {_NEXT_GEN}, key FROM new_rows; RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION smoa_log_old_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO changes SELECT {_NEXT_GEN}, key FROM old_rows; RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION smoa_log_new_composites() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO changes SELECT {_NEXT_GEN}, composite FROM new_rows; RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION smoa_log_old_composites() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO changes SELECT {_NEXT_GEN}, composite FROM old_rows; RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION smoa_log_row_key() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION smoa_log_alias() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, 0); RETURN NULL; END $$;
+CREATE OR REPLACE TRIGGER log_adapter_insert AFTER INSERT ON adapters REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_new_keys();
+CREATE OR REPLACE TRIGGER log_adapter_delete AFTER DELETE ON adapters REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_old_keys();
+CREATE OR REPLACE TRIGGER log_adapter_update AFTER UPDATE OF status, version, embedding, description, examples
+    ON adapters FOR EACH ROW EXECUTE FUNCTION smoa_log_row_key();
+CREATE OR REPLACE TRIGGER log_tags_insert AFTER INSERT ON tags REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_new_keys();
+CREATE OR REPLACE TRIGGER log_tags_delete AFTER DELETE ON tags REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_old_keys();
+CREATE OR REPLACE TRIGGER log_members_insert AFTER INSERT ON members REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_new_composites();
+CREATE OR REPLACE TRIGGER log_members_delete AFTER DELETE ON members REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_old_composites();
+CREATE OR REPLACE TRIGGER log_alias_change AFTER INSERT OR UPDATE OR DELETE ON aliases
+    FOR EACH ROW EXECUTE FUNCTION smoa_log_alias();
+"""
+
+# Upserts: SQLite's INSERT OR REPLACE names no conflict target; PostgreSQL needs one per table.
+_UPSERT = {
+    "meta": "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+    "aliases": "ON CONFLICT (alias) DO UPDATE SET target = EXCLUDED.target, merge_id = EXCLUDED.merge_id",
+}
+_RETURNING = {"merges": "merge_id"}  # tables whose INSERT reports `lastrowid`
+
+
+def schema_ddl(sqlite_schema: str) -> str:
+    """PostgreSQL DDL for the SQLite catalog's ``_SCHEMA``: BLOB -> BYTEA, REAL -> DOUBLE PRECISION, INTEGER ->
+    BIGINT (a row-id primary key not named ``key`` becomes BIGSERIAL), no ``WITHOUT ROWID``."""
+    ddl = re.sub(r"--[^\n]*", "", sqlite_schema)
+    ddl = re.sub(r"\b(\w+) INTEGER PRIMARY KEY\b", lambda m: f"{m[1]} {'BIGINT' if m[1] == 'key' else 'BIGSERIAL'} PRIMARY KEY", ddl)
+    ddl = re.sub(r"\bINTEGER\b", "BIGINT", ddl)
+    ddl = re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl)
+    ddl = re.sub(r"\bBLOB\b", "BYTEA", ddl)
+    return re.sub(r"\)\s*WITHOUT ROWID", ")", ddl)
+
+
+@functools.lru_cache(maxsize=1024)
+def to_postgres(sql: str) -> tuple[str, str | None]:
+    """Rewrite one SQLite statement of the catalog to PostgreSQL; returns ``(sql, returning column or None)``.
+
+    ``?`` -> ``%s``, ``INSERT OR IGNORE`` -> ``ON CONFLICT DO NOTHING``, ``INSERT OR REPLACE`` -> an upsert on
+    the table's key, ``CAST(x AS INTEGER)`` -> ``BIGINT``, and ``RETURNING`` for the inserts whose row id is used.
+    """
+    out = sql.replace("%", "%%").replace("?", "%s")
+    out = re.sub(r"\bAS INTEGER\)", "AS BIGINT)", out)
+    returning = None
+    m = re.match(r"\s*INSERT OR (IGNORE|REPLACE) INTO (\w+)", out)
+    if m:
+        out = "INSERT INTO" + out[m.end(1) + len(" INTO") :]
+        out += " ON CONFLICT DO NOTHING" if m[1] == "IGNORE" else " " + _UPSERT[m[2]]
+    m = re.match(r"\s*INSERT INTO (\w+)", out)
+    if m and m[1] in _RETURNING:
+        returning = _RETURNING[m[1]]
+        out += f" RETURNING {returning}"
+    return out, returning
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise ConfigError("`storage_path` postgresql://... needs psycopg 3: pip install 'smoa[distributed]'") from exc
+    return psycopg
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` for ``postgres://`` and ``postgresql+psycopg://`` (SQLAlchemy style) URLs."""
+    scheme, sep, rest = str(url).partition("://")
+    if not sep or scheme.lower().split("+")[0] not in ("postgresql", "postgres"):
+        raise ConfigError(f"`storage_path` must be a postgresql:// URL, got {redact(str(url))!r}")
+    return "postgresql://" + rest
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+class _Cursor:
+    """What the inherited SQLite-dialect methods use of a cursor: ``fetchone``/``fetchall``/``rowcount``/
+    ``lastrowid``/iteration."""
+
+    def __init__(self, cur: Any, lastrowid: int | None = None) -> None:
+        self._cur = cur
+        self.lastrowid = lastrowid
+        self.rowcount = cur.rowcount
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self._cur.fetchone() if self._cur.description else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self._cur.fetchall() if self._cur.description else []
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self.fetchall())
+
+
+class _Connection:
+    """A sqlite3-connection-shaped view of one psycopg connection (``execute``/``executemany``)."""
+
+    def __init__(self, owner: PostgresCatalog) -> None:
+        self._owner = owner
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
+        pg_sql, returning = to_postgres(sql)
+        cur = self._owner._conn.cursor()
+        cur.execute(pg_sql, tuple(params))
+        lastrowid = None
+        if returning is not None:
+            row = cur.fetchone()
+            lastrowid = int(row[0]) if row else None
+        return _Cursor(cur, lastrowid)
+
+    def executemany(self, sql: str, seq: Any) -> None:
+        rows = [tuple(r) for r in seq]
+        if not rows:
+            return
+        pg_sql, _ = to_postgres(sql)
+        with self._owner._conn.cursor() as cur:
+            cur.executemany(pg_sql, rows)
+
+
+class PostgresCatalog(Catalog):
+    """The catalog in a PostgreSQL database (see the module docstring). Thread-safe: one connection behind a
+    lock for this process's reads and writes, plus a listener connection for other processes' commits.
+
+    Args:
+        url: ``postgresql://user[:password]@host:port/dbname[?options]``.
+        poll_interval_s: the listener's fallback poll of the committed generation.
+        reconnect_timeout_s: how long a call waits for an unreachable server before raising StorageError.
+        lock_timeout_s: how long a writer waits for another process's write transaction.
+        listen: start the listener thread (off for one-shot tools such as ``smoa migrate``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        poll_interval_s: float = 1.0,
+        reconnect_timeout_s: float = 30.0,
+        lock_timeout_s: float = 60.0,
+        listen: bool = True,
+    ) -> None:  # the SQLite constructor is not called: nothing of it applies here
+        self.url = normalise_url(url)
+        self.path = redact(self.url)  # type: ignore[assignment]  # named in the inherited error messages
+        self.poll_interval_s = poll_interval_s
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.lock_timeout_s = lock_timeout_s
+        self._psycopg = _psycopg()
+        self._lock = threading.RLock()
+        self._conn: Any = None
+        self._db = _Connection(self)  # type: ignore[assignment]
+        self._closed = False
+        self._notified = 0
+        self._listener_ok_at = 0.0
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+        self.reconnects = 0
+        try:
+            self._connect(first=True)
+            self._create_schema()
+            self.generation = int(self.get_meta("generation") or 0)
+            self._notified = self.generation
+            if listen:
+                self._listener = threading.Thread(target=self._listen, name="smoa-pg-listener", daemon=True)
+                self._listener.start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connections -------------------------------------------------------------------------------------------
+    def _open_connection(self) -> Any:
+        conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=10, application_name="smoa")
+        conn.execute(f"SET lock_timeout = '{int(self.lock_timeout_s * 1000)}ms'")
+        return conn
+
+    def _connect(self, first: bool = False) -> None:
+        """(Re)open the main connection, retrying for ``reconnect_timeout_s`` (a restarting server)."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - a dead connection may fail to close; it is dropped anyway
+                pass
+            self._conn = None
+        deadline = time.monotonic() + (10.0 if first else self.reconnect_timeout_s)
+        delay = 0.05
+        while True:
+            try:
+                self._conn = self._open_connection()
+                if not first:
+                    self.reconnects += 1
+                return
+            except self._psycopg.Error as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(f"cannot connect to the catalog {self.path!r}: {exc}".strip()) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _is_connection_error(self, exc: BaseException) -> bool:
+        ps = self._psycopg
+        return isinstance(exc, ps.OperationalError) or (isinstance(exc, ps.Error) and self._conn is not None and self._conn.broken)
+
+    def _create_schema(self) -> None:
+        ddl = schema_ddl(sqlite_catalog._SCHEMA)
+        version = str(sqlite_catalog.SCHEMA_VERSION)
+        with self._lock:
+            try:
+                with self._conn.transaction():  # concurrent first opens: one creates, the others wait and see it
+                    self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                    exists = self._conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
+                    if not exists:
+                        self._conn.execute(ddl)
+                        self._conn.execute(_LOG_SCHEMA)
+                    for key, value in (("schema_version", version), ("generation", "0"), ("queries", "0"),
+                                       ("changes_floor", "0")):  # fmt: skip
+                        self._conn.execute("INSERT INTO meta VALUES(%s, %s) ON CONFLICT DO NOTHING", (key, value))
+            except self._psycopg.Error as exc:
+                raise StorageError(f"cannot open the catalog {self.path!r}: {exc}") from exc
+        stored = self.get_meta("schema_version")
+        if stored != version:
+            raise StorageError(f"catalog {self.path!r} has schema version {stored}, this smoa reads {version}")
+
+    # -- transactions ------------------------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self, bump: bool = False) -> Iterator[Any]:  # type: ignore[override]
+        """``BEGIN`` ... ``COMMIT`` on the server; any exception rolls back. ``bump`` serialises with every other
+        writer (the generation row lock), advances the generation and notifies the other processes."""
+        ps = self._psycopg
+        with self._lock:
+            self._check_open()
+            xid = self._begin(bump)
+            try:
+                yield self._db
+                if bump:
+                    new_gen = int(self._conn.execute(_BUMP).fetchone()[0])
+                    self._conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(new_gen)))
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, ps.Error):
+                    if self._is_connection_error(exc):
+                        self._drop_connection()
+                    raise StorageError(f"catalog write failed ({type(exc).__name__}: {exc}); nothing was changed") from exc
+                raise
+            self._commit(xid)
+            if bump:
+                self._advance(new_gen)
+
+    def _begin(self, bump: bool) -> int | None:
+        """BEGIN (reconnecting first if the connection died: nothing was sent yet); returns the txid if bumping."""
+        for attempt in (0, 1):
+            try:
+                if self._conn is None:
+                    self._connect()
+                self._conn.execute("BEGIN")
+                if not bump:
+                    return None
+                xid = int(self._conn.execute("SELECT txid_current()").fetchone()[0])
+                self._conn.execute(_BUMP_LOCK)  # waits for any other process's writer
+                return xid
+            except self._psycopg.Error as exc:
+                self._rollback()
+                if attempt == 0 and self._is_connection_error(exc):
+                    self._drop_connection()
+                    continue
+                if isinstance(exc, self._psycopg.errors.LockNotAvailable):
+                    raise StorageError(f"catalog {self.path!r} is busy (another writer held it {self.lock_timeout_s}s)") from exc
+                raise StorageError(f"catalog {self.path!r} is unreachable or unwritable: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _commit(self, xid: int | None) -> None:
+        try:
+            self._conn.execute("COMMIT")
+        except self._psycopg.Error as exc:
+            self._drop_connection()
+            if xid is None:
+                raise StorageError(f"catalog commit failed ({exc}); the change may not have been applied") from exc
+            status = self._txid_status(xid)
+            if status == "committed":
+                return
+            if status == "aborted":
+                raise StorageError(f"catalog commit failed ({exc}); nothing was changed") from exc
+            raise StorageError(f"catalog commit failed ({exc}); its outcome is unknown ({status})") from exc
+
+    def _txid_status(self, xid: int) -> str:
+        """``committed`` / ``aborted`` / ``in progress`` of a transaction, asked after reconnecting."""
+        deadline = time.monotonic() + self.reconnect_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self._conn is None:
+                    self._connect()
+                row = self._conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
+                status = str(row[0]) if row and row[0] is not None else "unknown"
+                if status != "in progress":
+                    return status
+            except (self._psycopg.Error, StorageError):
+                self._drop_connection()
+            time.sleep(0.1)
+        return "unknown"
+
+    def _rollback(self) -> None:
+        try:
+            if self._conn is not None and not self._conn.broken:
+                self._conn.execute("ROLLBACK")
+        except self._psycopg.Error:
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+    def _advance(self, new_gen: int) -> None:
+        """After our own commit at ``new_gen``. Other processes may have committed in between: the core then
+        catches up from the log after the generation its index reflects, which covers their changes too."""
+        self.generation = max(self.generation, new_gen)
+        self._notified = max(self._notified, new_gen)
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            self._check_open()
+            for attempt in (0, 1):
+                try:
+                    if self._conn is None:
+                        self._connect()
+                    return self._db.execute(sql, params).fetchall()
+                except self._psycopg.Error as exc:
+                    if attempt == 0 and self._is_connection_error(exc):
+                        self._drop_connection()
+                        continue
+                    raise StorageError(f"catalog read failed ({exc})") from exc
+        raise AssertionError("unreachable")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"catalog {self.path!r} is closed")
+
+    # -- other processes' commits ------------------------------------------------------------------------------
+    def read_generation(self) -> int:
+        """The newest committed generation: pushed by NOTIFY / the listener's poll (no SQL on this thread while the
+        listener is healthy), else read from the database. ``generation`` follows it, so the core's next route
+        catches up from the change log."""
+        if self._listener is None or time.monotonic() - self._listener_ok_at > 2 * self.poll_interval_s + 1:
+            self._saw(int(self.get_meta("generation") or 0))
+        return self.generation
+
+    def _saw(self, committed: int) -> None:
+        """Another process committed up to ``committed``: the core's next route or mutation catches up."""
+        if committed > self._notified:
+            self._notified = committed
+        if committed > self.generation:
+            self.generation = committed  # an int store is atomic; the core reads it once per catch-up
+
+    def _listen(self) -> None:
+        """Listener thread: LISTEN for commits, poll the generation as a fallback, reconnect forever."""
+        delay = 0.1
+        while not self._stop.is_set():
+            conn = None
+            try:
+                conn = self._open_connection()
+                conn.execute(f"LISTEN {CHANNEL}")
+                delay = 0.1
+                while not self._stop.is_set():
+                    row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+                    self._saw(int(row[0]))
+                    self._listener_ok_at = time.monotonic()
+                    for note in conn.notifies(timeout=self.poll_interval_s, stop_after=1):
+                        self._saw(int(note.payload))
+                        self._listener_ok_at = time.monotonic()
+            except Exception:  # noqa: BLE001 - server restarting/unreachable: try again shortly
+                self._stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+
+    # -- engine-specific operations ----------------------------------------------------------------------------
+    def compact(self) -> int:
+        """``VACUUM FULL`` of the catalog's tables (briefly locks them); returns the bytes the database shrank by."""
+        with self._lock:
+            self._check_open()
+            try:
+                if self._conn is None:
+                    self._connect()
+                before = self.size_bytes()
+                for table in ("adapters", "tags", "weights", "members", "aliases", "merges", "changes", "meta"):
+                    self._conn.execute(f"VACUUM (FULL, ANALYZE) {table}")
+                return max(0, before - self.size_bytes())
+            except self._psycopg.Error as exc:
+                raise StorageError(f"catalog compaction failed ({exc}); nothing was changed") from exc
+
+    def size_bytes(self) -> int:
+        """On-disk size of the catalog's tables and indexes (TOAST included)."""
+        rows = self._read(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c JOIN pg_namespace n ON"
+            " n.oid = c.relnamespace WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+        )  # fmt: skip
+        return int(rows[0][0])
+
+    def close(self) -> None:
+        self._closed = True
+        self._stop.set()
+        if self._listener is not None and self._listener is not threading.current_thread():
+            self._listener.join(timeout=self.poll_interval_s + 2)
+        with self._lock:
+            self._drop_connection()
+
+
+def open_catalog(url: str, config: Any = None) -> PostgresCatalog:
+    """Factory registered for ``postgresql://`` / ``postgres://`` in :mod:`smoa.storage.base`."""
+    extra = getattr(config, "extra", None) or {}
+    return PostgresCatalog(
+        str(url),
+        poll_interval_s=float(extra.get("pg_poll_interval_s", 1.0)),
+        reconnect_timeout_s=float(extra.get("pg_reconnect_timeout_s", 30.0)),
+    )
