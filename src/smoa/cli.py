@@ -13,6 +13,7 @@
     smoa optimize LIBRARY                     merge near-duplicates and prune unused adapters
     smoa fsck LIBRARY [--repair]              check rows against weight files; rebuild a lost catalog
     smoa serve ...                            the HTTP server (smoa.serve)
+    smoa migrate SRC DST                      copy a library between backends (dir / postgresql://, --dst-weights s3://)
 
 Every command that opens a library refuses a path that holds none (exit 2, nothing created). Commands that
 route take ``--encoder``; by default the encoder the library was built with is used (never a silent re-encode).
@@ -227,6 +228,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy a library between backends (SQLite <-> PostgreSQL, local <-> S3), resumably; see smoa.storage.migrate."""
+    from smoa.storage.migrate import run
+
+    return run(args)
+
+
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    from smoa.storage.migrate import add_arguments
+
+    add_arguments(p)
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from smoa.serve.cli import add_arguments
 
@@ -326,6 +340,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("optimize", cmd_optimize, _optimize_args),
     Command("fsck", cmd_fsck, _fsck_args),
     Command("serve", cmd_serve, _serve_args),
+    Command("migrate", cmd_migrate, _migrate_args),
 )
 
 

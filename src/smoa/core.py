@@ -192,8 +192,7 @@ class LibraryCore:
     def resolve(self, adapter_id: str) -> str:
         """The current id for ``adapter_id`` (merge aliases followed, in memory)."""
         self._check_open()
-        if not isinstance(adapter_id, str):
-            raise InvalidInputError(f"`adapter_id` must be a string, got {adapter_id!r:.100}")
+        _check_id(adapter_id)
         with self._lock:
             self._catch_up()
             return self._resolve(adapter_id)
@@ -251,6 +250,21 @@ class LibraryCore:
 
             tag = normalize_tags([filter], "filter")[0]
         return self._store.catalog.page(statuses, offset, limit, tag)
+
+    def routing_keys_of(self, adapter_id: str) -> np.ndarray | None:
+        """The adapter's stored routing keys, float32 ``[P, dim]`` (None when it has none)."""
+        entry = self._entry(self.resolve(adapter_id))
+        row = next(iter(self._store.catalog.routing_rows([entry.key])), None)
+        if row is None or not row.embedding:
+            return None
+        return np.frombuffer(row.embedding, np.float32).reshape(-1, int(self.router.dim))
+
+    def routing_row(self, key: int) -> tuple[int, np.ndarray, list[str], list[str]] | None:
+        """``(key, first routing key [dim], domain_tags, skill_tags)`` of an active adapter with a key (older API)."""
+        row = next(iter(self._store.catalog.routing_rows([int(key)])), None)
+        if row is None or row.status != "active" or not row.embedding:
+            return None
+        return row.key, np.frombuffer(row.embedding, np.float32)[: int(self.router.dim)], row.domain_tags, row.skill_tags
 
     def ids_for_keys(self, keys: Sequence[int]) -> list[str]:
         return self._ids_for_keys(keys)
@@ -566,8 +580,7 @@ class LibraryCore:
                 self._catch_up()
 
     def _live_id(self, adapter_id: str) -> str:
-        if not isinstance(adapter_id, str):
-            raise InvalidInputError(f"`adapter_id` must be a string, got {adapter_id!r:.100}")
+        _check_id(adapter_id)
         rid = self._resolve(adapter_id)
         if rid not in self._by_id:
             raise AdapterNotFoundError(f"no adapter with id {adapter_id!r}")
@@ -766,6 +779,17 @@ class LibraryCore:
             budget_items -= 1
             if used >= budget_bytes:
                 break
+
+
+def _check_id(adapter_id: object) -> None:
+    from smoa.adapter.spec import MAX_ID_CHARS, is_unicode
+
+    if not isinstance(adapter_id, str):
+        raise InvalidInputError(f"`adapter_id` must be a string, got {adapter_id!r:.100}")
+    if len(adapter_id) > MAX_ID_CHARS or not is_unicode(adapter_id):
+        raise InvalidInputError(
+            f"`adapter_id` must be valid Unicode of at most {MAX_ID_CHARS} characters, got {adapter_id!r:.100}"
+        )
 
 
 __all__ = ["Entry", "LibraryCore", "Mixture"]

@@ -304,9 +304,11 @@ class AdapterLibrary:
         self._check_open()
         plain: list[Adapter] = []
         aliases: list[Adapter] = []
+        bad = [a for a in adapter_ids if not isinstance(a, str)]
+        if bad:
+            raise InvalidInputError(f"`adapter_ids` must hold strings, got {bad[0]!r:.100}")
         for aid in dict.fromkeys(adapter_ids):
-            if not isinstance(aid, str):
-                raise InvalidInputError(f"`adapter_ids` must hold strings, got {aid!r:.100}")
+            self.resolve(aid)  # validates the id (length, Unicode)
             own = self._own_row(aid)
             if own is not None and own.status == "merged":
                 aliases.append(own)

@@ -8,6 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from smoa.adapter.profile import BaseProfile
+from smoa.adapter.spec import AdapterSpec
+from smoa.adapter.weights import LoraWeights
+from smoa.config import SMoAConfig
 from smoa.storage.catalog import Catalog, NewAdapterRow
 
 TABLE_ORDER = {"adapters": "key", "tags": "key, kind, position", "weights": "key", "members": "composite, position",
@@ -60,3 +66,44 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.01) -> float:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+# == the library through the core (test_library_backends.py and its worker processes) ==============
+TINY = BaseProfile("tiny-backends", tuple((f"layers.{i}.{n}", 16, o) for i in range(2) for n, o in (("q", 16), ("v", 8))))
+MODULES = ("layers.0.q", "layers.1.v")
+
+
+def weights(seed: int, rank: int = 2) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    f = {}
+    for m in MODULES:
+        d_in, d_out = TINY.shape(m)
+        f[m] = (0.1 * torch.randn(rank, d_in, generator=g), 0.1 * torch.randn(d_out, rank, generator=g))
+    return LoraWeights(f, 2.0 * rank, rank)
+
+
+def same(x: LoraWeights, y: LoraWeights) -> bool:
+    return list(x.factors) == list(y.factors) and x.alpha == y.alpha and all(
+        torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(x.factors.values(), y.factors.values())
+    )
+
+
+def make_config(backend: dict[str, Any], **kw: Any) -> SMoAConfig:
+    kw.setdefault("encoder", "hash")
+    kw.setdefault("seed", 0)
+    kw.setdefault("base_profile", TINY)
+    kw.setdefault("blob_inline_max_bytes", 400)  # rank >= 2 adapters go to weight files / objects
+    extra = dict(kw.pop("extra", {}))
+    if backend.get("cache_dir"):
+        extra.setdefault("weights_cache_path", backend["cache_dir"])
+    return SMoAConfig(storage_path=backend["storage_path"], weights_path=backend["weights_path"], extra=extra, **kw)
+
+
+def open_core(backend: dict[str, Any], **kw: Any) -> Any:
+    from smoa.core import LibraryCore
+
+    return LibraryCore(make_config(backend, **kw), TINY)
+
+
+def spec(i: int, rank: int = 2, tag: str | None = None) -> AdapterSpec:
+    return AdapterSpec(weights=weights(i, rank), domain_tags=[tag or f"topic{i % 5}"], description=f"topic {i % 5}")

@@ -107,7 +107,7 @@ def test_interrupted_copy_resumes(tmp_path: Path, pg_url: str, s3_url: str) -> N
 def test_sigkilled_migrate_command_resumes(tmp_path: Path, pg_url: str, s3_url: str) -> None:
     src = tmp_path / "src"
     _make_library(src, n=400)
-    cmd = [sys.executable, "-m", "smoa.storage.migrate", str(src), pg_url, "--dst-weights", s3_url,
+    cmd = [sys.executable, "-m", "smoa.cli", "migrate", str(src), pg_url, "--dst-weights", s3_url,
            "--batch", "10", "--progress"]  # fmt: skip
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     assert p.stdout is not None

@@ -92,7 +92,7 @@ def test_another_process_sees_commits_within_the_documented_lag(pg_url: str) -> 
         reader.close()
 
 
-@pytest.mark.parametrize("round_", range(3))
+@pytest.mark.parametrize("round_", [0, *(pytest.param(i, marks=pytest.mark.slow) for i in range(1, 8))])
 def test_sigkill_during_writes_loses_nothing_acknowledged(pg_url: str, round_: int) -> None:
     size = 40
     p = _writer(pg_url, "k", 0, size)

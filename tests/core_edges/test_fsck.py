@@ -68,7 +68,7 @@ def test_missing_corrupt_and_orphan_files_are_reported(tmp_path: Path) -> None:
     files = weight_files(lib)
     assert len(files) == 3
     files[0].unlink()
-    files[1].write_bytes(files[1].read_bytes()[:-8] + b"\0" * 8)
+    files[1].write_bytes(files[1].read_bytes()[:-8] + b"\xff" * 8)
     orphan = lib / "weights" / "hot" / ("ab" ) / ("ab" + "0" * 62)
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"x")

@@ -62,3 +62,14 @@ def test_finding_12_long_text_through_the_facade() -> None:
         out = smoa.forward_sync(["rain " * 200_000])
         logits = out.logits if hasattr(out, "logits") else out
         assert logits.shape[1] == 32
+
+
+def test_query_metadata_none_and_unknown_values() -> None:
+    with open_lib() as smoa:
+        ad = smoa.create_adapter_sync("domain", ["medical"])
+        for meta in ({"user": None}, {"session_id": 123, "domain": "medical"}, {"domain": None},
+                     {"domain": ["medical", None]}, {"trace": {"nested": [1, 2]}}):  # fmt: skip
+            route = smoa.query_adapters_sync("medical question", meta, "task_based", 1)
+            assert route.adapter_ids in ([ad.id], []), meta
+        with pytest.raises(InvalidInputError, match="`domain`"):
+            smoa.query_adapters_sync("q", {"domain": 5})

@@ -52,7 +52,7 @@ def test_metadata_none_and_none_values_are_accepted() -> None:
 
 def test_metadata_values_are_length_capped() -> None:
     validate_spec(AdapterSpec(metadata={"k": "x" * MAX_METADATA_VALUE_CHARS}))
-    with pytest.raises(InvalidInputError, match=r"`metadata\.k`"):
+    with pytest.raises(InvalidInputError, match=r"`metadata` value at 'k'"):
         validate_spec(AdapterSpec(metadata={"k": "x" * (MAX_METADATA_VALUE_CHARS + 1)}))
     with pytest.raises(InvalidInputError, match="metadata"):
         validate_spec(AdapterSpec(metadata={"deep": {"er": ["y" * (MAX_METADATA_VALUE_CHARS + 1)]}}))

@@ -12,7 +12,7 @@ from .helpers import open_lib
 
 @pytest.mark.parametrize(
     ("given", "normal"),
-    [("Medical", "medical"), ("ＭＥＤＩＣＡＬ", "medical"), ("医学", "医学"), ("  machine\tlearning ", "machine learning"),
+    [("Medical", "medical"), ("ＭＥＤＩＣＡＬ", "medical"), ("医学", "医学"), ("  machine\u3000 learning ", "machine learning"),
      ("Straße", "strasse"), ("C++", "c++"), ("C#", "c#"), ("ﬁnance", "finance"), ("med\u200bical", "medical")],
 )  # fmt: skip
 def test_normal_form(given: str, normal: str) -> None:
@@ -30,7 +30,7 @@ def test_invisible_tags_are_refused_naming_the_field(bad: str) -> None:
         normalize_tags(["ok", bad], "domain_tags")
 
 
-@pytest.mark.parametrize("bad", ["a\x00b", "\ud800", "bell\x07"])
+@pytest.mark.parametrize("bad", ["a\x00b", "\ud800", "bell\x07", "a\nb", "a\tb"])
 def test_control_characters_and_surrogates_are_refused(bad: str) -> None:
     with pytest.raises(InvalidInputError, match="`skill_tags`"):
         normalize_tags([bad], "skill_tags")

@@ -1,4 +1,4 @@
-"""`optimize_library` on a real (small) AdapterLibrary: planted duplicates merged, idle adapters pruned."""
+"""`optimize_library` on a real (small) library core: planted duplicates merged, idle adapters pruned."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights
 from smoa.compose.similarity import cosine
 from smoa.config import SMoAConfig
-from smoa.library import AdapterLibrary, AdapterSpec
+from smoa.adapter.spec import AdapterSpec
+from smoa.core import LibraryCore
 from smoa.optimize.optimizer import optimize_library
 
 TOY = BaseProfile("toy", tuple((f"layers.{i}.{n}", 32, o) for i in range(2) for n, o in (("q", 32), ("v", 16))))
@@ -32,12 +33,12 @@ def _weights(g: torch.Generator, like: LoraWeights | None = None, noise: float =
 
 @pytest.fixture
 def lib(tmp_path):
-    library = AdapterLibrary(SMoAConfig(storage_path=tmp_path / "lib", seed=0), TOY)
+    library = LibraryCore(SMoAConfig(storage_path=tmp_path / "lib", seed=0, encoder="hash"), TOY)
     yield library
     library.close()
 
 
-def _populate(lib: AdapterLibrary, n: int = 30) -> tuple[list[str], list[tuple[str, str]]]:
+def _populate(lib: LibraryCore, n: int = 30) -> tuple[list[str], list[tuple[str, str]]]:
     g = torch.Generator().manual_seed(0)
     base = [_weights(g) for _ in range(n)]
     specs = [AdapterSpec(weights=w, domain_tags=[f"d{i}"], skill_tags=["s"]) for i, w in enumerate(base)]
@@ -46,7 +47,7 @@ def _populate(lib: AdapterLibrary, n: int = 30) -> tuple[list[str], list[tuple[s
     return ids, [(ids[3], ids[n]), (ids[7], ids[n + 1])]
 
 
-def test_planted_duplicates_are_merged_and_aliased(lib: AdapterLibrary) -> None:
+def test_planted_duplicates_are_merged_and_aliased(lib: LibraryCore) -> None:
     ids, planted = _populate(lib)
     before = {i: lib.get_weights(i) for i in ids}
     report = optimize_library(lib, prune=False, threshold=0.98, method="svd")
@@ -65,7 +66,7 @@ def test_planted_duplicates_are_merged_and_aliased(lib: AdapterLibrary) -> None:
     assert second.groups_merged == []  # nothing left to merge
 
 
-def test_dry_run_changes_nothing(lib: AdapterLibrary) -> None:
+def test_dry_run_changes_nothing(lib: LibraryCore) -> None:
     ids, _ = _populate(lib)
     generation = lib.generation
     report = optimize_library(lib, threshold=0.98, dry_run=True, now=1e12)
@@ -74,7 +75,7 @@ def test_dry_run_changes_nothing(lib: AdapterLibrary) -> None:
     assert lib.generation == generation and lib.total_adapters == len(ids)
 
 
-def test_prune_archives_idle_unpinned_non_member_adapters(lib: AdapterLibrary) -> None:
+def test_prune_archives_idle_unpinned_non_member_adapters(lib: LibraryCore) -> None:
     g = torch.Generator().manual_seed(1)
     ids = [a.id for a in lib.create_many([AdapterSpec(weights=_weights(g)) for _ in range(5)])]
     lib.pin(ids[0])
@@ -91,7 +92,7 @@ def test_prune_archives_idle_unpinned_non_member_adapters(lib: AdapterLibrary) -
     assert restored.status == "active" and lib.get_weights(ids[3]).rank == 2
 
 
-def test_prune_by_queries_and_delete_action(lib: AdapterLibrary) -> None:
+def test_prune_by_queries_and_delete_action(lib: LibraryCore) -> None:
     g = torch.Generator().manual_seed(2)
     ids = [a.id for a in lib.create_many([AdapterSpec(weights=_weights(g)) for _ in range(3)])]
     lib.record_usage([ids[0]])  # query 1 uses ids[0]
@@ -125,7 +126,7 @@ def test_through_the_facade_routes_forget_merged_sources(tmp_path) -> None:
         assert smoa.library.get_adapter(a.id).id == new_id and smoa.library.total_adapters == 2
 
 
-def test_undo_merge_restores_the_sources(lib: AdapterLibrary) -> None:
+def test_undo_merge_restores_the_sources(lib: LibraryCore) -> None:
     from smoa.optimize.optimizer import undo_merge
 
     ids, planted = _populate(lib, n=10)

@@ -386,7 +386,7 @@ def _check_storage(smoa: SparseAdapterMixture, reg: Registry) -> None:
         ad = lib.get_adapter(aid)
         assert ad.version == v
         key = ad.key
-        blob, file, digest = lib.catalog.read_weights(key)
+        blob, file, digest, _ = lib.catalog.read_weights(key)
         data = blob if blob is not None else (lib.directory / file).read_bytes()
         assert checksum(data) == digest
         want = reg.history[(aid, v)]

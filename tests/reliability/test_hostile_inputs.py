@@ -1,6 +1,7 @@
 """Hostile names, tags, descriptions, metadata and ids: never a path, size-capped, exact or clearly refused.
 
-Each hostile string is offered in every text field. It is either stored and returned exactly (at creation, after
+Each hostile string is offered in every text field. It is either stored and returned exactly — tags in their normal
+form, see :mod:`smoa.adapter.tags` — (at creation, after
 a reopen, and through the facade with its router index on disk) or refused with an InvalidInputError naming the
 field, writing nothing. After all of it, every file in the library directory has one of the fixed names
 (``catalog.sqlite3*``, ``LOCK``, ``blobs/ab/<sha256>``, ``index/...``) and nothing appeared next to it.
@@ -24,7 +25,14 @@ from smoa import (
     SMoAConfig,
     SparseAdapterMixture,
 )
-from smoa.library import MAX_DESCRIPTION_CHARS, MAX_METADATA_BYTES, MAX_TAG_CHARS, MAX_TAGS
+from smoa.adapter.spec import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_VALUE_CHARS,
+    MAX_TAG_CHARS,
+    MAX_TAGS,
+)
+from smoa.adapter.tags import normalize_tags
 
 from .helpers import TINY, files_under, open_lib, seeded_weights, state
 
@@ -58,8 +66,8 @@ REFUSED_TAGS = {
     "empty": "",
 }
 ALLOWED = re.compile(
-    r"^(LOCK|catalog\.sqlite3(-wal|-shm|-journal)?|blobs|cold|index|(blobs|cold)/[0-9a-f]{2}"
-    r"|(blobs|cold)/[0-9a-f]{2}/[0-9a-f]{64}|index/[A-Za-z0-9_.-]+)$"
+    r"^(LOCK|catalog\.sqlite3(-wal|-shm|-journal)?|weights|weights/(hot|cold)|index|weights/(hot|cold)/[0-9a-f]{2}"
+    r"|weights/(hot|cold)/[0-9a-f]{2}/[0-9a-f]{64}|index/[A-Za-z0-9_.-]+)$"
 )
 
 
@@ -82,15 +90,16 @@ def test_hostile_text_is_stored_and_returned_exactly(tmp_path: Path, name: str) 
         lib.create(AdapterSpec(domain_tags=[text], skill_tags=[text, text], description=desc, metadata=meta)),
         lib.create(AdapterSpec(weights=seeded_weights(1, ("layers.0.q",), rank=8), domain_tags=[text])),  # a file
     ]
+    tag = normalize_tags([text])  # tags are stored in normal form (NFKC + casefold, invisible chars dropped, deduped)
     for ad in (made[0], lib.get_adapter(made[0].id)):
-        assert ad.domain_tags == [text] and ad.skill_tags == [text, text] and ad.description == desc
+        assert ad.domain_tags == tag and ad.skill_tags == tag and ad.description == desc
         assert json.dumps(ad.metadata, sort_keys=True) == json.dumps(meta, sort_keys=True)
     lib.close()
     lib = open_lib(path)
     ad = lib.get_adapter(made[0].id)
-    assert ad.domain_tags == [text] and ad.description == desc
+    assert ad.domain_tags == tag and ad.description == desc
     assert json.dumps(ad.metadata, sort_keys=True) == json.dumps(meta, sort_keys=True)
-    assert lib.get_adapter(made[1].id).domain_tags == [text]
+    assert lib.get_adapter(made[1].id).domain_tags == tag
     lib.close()
     _assert_only_fixed_names(tmp_path, path)
 
@@ -108,7 +117,7 @@ def test_hostile_text_through_the_facade_and_its_index_files(tmp_path: Path) -> 
     with SparseAdapterMixture(cfg) as smoa:  # reopened from disk, index files included
         for name, text in HOSTILE.items():
             ad = smoa.library.get_adapter(ids[name])
-            assert ad.domain_tags == [text] and ad.description == text
+            assert ad.domain_tags == normalize_tags([text]) and ad.description == text
     _assert_only_fixed_names(tmp_path, path)
 
 
@@ -172,8 +181,8 @@ def test_caps_and_unstorable_values_are_refused(tmp_path: Path, name: str) -> No
 
 def test_limits_themselves_are_accepted(tmp_path: Path) -> None:
     lib = open_lib(tmp_path / "lib")
-    tags = ["é" * MAX_TAG_CHARS] * MAX_TAGS
-    meta = {"k": "x" * (MAX_METADATA_BYTES - 20)}
+    tags = [("é" * MAX_TAG_CHARS)[:-3] + f"{i:03d}" for i in range(MAX_TAGS)]  # distinct: duplicates are dropped
+    meta = {f"k{i}": "x" * MAX_METADATA_VALUE_CHARS for i in range(MAX_METADATA_BYTES // MAX_METADATA_VALUE_CHARS - 1)}
     ad = lib.create(AdapterSpec(domain_tags=tags, description="d" * MAX_DESCRIPTION_CHARS, metadata=meta))
     assert lib.get_adapter(ad.id).domain_tags == tags and lib.get_adapter(ad.id).metadata == meta
     lib.close()

@@ -38,7 +38,7 @@ class Fixture:
         self.good = [self.lib.create(AdapterSpec(weights=seeded_weights(i))) for i in range(3)]
         self.sample = self.lib.create(AdapterSpec(weights=seeded_weights(7, SAMPLE_MODULES, rank=1)))
         self.key = self.sample.key
-        _, self.file, self.digest = self.lib.catalog.read_weights(self.key)
+        _, self.file, self.digest, _ = self.lib.catalog.read_weights(self.key)
         assert (self.file is not None) == in_file
         self.data = self.lib.catalog.read_weights(self.key)[0] if not in_file else (self.lib.directory / self.file).read_bytes()
         for g in self.good:

@@ -62,7 +62,7 @@ def test_adapter_choices_change_the_output(client, base, adapter_ids) -> None:  
                                                       {"id": adapter_ids[1], "weight": 0.5}]})  # fmt: skip
     assert one == explicit  # the same mixture, two ways of asking
     assert plain != one and mixed != one
-    routed = client.completions.create(model=base, prompt="Once upon a time", max_tokens=2, temperature=0,
+    routed = client.completions.create(model=base, prompt="a doctor and a patient", max_tokens=2, temperature=0,
                                        extra_body={"route": True})  # fmt: skip
     assert routed.model_extra["smoa"]["route"]["adapter_ids"]
     none = client.completions.create(model=base, prompt="Once upon a time", max_tokens=2, temperature=0)

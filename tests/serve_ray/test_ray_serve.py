@@ -84,11 +84,10 @@ def _replica_stats(client: httpx.Client, after: float) -> dict[str, dict[str, An
 
 def _hit_rates(client: httpx.Client, workload: list[list[str]], affinity: bool) -> dict[str, float]:
     assert client.post("/ray/affinity", json={"enabled": affinity}).status_code == 200
-    before = _replica_stats(client, 0)
+    before = client.get("/ray/replicas").json()["replicas"]
     for ids in workload:
         _complete(client, model="smoa", adapters=[{"id": i, "weight": 0.5} for i in ids], max_tokens=1)
-    time.sleep(0.6)
-    after = _replica_stats(client, time.time() - 0.5)
+    after = _replica_stats(client, time.time())  # the first report after the last request completed
     rates = {}
     for rid, rep in after.items():
         old = before.get(rid, {}).get("weight_cache", {"hits": 0, "misses": 0})

@@ -42,7 +42,7 @@ MAX_DESCRIPTION_CHARS = 16_384
 MAX_METADATA_BYTES = 64 * 1024
 MAX_METADATA_DEPTH = 32
 MAX_METADATA_KEY_CHARS = 256
-MAX_METADATA_VALUE_CHARS = 4_096
+MAX_METADATA_VALUE_CHARS = 16_384
 MAX_EXAMPLES = 10_000
 MAX_EXAMPLE_CHARS = 16_384
 MAX_ID_CHARS = 256
@@ -120,9 +120,11 @@ def _check_metadata(p: str, metadata: Any) -> dict[str, Any]:
     """JSON-safe copy of ``metadata`` (``None`` -> ``{}``) with keys, values, depth and size capped."""
     if metadata is None:
         return {}
+    if isinstance(metadata, Mapping) and not metadata:
+        return {}
     if not isinstance(metadata, Mapping):
         raise InvalidInputError(f"{p}`metadata` must be a mapping with string keys (or None), got {metadata!r:.100}")
-    stack: list[tuple[Any, int, str]] = [(metadata, 1, "metadata")]
+    stack: list[tuple[Any, int, str]] = [(metadata, 1, "")]
     while stack:
         value, depth, path = stack.pop()
         if isinstance(value, Mapping):
@@ -130,20 +132,21 @@ def _check_metadata(p: str, metadata: Any) -> dict[str, Any]:
             for k, _ in items:
                 if not isinstance(k, str) or len(k) > MAX_METADATA_KEY_CHARS or not is_unicode(k):
                     raise InvalidInputError(
-                        f"{p}`{path}` keys must be strings of at most {MAX_METADATA_KEY_CHARS} characters, got {k!r:.100}"
+                        f"{p}`metadata` keys (at {path!r}) must be strings of at most {MAX_METADATA_KEY_CHARS} "
+                        f"characters, got {k!r:.100}"
                     )
         elif isinstance(value, (list, tuple)):
             items = [(str(i), v) for i, v in enumerate(value)]
         else:
             if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_CHARS:
                 raise InvalidInputError(
-                    f"{p}`{path}` is {len(value):,} characters; metadata string values hold at most "
-                    f"{MAX_METADATA_VALUE_CHARS:,}: {value[:60]!r}..."
+                    f"{p}`metadata` value at {path!r} is {len(value):,} characters; metadata string values hold at "
+                    f"most {MAX_METADATA_VALUE_CHARS:,}: {value[:60]!r}..."
                 )
             continue
         if depth > MAX_METADATA_DEPTH:
             raise InvalidInputError(f"{p}`metadata` is nested more than {MAX_METADATA_DEPTH} levels deep")
-        stack.extend((v, depth + 1, f"{path}.{k}"[:200]) for k, v in items)
+        stack.extend((v, depth + 1, f"{path}.{k}".lstrip(".")[:200]) for k, v in items)
     try:
         text = json.dumps(dict(metadata), ensure_ascii=False, allow_nan=False)
         raw = text.encode("utf-8")
@@ -171,7 +174,13 @@ def _check_examples(p: str, examples: Any) -> list[str]:
         raise InvalidInputError(f"{p}`examples` must be a list of strings, got {examples!r:.100}")
     if len(examples) > MAX_EXAMPLES:
         raise InvalidInputError(f"{p}`examples` holds {len(examples):,} items; at most {MAX_EXAMPLES:,} allowed")
-    return [_check_text(p, f"examples[{i}]", e, MAX_EXAMPLE_CHARS) for i, e in enumerate(examples)]
+    for i, e in enumerate(examples):
+        if not isinstance(e, str) or len(e) > MAX_EXAMPLE_CHARS or "\x00" in e or not is_unicode(e):
+            raise InvalidInputError(
+                f"{p}`examples` item {i} must be a string of at most {MAX_EXAMPLE_CHARS:,} characters without NUL or "
+                f"lone surrogates, got {e!r:.100}"
+            )
+    return list(examples)
 
 
 def check_target_modules(value: Any, where: str = "") -> str | list[str] | None:

@@ -7,11 +7,11 @@ A tag is compared by its *normal form*::
 * NFKC folds compatibility forms: full-width ``"ＭＥＤ"`` -> ``"med"``, ligatures, the ideographic space;
 * casefold is Unicode lower-casing (``"Straße"`` -> ``"strasse"``);
 * format characters (Unicode category ``Cf``: zero-width space, BOM, bidi marks ...) are invisible and dropped;
-* runs of whitespace (any Unicode space, tab, newline) become one ASCII space; the ends are stripped.
+* runs of spaces (any Unicode space separator) become one ASCII space; the ends are stripped.
 
 Punctuation is kept, so ``"c++"``, ``"c#"`` and ``"c"`` stay three tags, and scripts without letter case
-(``"医学"``) pass through unchanged. A tag whose normal form is empty (only spaces, format or control characters),
-or which holds another control character (NUL, BEL ...) or a lone surrogate, is refused.
+(``"医学"``) pass through unchanged. A tag whose normal form is empty (only spaces or format characters), or which
+holds a control character (NUL, tab, newline, ESC ...) or a lone surrogate, is refused.
 
 :func:`terms` splits a normalised text into the words the routing tag index compares (same rule for tags and query
 text, see ``/docs`` and ``notes/tags_contract.md``): word characters of any script, a trailing run of ``+``/``#``
@@ -52,12 +52,12 @@ _UNSPACED = re.compile(
 
 
 def _check_chars(text: str, field: str, value: str) -> None:
-    """Refuse lone surrogates and control characters other than whitespace."""
+    """Refuse lone surrogates and control characters (tab and newline included)."""
     for ch in text:
         cat = unicodedata.category(ch)
         if cat == "Cs":
             raise InvalidInputError(f"`{field}` value {value[:80]!r} holds a lone surrogate {ch!r}")
-        if cat == "Cc" and not ch.isspace():
+        if cat == "Cc":  # NUL, BEL, ESC, and also tab/newline: a tag is one line of text
             raise InvalidInputError(f"`{field}` value {value[:80]!r} holds a control character {ch!r}")
 
 
@@ -69,10 +69,12 @@ def normalize_tag(text: str, field: str = "tag") -> str:
         field: the argument name used in error messages.
 
     Raises:
-        InvalidInputError: ``text`` is not a string, or holds a lone surrogate or a non-space control character.
+        InvalidInputError: ``text`` is not a string, or holds a lone surrogate or a control character.
     """
     if not isinstance(text, str):
         raise InvalidInputError(f"`{field}` must be a string, got {text!r:.100} ({type(text).__name__})")
+    if text.isascii() and text.isprintable():  # the common case: NFKC is the identity, casefold is lower()
+        return " ".join(text.lower().split())
     _check_chars(text, field, text)
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
     visible = "".join(ch for ch in folded if unicodedata.category(ch) != "Cf")

@@ -113,6 +113,8 @@ class Router:
         resolve_ids: catalog keys -> adapter ids (same order).
         encoder: an :class:`Encoder` to use instead of ``get_encoder(config.encoder)``.
         params: vector-index knobs.
+        fast_encoder: the cascade's fast encoder instead of the static one (loaded in the background when the
+            main encoder is MiniLM and no ``encoder`` is given).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class Router:
         resolve_ids: Callable[[Sequence[int]], list[str]],
         encoder: Encoder | None = None,
         params: IndexParams | None = None,
+        fast_encoder: Encoder | None = None,
     ) -> None:
         self.config = config
         inner = encoder or get_encoder(config.encoder)
@@ -147,7 +150,10 @@ class Router:
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
         self._fast_ready = threading.Event()
-        if inner.name in FAST_ENCODERS and encoder is None:
+        if fast_encoder is not None:
+            self._fast = fast_encoder
+            self._fast_ready.set()
+        elif inner.name in FAST_ENCODERS and encoder is None:
             threading.Thread(target=self._load_fast, name="smoa-fast-encoder", daemon=True).start()
         else:
             self._fast_ready.set()

@@ -34,7 +34,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from smoa.serve.auth import authorize
 from smoa.serve.errors import APIError, BadRequestError, ServiceUnavailableError, as_api_error
 from smoa.serve.metrics import CONTENT_TYPE
-from smoa.serve.protocol import AdapterPatch, ChatCompletionRequest, CompletionRequest, GenerateRequest, RouteRequest
+from smoa.serve.protocol import (
+    AdapterPatch,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    OptimizeRequest,
+    RouteRequest,
+)
 from smoa.serve.serving import Selection, SmoaServing
 
 __all__ = ["build_routers", "error_response"]
@@ -46,8 +53,9 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", "
 
 def error_response(err: APIError, lorax: bool = False) -> JSONResponse:
     body = err.body()
-    if lorax:  # lorax-client reads `error_type`
-        body["error_type"] = {429: "overloaded", 400: "validation", 422: "validation"}.get(err.status, "generation")
+    kind = {429: "overloaded", 400: "validation", 422: "validation", 500: "generation"}.get(err.status)
+    if lorax and kind:  # lorax-client reads `error_type` first, then the status
+        body["error_type"] = kind
     return JSONResponse(body, status_code=err.status, headers=err.headers())
 
 
@@ -172,13 +180,13 @@ def _openai_router() -> APIRouter:
 def _lorax_router() -> APIRouter:
     r = APIRouter(tags=["lorax"])
 
-    async def run(body: GenerateRequest, request: Request, who: str, stream: bool) -> Response:
+    async def run(body: GenerateRequest, request: Request, who: str, stream: bool, as_list: bool = False) -> Response:
         s = _serving(request)
         gen, n = await s.prepare_generate(body, who)
         if stream:
             return _sse_response(request, s.generate_stream(body, gen, n), gen.selection)
         out = await _until_disconnect(request, s.generate(body, gen, n))
-        return JSONResponse(out, headers=_headers(gen.selection))
+        return JSONResponse([out] if as_list else out, headers=_headers(gen.selection))
 
     @r.post("/generate")
     async def generate(body: GenerateRequest, request: Request, who: str = Depends(user)) -> Response:
@@ -190,8 +198,9 @@ def _lorax_router() -> APIRouter:
 
     @r.post("/")
     async def compat_generate(body: GenerateRequest, request: Request, who: str = Depends(user)) -> Response:
-        """LoRAX's ``POST /`` (what ``lorax.Client`` posts to): ``stream`` picks generate or generate_stream."""
-        return await run(body, request, who, stream=body.stream)
+        """LoRAX's ``POST /`` (what ``lorax.Client`` posts to): ``stream`` picks generate or generate_stream; a
+        non-streamed answer is a one-element list, as LoRAX (TGI) sends it."""
+        return await run(body, request, who, stream=body.stream, as_list=True)
 
     return r
 
@@ -246,8 +255,8 @@ def _admin_router() -> APIRouter:
         return JSONResponse(await _blocking(_serving(request).route, body))
 
     @r.post("/optimize")
-    async def optimize(request: Request) -> JSONResponse:
-        return JSONResponse(await _blocking(_serving(request).optimize))
+    async def optimize(request: Request, body: OptimizeRequest | None = None) -> JSONResponse:
+        return JSONResponse(await _blocking(_serving(request).optimize, body or OptimizeRequest()))
 
     @r.get("/stats")
     async def stats(request: Request) -> JSONResponse:

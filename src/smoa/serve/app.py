@@ -148,47 +148,31 @@ class BodyLimitMiddleware:
             return
         seen = 0
         started = False
+        refused = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge(limit)
+                if seen > limit:  # answer 413 now; the app sees a disconnect and its own answer is dropped
+                    refused = True
+                    if not started:
+                        await _send_413(send, limit, None)
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_413(send, limit, None)
-        except Exception as exc:  # the too-large signal may come back wrapped by the framework
-            if _wraps_too_large(exc) and not started:
-                await _send_413(send, limit, None)
-            else:
-                raise
-
-
-class _TooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"body over {limit} bytes")
-
-
-def _wraps_too_large(exc: BaseException) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, _TooLarge):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -21,6 +21,7 @@ __all__ = [
     "GenerateParameters",
     "GenerateRequest",
     "MergedAdapters",
+    "OptimizeRequest",
     "RouteRequest",
     "StreamOptions",
 ]
@@ -198,3 +199,15 @@ class RouteRequest(_Model):
     metadata: Metadata | None = None
     strategy: Strategy | None = None
     k: int | None = Field(default=None, ge=1, le=64)
+
+
+class OptimizeRequest(_Model):
+    """``POST /v1/optimize`` (all optional): which passes, and ``dry_run`` to only report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge: bool | None = None
+    prune: bool | None = None
+    dry_run: bool = False
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    method: Literal["svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] | None = None

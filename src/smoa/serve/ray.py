@@ -41,6 +41,7 @@ are buffered) and otherwise answers 503 ``replica_unavailable`` (streams end wit
 # Ray worker, where Serve's ingress class arrives pickled by value and string annotations could not be resolved.
 import asyncio
 import dataclasses
+import hashlib
 import importlib
 import json
 import logging
@@ -56,6 +57,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
 from smoa.errors import ConfigError
 from smoa.serve.asgi_call import ForwardedRequest, Lifespan, ResponseHead, call_asgi
@@ -84,6 +86,9 @@ class RayOptions:
         max_ongoing_requests: requests a replica accepts at once (its scheduler batches them).
         max_body_bytes: the ingress refuses a larger body with 413 before reading it whole.
         app_factory: ``"module:function"`` building the single-process ASGI app from the config.
+        ready_timeout_s: how long a replica may take to load its model and library.
+        spill_threshold: requests a key's owner replica may have queued beyond the next one before the next one
+            takes the key's requests (see :class:`AdapterAffinityRouter`).
     """
 
     replicas: int = 2
@@ -96,6 +101,7 @@ class RayOptions:
     max_body_bytes: int = 64 * 1024 * 1024
     app_factory: str = "smoa.serve.app:build_app"
     ready_timeout_s: float = 600.0
+    spill_threshold: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -143,6 +149,45 @@ def _snapshot(location: str) -> str:
 def _load_factory(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------------------------------------- request router
+def rendezvous_score(key: str, replica: str) -> int:
+    """Highest-random-weight hash of ``(key, replica)``: the replica with the top score owns the key."""
+    return int.from_bytes(hashlib.blake2b(f"{key}\x1f{replica}".encode(), digest_size=8).digest(), "big")
+
+
+class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    """Ray Serve request router: a request's affinity key goes to the replica that owns it (rendezvous hashing).
+
+    Ranks, for a request with key ``k`` (its ``multiplexed_model_id``)::
+
+        rank 0: the owner = argmax_r hash(k, r)   (stable: only a dead replica's keys move when it goes)
+        rank 1: the other replicas, by hash       (used when the owner is full, or SPILL requests busier)
+
+    Rendezvous hashing spreads keys evenly from the first request (Serve's default multiplex routing sends new
+    keys to "the replica with fewest models", a view that lags a burst of new keys by seconds). A request
+    without a key (base model, management) goes to the least busy replica, as with power-of-two choices.
+    """
+
+    def initialize_state(self, spill_threshold: int = 16, **kwargs: Any) -> None:
+        """``spill_threshold``: queued requests the owner may have beyond the next replica before spilling."""
+        self.spill_threshold = spill_threshold
+
+    def _queue_len(self, replica: RunningReplica) -> int:
+        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if not key or len(candidate_replicas) < 2:
+            return [candidate_replicas]
+        ranked = sorted(candidate_replicas, key=lambda r: rendezvous_score(key, r.replica_id.unique_id), reverse=True)
+        threshold = getattr(self, "spill_threshold", 16)
+        if self._queue_len(ranked[0]) >= self._queue_len(ranked[1]) + threshold:
+            ranked[0], ranked[1] = ranked[1], ranked[0]
+        return [[ranked[0]], ranked[1:]]
 
 
 # ---------------------------------------------------------------------------------------------- model replica
@@ -210,9 +255,9 @@ class SmoaModelReplica:
         self.lifespan = Lifespan(self.app)
         await self.lifespan.startup()
         await self._wait_ready(options.ready_timeout_s)
-        self.counters = {"requests": 0, "mixture_loads": 0, "mixture_hits": 0}
+        self.counters = {"requests": 0, "completed": 0, "mixture_loads": 0, "mixture_hits": 0}
         self.board = replica_board(serve.get_replica_context().app_name)
-        self._reported = -1
+        self._reported: tuple[int, int] = (0, 0)
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
         logger.info("smoa replica %s ready (library %s)", self.replica_id, _library_of(self.config))
 
@@ -232,9 +277,10 @@ class SmoaModelReplica:
         """Every 0.25 s after new requests: this replica's counters and cache statistics to the board."""
         while True:
             await asyncio.sleep(0.25)
-            if self.counters["requests"] == self._reported:
+            marker = (self.counters["requests"], self.counters["completed"])
+            if marker == self._reported:
                 continue
-            self._reported = self.counters["requests"]
+            self._reported = marker
             try:
                 self.board.report.remote(self.replica_id, await self.stats())
             except Exception:  # noqa: BLE001 - statistics are best effort; serving goes on
@@ -263,11 +309,14 @@ class SmoaModelReplica:
             self.counters["mixture_hits"] += int(self.counters["mixture_loads"] == before)
         self.counters["requests"] += 1
         yield Ticket(self.replica_id)
-        async for item in call_asgi(self.app, request, self.lifespan.state):
-            if isinstance(item, ResponseHead):
-                item.headers.append((REPLICA_HEADER, self.replica_id))
-                item.replica = self.replica_id
-            yield item
+        try:
+            async for item in call_asgi(self.app, request, self.lifespan.state):
+                if isinstance(item, ResponseHead):
+                    item.headers.append((REPLICA_HEADER, self.replica_id))
+                    item.replica = self.replica_id
+                yield item
+        finally:
+            self.counters["completed"] += 1
 
     async def route(self, query: dict[str, Any]) -> list[str]:
         """Route a query as ``POST /v1/route`` would (``query``, ``metadata``, ``strategy``); the adapter ids."""
@@ -491,6 +540,8 @@ def build_app(config: Any, options: RayOptions | None = None, *, replicas: int |
         max_ongoing_requests=options.max_ongoing_requests,
         health_check_period_s=2.0,
         graceful_shutdown_timeout_s=30.0,
+        request_router_config={"request_router_class": AdapterAffinityRouter,
+                               "request_router_kwargs": {"spill_threshold": options.spill_threshold}},
     ).bind(config, options)
     return SmoaIngress.options(
         ray_actor_options={"num_cpus": options.ingress_num_cpus}, max_ongoing_requests=4 * options.max_ongoing_requests

@@ -398,7 +398,10 @@ class Scheduler:
         with self._model_lock, torch.inference_mode():
             try:
                 for seq in self._schedule():
-                    self._prefill(seq)
+                    try:
+                        self._prefill(seq)
+                    except Exception as exc:  # noqa: BLE001 - this prompt fails alone (e.g. out of memory)
+                        self._finish(seq, "error", SequenceState.FINISHED, f"{type(exc).__name__}: {exc}")
             finally:
                 self._admitting = 0
             self._retire()

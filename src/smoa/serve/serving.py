@@ -47,6 +47,7 @@ from smoa.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
+    OptimizeRequest,
     RouteRequest,
 )
 from smoa.serve.scheduler import (
@@ -733,10 +734,10 @@ class SmoaServing:
                           param="query")  # fmt: skip
         return sel.route_info()["route"]
 
-    def optimize(self) -> dict[str, Any]:
+    def optimize(self, req: OptimizeRequest) -> dict[str, Any]:
         """``POST /v1/optimize``: merge near-duplicates and prune, once; the report."""
         self.check_ready()
-        report = self._call("optimize_library")
+        report = self._call("optimize_library", **req.model_dump(exclude_none=True))
         return _jsonable(report)
 
     def stats(self) -> dict[str, Any]:

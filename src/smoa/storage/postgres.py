@@ -32,6 +32,7 @@ The directory lock of the SQLite backend does not exist here: any number of proc
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import threading
 import time
@@ -40,7 +41,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from smoa.errors import ConfigError, StorageError
+from smoa.errors import ConfigError, CorruptAdapterError, StorageError
 from smoa.storage import catalog as sqlite_catalog
 from smoa.storage.catalog import Catalog
 
@@ -91,6 +92,7 @@ CREATE OR REPLACE TRIGGER log_alias_change AFTER INSERT OR UPDATE OR DELETE ON a
 _UPSERT = {
     "meta": "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
     "aliases": "ON CONFLICT (alias) DO UPDATE SET target = EXCLUDED.target, merge_id = EXCLUDED.merge_id",
+    "blobs": "ON CONFLICT (rel) DO UPDATE SET created_at = EXCLUDED.created_at",  # same name = same bytes
 }
 _RETURNING = {"merges": "merge_id"}  # tables whose INSERT reports `lastrowid`
 
@@ -485,6 +487,73 @@ class PostgresCatalog(Catalog):
             self._listener.join(timeout=self.poll_interval_s + 2)
         with self._lock:
             self._drop_connection()
+
+
+class PostgresBlobStore:
+    """The weight store of a PostgreSQL library that has no ``weights_path``: content-addressed ``bytea`` rows
+    in a ``blobs`` table of the same database (a :class:`~smoa.storage.base.WeightStore`).
+
+    Same rules as the file and S3 stores — written (own transaction) before the catalog row that names it
+    commits, deleted after the last row naming it is gone, checked against its sha256 on read — so every process
+    sharing the database sees every weight without any shared disk. Fine up to a few MB per adapter (PostgreSQL
+    TOASTs large values; one value may be up to 1 GB); bigger libraries should name an object store.
+    """
+
+    def __init__(self, catalog: PostgresCatalog) -> None:
+        self.catalog = catalog
+        with catalog.transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS blobs(rel TEXT PRIMARY KEY, data BYTEA NOT NULL,"
+                       " created_at DOUBLE PRECISION NOT NULL)")
+
+    def write(self, area: str, digest: str, data: bytes) -> str:
+        from smoa.storage.s3 import AREAS, LEGACY_AREAS
+
+        area = {"blobs": "weights/hot", "cold": "weights/cold"}.get(area, area)
+        if area not in AREAS + LEGACY_AREAS or len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+            raise StorageError(f"invalid blob address {area!r}/{digest!r}")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StorageError(f"refusing to store {area}/{digest[:12]}...: the bytes do not hash to their name")
+        rel = f"{area}/{digest[:2]}/{digest}"
+        with self.catalog.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO blobs(rel, data, created_at) VALUES(?, ?, ?)", (rel, data, time.time()))
+        return rel
+
+    def read(self, rel: str, *, name: str) -> bytes:
+        from smoa.storage.s3 import check_rel
+
+        _area, digest = check_rel(rel, name)
+        rows = self.catalog._read("SELECT data FROM blobs WHERE rel = ?", (rel,))
+        if not rows:
+            raise CorruptAdapterError(f"{name}: weight blob {rel!r} is missing from the catalog database")
+        data = bytes(rows[0][0])
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CorruptAdapterError(f"{name}: weight blob {rel!r} fails its checksum")
+        return data
+
+    def delete(self, rel: str) -> None:
+        with self.catalog.transaction() as db:  # not if a row of another process has come to name it meanwhile
+            db.execute("DELETE FROM blobs WHERE rel = ? AND NOT EXISTS (SELECT 1 FROM weights WHERE file = ?)", (rel, rel))
+
+    def owned_files(self) -> set[str]:
+        return {str(r[0]) for r in self.catalog._read("SELECT rel FROM blobs")}
+
+    all_files = owned_files
+
+    def collect_garbage(self, referenced: set[str], min_age_s: float = 3600.0) -> int:
+        """Delete blobs no row references that are older than ``min_age_s`` (another process writes its blob
+        before its row commits: a young unreferenced blob may be about to be named). Returns how many."""
+        with self.catalog.transaction() as db:
+            cur = db.execute("DELETE FROM blobs WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM weights w WHERE"
+                             " w.file = blobs.rel)", (time.time() - min_age_s,))  # fmt: skip
+            return int(cur.rowcount or 0)
+
+    def close(self) -> None:
+        """Nothing to release (the catalog owns the connection)."""
+
+
+def open_blob_store(catalog: PostgresCatalog, config: Any = None) -> PostgresBlobStore:
+    """The weight store of a PostgreSQL library without ``weights_path`` (weights as ``bytea`` rows)."""
+    return PostgresBlobStore(catalog)
 
 
 def open_catalog(url: str, config: Any = None) -> PostgresCatalog:

@@ -1,0 +1,348 @@
+"""What does a library cost beyond one machine, and how fast are the shared backends?
+
+One function per measurement; each returns rows for one table (printed at the end, and as JSON with --json):
+
+* ``catalog_ops``     catalog operations/s on SQLite (a file) vs PostgreSQL (a local server): bulk create,
+                      one-adapter create/update/delete transactions, point reads, change-log catch-up reads.
+* ``catch_up_lag``    another *process*'s commit -> this process sees the new generation and has read the
+                      changed rows from the change log (p50 / p99 / max over many writes). PostgreSQL: NOTIFY
+                      (+1 s poll fallback); SQLite: what a poller would see (one `read_generation` per 10 ms).
+* ``cold_load``       one adapter's weight bytes from local disk vs from S3 (moto server on 127.0.0.1) vs the S3
+                      store's local cache tier, checksum verified, per size class.
+* ``bytes_per_adapter`` RAM (core directory entry + routing key), catalog bytes, object-store bytes per adapter:
+                      the measured inputs of the capacity model in docs/scale.md.
+
+The Ray Serve parts (throughput with 1 vs 2 replicas, index shards as actors) are further functions in this
+file, registered in MEASUREMENTS the same way.
+
+    .venv/bin/python benchmarks/bench_scale.py                  # everything, ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_scale.py --quick          # smaller counts, ~1 minute
+    .venv/bin/python benchmarks/bench_scale.py --only cold_load catch_up_lag
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests" / "backends"))
+
+import local_services  # noqa: E402
+
+Row = dict[str, Any]
+
+
+class Services:
+    """The PostgreSQL server and S3 endpoint the measurements share (started on first use)."""
+
+    def __init__(self) -> None:
+        self._pg: local_services.LocalPostgres | None = None
+        self._s3: local_services.LocalS3 | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="smoa-bench-scale-"))
+
+    @property
+    def pg(self) -> local_services.LocalPostgres:
+        if self._pg is None:
+            self._pg = local_services.LocalPostgres().start()
+        return self._pg
+
+    @property
+    def s3(self) -> local_services.LocalS3:
+        if self._s3 is None:
+            self._s3 = local_services.LocalS3().start()
+            os.environ.update(self._s3.env())
+        return self._s3
+
+    def close(self) -> None:
+        if self._s3 is not None:
+            self._s3.stop()
+        if self._pg is not None:
+            self._pg.cleanup()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _rows(start: int, n: int, nbytes: int = 1200) -> list[Any]:
+    from helpers import make_row
+
+    rng = random.Random(start)
+    out = []
+    for i in range(start, start + n):
+        row = make_row(i, rng, data=rng.randbytes(nbytes))
+        row.id = f"ad_{i:012d}"
+        out.append(row)
+    return out
+
+
+def _catalog(kind: str, svc: Services, tag: str) -> Any:
+    from helpers import open_catalog
+
+    if kind == "sqlite":
+        d = svc.tmp / f"{tag}-sqlite"
+        d.mkdir(parents=True, exist_ok=True)
+        return open_catalog("sqlite", d / "catalog.sqlite3")
+    return open_catalog("postgres", svc.pg.create_database())
+
+
+def _rate(n: int, fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# == measurements ===================================================================================================
+def catalog_ops(svc: Services, quick: bool) -> list[Row]:
+    """Catalog operations/s, SQLite vs PostgreSQL (same machine; PostgreSQL over TCP on 127.0.0.1)."""
+    bulk_n, single_n = (5_000, 200) if quick else (50_000, 1_000)
+    out = []
+    for kind in ("sqlite", "postgres"):
+        cat = _catalog(kind, svc, "ops")
+        try:
+            rows = _rows(0, bulk_n)
+            bulk = _rate(bulk_n, lambda: [cat.insert_many(rows[i : i + 1000]) for i in range(0, bulk_n, 1000)])
+            singles = _rows(bulk_n, single_n)
+            create = _rate(single_n, lambda: [cat.insert_many([r]) for r in singles])
+            keys = random.Random(1).sample(range(1, bulk_n + 1), single_n)
+            ids = [f"ad_{k - 1:012d}" for k in keys]
+            read = _rate(single_n, lambda: [cat.get(i) for i in ids])
+            weights = _rate(single_n, lambda: [cat.read_weights(k) for k in keys])
+            update = _rate(single_n, lambda: [cat.update_fields(k, description="changed") for k in keys])
+            gen = cat.generation - single_n
+            catch = _rate(single_n, lambda: list(cat.directory_rows(cat.changes_since(gen) or [])))
+            delete = _rate(single_n, lambda: [cat.delete([k]) for k in keys])
+        finally:
+            cat.close()
+        out.append({"backend": kind, "bulk create /s": bulk, "create txn /s": create, "get /s": read,
+                    "read_weights /s": weights, "update txn /s": update, "delete txn /s": delete,
+                    "catch-up rows /s": catch})  # fmt: skip
+    return out
+
+
+_LAG_WRITER = r"""
+import sys, time
+sys.path.insert(0, {helpers!r})
+from helpers import make_row, open_catalog
+cat = open_catalog({kind!r}, {where!r}, **({kw!r}))
+for i in range({n}):
+    time.sleep(0.02)
+    row = make_row(10_000 + i); row.id = "lag_%d" % i
+    cat.insert_many([row])
+    print(time.time(), cat.generation, flush=True)
+cat.close()
+"""
+
+
+def catch_up_lag(svc: Services, quick: bool) -> list[Row]:
+    """Commit in one process -> seen (new generation) and caught up (changed rows read) in another."""
+    n = 40 if quick else 150
+    out = []
+    for kind in ("sqlite", "postgres"):
+        if kind == "sqlite":
+            d = svc.tmp / "lag-sqlite"
+            d.mkdir(parents=True, exist_ok=True)
+            where: Any = str(d / "catalog.sqlite3")
+            kw: dict[str, Any] = {}
+        else:
+            where, kw = svc.pg.create_database(), {"listen": False}
+        from helpers import open_catalog
+
+        reader = open_catalog(kind, where)
+        code = _LAG_WRITER.format(helpers=str(ROOT / "tests" / "backends"), kind=kind, where=where, kw=kw, n=n)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        applied = reader.generation
+        seen: dict[int, float] = {}
+        while proc.poll() is None or len(seen) < n:
+            if kind == "sqlite":
+                time.sleep(0.01)  # a poller: one SQL read per 10 ms
+                reader.read_generation()
+            else:
+                time.sleep(0.0005)  # the listener thread raises `generation`; this loop only reads the attribute
+            g = reader.generation
+            if g > applied:
+                keys = reader.changes_since(applied) or []
+                list(reader.directory_rows(keys))
+                now = time.time()
+                for gg in range(applied + 1, g + 1):
+                    seen[gg] = now
+                applied = g
+            if proc.poll() is not None and len(seen) >= n:
+                break
+            if proc.poll() is not None and time.time() - max(seen.values(), default=time.time()) > 5:
+                break
+        commits = {int(g): float(t) for t, g in (line.split() for line in proc.stdout.read().splitlines())}  # type: ignore[union-attr]
+        reader.close()
+        lags = [(seen[g] - t) * 1000 for g, t in commits.items() if g in seen]
+        out.append({"backend": kind, "mechanism": "poll every 10 ms" if kind == "sqlite" else "LISTEN/NOTIFY",
+                    "writes": len(lags), "lag p50 ms": pct(lags, 0.5), "lag p99 ms": pct(lags, 0.99),
+                    "lag max ms": max(lags)})  # fmt: skip
+    return out
+
+
+SIZES = {"nano (12 KB)": 12_000, "small (1 MB)": 1_000_000, "medium (16 MB)": 16_000_000}
+
+
+def cold_load(svc: Services, quick: bool) -> list[Row]:
+    """One adapter's bytes: local FileStore vs S3 (moto) vs the S3 store's local cache tier, sha256 checked."""
+    from smoa.storage.files import FileStore
+    from smoa.storage.s3 import S3WeightStore
+
+    reps = {"nano (12 KB)": 200, "small (1 MB)": 30, "medium (16 MB)": 5 if quick else 10}
+    if quick:
+        reps = {k: max(3, v // 4) for k, v in reps.items()}
+    url = f"s3://{svc.s3.create_bucket()}/bench"
+    local = FileStore(svc.tmp / "cold-local")
+    out = []
+    for label, size in SIZES.items():
+        blobs = [os.urandom(size) for _ in range(min(reps[label], 20))]
+        rels = []
+        s3_plain = S3WeightStore(url)
+        for b in blobs:
+            d = hashlib.sha256(b).hexdigest()
+            rels.append(local.write("weights/hot", d, b))
+            s3_plain.write("weights/hot", d, b)
+        cache_dir = svc.tmp / f"tier-{size}"
+        s3_tier = S3WeightStore(url, cache_dir=cache_dir)
+        for r in rels:  # warm the local tier (first read downloads)
+            s3_tier.read(r, name="x")
+        row: Row = {"size": label}
+        for name, read in (("local disk", lambda r: local.read(r, name="x")),
+                           ("S3 (moto, no tier)", lambda r: s3_plain.read(r, name="x")),
+                           ("S3 local tier hit", lambda r: s3_tier.read(r, name="x"))):  # fmt: skip
+            times = []
+            for i in range(reps[label]):
+                r = rels[i % len(rels)]
+                t = time.perf_counter()
+                data = read(r)
+                if name == "local disk":  # FileStore does not verify; the library does: charge it here too
+                    hashlib.sha256(data).hexdigest()
+                times.append((time.perf_counter() - t) * 1000)
+            row[f"{name} p50 ms"] = statistics.median(times)
+        row["S3 MB/s"] = size / 1e6 / (row["S3 (moto, no tier) p50 ms"] / 1000)
+        out.append(row)
+    return out
+
+
+def bytes_per_adapter(svc: Services, quick: bool) -> list[Row]:
+    """Per-adapter RAM (directory entry + routing key), catalog bytes and object bytes, nano adapters
+    (~3 KB of safetensors: rank 2, float16), 384-d float32 routing keys."""
+    from smoa.storage.s3 import S3WeightStore
+
+    n = 10_000 if quick else 50_000
+    dim, nbytes = 384, 3_000
+    out = []
+    for kind, inline in (("sqlite", True), ("postgres", True), ("postgres", False)):
+        cat = _catalog(kind, svc, f"bytes-{inline}")
+        try:
+            for i in range(0, n, 5_000):
+                rows = _rows(i, 5_000, nbytes=nbytes)
+                for r in rows:
+                    r.embedding = os.urandom(4 * dim)
+                    if not inline:  # weights in the object store: the row names the object
+                        r.file, r.blob = f"weights/hot/{r.checksum[:2]}/{r.checksum}", None
+                cat.insert_many(rows)
+            cat.compact()
+            if kind == "sqlite":
+                size = sum(p.stat().st_size for p in cat.path.parent.glob("catalog.sqlite3*"))
+            else:
+                size = cat.size_bytes()
+            ram = _directory_ram(cat, dim)
+        finally:
+            cat.close()
+        out.append({"catalog": kind, "weights": "inline" if inline else "object store", "adapters": n,
+                    "catalog bytes/adapter": size / n, "RAM bytes/adapter (directory + key)": ram / n,
+                    "object bytes/adapter": 0.0 if inline else float(nbytes)})  # fmt: skip
+    store = S3WeightStore(f"s3://{svc.s3.create_bucket()}/bytes")
+    payloads = [os.urandom(nbytes) for _ in range(100)]
+    for b in payloads:
+        store.write("weights/hot", hashlib.sha256(b).hexdigest(), b)
+    out[-1]["object bytes/adapter"] = store.stored_bytes() / len(payloads)  # as the store lists them
+    return out
+
+
+def _directory_ram(cat: Any, dim: int) -> int:
+    """Python heap bytes of what a process keeps per adapter: the core's directory (id -> entry, key -> entry)
+    and the routing keys as one float32 matrix (the flat index's layout), measured with tracemalloc."""
+    import tracemalloc
+
+    import numpy as np
+
+    gc.collect()
+    tracemalloc.start()
+    by_id = {r.id: r for r in cat.directory_rows()}
+    by_key = {r.key: r for r in by_id.values()}
+    keys = [r.embedding for r in cat.routing_rows()]
+    matrix = np.frombuffer(b"".join(keys), np.float32).reshape(len(keys), dim).copy()
+    del keys
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del by_id, by_key, matrix
+    return used
+
+
+MEASUREMENTS: dict[str, Callable[[Services, bool], list[Row]]] = {
+    "catalog_ops": catalog_ops,
+    "catch_up_lag": catch_up_lag,
+    "cold_load": cold_load,
+    "bytes_per_adapter": bytes_per_adapter,
+}
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    if not rows:
+        return
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = [lambda v: f"{v:,.1f}" if isinstance(v, float) else str(v)]
+    cells = [[fmt[0](r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n## {title}")
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller counts (about a minute)")
+    p.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), help="run only these measurements")
+    p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    args = p.parse_args(argv)
+    svc = Services()
+    results: dict[str, list[Row]] = {}
+    try:
+        for name in args.only or list(MEASUREMENTS):
+            t = time.time()
+            results[name] = MEASUREMENTS[name](svc, args.quick)
+            print_table(f"{name} ({time.time() - t:.0f} s)", results[name])
+    finally:
+        svc.close()
+    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; "
+          f"{os.cpu_count()} CPUs; command: {' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
