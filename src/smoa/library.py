@@ -358,8 +358,7 @@ class AdapterLibrary:
         adapter = self.get_adapter(adapter_id)
         if adapter.status == "archived":
             return 0
-        blob, file, _, _ = self.catalog.read_weights(adapter.key)
-        data = blob if blob is not None else self.files.read(file or "", name=f"adapter {adapter.id}")
+        data, _ = self._load_bytes(adapter.id, adapter.key)  # verified: never archive a corrupt copy
         rel = self.files.write("cold", checksum(data), data)
         try:
             old = self.catalog.set_status(adapter.key, "archived", blob=None, file=rel)
@@ -375,8 +374,7 @@ class AdapterLibrary:
         adapter = self.get_adapter(adapter_id)
         if adapter.status != "archived":
             return adapter
-        _, file, _, _ = self.catalog.read_weights(adapter.key)
-        data = self.files.read(file or "", name=f"adapter {adapter.id}")
+        data, _ = self._load_bytes(adapter.id, adapter.key)  # verified, wherever it is kept
         blob, new_file = self._place(data)
         try:
             old = self.catalog.set_status(adapter.key, "active", blob=blob, file=new_file)
@@ -433,8 +431,8 @@ class AdapterLibrary:
         moves, old_files = [], []
         try:
             for ad in sources:  # files first, rows second
-                blob, file, _, _ = self.catalog.read_weights(ad.key)
-                data = blob if blob is not None else self.files.read(file or "", name=f"adapter {ad.id}")
+                file = self.catalog.read_weights(ad.key)[1]
+                data, _ = self._load_bytes(ad.id, ad.key)
                 moves.append((ad.key, ad.id, self.files.write("cold", checksum(data), data)))
                 if file:
                     old_files.append(file)

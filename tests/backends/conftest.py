@@ -90,3 +90,4 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
     pg = request.getfixturevalue("pg_url")
     s3 = request.getfixturevalue("s3_url")
     return {"storage_path": pg, "weights_path": s3, "name": "postgres+s3", "cache_dir": str(tmp_path / "s3cache")}
+

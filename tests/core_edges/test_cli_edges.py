@@ -141,3 +141,9 @@ def test_fsck_command(lib, capsys) -> None:
     for suffix in ("-wal", "-shm"):
         (path / f"catalog.sqlite3{suffix}").unlink(missing_ok=True)
     assert main(["fsck", str(path)]) == 2  # no catalog and (inline blobs) no weight files: nothing to check
+
+
+def test_run_still_passes_its_arguments_through(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0 and "--distractors" in capsys.readouterr().out

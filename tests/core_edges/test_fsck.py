@@ -108,3 +108,33 @@ def test_repair_rebuilds_a_lost_catalog_from_the_headers(tmp_path: Path, damage:
         active = [aid for aid, g in given.items() if g["status"] == "active"]
         route = smoa.query_adapters_sync("medical", {"domain": "medical"}, "task_based", 1)
         assert route.adapter_ids == [active[0]]
+
+
+def test_fsck_refuses_a_library_open_elsewhere(tmp_path: Path) -> None:
+    from smoa import LibraryLockedError
+
+    with open_lib(tmp_path / "lib") as smoa:
+        smoa.create_adapter_sync("domain", ["a"])
+        with pytest.raises(LibraryLockedError):
+            fsck(tmp_path / "lib")
+
+
+def test_repair_readds_orphans_a_readable_catalog_lacks(tmp_path: Path) -> None:
+    """A file whose row was lost (e.g. a catalog restored from an older backup) comes back with its id."""
+    lib = tmp_path / "lib"
+    given = make_library(lib)
+    import shutil
+
+    with open_lib(tmp_path / "empty") as smoa:  # a readable catalog without those rows
+        pass
+    for suffix in ("", "-wal", "-shm"):
+        (lib / f"catalog.sqlite3{suffix}").unlink(missing_ok=True)
+        src = tmp_path / "empty" / f"catalog.sqlite3{suffix}"
+        if src.exists():
+            shutil.copy(src, lib / f"catalog.sqlite3{suffix}")
+    report = fsck(lib)
+    assert report.catalog == "ok" and len(report.orphans) == 3
+    report = fsck(lib, repair=True)
+    assert report.rebuilt_rows == 3
+    with open_lib(lib) as smoa:
+        assert {a.id for a in smoa.list_adapters_sync(status=("active", "archived"))} == set(given)

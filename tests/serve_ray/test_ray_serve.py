@@ -108,9 +108,11 @@ def test_affinity_raises_each_replicas_weight_cache_hit_rate(deployed: Deployed)
     # without affinity both replicas see all 12 adapters cycling through 7 slots (LRU: ~no hits); with it each
     # replica keeps to its own mixtures, which fit
     assert with_affinity and without, (with_affinity, without)
-    assert min(with_affinity.values()) >= 0.5, with_affinity
-    assert max(without.values()) <= 0.35, without
-    assert min(with_affinity.values()) > max(without.values()) + 0.3, (with_affinity, without)
+    print("weight-cache hit rate per replica: with affinity", with_affinity, "without", without)
+    assert len(with_affinity) == 2, with_affinity  # the keys are spread over both replicas
+    assert min(with_affinity.values()) >= 0.7, with_affinity
+    assert max(without.values()) <= 0.5, without
+    assert min(with_affinity.values()) > max(without.values()) + 0.25, (with_affinity, without)
 
 
 def test_every_response_names_its_replica_and_same_adapters_stay_together(deployed: Deployed) -> None:
@@ -161,6 +163,14 @@ def _replica_actor(replica_id: str) -> Any:
     raise LookupError(replica_id)
 
 
+def _model_replicas() -> set[str]:
+    """Ids of the live model replicas (their Ray actor names end with ``#<replica id>``)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return {n.rsplit("#", 1)[1] for n in names if n.startswith("SERVE_REPLICA::") and "#SmoaModelReplica#" in n}
+
+
 def _running_replicas() -> tuple[str, dict[str, int]]:
     status = serve.status().applications[APP].deployments["SmoaModelReplica"]
     return str(status.status), dict(status.replica_states)
@@ -198,11 +208,15 @@ def test_a_replica_killed_mid_request_is_replaced_and_the_request_retried(deploy
             assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable", r.text
         assert client.get("/ray/replicas").json()["replicas"][victim]["died"] >= 1
         deadline = time.monotonic() + 120
-        while _running_replicas() != ("DeploymentStatus.HEALTHY", {"RUNNING": 2}) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+            len(_model_replicas()) == 2 and victim not in _model_replicas()
+            and _running_replicas() == ("DeploymentStatus.HEALTHY", {"RUNNING": 2})
+        ):  # fmt: skip
             time.sleep(0.5)
-        assert _running_replicas() == ("DeploymentStatus.HEALTHY", {"RUNNING": 2})
+        replicas = _model_replicas()
+        assert len(replicas) == 2 and victim not in replicas, replicas  # replaced by a new replica
         served = {_complete(client, model=i).headers["x-smoa-replica"] for i in deployed.ids for _ in range(2)}
-        assert victim not in served
+        assert served == replicas  # the new replica takes its share of the keys
 
 
 REQUESTS: list[dict[str, Any]] = [

@@ -42,6 +42,7 @@ are buffered) and otherwise answers 503 ``replica_unavailable`` (streams end wit
 import asyncio
 import dataclasses
 import hashlib
+import random
 import importlib
 import json
 import logging
@@ -49,6 +50,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,36 +160,62 @@ def rendezvous_score(key: str, replica: str) -> int:
 
 
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    """Ray Serve request router: a request's affinity key goes to the replica that owns it (rendezvous hashing).
+    """Ray Serve request router: every affinity key has one owner replica, kept for as long as it lives.
 
-    Ranks, for a request with key ``k`` (its ``multiplexed_model_id``)::
+    For a request with key ``k`` (its ``multiplexed_model_id``)::
 
-        rank 0: the owner = argmax_r hash(k, r)   (stable: only a dead replica's keys move when it goes)
-        rank 1: the other replicas, by hash       (used when the owner is full, or SPILL requests busier)
+        owner(k) = the replica recorded for k, if it is still a candidate; otherwise (a new key, or its owner died)
+                   the replica owning the fewest keys, ties broken by rendezvous hash(k, replica) — recorded
+        ranks    = [[owner], the others]   (the others take k's requests only when the owner is full, or when its
+                                            queue exceeds the next replica's by ``spill_threshold``)
 
-    Rendezvous hashing spreads keys evenly from the first request (Serve's default multiplex routing sends new
-    keys to "the replica with fewest models", a view that lags a burst of new keys by seconds). A request
-    without a key (base model, management) goes to the least busy replica, as with power-of-two choices.
+    So keys are spread evenly from the first request and stay put (Serve's default multiplex routing sends new
+    keys to "the replica with fewest models", a view that lags a burst of new keys by seconds, and pure hashing
+    is uneven for a few keys). The table is per router (one per ingress replica) and holds the ``max_keys`` most
+    recent keys. Requests without a key go to the less busy of two random replicas (power of two choices).
     """
 
-    def initialize_state(self, spill_threshold: int = 16, **kwargs: Any) -> None:
+    def initialize_state(self, spill_threshold: int = 16, max_keys: int = 100_000, **kwargs: Any) -> None:
         """``spill_threshold``: queued requests the owner may have beyond the next replica before spilling."""
         self.spill_threshold = spill_threshold
+        self.max_keys = max_keys
+        self.owners: OrderedDict[str, str] = OrderedDict()
+        self.owned: Counter[str] = Counter()
 
     def _queue_len(self, replica: RunningReplica) -> int:
         return self.replica_queue_len_cache.get(replica.replica_id) or 0
+
+    def owner_of(self, key: str, live: list[str]) -> str:
+        """The owner replica id of ``key`` among ``live`` replica ids (assigning one if needed)."""
+        owner = self.owners.get(key)
+        if owner is None or owner not in live:
+            if owner is not None:
+                self.owned[owner] -= 1
+            owner = min(live, key=lambda rid: (self.owned[rid], -rendezvous_score(key, rid)))
+            self.owners[key] = owner
+            self.owned[owner] += 1
+            while len(self.owners) > self.max_keys:
+                _, old = self.owners.popitem(last=False)
+                self.owned[old] -= 1
+        self.owners.move_to_end(key)
+        return owner
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        if not key or len(candidate_replicas) < 2:
+        if len(candidate_replicas) < 2:
             return [candidate_replicas]
-        ranked = sorted(candidate_replicas, key=lambda r: rendezvous_score(key, r.replica_id.unique_id), reverse=True)
-        threshold = getattr(self, "spill_threshold", 16)
-        if self._queue_len(ranked[0]) >= self._queue_len(ranked[1]) + threshold:
-            ranked[0], ranked[1] = ranked[1], ranked[0]
-        return [[ranked[0]], ranked[1:]]
+        if not key:
+            return [random.sample(candidate_replicas, 2)]
+        if not hasattr(self, "owners"):
+            self.initialize_state()
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        owner = by_id[self.owner_of(key, list(by_id))]
+        others = sorted((r for r in candidate_replicas if r is not owner), key=self._queue_len)
+        if self._queue_len(owner) >= self._queue_len(others[0]) + self.spill_threshold:
+            return [[others[0]], [owner, *others[1:]]]
+        return [[owner], others]
 
 
 # ---------------------------------------------------------------------------------------------- model replica

@@ -482,9 +482,16 @@ class Catalog:
 
     def _delete_rows(self, db: sqlite3.Connection, keys: Sequence[int]) -> list[str]:
         """Inside a transaction: delete adapters' rows, tags, weights, members, aliases; returns their files."""
+        ids = [r[0] for k in keys for r in db.execute("SELECT id FROM adapters WHERE key = ?", (k,))]
+        # the retained pre-merge copies of sources merged into a deleted adapter go with it (nothing could
+        # reach them any more: their aliases point at the deleted adapter)
+        extra = [int(r[0]) for i in ids for r in db.execute(
+            "SELECT a.key FROM aliases al JOIN adapters a ON a.id = al.alias WHERE al.target = ? AND a.status = 'merged'",
+            (i,))]  # fmt: skip
+        keys = list(dict.fromkeys([*keys, *extra]))
+        ids += [r[0] for k in extra for r in db.execute("SELECT id FROM adapters WHERE key = ?", (k,))]
         params = [(k,) for k in keys]
         files = [r[0] for k in keys for r in db.execute("SELECT file FROM weights WHERE key = ?", (k,)) if r[0]]
-        ids = [r[0] for k in keys for r in db.execute("SELECT id FROM adapters WHERE key = ?", (k,))]
         db.executemany("DELETE FROM adapters WHERE key = ?", params)
         db.executemany("DELETE FROM tags WHERE key = ?", params)
         db.executemany("DELETE FROM weights WHERE key = ?", params)

@@ -2,8 +2,8 @@
 
 SRC and DST are ``storage_path`` values — a library directory (SQLite catalog) or a ``postgresql://`` URL — and
 each side's weights are where its ``weights_path`` says: ``--src-weights`` / ``--dst-weights`` (``s3://bucket/
-prefix``), by default the directory's ``weights/`` (none for PostgreSQL: its weights are inline ``bytea`` unless an
-object store is named). So every pair is covered: SQLite <-> PostgreSQL, local files <-> S3, or both at once.
+prefix``), by default the directory's ``weights/`` (for PostgreSQL: ``bytea`` rows of its ``blobs`` table). So
+every pair is covered: SQLite <-> PostgreSQL, local files <-> S3, or both at once.
 
 How the copy stays correct when it is interrupted (Ctrl-C, SIGKILL, a server restart)::
 
@@ -95,9 +95,14 @@ def open_endpoint(location: str, weights: str | None, *, create: bool) -> Endpoi
 
         store = open_weight_backend(weights, None)
     if scheme in _PG_SCHEMES or (scheme or "").startswith("postgresql+"):
-        from smoa.storage.postgres import PostgresCatalog, redact
+        from smoa.storage.postgres import PostgresBlobStore, PostgresCatalog, redact
 
         catalog = PostgresCatalog(location, listen=False)
+        try:  # no object store named: weight files are bytea rows of the same database, as the library keeps them
+            store = store if store is not None else PostgresBlobStore(catalog)
+        except BaseException:
+            catalog.close()
+            raise
         return Endpoint(redact(str(location)), catalog, store)
     if scheme is not None:
         raise InvalidInputError(f"`{location}`: a library is a directory or a postgresql:// URL")

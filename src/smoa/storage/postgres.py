@@ -482,9 +482,7 @@ class PostgresCatalog(Catalog):
 
     def close(self) -> None:
         self._closed = True
-        self._stop.set()
-        if self._listener is not None and self._listener is not threading.current_thread():
-            self._listener.join(timeout=self.poll_interval_s + 2)
+        self._stop.set()  # the listener (a daemon thread) ends within one poll interval; close() does not wait
         with self._lock:
             self._drop_connection()
 
@@ -506,10 +504,10 @@ class PostgresBlobStore:
                        " created_at DOUBLE PRECISION NOT NULL)")
 
     def write(self, area: str, digest: str, data: bytes) -> str:
-        from smoa.storage.s3 import AREAS, LEGACY_AREAS
+        from smoa.storage.s3 import AREAS
 
         area = {"blobs": "weights/hot", "cold": "weights/cold"}.get(area, area)
-        if area not in AREAS + LEGACY_AREAS or len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+        if area not in AREAS or len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
             raise StorageError(f"invalid blob address {area!r}/{digest!r}")
         if hashlib.sha256(data).hexdigest() != digest:
             raise StorageError(f"refusing to store {area}/{digest[:12]}...: the bytes do not hash to their name")

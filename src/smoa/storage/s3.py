@@ -121,7 +121,8 @@ class S3WeightStore:
 
         Idempotent; the object is complete when this returns (S3 PUT is atomic: readers see all or nothing).
         """
-        if area not in AREAS + LEGACY_AREAS or len(digest) != 64 or not set(digest) <= _HEX:
+        area = {"blobs": "weights/hot", "cold": "weights/cold"}.get(area, area)  # the pre-schema-2 names
+        if area not in AREAS or len(digest) != 64 or not set(digest) <= _HEX:
             raise StorageError(f"invalid blob address {area!r}/{digest!r}")
         if hashlib.sha256(data).hexdigest() != digest:
             raise StorageError(f"refusing to store {area}/{digest[:12]}...: the bytes do not hash to their name")
@@ -231,10 +232,7 @@ class S3WeightStore:
         return out
 
     def close(self) -> None:
-        try:
-            self._client.close()
-        except Exception:  # noqa: BLE001 - closing an HTTP pool must never fail a close()
-            pass
+        """Nothing to release: the HTTP client is shared by the process's stores (and closed with it)."""
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _check_bucket(self) -> None:
@@ -264,7 +262,25 @@ class _NotFound(Exception):
     pass
 
 
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _make_client(connect_timeout_s: float, read_timeout_s: float, max_attempts: int) -> Any:
+    """One boto3 client per endpoint/region/limits, shared by the stores of this process (boto3 clients are
+    thread-safe; building one costs ~100 ms, which a library reopened often should not pay each time)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    key = (endpoint, region, os.environ.get("AWS_ACCESS_KEY_ID"), connect_timeout_s, read_timeout_s, max_attempts)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = _new_client(endpoint, region, connect_timeout_s, read_timeout_s, max_attempts)
+        return client
+
+
+def _new_client(endpoint: str | None, region: str, connect_timeout_s: float, read_timeout_s: float,
+                max_attempts: int) -> Any:  # fmt: skip
     try:
         import boto3
         from botocore.config import Config
@@ -278,8 +294,6 @@ def _make_client(connect_timeout_s: float, read_timeout_s: float, max_attempts: 
         max_pool_connections=32, s3={"addressing_style": "path"},
     )  # fmt: skip
     # boto3 reads AWS_ENDPOINT_URL itself (botocore >= 1.31); passing it explicitly keeps older ones working
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 

@@ -1,0 +1,48 @@
+"""The OpenAPI schema fuzzed with schemathesis for a bounded number of examples per operation: no 5xx, no crash,
+no hang (every call has a timeout), and the server still healthy at the end."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+
+from smoa.serve import ServeConfig
+
+from .helpers import ThreadServer, make_library
+
+KEY = "sk-fuzz"
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory, model_dir):  # noqa: ANN001, ANN201
+    lib = tmp_path_factory.mktemp("fuzz") / "lib"
+    make_library(lib, model_dir, 3)
+    cfg = ServeConfig(library=lib, model_dir=model_dir, encoder="hash", admin_keys=(KEY,), max_tokens_cap=8,
+                      max_n=2, max_body_bytes=32 * 1024, max_upload_bytes=256 * 1024, max_queue=64)  # fmt: skip
+    with ThreadServer(cfg) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_server):  # noqa: ANN001, ANN201
+    return schemathesis.openapi.from_dict(fuzz_server.app.openapi())
+
+
+@schema.parametrize()
+@settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))  # fmt: skip
+def test_no_server_errors(case, fuzz_server) -> None:  # noqa: ANN001
+    response = case.call(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
+    if response.status_code >= 400 and response.headers.get("content-type", "").startswith("application/json"):
+        body = response.json()
+        err = body["error"] if isinstance(body, dict) else None
+        assert isinstance(err, dict) and set(err) >= {"message", "type", "param", "code"}, body
+
+
+def test_still_healthy_after_fuzzing(fuzz_server) -> None:  # noqa: ANN001
+    assert httpx.get(fuzz_server.url + "/health").status_code == 200
+    assert fuzz_server.serving.scheduler.error is None
