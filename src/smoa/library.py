@@ -272,12 +272,15 @@ class AdapterLibrary:
         # profile order, as create stores them: equal weights give equal bytes (checksum, dedup) either way
         weights = LoraWeights({m: weights.factors[m] for m in self.profile.module_names if m in weights.factors},
                               weights.alpha, weights.rank)  # fmt: skip
-        data = weights.to_bytes()
+        ad_meta = {**row_meta(adapter), "version": adapter.version + 1, "rank": weights.rank, "alpha": weights.alpha,
+                   "num_parameters": weights.num_parameters}  # fmt: skip
+        canonical = weights.to_bytes()
+        data = self._stamp(canonical, ad_meta)
         blob, file = self._place(data)
         try:
             old_file = self.catalog.read_weights(adapter.key)[1]
             self.catalog.replace_weights(
-                adapter.key, blob, file, checksum(data), len(data),
+                adapter.key, blob, file, checksum(canonical), len(data),
                 None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
             )  # fmt: skip
         except BaseException:
@@ -608,39 +611,42 @@ class AdapterLibrary:
             return self._composite_row(aid, spec, now, embedding)
         if fresh is not None:
             data, modules, alpha, nparams, granularity = fresh
-            blob, file = self._place(data)
-            if file is not None:
-                written.append(file)
-            return NewAdapterRow(
-                id=aid, specialization=spec.specialization.value, granularity=granularity.value,  # type: ignore[union-attr]
-                rank=spec.rank, alpha=alpha, description=spec.description, target_modules=modules,
-                num_parameters=nparams, profile=self.profile.fingerprint, checksum=checksum(data), blob=blob,
-                file=file, nbytes=len(data), created_at=now, domain_tags=list(spec.domain_tags),
-                skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata),
-                embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
-                pinned=spec.pinned, created_query=self.queries, examples=list(spec.examples),
-            )  # fmt: skip
-        assert spec.weights is not None  # fresh adapters were handled above
-        weights = weights_from_mapping(spec.weights, spec.alpha, name="weights")
-        if spec.alpha is not None and isinstance(spec.weights, LoraWeights):
-            weights = LoraWeights(weights.factors, float(spec.alpha), weights.rank)
-        weights.validate(self.profile, name=f"adapter {aid}")
-        modules = [m for m in self.profile.module_names if m in weights.factors]
-        weights = LoraWeights({m: weights.factors[m] for m in modules}, weights.alpha, weights.rank)
-        granularity = granularity_of(weights.num_parameters)
-        data = weights.to_bytes()
-        blob, file = self._place(data)
-        if file is not None:
-            written.append(file)
-        return NewAdapterRow(
+            rank = spec.rank
+        else:
+            assert spec.weights is not None  # fresh adapters were handled above
+            weights = weights_from_mapping(spec.weights, spec.alpha, name="weights")
+            if spec.alpha is not None and isinstance(spec.weights, LoraWeights):
+                weights = LoraWeights(weights.factors, float(spec.alpha), weights.rank)
+            weights.validate(self.profile, name=f"adapter {aid}")
+            modules = [m for m in self.profile.module_names if m in weights.factors]
+            weights = LoraWeights({m: weights.factors[m] for m in modules}, weights.alpha, weights.rank)
+            granularity, nparams = granularity_of(weights.num_parameters), weights.num_parameters
+            alpha, rank, data = weights.alpha, weights.rank, weights.to_bytes()
+        row = NewAdapterRow(
             id=aid, specialization=spec.specialization.value, granularity=granularity.value,  # type: ignore[union-attr]
-            rank=weights.rank, alpha=weights.alpha, description=spec.description, target_modules=modules,
-            num_parameters=weights.num_parameters, profile=self.profile.fingerprint, checksum=checksum(data),
-            blob=blob, file=file, nbytes=len(data), created_at=now, domain_tags=list(spec.domain_tags),
+            rank=rank, alpha=alpha, description=spec.description, target_modules=modules,
+            num_parameters=nparams, profile=self.profile.fingerprint, checksum="", blob=None,
+            file=None, nbytes=0, created_at=now, domain_tags=list(spec.domain_tags),
             skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata),
             embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes(),
             pinned=spec.pinned, created_query=self.queries, examples=list(spec.examples),
         )  # fmt: skip
+        row.checksum = checksum(data)  # of the canonical weight bytes (a file's header row is not part of it)
+        data = self._stamp(data, row_meta(row, version=1))
+        row.blob, row.file = self._place(data)
+        row.nbytes = len(data)
+        if row.file is not None:
+            written.append(row.file)
+        return row
+
+    def _stamp(self, data: bytes, meta: dict[str, Any]) -> bytes:
+        """Weights that go to a file carry their catalog row in the header (``smoa fsck --repair`` rebuilds
+        the catalog from them); inline BLOBs live in the catalog itself and stay as they are."""
+        if len(data) <= self.config.blob_inline_max_bytes:
+            return data
+        from smoa.adapter.safetensors_io import with_row_meta
+
+        return with_row_meta(data, meta)
 
     def _composite_row(self, aid: str, spec: AdapterSpec, now: float, embedding: np.ndarray | None) -> NewAdapterRow:
         members = [(self.resolve(m), w) for m, w in spec.members or []]
@@ -693,12 +699,19 @@ class AdapterLibrary:
                 # read and the file read: read the row again (a deleted adapter raises AdapterNotFoundError).
                 if attempt == 2 or self.catalog.read_weights(key)[1] == file:
                     raise
-        if checksum(data) != digest:
+        if checksum(data) != digest and (blob is not None or not self._canonical_matches(adapter_id, data, digest)):
             raise CorruptAdapterError(
                 f"adapter {adapter_id!r}: stored weights fail their checksum ({len(data)} bytes); "
                 "the adapter is corrupt and was not loaded"
             )
         return data, version
+
+    def _canonical_matches(self, adapter_id: str, data: bytes, digest: str) -> bool:
+        """A weight file carries its row in the header: its checksum is that of the canonical weight bytes."""
+        try:
+            return checksum(LoraWeights.from_bytes(data, name=f"adapter {adapter_id!r}").to_bytes()) == digest
+        except (CorruptAdapterError, InvalidAdapterError):
+            return False
 
     def _parse(self, adapter_id: str, data: bytes) -> LoraWeights:
         weights = LoraWeights.from_bytes(data, name=f"adapter {adapter_id!r}")
@@ -723,6 +736,20 @@ class AdapterLibrary:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def row_meta(row: NewAdapterRow | Adapter, version: int | None = None) -> dict[str, Any]:
+    """The row fields recorded in a weight file's header (:func:`smoa.adapter.safetensors_io.with_row_meta`)."""
+    spec = row.specialization.value if isinstance(row, Adapter) else row.specialization
+    gran = row.granularity.value if isinstance(row, Adapter) else row.granularity
+    return {
+        "id": row.id, "specialization": spec, "granularity": gran, "rank": row.rank, "alpha": row.alpha,
+        "description": row.description, "target_modules": list(row.target_modules),
+        "num_parameters": row.num_parameters, "profile": row.profile, "created_at": row.created_at,
+        "domain_tags": list(row.domain_tags), "skill_tags": list(row.skill_tags), "metadata": dict(row.metadata),
+        "examples": list(row.examples or []), "pinned": bool(row.pinned), "created_query": row.created_query,
+        "version": version if version is not None else getattr(row, "version", 1),
+    }  # fmt: skip
 
 
 def _library_dir(storage_path: Any) -> Path:

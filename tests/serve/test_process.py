@@ -44,7 +44,7 @@ def test_sigterm_drains(tmp_path, model_dir) -> None:  # noqa: ANN001
         started = threading.Event()
 
         def call(i: int) -> None:
-            body = {"model": ids[i % 3], "prompt": f"long story {i}", "max_tokens": 150, "temperature": 0}
+            body = {"model": ids[i % 3], "prompt": f"long story {i}", "max_tokens": 80, "temperature": 0}
             if i == 0:  # a stream: we know it is in flight once its first chunk arrived
                 with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
                     lines = []

@@ -57,7 +57,7 @@ def test_continuous_batching_equals_each_request_alone() -> None:
     engine, loras = tiny_engine()
     g = torch.Generator().manual_seed(3)
     reqs = []
-    for i in range(24):
+    for i in range(16):
         prompt = torch.randint(3, 256, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist()
         mix = [] if i % 5 == 0 else [((f"a{i % 10}", 1), loras[i % 10], 0.8), ((f"a{(3 * i + 1) % 10}", 1),
                                                                              loras[(3 * i + 1) % 10], 0.1 * (i % 4))]

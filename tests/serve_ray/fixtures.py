@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ def adapter_weights(model: torch.nn.Module, seed: int, rank: int = 4) -> dict[st
     return out
 
 
-def build_library(path: Path, model_dir: Path, topics: tuple[str, ...] = TOPICS) -> list[str]:
+def build_library(path: Path | str, model_dir: Path, topics: tuple[str, ...] = TOPICS, **cfg: Any) -> list[str]:
     """A library at ``path`` (hash encoder) holding one adapter per topic; returns their ids in topic order."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,7 +55,7 @@ def build_library(path: Path, model_dir: Path, topics: tuple[str, ...] = TOPICS)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     weights = [adapter_weights(model, seed=i + 1) for i in range(len(topics))]  # before attach wraps the layers
-    smoa = SparseAdapterMixture(SMoAConfig(storage_path=path, encoder="hash", seed=0), base_model=model,
+    smoa = SparseAdapterMixture(SMoAConfig(storage_path=path, encoder="hash", seed=0, **cfg), base_model=model,
                                 tokenizer=tokenizer)  # fmt: skip
     try:
         ids = []
@@ -66,3 +67,16 @@ def build_library(path: Path, model_dir: Path, topics: tuple[str, ...] = TOPICS)
         return ids
     finally:
         smoa.close()
+
+
+def peft_directory(model_dir: Path, target: Path, seed: int = 7) -> Path:
+    """A PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) made by ``peft`` itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(MODULES),
+                                                  init_lora_weights=False))  # fmt: skip
+    peft_model.save_pretrained(target)
+    return target

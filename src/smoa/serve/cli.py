@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory (default: the embedded SmolLM2-135M)")
     p.add_argument("--max-batch", type=int, default=16, help="running sequences per decode step (default 16)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429 (default 256)")
+    p.add_argument("--per-client-cap", type=int, default=0,
+                   help="running sequences per API key (or client address) at most (default: half of --max-batch)")
     p.add_argument("--create", action="store_true", help="create a new library at --library if none is there")
     p.add_argument("--model-name", default=None, help="served name of the base model (default: the model's)")
     p.add_argument("--encoder", default=None, help="routing encoder (default: the library's)")
@@ -42,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve: an affinity ingress + model replicas")
     p.add_argument("--replicas", type=int, default=2, help="model replicas with --ray (default 2)")
+    p.add_argument("--weights-path", default=None, help="with --ray and a postgresql:// --library: s3://bucket/prefix")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -53,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         library=args.library, create=args.create, model_dir=args.model, model_name=args.model_name,
         host=args.host, port=args.port, api_keys=keys_from_env(args.api_key, "SMOA_API_KEY"),
         admin_keys=keys_from_env(args.admin_key, "SMOA_ADMIN_KEY"), max_batch=args.max_batch,
-        max_queue=args.max_queue, max_tokens_cap=args.max_tokens, max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue, per_client_cap=args.per_client_cap, max_tokens_cap=args.max_tokens, max_body_bytes=args.max_body_bytes,
         max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, encoder=args.encoder,
         smoa_overrides=overrides,
     )  # fmt: skip
@@ -67,13 +70,16 @@ def run(args: argparse.Namespace) -> int:
     from smoa.serve.serving import SmoaServing, library_exists
 
     config = config_from_args(args)
-    if not library_exists(config.library) and not config.create:
+    shared = bool(getattr(args, "ray", False)) and str(args.library).startswith(("postgresql://", "postgres://"))
+    if not shared and not library_exists(config.library) and not config.create:
         print(f"smoa: error: --library {str(config.library)!r} holds no smoa library; pass --create to create one",
               file=sys.stderr)  # fmt: skip
         return 2
     if args.ray:
-        from smoa.serve.ray import RayOptions, run_ray
+        from smoa.serve.ray import RayOptions, run_ray, shared_library_config
 
+        if shared:
+            config = shared_library_config(config, args.library, args.weights_path)
         run_ray(config, RayOptions(replicas=args.replicas), host=config.host, port=config.port)
         return 0
     serving = SmoaServing(config)

@@ -65,6 +65,7 @@ class _Sampling(_Model):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = Field(default=None, max_length=MAX_ID)
+    ignore_eos: bool = False  # as vLLM: generate max_tokens tokens even past the EOS token
     # smoa extensions
     route: bool = False
     metadata: Metadata | None = None

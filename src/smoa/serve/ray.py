@@ -91,6 +91,8 @@ class RayOptions:
         ready_timeout_s: how long a replica may take to load its model and library.
         spill_threshold: requests a key's owner replica may have queued beyond the next one before the next one
             takes the key's requests (see :class:`AdapterAffinityRouter`).
+        env_vars: environment of the replicas (e.g. ``AWS_ENDPOINT_URL`` and credentials for an S3 library);
+            :func:`run_ray` passes the driver's ``AWS_*`` and ``SMOA_*`` variables.
     """
 
     replicas: int = 2
@@ -104,6 +106,7 @@ class RayOptions:
     app_factory: str = "smoa.serve.app:build_app"
     ready_timeout_s: float = 600.0
     spill_threshold: int = 16
+    env_vars: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,6 +139,22 @@ def _with_library(config: Any, path: str) -> Any:
     raise ConfigError("the serve config names no library (`library` / `storage_path`)")
 
 
+def shared_library_config(config: Any, url: str, weights_path: str | None = None) -> Any:
+    """``config`` serving the shared library at ``url`` (``postgresql://...``), weights at ``weights_path`` (``s3://...``).
+
+    ``ServeConfig`` keeps ``library`` as a filesystem path, so the URL is set after validation; ``create`` is on
+    because a database "holds a library" once smoa has created its schema (first open).
+    """
+    if not is_shared_library(url):
+        raise ConfigError(f"`library` must be a postgresql:// URL to be shared by replicas, got {url!r}")
+    overrides = dict(getattr(config, "smoa_overrides", {}) or {})
+    if weights_path is not None:
+        overrides["weights_path"] = weights_path
+    out = dataclasses.replace(config, smoa_overrides=overrides, create=True)
+    out.library = url
+    return out
+
+
 def is_shared_library(location: str | None) -> bool:
     """Whether several processes can open this library at once (PostgreSQL catalog)."""
     return location is not None and location.startswith(SHARED_SCHEMES)
@@ -144,7 +163,8 @@ def is_shared_library(location: str | None) -> bool:
 def _snapshot(location: str) -> str:
     """Copy a local library directory (without its lock) to a private temp dir; returns the copy's path."""
     target = Path(tempfile.mkdtemp(prefix="smoa-replica-")) / "library"
-    shutil.copytree(location, target, ignore=shutil.ignore_patterns("LOCK"))
+    if Path(location).is_dir():  # else (`--create` of a new library): each replica starts its own, empty
+        shutil.copytree(location, target, ignore=shutil.ignore_patterns("LOCK"))
     return str(target)
 
 
@@ -564,7 +584,8 @@ def build_app(config: Any, options: RayOptions | None = None, *, replicas: int |
         options = dataclasses.replace(options, replicas=replicas)
     replica = SmoaModelReplica.options(
         num_replicas=options.replicas,
-        ray_actor_options={"num_cpus": options.replica_num_cpus},
+        ray_actor_options={"num_cpus": options.replica_num_cpus,
+                           **({"runtime_env": {"env_vars": dict(options.env_vars)}} if options.env_vars else {})},
         max_ongoing_requests=options.max_ongoing_requests,
         health_check_period_s=2.0,
         graceful_shutdown_timeout_s=30.0,
@@ -593,6 +614,8 @@ def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 200) -> N
 
 def run_ray(config: Any, options: RayOptions, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True) -> None:
     """Start a local Ray, deploy :func:`build_app` on ``host:port``; block until SIGINT/SIGTERM when ``blocking``."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "SMOA_"))}
+    options = dataclasses.replace(options, env_vars={**env, **options.env_vars})
     init_local_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config, options), name="smoa", route_prefix="/", blocking=False)

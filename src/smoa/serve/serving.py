@@ -469,7 +469,7 @@ class SmoaServing:
                                       k=req.k)  # fmt: skip
         prompts = [p for p in ids for _ in range(req.n)]
         params = self._sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=0,
-                                seed=req.seed, stop=req.stop_list(), ignore_eos=False, n=req.n) * len(ids)  # fmt: skip
+                                seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos, n=req.n) * len(ids)  # fmt: skip
         return Generation(prompts, params, sel, client), [len(p) for p in ids]
 
     async def prepare_chat(self, req: ChatCompletionRequest, client: str) -> tuple[Generation, list[int]]:
@@ -486,7 +486,7 @@ class SmoaServing:
                                       adapters=_pairs(req.adapters), metadata=req.metadata, strategy=req.strategy,
                                       k=req.k)  # fmt: skip
         params = self._sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=0,
-                                seed=req.seed, stop=req.stop_list(), ignore_eos=False, n=req.n)  # fmt: skip
+                                seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos, n=req.n)  # fmt: skip
         return Generation([ids] * req.n, params, sel, client), [len(ids)]
 
     @staticmethod

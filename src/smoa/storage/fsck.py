@@ -10,14 +10,16 @@ Check (``repair=False``, never writes)::
 Repair (``repair=True``):
 
 * catalog missing, empty or unreadable: the bad file is moved aside (``catalog.sqlite3.broken-<time>``, with its
-  ``-wal``/``-shm``) and a fresh catalog is built from the weight files: each file's header carries its row
+  ``-wal``/``-shm``), the router's persisted ``index/`` (derived from the old rows) is dropped, and a fresh catalog
+  is built from the weight files: each file's header carries its row
   (:func:`smoa.adapter.safetensors_io.read_adapter_meta`); a file written before row metadata existed comes back
   under a fresh id with ``metadata["recovered_from"]`` naming it. Files in a ``cold`` area come back
   ``archived``; when several files carry one id, the highest ``version`` wins (then a hot copy over a cold one).
 * catalog readable: orphan files whose header names an id the catalog lacks are added back as rows.
 
 Not recoverable from files: inline BLOBs (small adapters kept inside the lost catalog), COMPOSITE adapters
-(no weights), merge aliases/history, usage counts, routing keys (the core re-encodes keys it lacks at open).
+(no weights), merge aliases/history, usage counts, routing keys: a rebuilt catalog records the encoder as
+:data:`UNKNOWN_ENCODER`, so the core re-encodes every key from the recovered routing texts at the next open.
 Rows whose weights are missing or corrupt are reported, never deleted.
 
 The directory lock is held throughout, so fsck never races a process that has the library open.
@@ -26,6 +28,7 @@ The directory lock is held throughout, so fsck never races a process that has th
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +38,8 @@ from typing import Any
 from smoa.errors import CorruptAdapterError, SmoaError, StorageError
 
 CATALOG_NAME = "catalog.sqlite3"
+UNKNOWN_ENCODER = "unknown (rebuilt by fsck)"  # differs from every encoder: the core re-encodes every key
+INDEX_DIR = "index"  # the router's persisted indexes (smoa.routing): derived, rebuilt from the catalog
 _TABLES = ("adapters", "weights", "meta", "tags")
 
 
@@ -209,12 +214,14 @@ def _check_bytes(data: bytes, digest: str, name: str) -> str | None:
     """Why ``data`` is not the row's weights, or ``None`` when it is."""
     from smoa.adapter.weights import LoraWeights, checksum
 
-    if digest and checksum(data) != digest:
-        return f"sha256 {checksum(data)[:12]}... differs from the row's {digest[:12]}..."
     try:
-        LoraWeights.from_bytes(data, name=name)
+        weights = LoraWeights.from_bytes(data, name=name)
     except SmoaError as exc:
         return str(exc).splitlines()[0][:300]
+    if digest and checksum(data) != digest:
+        canonical = checksum(weights.to_bytes())  # a file's header row is not part of the row's checksum
+        if canonical != digest:
+            return f"sha256 {canonical[:12]}... of its weights differs from the row's {digest[:12]}..."
     return None
 
 
@@ -344,7 +351,7 @@ def _new_row(r: _Recovered, profile_fp: str) -> Any:
     return NewAdapterRow(
         id=aid, specialization=spec.specialization.value, granularity=granularity_of(weights.num_parameters).value,  # type: ignore[union-attr]
         rank=weights.rank, alpha=weights.alpha, description=spec.description, target_modules=list(weights.factors),
-        num_parameters=weights.num_parameters, profile=str(m.get("profile") or profile_fp), checksum=checksum(r.data),
+        num_parameters=weights.num_parameters, profile=str(m.get("profile") or profile_fp), checksum=checksum(weights.to_bytes()),
         blob=None, file=r.rel, nbytes=len(r.data), created_at=float(created) if isinstance(created, (int, float)) else time.time(),
         domain_tags=list(spec.domain_tags), skill_tags=list(spec.skill_tags), metadata=dict(spec.metadata or {}),
         embedding=None, pinned=spec.pinned, created_query=int(m.get("created_query") or 0), examples=list(spec.examples or []),
@@ -362,6 +369,8 @@ def _profile_json(rows: list[Any], profile: Any | None) -> str | None:
 
 
 def _move_aside(root: Path, report: FsckReport) -> None:
+    """Move the broken catalog aside, and drop the router's persisted index (derived from the old catalog's keys:
+    a rebuilt catalog numbers its rows anew, so the core rebuilds the index from the catalog at the next open)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for suffix in ("", "-wal", "-shm"):
         src = root / f"{CATALOG_NAME}{suffix}"
@@ -369,6 +378,9 @@ def _move_aside(root: Path, report: FsckReport) -> None:
             dst = root / f"{CATALOG_NAME}.broken-{stamp}{suffix}"
             src.rename(dst)
             report.moved_aside.append(str(dst))
+    index = root / INDEX_DIR
+    if index.is_dir():
+        shutil.rmtree(index, ignore_errors=True)
 
 
 def _insert(root: Path, rows: list[Any], statuses: dict[str, str], profile: Any | None) -> None:
@@ -378,6 +390,9 @@ def _insert(root: Path, rows: list[Any], statuses: dict[str, str], profile: Any 
     try:
         if catalog.get_meta("profile") is None and (pj := _profile_json(rows, profile)) is not None:
             catalog.set_meta("profile", pj)
+        if catalog.get_meta("encoder") is None:  # keys unknown: the core re-encodes them all at the next open
+            catalog.set_meta("encoder", UNKNOWN_ENCODER)
+            catalog.set_meta("encoder_dim", "0")
         if not rows:
             return
         keys = catalog.insert_many(rows)

@@ -47,8 +47,9 @@ from smoa.storage.catalog import Catalog
 
 CHANNEL = "smoa_changes"
 _SCHEMA_LOCK = 0x534D4F41  # pg_advisory_xact_lock key while creating the schema ("SMOA")
-_BUMP_LOCK = "SELECT value FROM meta WHERE key = 'generation' FOR UPDATE"
-_BUMP = "UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) WHERE key = 'generation' RETURNING value"
+_BUMP_LOCK = "SELECT txid_current(), value FROM meta WHERE key = 'generation' FOR UPDATE"
+_BUMP = (f"WITH g AS (UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) WHERE key = 'generation'"
+         f" RETURNING value) SELECT value, pg_notify('{CHANNEL}', value) FROM g")  # one round trip: bump + notify
 _NEXT_GEN = "(SELECT CAST(value AS BIGINT) + 1 FROM meta WHERE key = 'generation')"
 
 # The change log: the SQLite catalog's triggers, in PL/pgSQL. Inserts and deletes use statement triggers with
@@ -129,6 +130,18 @@ def to_postgres(sql: str) -> tuple[str, str | None]:
     return out, returning
 
 
+_PLAIN_INSERT = re.compile(r"\s*INSERT INTO (\w+)\s*(\([\w\s,]*\))?\s*VALUES\s*\(\s*\?(\s*,\s*\?)*\s*\)\s*")
+
+
+@functools.lru_cache(maxsize=256)
+def _copy_statement(sql: str) -> str | None:
+    """``COPY t(cols) FROM STDIN`` for a plain multi-row insert, else None."""
+    m = _PLAIN_INSERT.fullmatch(sql)
+    if m is None:
+        return None
+    return f"COPY {m[1]}{m[2] or ''} FROM STDIN"
+
+
 def _psycopg() -> Any:
     try:
         import psycopg
@@ -181,7 +194,7 @@ class _Connection:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
         pg_sql, returning = to_postgres(sql)
-        cur = self._owner._conn.cursor()
+        cur = self._owner._live().cursor()
         cur.execute(pg_sql, tuple(params))
         lastrowid = None
         if returning is not None:
@@ -190,12 +203,19 @@ class _Connection:
         return _Cursor(cur, lastrowid)
 
     def executemany(self, sql: str, seq: Any) -> None:
+        """Many rows: a plain ``INSERT INTO t[(cols)] VALUES(?, ...)`` becomes one ``COPY t FROM STDIN`` (triggers
+        fire as for the inserts: row triggers per row, statement triggers once); anything else is pipelined."""
         rows = [tuple(r) for r in seq]
         if not rows:
             return
-        pg_sql, _ = to_postgres(sql)
-        with self._owner._conn.cursor() as cur:
-            cur.executemany(pg_sql, rows)
+        with self._owner._live().cursor() as cur:
+            copy = _copy_statement(sql)
+            if copy is not None and len(rows) > 1:
+                with cur.copy(copy) as out:
+                    for row in rows:
+                        out.write_row(row)
+                return
+            cur.executemany(to_postgres(sql)[0], rows)
 
 
 class PostgresCatalog(Catalog):
@@ -229,6 +249,7 @@ class PostgresCatalog(Catalog):
         self._conn: Any = None
         self._db = _Connection(self)  # type: ignore[assignment]
         self._closed = False
+        self._in_txn = False
         self._notified = 0
         self._listener_ok_at = 0.0
         self._stop = threading.Event()
@@ -306,19 +327,23 @@ class PostgresCatalog(Catalog):
         ps = self._psycopg
         with self._lock:
             self._check_open()
+            if self._in_txn:
+                raise StorageError("catalog transactions do not nest (a write inside a write)")
             xid = self._begin(bump)
+            self._in_txn = True
             try:
                 yield self._db
                 if bump:
                     new_gen = int(self._conn.execute(_BUMP).fetchone()[0])
-                    self._conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(new_gen)))
             except BaseException as exc:
+                self._in_txn = False
                 self._rollback()
                 if isinstance(exc, ps.Error):
                     if self._is_connection_error(exc):
                         self._drop_connection()
                     raise StorageError(f"catalog write failed ({type(exc).__name__}: {exc}); nothing was changed") from exc
                 raise
+            self._in_txn = False
             self._commit(xid)
             if bump:
                 self._advance(new_gen)
@@ -332,9 +357,7 @@ class PostgresCatalog(Catalog):
                 self._conn.execute("BEGIN")
                 if not bump:
                     return None
-                xid = int(self._conn.execute("SELECT txid_current()").fetchone()[0])
-                self._conn.execute(_BUMP_LOCK)  # waits for any other process's writer
-                return xid
+                return int(self._conn.execute(_BUMP_LOCK).fetchone()[0])  # waits for any other process's writer
             except self._psycopg.Error as exc:
                 self._rollback()
                 if attempt == 0 and self._is_connection_error(exc):
@@ -399,6 +422,8 @@ class PostgresCatalog(Catalog):
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             self._check_open()
+            if self._in_txn:  # inside a write: never reconnect (the rest would run outside the transaction)
+                return self._db.execute(sql, params).fetchall()
             for attempt in (0, 1):
                 try:
                     if self._conn is None:
@@ -410,6 +435,12 @@ class PostgresCatalog(Catalog):
                         continue
                     raise StorageError(f"catalog read failed ({exc})") from exc
         raise AssertionError("unreachable")
+
+    def _live(self) -> Any:
+        """The connection statements run on (inside a transaction: the one it began on, never a new one)."""
+        if self._conn is None:
+            raise StorageError(f"the connection to the catalog {self.path!r} was lost")
+        return self._conn
 
     def _check_open(self) -> None:
         if self._closed:

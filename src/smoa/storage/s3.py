@@ -24,11 +24,13 @@ written for a failed upload.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,34 +189,61 @@ class S3WeightStore:
     def list_objects(self) -> Iterator[tuple[str, int, float]]:
         """``(relative path, size, last-modified epoch seconds)`` of every weight object under the prefix."""
         for area in AREAS + LEGACY_AREAS:
-            start = self.location.key(area + "/")
-            token: str | None = None
-            while True:
-                kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": start, "MaxKeys": 1000}
-                if token:
-                    kwargs["ContinuationToken"] = token
-                page = self._call("list", start, lambda kw=kwargs: self._client.list_objects_v2(**kw))
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(self.location.key("")):]
-                    try:
-                        check_rel(rel)
-                    except CorruptAdapterError:
-                        continue  # not ours (never deleted, never listed)
-                    yield rel, int(obj["Size"]), obj["LastModified"].timestamp()
-                if not page.get("IsTruncated"):
-                    break
-                token = page.get("NextContinuationToken")
+            yield from self._list_area(area)
 
-    def collect_garbage(self, referenced: set[str], min_age_s: float = 3600.0) -> int:
+    def _list_area(self, area: str, start_after: str | None = None) -> Iterator[tuple[str, int, float]]:
+        """One area's objects by name (after ``<area>/<start_after>`` if given), 1,000 per LIST request."""
+        start = self.location.key(area + "/")
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": start, "MaxKeys": 1000}
+            if token:
+                kwargs["ContinuationToken"] = token
+            elif start_after:
+                kwargs["StartAfter"] = start + start_after
+            page = self._call("list", start, lambda kw=kwargs: self._client.list_objects_v2(**kw))
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(self.location.key("")):]
+                try:
+                    check_rel(rel)
+                except CorruptAdapterError:
+                    continue  # not ours (never deleted, never listed)
+                yield rel, int(obj["Size"]), obj["LastModified"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    def _wrapped(self, area: str, shard: str) -> Iterator[tuple[str, int, float]]:
+        """An area's objects from shard ``shard`` to ``ff``, then from ``00`` up to (not including) ``shard``."""
+        yield from self._list_area(area, shard)  # StartAfter "<area>/ab": "<area>/ab/..." and later
+        for item in self._list_area(area):
+            if item[0].rsplit("/", 1)[-1][:2] >= shard:
+                return
+            yield item
+
+    def collect_garbage(
+        self, referenced: set[str] | Callable[[str], bool], min_age_s: float = 3600.0, max_objects: int = 100_000
+    ) -> int:
         """Delete objects no catalog row references that are older than ``min_age_s``; returns how many.
 
         The age guard matters when several processes share the store: another process uploads an object *before*
         its catalog row commits, so a young unreferenced object may be one that is about to be referenced.
+        Bounded: one call looks at no more than ``max_objects`` objects per area, from a random two-hex-digit
+        shard on (wrapping around), so opening a library of a billion objects costs a bounded number of LIST
+        requests and every object is looked at sooner or later over many opens. ``referenced``: a set or a
+        predicate.
         """
+        is_ref = referenced.__contains__ if isinstance(referenced, (set, frozenset)) else referenced
+        shard = secrets.token_hex(1)
         now = time.time()
+        candidates: list[str] = []
+        for area in AREAS + LEGACY_AREAS:
+            for rel, _size, mtime in itertools.islice(self._wrapped(area, shard), max_objects):
+                if now - mtime >= min_age_s:
+                    candidates.append(rel)
         removed = 0
-        for rel, _size, mtime in list(self.list_objects()):
-            if rel not in referenced and now - mtime >= min_age_s:
+        for rel in dict.fromkeys(candidates):
+            if not is_ref(rel):
                 self.delete(rel)
                 removed += 1
         return removed

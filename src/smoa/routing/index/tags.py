@@ -20,7 +20,6 @@ with ``w = 1`` when the term is found in its own field and ``0.5`` when found on
 from __future__ import annotations
 
 import math
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -30,11 +29,11 @@ from smoa.errors import InvalidInputError
 
 DOMAIN, SKILL, BOTH = 1, 2, 3
 CROSS_FIELD_WEIGHT = 0.5
+MATCH_TEXT_CHARS = 512  # query words looked up among the tags: the head of a long text is enough
 DOMAIN_KEYS = frozenset({"domain", "domains", "specialty", "speciality", "field", "area", "topic", "subject"})
 SKILL_KEYS = frozenset({"task", "tasks", "skill", "skills", "capability", "intent"})
 BOTH_KEYS = frozenset({"tag", "tags"})
 
-_WORD = re.compile(r"[a-z0-9]+")
 _SUFFIXES = ("ings", "ing", "ions", "ion", "ies", "ers", "er", "es", "ed", "s", "e")
 STOPWORDS = frozenset(
     "a an the and or of to in on for with by at from is are was be this that these those it its my me i you your"
@@ -51,11 +50,15 @@ def stem(word: str) -> str:
 
 
 def terms_of(text: str) -> list[str]:
-    """Stemmed words of ``text`` (lower-cased, stop words dropped), in order, deduplicated."""
+    """Stemmed words of ``text``, in order, deduplicated: :func:`smoa.adapter.tags.terms` (NFKC + casefold, any
+    script, ``c++`` / ``c#`` kept apart), stop words dropped, pure ASCII-letter words stemmed. The same function
+    tokenises tags, metadata values and query text, so both sides always agree."""
+    from smoa.adapter.tags import terms
+
     seen: dict[str, None] = {}
-    for w in _WORD.findall(text.lower()):
+    for w in terms(text):
         if w not in STOPWORDS:
-            seen[sys.intern(stem(w))] = None
+            seen[sys.intern(stem(w) if w.isascii() and w.isalpha() else w)] = None
     return list(seen)
 
 
@@ -75,7 +78,7 @@ def query_terms_from_metadata(metadata: Mapping[str, object]) -> list[tuple[str,
                 f"metadata value of `{key}` must be a string (or a list of strings), got {value!r} "
                 f"({type(value).__name__})"
             )
-        k = key.strip().lower()
+        k = key.strip().casefold()
         field = DOMAIN if k in DOMAIN_KEYS else SKILL if k in SKILL_KEYS else BOTH if k in BOTH_KEYS else 0
         if not field:
             continue
@@ -147,7 +150,7 @@ class TagIndex:
 
     def match_text(self, text: str) -> list[tuple[str, int]]:
         """Query words found in the tag vocabulary, as ``(term, BOTH)`` pairs."""
-        return [(t, BOTH) for t in terms_of(text) if t in self._postings]
+        return [(t, BOTH) for t in terms_of(text[:MATCH_TEXT_CHARS]) if t in self._postings]
 
     def score(self, terms: Sequence[tuple[str, int]], limit: int | None = None) -> dict[int, float]:
         """Scores in ``[0, 1]`` of every adapter matching at least one term (``limit``: keep the best).

@@ -1,0 +1,242 @@
+"""Learning router (issue 11): multi-vector keys, local updates and refits, the "auto" threshold, negatives,
+calibrated confidence, the static fast path (cascade) and the latency budget, persistence of the learned state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoa.config import SMoAConfig
+from smoa.errors import ConfigError, InvalidInputError
+from smoa.routing.calibrate import AUTO_REJECT_RATE, FALLBACK_THRESHOLD, Calibration, Evidence, calibrate
+from smoa.routing.encoders.hashing import HashEncoder
+from smoa.routing.learner import KeyLearner, initial_keys, owner_of, slots_of, spherical_kmeans
+from smoa.routing.router import KeyEntry, Router, RoutingText
+
+TOPICS = {
+    "bread": "bake bread loaf oven flour yeast dough crust sourdough knead rye",
+    "stocks": "stock shares market trade price invest dividend broker portfolio equity",
+    "heart": "heart ecg pulse blood pressure cardiac beat artery cholesterol rhythm",
+    "contract": "contract clause lease agreement sign terms breach party liability notice",
+    "travel": "flight hotel trip booking airport passport luggage visa tour beach",
+    "python": "python code function bug list loop class import error script",
+}
+
+
+def topic_examples(topic: str, n: int = 24, seed: int = 0) -> list[str]:
+    words = TOPICS[topic].split()
+    rng = np.random.default_rng(abs(hash(topic)) % 2**32 + seed)
+    return [" ".join(rng.choice(words, 4, replace=False)) for _ in range(n)]
+
+
+def items() -> list[RoutingText]:
+    return [RoutingText([t], ["help"], f"{t} questions", topic_examples(t)) for t in TOPICS]
+
+
+def make(**cfg: object) -> tuple[Router, dict[int, str]]:
+    names: dict[int, str] = {}
+    config = SMoAConfig(encoder="hash", enable_caching=False, **cfg)  # type: ignore[arg-type]
+    return Router(config, None, lambda ks: [names.get(k, "") for k in ks]), names
+
+
+def create(router: Router, names: dict[int, str], order: list[int], bulk: bool) -> None:
+    its = items()
+    topics = list(TOPICS)
+    if bulk:
+        keys = router.encode_keys([its[i] for i in order])
+        router.apply([KeyEntry(i + 1, k, its[i].domain_tags, its[i].skill_tags) for i, k in zip(order, keys)], [], 1)
+        names.update({i + 1: topics[i] for i in order})
+        return
+    for g, i in enumerate(order):
+        names[i + 1] = topics[i]
+        router.apply([KeyEntry(i + 1, router.encode_keys([its[i]])[0], its[i].domain_tags, its[i].skill_tags)], [], g + 1)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def test_calibrated_threshold_is_the_reject_quantile_and_negatives_move_it() -> None:
+    rng = np.random.default_rng(0)
+    best = rng.uniform(0.3, 0.9, 500).astype(np.float32)
+    ev = Evidence(best, np.full(500, 0.2, np.float32), np.ones(500, bool), rng.uniform(0.0, 0.3, 500).astype(np.float32),
+                  np.full(500, 0.05, np.float32))  # fmt: skip
+    cal = calibrate(ev)
+    assert cal.source == "held-out"
+    assert cal.threshold == pytest.approx(np.quantile(best, AUTO_REJECT_RATE), abs=1e-6)
+    with_neg = calibrate(ev, neg_best=np.full(50, 0.45, np.float32))
+    assert with_neg.threshold > 0.45  # the user's negatives score 0.45: the threshold goes above them
+    assert cal.confidence(0.9, 0.3) > cal.confidence(0.35, 0.3) > cal.confidence(0.05, 0.01)
+
+
+def test_too_little_evidence_falls_back() -> None:
+    cal = calibrate(Evidence())
+    assert cal == Calibration() and cal.threshold == FALLBACK_THRESHOLD and cal.source == "fallback"
+    assert 0.0 < cal.confidence(0.5, 0.1) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- keys
+def test_slots_and_prototypes() -> None:
+    s = slots_of(np.array([3, 7]), 2)
+    assert s.tolist() == [48, 49, 112, 113] and owner_of(s).tolist() == [3, 3, 7, 7]
+    x = np.concatenate([np.eye(4)[[0]].repeat(5, 0), np.eye(4)[[1]].repeat(5, 0)]).astype(np.float32)
+    c = spherical_kmeans(x, 2)
+    assert sorted(np.argmax(c, 1).tolist()) == [0, 1]
+    keys = initial_keys(np.eye(4, dtype=np.float32)[2], x, max_keys=4)
+    assert keys.shape == (1, 4)  # 10 examples -> one prototype (one per 40 examples)
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, atol=1e-5)
+
+
+def test_multi_vector_adapter_is_found_by_either_key_and_listed_once() -> None:
+    router, names = make(routing_threshold=-1.0)
+    enc = HashEncoder()
+    two = enc.encode(["sourdough bread oven", "stock market shares"])
+    router.add(np.array([1, 2]), [two, enc.encode(["heart pulse ecg"])], [(["a"], []), (["b"], [])], 1)
+    names.update({1: "both", 2: "heart"})
+    for q in ("sourdough bread oven", "stock market shares"):
+        route = router.route(q, strategy="semantic", k=3)
+        assert route.adapter_ids[0] == "both" and route.adapter_ids.count("both") == 1
+    assert router.key_vectors(1).shape == (2, 384)
+    router.remove([1], 2)
+    assert router.key_vectors(1).shape == (0, 384)
+    assert "both" not in router.route("sourdough bread oven", strategy="semantic").adapter_ids
+    with pytest.raises(InvalidInputError):
+        router.add(np.array([3]), [np.zeros((17, 384), np.float32)], [([], [])], 3)
+
+
+def test_encode_keys_then_apply_learns_and_routes() -> None:
+    router, names = make()
+    create(router, names, list(range(len(TOPICS))), bulk=False)
+    assert router.statistics()["learned_adapters"] == len(TOPICS)
+    for t in TOPICS:
+        route = router.route(" ".join(TOPICS[t].split()[2:6]), strategy="semantic")
+        assert route.adapter_ids[0] == t, (t, route)
+
+
+def test_one_by_one_in_any_order_matches_bulk_after_refit() -> None:
+    queries = [(" ".join(topic_examples(t, 6, seed=99)[j].split()), t) for t in TOPICS for j in range(6)]
+
+    def top1(order: list[int], bulk: bool) -> tuple[float, list[str]]:
+        router, names = make(routing_threshold=-1.0)
+        create(router, names, order, bulk)
+        router.refit()
+        got = [router.route(q, strategy="semantic").adapter_ids[0] for q, _ in queries]
+        return float(np.mean([g == t for g, (_, t) in zip(got, queries)])), got
+
+    bulk, _ = top1(list(range(len(TOPICS))), True)
+    shuffled, _ = top1([3, 0, 5, 1, 4, 2], False)
+    assert bulk > 0.8
+    assert abs(bulk - shuffled) <= 0.005 * 100 / len(queries)  # within half a point (here: identical)
+
+
+def test_adapters_without_examples_route_from_tags_and_description() -> None:
+    router, names = make()
+    its = [RoutingText(["cooking"], ["baking"], "bread oven flour"), RoutingText(["finance"], ["trading"], "stock market")]
+    keys = router.encode_keys(its)
+    assert [k.shape for k in keys] == [(1, 384), (1, 384)]
+    router.apply([KeyEntry(i + 1, k, it.domain_tags, it.skill_tags) for i, (k, it) in enumerate(zip(keys, its))], [], 1)
+    names.update({1: "bake", 2: "trade"})
+    assert router.route("bread in the oven", strategy="semantic").adapter_ids[0] == "bake"
+
+
+# ---------------------------------------------------------------------------------------------- out of scope
+def test_auto_threshold_empties_unrelated_queries_and_reports_confidence() -> None:
+    router, names = make()
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    cal = router.calibration
+    assert cal.source == "held-out" and router.threshold() == cal.threshold
+    inside = router.route("sourdough loaf oven crust", strategy="semantic")
+    outside = router.route("zebra quantum violin glacier", strategy="semantic")
+    assert inside.adapter_ids[:1] == ["bread"]
+    assert outside.adapter_ids == [] and outside.weights == []  # the base model alone
+    assert inside.confidence > outside.confidence
+    assert router.statistics()["empty"] >= 1
+
+
+def test_negative_examples_raise_the_threshold_and_bad_input_is_refused() -> None:
+    router, names = make()
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    before = router.threshold()
+    negatives = ["bread " + w for w in "zebra quantum violin glacier nebula tundra".split()]
+    assert router.add_negative_examples(negatives) == len(negatives)
+    assert router.threshold() >= before
+    assert router.statistics()["negatives"] == len(negatives)
+    with pytest.raises(InvalidInputError):
+        router.add_negative_examples("one string")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        router.add_negative_examples(["ok", 3])  # type: ignore[list-item]
+
+
+def test_explicit_threshold_overrides_auto_and_bad_values_are_refused() -> None:
+    assert SMoAConfig().routing_threshold == "auto"
+    router, names = make(routing_threshold=-1.0)
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    assert router.threshold() == -1.0
+    assert router.route("zebra quantum violin glacier", strategy="semantic").adapter_ids  # never empty at -1
+    for bad in ("automatic", 2.0, float("nan")):
+        with pytest.raises(ConfigError, match="routing_threshold"):
+            SMoAConfig(routing_threshold=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="routing_keys_per_adapter"):
+        SMoAConfig(routing_keys_per_adapter=0)
+
+
+# ---------------------------------------------------------------------------------------------- cascade
+def fast_router(budget: float) -> tuple[Router, dict[int, str]]:
+    names: dict[int, str] = {}
+    config = SMoAConfig(encoder="hash", enable_caching=False, routing_latency_budget_ms=budget, embedding_cache_size=0)
+    router = Router(config, None, lambda ks: [names.get(k, "") for k in ks], encoder=HashEncoder(),
+                    fast_encoder=HashEncoder())  # fmt: skip
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    return router, names
+
+
+def test_fast_path_answers_clear_queries_and_escalates_unsure_ones() -> None:
+    router, _ = fast_router(budget=1000.0)
+    assert router.statistics()["fast_path"]
+    clear = router.route("sourdough loaf oven crust flour", strategy="semantic")
+    assert clear.adapter_ids[0] == "bread" and not clear.escalated and not clear.degraded
+    unsure = router.route("bread stock", strategy="semantic")  # two topics at once: a low margin
+    assert unsure.escalated and not unsure.degraded
+    assert router.statistics()["escalated"] >= 1
+
+
+def test_budget_too_small_for_the_main_encoder_keeps_the_fast_answer_and_says_degraded() -> None:
+    router, _ = fast_router(budget=0.0)
+    unsure = router.route("bread stock", strategy="semantic")
+    assert not unsure.escalated and unsure.degraded and unsure.adapter_ids
+    clear = router.route("sourdough loaf oven crust flour", strategy="semantic")
+    assert not clear.degraded  # a clear fast answer is no loss of quality, whatever the budget
+
+
+# ---------------------------------------------------------------------------------------------- persistence
+def test_learned_state_persists_and_a_corrupt_file_is_refused(tmp_path: Path) -> None:
+    names: dict[int, str] = {}
+    config = SMoAConfig(encoder="hash", enable_caching=False)
+    router = Router(config, tmp_path, lambda ks: [names.get(k, "") for k in ks])
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    learned = router.key_vectors(1)
+    threshold = router.threshold()
+    router.save()
+    again = Router(config, tmp_path, lambda ks: [names.get(k, "") for k in ks])
+    assert again.load(10) == 1
+    np.testing.assert_allclose(again.key_vectors(1), learned, atol=1e-2)
+    assert again.threshold() == pytest.approx(threshold)
+    assert again.statistics()["learned_adapters"] == len(TOPICS)
+    (tmp_path / "learner.npz").write_bytes(b"not an npz")
+    third = Router(config, tmp_path, lambda ks: [names.get(k, "") for k in ks])
+    assert third.load(10) is None  # refused whole (checksum), never half-loaded: the core rebuilds
+    assert third.statistics()["learned_adapters"] == 0
+
+
+def test_learner_load_refuses_inconsistent_arrays(tmp_path: Path) -> None:
+    lrn = KeyLearner(4)
+    lrn.remember(1, np.ones(4), np.eye(4))
+    lrn.initial[1] = (b"x" * 16, np.eye(4)[:1].astype(np.float32))
+    path = tmp_path / "l.npz"
+    arrays = lrn.to_arrays()
+    arrays["counts"] = np.array([9])
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError):
+        KeyLearner.load(path, 4, 4)
+    lrn.save(path)
+    back = KeyLearner.load(path, 4, 4)
+    assert back.with_examples() == [1] and back.stored[1].examples.shape == (4, 4)
