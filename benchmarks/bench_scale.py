@@ -7,6 +7,8 @@ One function per measurement; each returns rows for one table (printed at the en
 * ``catch_up_lag``    another *process*'s commit -> this process sees the new generation and has read the
                       changed rows from the change log (p50 / p99 / max over many writes). PostgreSQL: NOTIFY
                       (+1 s poll fallback); SQLite: what a poller would see (one `read_generation` per 10 ms).
+* ``route_catch_up_lag`` the same through the core: another process creates an adapter; the first route here
+                      that names it (PostgreSQL + S3).
 * ``cold_load``       one adapter's weight bytes from local disk vs from S3 (moto server on 127.0.0.1) vs the S3
                       store's local cache tier, checksum verified, per size class.
 * ``bytes_per_adapter`` RAM (core directory entry + routing key), catalog bytes, object-store bytes per adapter:
@@ -198,6 +200,46 @@ def catch_up_lag(svc: Services, quick: bool) -> list[Row]:
     return out
 
 
+_ROUTE_WRITER = r"""
+import sys, time
+sys.path.insert(0, {helpers!r})
+from helpers import open_core, spec
+core = open_core({backend!r})
+for i in range({n}):
+    time.sleep(0.05)
+    ad = core.create(spec(i, tag="lag%d" % i))
+    print(time.time(), i, ad.id, flush=True)
+core.close()
+"""
+
+
+def route_catch_up_lag(svc: Services, quick: bool) -> list[Row]:
+    """Through the core: an adapter created by another *process* -> the first route here that returns it.
+
+    PostgreSQL + S3 only (a SQLite library is opened by one process at a time). The reader routes the new
+    adapter's tag in a loop; the lag is from the writer's acknowledged create to the first route naming it.
+    """
+    from helpers import open_core
+
+    n = 20 if quick else 60
+    backend = {"storage_path": svc.pg.create_database(), "weights_path": f"s3://{svc.s3.create_bucket()}/lag",
+               "name": "postgres+s3", "cache_dir": str(svc.tmp / "route-lag-tier")}  # fmt: skip
+    reader = open_core(backend)
+    code = _ROUTE_WRITER.format(helpers=str(ROOT / "tests" / "backends"), backend=backend, n=n)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lags = []
+    for line in proc.stdout:
+        t_commit, i, aid = line.split()
+        while aid not in reader.route(f"topic {int(i) % 5}", {"domain": f"lag{i}"}, "task_based", 1).adapter_ids:
+            time.sleep(0.0005)
+        lags.append((time.time() - float(t_commit)) * 1000)
+    proc.wait()
+    reader.close()
+    return [{"backend": "postgres+s3 (core)", "mechanism": "LISTEN/NOTIFY -> change log -> index", "creates": len(lags),
+             "lag p50 ms": pct(lags, 0.5), "lag p99 ms": pct(lags, 0.99), "lag max ms": max(lags)}]  # fmt: skip
+
+
 SIZES = {"nano (12 KB)": 12_000, "small (1 MB)": 1_000_000, "medium (16 MB)": 16_000_000}
 
 
@@ -300,11 +342,178 @@ def _directory_ram(cat: Any, dim: int) -> int:
     return used
 
 
+# == Ray Serve: replicas and index shards (helper E) ================================================================
+def _bench_serve_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "bench_serve.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _load(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, list[float], int, set[str]]:
+    """``bodies`` sent by ``clients`` concurrent clients; (wall s, latencies s, completion tokens, replicas seen)."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> tuple[float, list[float], int, set[str]]:
+        queue = list(bodies)
+        lat: list[float] = []
+        tokens = 0
+        replicas: set[str] = set()
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+            async def worker() -> None:
+                nonlocal tokens
+                while queue:
+                    body = queue.pop()
+                    t = time.perf_counter()
+                    r = await client.post("/v1/completions", json=body)
+                    r.raise_for_status()
+                    lat.append(time.perf_counter() - t)
+                    tokens += r.json()["usage"]["completion_tokens"]
+                    replicas.add(r.headers.get("x-smoa-replica", "-"))
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            return time.perf_counter() - t0, lat, tokens, replicas
+
+    return asyncio.run(run())
+
+
+def ray_throughput(svc: Services, quick: bool) -> list[Row]:
+    """SmolLM2-135M behind Ray Serve: the same load on 1 replica (2 torch threads) vs 2 replicas (1 thread each).
+
+    Each request: an explicit k = 3 mixture out of 8 (so affinity keeps each mixture on one replica), greedy,
+    ``ignore_eos``, 32 new tokens; 16 concurrent clients. Reference: the single-process server (uvicorn, no Ray).
+    """
+    import threading
+
+    import uvicorn
+    from ray import serve
+
+    from smoa.models import load_default_base_model
+    from smoa.serve.app import build_app as build_http_app
+    from smoa.serve.config import ServeConfig
+    from smoa.serve.ray import RayOptions, build_app, init_local_ray
+
+    bs = _bench_serve_module()
+    model, _ = load_default_base_model()
+    weights = bs.make_adapters(model, 24, rank=8)
+    del model
+    library = svc.tmp / "ray-throughput-lib"
+    ids = bs.build_library(library, weights)
+    mixtures = [[{"id": ids[3 * m + j], "weight": 1.0 / 3} for j in range(3)] for m in range(8)]
+    n_requests, tokens, clients = (24, 16, 8) if quick else (64, 32, 16)
+    bodies = [{"model": "smoa", "adapters": mixtures[i % 8], "prompt": f"Question {i}: explain the tides",
+               "max_tokens": tokens, "temperature": 0, "ignore_eos": True} for i in range(n_requests)]  # fmt: skip
+    config = ServeConfig(library=library, encoder="hash", max_batch=16)
+    rows: list[Row] = []
+
+    def record(setup: str, url: str) -> None:
+        _load(url, bodies[:4], 4)  # warm-up: weights into the caches, first-call costs
+        wall, lat, n_tokens, replicas = _load(url, bodies, clients)
+        rows.append({"setup": setup, "replicas seen": len(replicas), "requests": len(bodies), "clients": clients,
+                     "tokens/s": n_tokens / wall, "req/s": len(bodies) / wall, "latency p50 s": pct(lat, 0.5),
+                     "latency p99 s": pct(lat, 0.99)})  # fmt: skip
+
+    port = local_services.free_port()
+    server = uvicorn.Server(uvicorn.Config(build_http_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_health(f"http://127.0.0.1:{port}")
+        record("single process (uvicorn, 2 threads)", f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=120)
+    init_local_ray(num_cpus=2)
+    port = local_services.free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for replicas, threads in ((1, 2), (2, 1)):
+            options = RayOptions(replicas=replicas, torch_threads=threads, replica_num_cpus=0.5)
+            serve.run(build_app(config, options), name=f"bench{replicas}", route_prefix="/")
+            record(f"Ray Serve, {replicas} replica(s) x {threads} thread(s)", f"http://127.0.0.1:{port}")
+            serve.delete(f"bench{replicas}")
+    finally:
+        serve.shutdown()
+    return rows
+
+
+def _wait_health(url: str, timeout: float = 300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not healthy after {timeout} s")
+
+
+def ray_index_shards(svc: Services, quick: bool) -> list[Row]:
+    """The routing index sharded over Ray actors (2 shards, HNSW-SQ8, 384-d keys): RAM per key and fan-out latency.
+
+    Keys are random unit vectors (a routing key's size and the search cost do not depend on what it encodes).
+    Per size: bulk build time (both shards in parallel), index bytes and actor RSS per shard, and the latency of
+    one query fanned out to both shards and merged (k = 5), p50/p99 over 300 queries.
+    """
+    import numpy as np
+    import ray
+
+    from smoa.serve.ray import init_local_ray
+    from smoa.serve.ray_shards import ShardedIndex
+
+    init_local_ray(num_cpus=2)
+    rows: list[Row] = []
+    dim, shards = 384, 2
+    sizes = (50_000,) if quick else (100_000, 400_000)
+    rng = np.random.default_rng(0)
+    for per_shard in sizes:
+        n = per_shard * shards
+        keys = np.arange(n, dtype=np.int64)
+        vectors = rng.standard_normal((n, dim), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        index = ShardedIndex(dim, shards, actor_options={"num_cpus": 0})
+        try:
+            empty_rss = max(s["rss_bytes"] for s in index.stats())
+            t = time.perf_counter()
+            index.build(keys, vectors)
+            build_s = time.perf_counter() - t
+            del vectors
+            stats = index.stats()
+            queries = rng.standard_normal((300, dim), dtype=np.float32)
+            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+            lat = []
+            for q in queries:
+                t = time.perf_counter()
+                index.search(q[None, :], 5)
+                lat.append((time.perf_counter() - t) * 1000)
+            rows.append({"keys/shard": per_shard, "shards": shards, "kind": stats[0]["kind"], "build s": build_s,
+                         "index B/key": stats[0]["index_bytes"] / per_shard,
+                         "actor RSS B/key": (stats[0]["rss_bytes"] - empty_rss) / per_shard,
+                         "fan-out p50 ms": pct(lat, 0.5), "fan-out p99 ms": pct(lat, 0.99)})  # fmt: skip
+        finally:
+            index.close()
+    gc.collect()
+    ray.shutdown()
+    return rows
+
+
 MEASUREMENTS: dict[str, Callable[[Services, bool], list[Row]]] = {
     "catalog_ops": catalog_ops,
     "catch_up_lag": catch_up_lag,
+    "route_catch_up_lag": route_catch_up_lag,
     "cold_load": cold_load,
     "bytes_per_adapter": bytes_per_adapter,
+    "ray_throughput": ray_throughput,
+    "ray_index_shards": ray_index_shards,
 }
 
 

@@ -79,7 +79,7 @@ class Server:
         from smoa.serve import ServeConfig, build_app
 
         sys.path.insert(0, str(ROOT / "tests" / "serve"))
-        from helpers import free_port  # noqa: PLC0415 - test helper, reused
+        from helpers import free_port
 
         self.port = free_port()
         cfg = ServeConfig(library=library, encoder="hash", max_batch=max_batch, max_queue=1024,
@@ -143,7 +143,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, float]:
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
-    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")  # noqa: E731
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")
     return {"tokens_per_s": tokens / (end - start), "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99), "requests": len(results), "tokens": tokens}
 
@@ -221,11 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serial-clients", type=int, nargs="+", default=[1, 16],
                     help="client counts for the one-at-a-time and PEFT baselines (they run requests serially)")
     ap.add_argument("--quick", action="store_true", help="1 and 16 clients only")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine more threads spin against each other)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_serve"))
     args = ap.parse_args(argv)
     if args.quick:
         args.clients = [1, 16]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
 
     from smoa.models import load_default_base_model
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     ids = build_library(tmp / "lib", weights)
-    per_client = lambda c: max(1, 4 // c) if c < 4 else 1  # noqa: E731 - at least 4 requests per point
+    per_client = lambda c: 2 if c == 1 else 1
     rows: list[dict[str, Any]] = []
 
     def record(mode: str, clients: int, summary: dict[str, float]) -> None:

@@ -38,10 +38,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from smoa.config import SMoAConfig  # noqa: E402
+from smoa.routing import router as router_mod  # noqa: E402
 from smoa.routing.encoders import DEFAULT_ENCODER, get_encoder, l2_normalize  # noqa: E402
 from smoa.routing.encoders._paths import cache_dir  # noqa: E402
 from smoa.routing.keys import TEXT_WEIGHT, blend_keys, example_centroids, refine_keys, routing_text  # noqa: E402
-from smoa.routing import router as router_mod  # noqa: E402
 from smoa.routing.router import Router  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,9 @@
 """The quick-start guide's "Complete Example", with only the import changed (runs as is)."""
 
 import asyncio
-from smoa import (
-    create_sparse_adapter_mixture,
-    AdapterSpecialization,
-    AdapterGranularity
-)
+
+from smoa import AdapterGranularity, AdapterSpecialization, create_sparse_adapter_mixture
+
 
 async def main():
     # 1. Create system
@@ -52,10 +50,10 @@ async def main():
     stats = smoa.get_statistics()
     print(f"\n{'='*60}")
     print(f"Total adapters: {stats['library']['total_adapters']}")
-    print(f"Active per query: ~3 (sparse!)")
-    print(f"Inference overhead: < 0.01% (constant!)")
-    print(f"Memory usage: Constant (LRU cache)")
-    print(f"\n🚀 INFINITE SPECIALIZATION AT CONSTANT COST!")
+    print("Active per query: ~3 (sparse!)")
+    print("Inference overhead: < 0.01% (constant!)")
+    print("Memory usage: Constant (LRU cache)")
+    print("\n🚀 INFINITE SPECIALIZATION AT CONSTANT COST!")
     print(f"{'='*60}")
 
 if __name__ == "__main__":

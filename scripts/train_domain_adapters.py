@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from smoa.adapter.profile import layer_index  # noqa: E402
 from smoa.adapter.weights import init_lora  # noqa: E402
 from smoa.data.bbc import BBC_TOPICS, bbc_news, bbc_passages  # noqa: E402
-from smoa.data.text import head_tokens  # noqa: E402
 from smoa.data.shipped import FORMAT, MANIFEST, shipped_adapter_dir  # noqa: E402
+from smoa.data.text import head_tokens  # noqa: E402
 from smoa.inject.engine import InferenceEngine  # noqa: E402
 from smoa.models import CACHE_NAME, load_default_base_model  # noqa: E402
 from smoa.train.loop import train_adapter_weights  # noqa: E402

@@ -14,6 +14,7 @@ from smoa.adapter.profile import BaseProfile, default_profile, profile_from_mode
 from smoa.adapter.spec import Adapter, AdapterSpec
 from smoa.adapter.weights import LoraWeights
 from smoa.config import AdapterGranularity, AdapterSpecialization, RoutingStrategy, SMoAConfig
+from smoa.core import LibraryCore
 from smoa.errors import (
     AdapterNotFoundError,
     CacheFullError,
@@ -30,7 +31,6 @@ from smoa.errors import (
     StorageError,
     UnsafeAdapterFileError,
 )
-from smoa.core import LibraryCore
 from smoa.inject.attach import attach
 from smoa.inject.engine import InferenceEngine
 from smoa.mixture import SparseAdapterMixture, create_sparse_adapter_mixture

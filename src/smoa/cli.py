@@ -115,7 +115,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List adapters: id, status, specialization, parameters, tags (or --json)."""
-    status = ("active", "archived", "merged") if args.status == "all" else args.status
+    status = {"all": ("active", "archived", "merged"), None: ("active", "archived")}.get(args.status, args.status)
     with _open(args) as smoa:
         page = smoa.list_adapters_sync(args.tag, args.offset, args.limit, status)
         if args.json:
@@ -147,7 +147,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         meta[key] = value
     with _open(args) as smoa:
         route = smoa.query_adapters_sync(args.query, meta or None, args.strategy, args.k)
-        for aid, score, w in zip(route.adapter_ids, route.routing_scores, route.weights):
+        for aid, score, w in zip(route.adapter_ids, route.routing_scores, route.weights, strict=True):
             ad = smoa.get_adapter_sync(aid)
             print(f"{aid}  score={score:.3f}  weight={w:.3f}  tags={ad.domain_tags + ad.skill_tags}")
         print(f"({route.routing_latency_ms:.2f} ms, strategy {route.strategy.value})")
@@ -258,6 +258,10 @@ class Command:
     passthrough: bool = False  # every argument (``--help`` too) goes to the command's own parser
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the main job (`smoa run --help`)")
+
+
 def _lib(p: argparse.ArgumentParser) -> None:
     p.add_argument("library", metavar="LIBRARY", help=_LIBRARY_HELP)
 
@@ -281,7 +285,8 @@ def _one_id(p: argparse.ArgumentParser) -> None:
 def _list_args(p: argparse.ArgumentParser) -> None:
     _lib(p)
     p.add_argument("--tag", help="only adapters holding this tag (normalised: NFKC + casefold)")
-    p.add_argument("--status", choices=["active", "archived", "merged", "all"], default="active")
+    p.add_argument("--status", choices=["active", "archived", "merged", "all"], default=None,
+                   help="which adapters (default: active and archived; merged = merged-away sources)")  # fmt: skip
     p.add_argument("--offset", type=int, default=0, help="skip this many (creation order)")
     p.add_argument("--limit", type=int, default=100, help="at most this many")
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per adapter")
@@ -324,7 +329,7 @@ def _fsck_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("run", cmd_run, lambda p: p.add_argument("rest", nargs=argparse.REMAINDER), passthrough=True),
+    Command("run", cmd_run, _run_args, passthrough=True),
     Command("stats", cmd_stats, _lib_encoder),
     Command("list", cmd_list, _list_args),
     Command("show", cmd_show, _one_id),

@@ -155,6 +155,13 @@ class SMoAConfig:
                 raise ConfigError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
         if self.storage_path is not None:
             self.storage_path = _check_storage_path(self.storage_path)
+        if self.weights_path is not None:  # an object store URL (issue 13); the backend checks the rest at open
+            if not isinstance(self.weights_path, str) or "://" not in self.weights_path or "\x00" in self.weights_path:
+                raise ConfigError(f"`weights_path` must be an object-store URL like 's3://bucket/prefix' or None, "
+                                  f"got {self.weights_path!r}")  # fmt: skip
+            if self.storage_path is None:
+                raise ConfigError("`weights_path` needs a persistent `storage_path` (a temporary library's catalog "
+                                  f"is deleted on close, its objects would be orphaned), got weights_path={self.weights_path!r}")  # fmt: skip
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ConfigError(f"`seed` must be an int or None, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
@@ -279,9 +286,13 @@ def _check_storage_path(value: Any) -> Path | str:
         return value  # a backend URL (postgresql://...), resolved by smoa.storage.base
     path = Path(value).expanduser().absolute()  # finding 7: a later os.chdir must not move the library
     probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        is_file = probe.exists() and not probe.is_dir()
+    except OSError:  # e.g. a parent we may not read: the open reports it, with its own clear StorageError
+        return path
+    if is_file:
         where = "is a file" if probe == path else f"lies under {str(probe)!r}, which is a file"
         raise ConfigError(f"`storage_path`={str(value)!r} {where}; it must be a directory (existing or new)")
     return path

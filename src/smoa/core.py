@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 Mixture = list[tuple[tuple[str, int], LoraWeights, float]]  # ((adapter id, version), weights, mixing weight)
 _ENCODE_BATCH = 1024
-_CREATE_CHUNK = 5000
+_CREATE_CHUNK = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +122,7 @@ class LibraryCore:
         from smoa.routing.router import Router
 
         store = self._store
-        index_dir = None if store._temporary else store.directory / "index"
+        index_dir = store.directory / "index" if store.persistent_index else None
         self.router = Router(self.config, index_dir, resolve_ids=self._ids_for_keys, encoder=encoder)
         self._reload_directory()
         self._check_encoder(progress)
@@ -380,10 +380,15 @@ class LibraryCore:
         with self._lock:
             self._check_open()
             self._catch_up()
-            texts = [self._routing_text(s) for s in parsed]
-            vectors = self.router.routing_keys(texts, learn=learn_keys)  # [n, dim]
             try:
-                adapters = self._store.create_many(parsed, vectors)
+                if learn_keys:  # keys trained jointly: all at once
+                    vectors = self.router.routing_keys([self._routing_text(s) for s in parsed], learn=True)
+                    adapters = self._store.create_many(parsed, vectors)
+                else:  # keys encoded chunk by chunk while the rows stream into one transaction
+                    adapters = self._store.create_many(
+                        parsed, embed=lambda part: self.router.routing_keys([self._routing_text(s) for s in part]),
+                        chunk=_CREATE_CHUNK,
+                    )  # fmt: skip
             finally:
                 self._catch_up()
             return adapters
@@ -729,7 +734,7 @@ class LibraryCore:
     def _legacy_encoder(self) -> tuple[str | None, str | None]:
         import json
 
-        if self._store._temporary:
+        if not self._store.persistent_index:
             return None, None
         try:
             meta = json.loads((self._store.directory / "index" / "meta.json").read_text())

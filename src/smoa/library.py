@@ -13,13 +13,14 @@ Nothing here knows about routing or models.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from smoa.errors import (
     StorageError,
 )
 from smoa.storage.catalog import Catalog, NewAdapterRow
+from smoa.storage.base import open_catalog_backend, open_weight_backend, url_scheme
 from smoa.storage.files import DirectoryLock, FileStore
 
 _USAGE_FLUSH_EVERY = 2048
@@ -81,8 +83,13 @@ class AdapterLibrary:
         self._temporary = config.storage_path is None
         self._closed = True
         self.catalog = None  # type: ignore[assignment]
-        directory = Path(tempfile.mkdtemp(prefix="smoa-")) if self._temporary else _library_dir(config.storage_path)
+        self.catalog_url = url_scheme(config.storage_path)  # "postgresql" etc.: a catalog server, no directory
+        if self._temporary or self.catalog_url is not None:
+            directory = Path(tempfile.mkdtemp(prefix="smoa-"))
+        else:
+            directory = _library_dir(config.storage_path)
         self.directory = directory
+        self.persistent_index = not self._temporary and self.catalog_url is None  # index/ beside a local catalog
         self._dir_lock = DirectoryLock(directory)
         try:
             self._open(directory)
@@ -97,12 +104,21 @@ class AdapterLibrary:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"`storage_path`={str(directory)!r} cannot be created: {exc.strerror or exc}") from exc
-        self._dir_lock.acquire()
-        self.files = FileStore(directory)
-        _refuse_lost_catalog(directory, self.files)
-        self.catalog = Catalog(directory / "catalog.sqlite3")
+        weights_url = self.config.weights_path
+        self.files = open_weight_backend(weights_url, self.config) if weights_url else FileStore(directory)
+        if self.catalog_url is not None:  # a catalog server: many processes may share it (no directory lock)
+            self.catalog = open_catalog_backend(str(self.config.storage_path), self.config)
+            if not weights_url:  # weight files as bytea rows of the same database (never the scratch directory)
+                from smoa.storage.postgres import open_blob_store
+
+                self.files = open_blob_store(self.catalog, self.config)
+        else:
+            self._dir_lock.acquire()
+            _refuse_lost_catalog(directory, self.files)
+            self.catalog = Catalog(directory / "catalog.sqlite3")
         self._check_profile()
-        self.collected_files = self.files.collect_garbage(self.catalog.all_files())
+        self.collected_files = (self.files.collect_garbage(self.catalog.all_files())
+                                if isinstance(self.files, FileStore) else 0)  # fmt: skip
         self.cache = AdapterCache(
             max_items=self.config.max_loaded_adapters,
             max_bytes=self.config.cache_max_bytes,
@@ -129,7 +145,9 @@ class AdapterLibrary:
         if self.catalog is not None:
             self.catalog.close()
         self._dir_lock.release()
-        if self._temporary:
+        with contextlib.suppress(Exception):
+            self.files.close()
+        if self._temporary or self.catalog_url is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- public reads ------------------------------------------------------------------------------------------
@@ -233,8 +251,16 @@ class AdapterLibrary:
     def create(self, spec: AdapterSpec, embedding: np.ndarray | None = None) -> Adapter:
         return self.create_many([spec], None if embedding is None else embedding[None, :])[0]
 
-    def create_many(self, specs: Sequence[AdapterSpec], embeddings: np.ndarray | None = None) -> list[Adapter]:
-        """Create adapters in one transaction: all appear, or none (on any error nothing is written)."""
+    def create_many(
+        self, specs: Sequence[AdapterSpec], embeddings: np.ndarray | None = None, *,
+        embed: Callable[[Sequence[AdapterSpec]], np.ndarray] | None = None, chunk: int = 2000,
+    ) -> list[Adapter]:  # fmt: skip
+        """Create adapters in one transaction: all appear, or none (on any error nothing is written).
+
+        Rows are built and inserted ``chunk`` specs at a time inside that one transaction (weights bytes and
+        routing keys of one chunk at a time: bulk creation streams). ``embed(chunk specs) -> [n, dim]`` computes
+        the routing keys chunk by chunk (else ``embeddings`` gives them all).
+        """
         self._check_open()
         specs = [validate_spec(s, where=f"adapter {i}" if len(specs) > 1 else "") for i, s in enumerate(specs)]
         if self._count + len(specs) > self.config.max_adapters:
@@ -245,22 +271,30 @@ class AdapterLibrary:
         if embeddings is not None and len(embeddings) != len(specs):
             raise InvalidInputError(f"`embeddings` has {len(embeddings)} rows for {len(specs)} adapters")
         now = time.time()
-        rows: list[NewAdapterRow] = []
         written: list[str] = []
-        fresh = self._fresh_weight_bytes(specs)
         ids = new_adapter_ids(len(specs))
+        out: list[Adapter] = []
+
+        def chunks() -> Iterator[list[NewAdapterRow]]:
+            for s in range(0, len(specs), chunk):
+                part = specs[s : s + chunk]
+                fresh = self._fresh_weight_bytes(part)
+                vecs = embed(part) if embed is not None else (None if embeddings is None else embeddings[s : s + chunk])
+                yield [self._row_for(ids[s + i], sp, now, None if vecs is None else vecs[i], written, fresh.get(i))
+                       for i, sp in enumerate(part)]  # fmt: skip
+
+        def keep(keys: list[int], rows: Sequence[NewAdapterRow]) -> None:
+            out.extend(self._adapter_from_row(k, r) for k, r in zip(keys, rows))  # the rows' bytes are dropped
+
         try:
-            for i, spec in enumerate(specs):
-                emb = None if embeddings is None else embeddings[i]
-                rows.append(self._row_for(ids[i], spec, now, emb, written, fresh.get(i)))
-            keys = self.catalog.insert_many(rows)
+            self.catalog.insert_chunks(chunks(), on_chunk=keep)
         except BaseException:
             for rel in written:  # files written for this call; no row references them now
                 if not self.catalog.file_referenced(rel):
                     self.files.delete(rel)
             raise
-        self._count += len(rows)
-        return [self._adapter_from_row(k, r) for k, r in zip(keys, rows)]
+        self._count += len(out)
+        return out
 
     def update_weights(self, adapter_id: str, weights: LoraWeights, embedding: np.ndarray | None = None) -> Adapter:
         """Replace an adapter's weights (validated); bumps its version and drops cached copies."""
@@ -534,7 +568,9 @@ class AdapterLibrary:
             self.cache.clear()
             self.catalog.close()
             self._dir_lock.release()
-            if self._temporary:
+            with contextlib.suppress(Exception):
+                self.files.close()
+            if self._temporary or self.catalog_url is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -572,7 +608,7 @@ class AdapterLibrary:
         rank and alpha draw their ``A`` factors from one random tensor and share the cached header and zero ``B``
         bytes, so bulk creation costs a few microseconds of Python per adapter.
         """
-        from smoa.adapter.weights import FORMAT, _header, _ST_DTYPES, init_factor_a
+        from smoa.adapter.weights import _ST_DTYPES, FORMAT, _header, init_factor_a
 
         groups: dict[tuple[tuple[str, ...], int, float], list[int]] = {}
         gran: dict[tuple[str, ...], AdapterGranularity] = {}
@@ -699,7 +735,10 @@ class AdapterLibrary:
                 # read and the file read: read the row again (a deleted adapter raises AdapterNotFoundError).
                 if attempt == 2 or self.catalog.read_weights(key)[1] == file:
                     raise
-        if checksum(data) != digest and (blob is not None or not self._canonical_matches(adapter_id, data, digest)):
+        whole = checksum(data)
+        if blob is None and file and whole != file.rsplit("/", 1)[-1]:  # a file is named by its bytes' sha256
+            digest = ""  # every byte of it is covered: a flipped header bit fails here
+        if whole != digest and (blob is not None or not digest or not self._canonical_matches(adapter_id, data, digest)):
             raise CorruptAdapterError(
                 f"adapter {adapter_id!r}: stored weights fail their checksum ({len(data)} bytes); "
                 "the adapter is corrupt and was not loaded"
@@ -760,7 +799,7 @@ def _library_dir(storage_path: Any) -> Path:
     return Path(os.path.realpath(path))
 
 
-def _refuse_lost_catalog(directory: Path, files: FileStore) -> None:
+def _refuse_lost_catalog(directory: Path, files: Any) -> None:
     """Refuse a directory whose weight files (or index) outlive a missing, empty or unreadable catalog.
 
     Opening it would create an empty catalog and then sweep every weight file as an orphan.
@@ -769,7 +808,7 @@ def _refuse_lost_catalog(directory: Path, files: FileStore) -> None:
     size = db.stat().st_size if db.exists() else -1
     if size > 0:
         return
-    left = files.holds_weights() or (directory / "index" / "meta.json").exists() or (directory / "catalog.sqlite3-wal").exists()
+    left = (isinstance(files, FileStore) and files.holds_weights()) or (directory / "index" / "meta.json").exists() or (directory / "catalog.sqlite3-wal").exists()
     if left:
         problem = "is missing" if size < 0 else "is empty (0 bytes)"
         raise StorageError(

@@ -55,6 +55,19 @@ def test_round_trips_and_reopen(backend: dict[str, Any]) -> None:
         core.close()
 
 
+def test_directory_catalog_with_weights_in_s3(tmp_path: Path, s3_url: str) -> None:
+    """local <-> S3 without PostgreSQL: the SQLite catalog in a directory, the weights in a bucket."""
+    backend = {"storage_path": str(tmp_path / "lib"), "weights_path": s3_url, "name": "sqlite+s3",
+               "cache_dir": str(tmp_path / "tier")}  # fmt: skip
+    test_round_trips_and_reopen(backend)
+    assert not (tmp_path / "lib" / "weights").exists()  # nothing went to the directory's own store
+    core = open_core(backend)
+    try:
+        assert core.store.files.owned_files()  # they are objects
+    finally:
+        core.close()
+
+
 def test_weights_live_in_the_object_store(backend: dict[str, Any]) -> None:
     if backend["name"] == "sqlite":
         pytest.skip("files in a directory: covered by tests/core and tests/reliability")

@@ -121,6 +121,7 @@ def test_garbage_collection_spares_young_objects(s3_url: str, s3_server) -> None
     rk = store.write("weights/hot", _digest(keep), keep)
     ro = store.write("weights/hot", _digest(orphan), orphan)
     assert store.collect_garbage({rk}) == 0  # another process may be about to commit a row naming it
+    assert store.collect_garbage(set(), min_age_s=0) == 0  # an empty catalog never empties the bucket
     assert store.collect_garbage({rk}, min_age_s=0) == 1
     assert store.owned_files() == {rk} and ro not in store.owned_files()
 
@@ -130,10 +131,12 @@ def test_garbage_collection_is_bounded_and_wraps_around(s3_url: str, s3_server) 
     blobs = [f"orphan {i}".encode() for i in range(40)]
     for b in blobs:
         store.write("weights/hot", _digest(b), b)
-    assert store.collect_garbage(set(), min_age_s=0, max_objects=10) == 10  # one bounded pass
+    assert store.collect_garbage(set(), min_age_s=0) == 0  # a catalog naming nothing: a lost catalog, no sweep
+    keep = {"weights/hot/00/" + "0" * 64}  # (names no real object)
+    assert store.collect_garbage(keep, min_age_s=0, max_objects=10) == 10  # one bounded pass
     removed = 10
     for _ in range(10):
-        removed += store.collect_garbage(set(), min_age_s=0, max_objects=10)
+        removed += store.collect_garbage(keep, min_age_s=0, max_objects=10)
     assert removed == 40 and store.owned_files() == set()  # every object is reached over repeated passes
     keep = b"kept"
     rel = store.write("weights/hot", _digest(keep), keep)

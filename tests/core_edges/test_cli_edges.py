@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from smoa.adapter.weights import LoraWeights
 from smoa.cli import COMMANDS, build_parser, main
 from smoa.interop.peft import write_peft_dir
-from smoa.adapter.weights import LoraWeights
 
 from .helpers import open_lib
 

@@ -138,3 +138,27 @@ def test_repair_readds_orphans_a_readable_catalog_lacks(tmp_path: Path) -> None:
     assert report.rebuilt_rows == 3
     with open_lib(lib) as smoa:
         assert {a.id for a in smoa.list_adapters_sync(status=("active", "archived"))} == set(given)
+
+
+def test_a_file_without_row_metadata_comes_back_under_a_fresh_id(tmp_path: Path) -> None:
+    import torch
+
+    from smoa.adapter.weights import checksum
+
+    lib = tmp_path / "lib"
+    given = make_library(lib)
+    w = LoraWeights({V[3]: (torch.full((2, 576), 0.01), torch.full((192, 2), 0.01))}, 4.0, 2)
+    data = w.to_bytes()  # a file written before headers carried rows
+    digest = checksum(data)
+    legacy = lib / "weights" / "hot" / digest[:2] / digest
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_bytes(data)
+    for suffix in ("", "-wal", "-shm"):
+        (lib / f"catalog.sqlite3{suffix}").unlink(missing_ok=True)
+    assert fsck(lib, repair=True).rebuilt_rows == 4
+    with open_lib(lib) as smoa:
+        ads = smoa.list_adapters_sync(status=("active", "archived"))
+        fresh = [a for a in ads if a.id not in given]
+        assert len(fresh) == 1 and fresh[0].metadata == {"recovered_from": f"weights/hot/{digest[:2]}/{digest}"}
+        got = smoa.core.get_weights(fresh[0].id)
+        assert torch.equal(got.factors[V[3]][1], w.factors[V[3]][1]) and got.alpha == 4.0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch.nn as nn
-from .inject_helpers import MODELS, random_lora
 
 from smoa.adapter.profile import profile_from_model
 from smoa.adapter.weights import LoraWeights
+
+from .inject_helpers import MODELS, random_lora
 
 
 @pytest.fixture(params=sorted(MODELS))

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from smoa.adapter.profile import BaseProfile, profile_from_model
+from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights
 
 

@@ -13,10 +13,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from .inject_helpers import ids, peft_model
 
 from smoa.adapter.weights import LoraWeights
 from smoa.inject import attach
+
+from .inject_helpers import ids, peft_model
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from smoa import AdapterSpec, SMoAConfig
-from smoa.library import AdapterLibrary
 from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights, checksum
+from smoa.library import AdapterLibrary
 
 TINY = BaseProfile("tiny", tuple((f"layers.{i}.{n}", 64, o) for i in range(4) for n, o in (("q", 64), ("v", 32))))
 

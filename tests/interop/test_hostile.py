@@ -19,7 +19,16 @@ from smoa.errors import SmoaError, UnsafeAdapterFileError
 from smoa.interop import read_peft_dir, write_peft_dir
 
 from .helpers import assert_same_weights
-from .hostile_corpus import MODULES, PROFILE, REFUSED, WARNED, HostileCase, sentinel_module_source, sentinel_pickle, valid_weights
+from .hostile_corpus import (
+    MODULES,
+    PROFILE,
+    REFUSED,
+    WARNED,
+    HostileCase,
+    sentinel_module_source,
+    sentinel_pickle,
+    valid_weights,
+)
 
 
 def snapshot(d: Path) -> dict[str, tuple[int, int, int]]:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from smoa.adapter.profile import BaseProfile
+from smoa.adapter.spec import AdapterSpec
 from smoa.adapter.weights import LoraWeights
 from smoa.compose.similarity import cosine
 from smoa.config import SMoAConfig
-from smoa.adapter.spec import AdapterSpec
 from smoa.core import LibraryCore
 from smoa.optimize.optimizer import optimize_library
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from smoa import SMoAConfig
-from smoa.library import AdapterLibrary
 from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights, checksum
+from smoa.library import AdapterLibrary
 
 # 4 layers x (q: 64 -> 64, v: 64 -> 32), as tests/test_library.py
 TINY = BaseProfile("tiny", tuple((f"layers.{i}.{n}", 64, o) for i in range(4) for n, o in (("q", 64), ("v", 32))))

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from smoa import AdapterSpec, StorageError
-from smoa.library import AdapterLibrary
 from smoa.adapter.weights import checksum
+from smoa.library import AdapterLibrary
 
 from .helpers import assert_consistent, open_lib, seeded_weights, state
 

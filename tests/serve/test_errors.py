@@ -30,7 +30,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None) -> di
     return err
 
 
-def test_keys_401_and_403(server) -> None:  # noqa: ANN001
+def test_keys_401_and_403(server) -> None:
     u = server.url
     body = {"model": "smoa", "prompt": "hi", "max_tokens": 1}
     assert_error(httpx.post(u + "/v1/completions", json=body), 401)
@@ -54,7 +54,7 @@ def test_key_comparison_is_constant_time_and_exact() -> None:
     assert authorize("Bearer k1", ["k1"], [], admin=False).startswith("key-")
 
 
-def test_unknown_adapter_404(server) -> None:  # noqa: ANN001
+def test_unknown_adapter_404(server) -> None:
     h = auth(USER_KEY)
     err = assert_error(httpx.post(server.url + "/v1/completions", json={"model": "ad_doesnotexist", "prompt": "x"},
                                   headers=h), 404, "model")  # fmt: skip
@@ -79,11 +79,11 @@ def test_unknown_adapter_404(server) -> None:  # noqa: ANN001
     ({"model": "smoa", "prompt": "word " * 600, "max_tokens": 1}, 400, "prompt"),  # over the 512-token context
     ({"model": "smoa", "prompt": "word " * 500, "max_tokens": 60}, 400, "max_tokens"),  # prompt + max_tokens
 ])  # fmt: skip
-def test_bad_fields_name_the_field(server, body, status, param) -> None:  # noqa: ANN001
+def test_bad_fields_name_the_field(server, body, status, param) -> None:
     assert_error(httpx.post(server.url + "/v1/completions", json=body, headers=auth(USER_KEY)), status, param)
 
 
-def test_malformed_json_and_chat_fields(server) -> None:  # noqa: ANN001
+def test_malformed_json_and_chat_fields(server) -> None:
     h = {**auth(USER_KEY), "content-type": "application/json"}
     assert_error(httpx.post(server.url + "/v1/completions", content=b"{not json", headers=h), 422)
     assert_error(httpx.post(server.url + "/v1/chat/completions", headers=h,
@@ -93,7 +93,7 @@ def test_malformed_json_and_chat_fields(server) -> None:  # noqa: ANN001
                             json={"model": "smoa", "messages": []}), 422, "messages")  # fmt: skip
 
 
-def test_body_over_the_cap_is_refused_before_it_is_read(server) -> None:  # noqa: ANN001
+def test_body_over_the_cap_is_refused_before_it_is_read(server) -> None:
     big = {"model": "smoa", "prompt": "x" * (70 * 1024)}
     assert_error(httpx.post(server.url + "/v1/completions", json=big, headers=auth(USER_KEY)), 413)
     # announce 1 GB, send 10 bytes: the answer comes at once, the server never waits for the rest
@@ -104,7 +104,7 @@ def test_body_over_the_cap_is_refused_before_it_is_read(server) -> None:  # noqa
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413") and time.monotonic() - t0 < 5
     # chunked (no Content-Length): cut off as soon as the streamed bytes pass the cap
-    def chunks():  # noqa: ANN202
+    def chunks():
         yield b'{"model": "smoa", "prompt": "'
         for _ in range(200):
             yield b"y" * 1024
@@ -114,7 +114,7 @@ def test_body_over_the_cap_is_refused_before_it_is_read(server) -> None:  # noqa
     assert_error(r, 413)
 
 
-def test_queue_full_429_with_retry_after_and_not_ready_503(tmp_path, model_dir) -> None:  # noqa: ANN001
+def test_queue_full_429_with_retry_after_and_not_ready_503(tmp_path, model_dir) -> None:
     lib = tmp_path / "lib"
     make_library(lib, model_dir, 1)
     cfg = ServeConfig(library=lib, model_dir=model_dir, encoder="hash", max_batch=1, max_queue=1,
@@ -138,7 +138,7 @@ def test_queue_full_429_with_retry_after_and_not_ready_503(tmp_path, model_dir) 
             asyncio.run(many())
 
 
-def test_health_503_until_loaded(tmp_path, model_dir) -> None:  # noqa: ANN001
+def test_health_503_until_loaded(tmp_path, model_dir) -> None:
     from fastapi.testclient import TestClient
 
     from smoa.serve import SmoaServing, build_app
@@ -159,9 +159,27 @@ def test_health_503_until_loaded(tmp_path, model_dir) -> None:  # noqa: ANN001
         assert_error(c.post("/v1/completions", json={"model": "smoa", "prompt": "x"}), 503)
 
 
-def test_missing_library_refused_without_create(tmp_path, model_dir) -> None:  # noqa: ANN001
+def test_missing_library_refused_without_create(tmp_path, model_dir) -> None:
     from smoa.serve import SmoaServing
 
     with pytest.raises(Exception, match="--create"):
         SmoaServing(ServeConfig(library=tmp_path / "none", model_dir=model_dir)).load()
     assert not (tmp_path / "none").exists()
+
+
+def test_client_disconnect_cancels_its_work(tmp_path, model_dir) -> None:
+    lib = tmp_path / "lib"
+    make_library(lib, model_dir, 1)
+    cfg = ServeConfig(library=lib, model_dir=model_dir, encoder="hash", max_tokens_cap=480)
+    with ThreadServer(cfg) as srv:
+        sched = srv.serving.scheduler
+        body = {"model": srv.serving.model_name, "prompt": "go", "max_tokens": 480, "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}) as r:
+            next(r.iter_lines())  # the first chunk: it is running
+        # a non-streamed request whose client gives up
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (sched.cancelled < 2 or sched.num_running):
+            time.sleep(0.05)
+        assert sched.cancelled == 2 and sched.num_running == 0 and sched.queue_depth == 0

@@ -20,7 +20,7 @@ OPERATIONS = {op.label: op for op in (r.ok() for r in SCHEMA.get_all_operations(
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory, model_dir):  # noqa: ANN001, ANN201
+def fuzz_server(tmp_path_factory, model_dir):
     lib = tmp_path_factory.mktemp("fuzz") / "lib"
     make_library(lib, model_dir, 3)
     cfg = ServeConfig(library=lib, model_dir=model_dir, encoder="hash", admin_keys=(KEY,), max_tokens_cap=8,
@@ -30,13 +30,13 @@ def fuzz_server(tmp_path_factory, model_dir):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("label", sorted(OPERATIONS))
-def test_no_server_errors(label: str, fuzz_server) -> None:  # noqa: ANN001
+def test_no_server_errors(label: str, fuzz_server) -> None:
     op = OPERATIONS[label]
 
     @settings(max_examples=25, deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(case=op.as_strategy())
-    def check(case) -> None:  # noqa: ANN001
+    def check(case) -> None:
         response = case.call(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
         ctype = response.headers.get("content-type") or ""
@@ -49,6 +49,6 @@ def test_no_server_errors(label: str, fuzz_server) -> None:  # noqa: ANN001
     check()
 
 
-def test_still_healthy_after_fuzzing(fuzz_server) -> None:  # noqa: ANN001
+def test_still_healthy_after_fuzzing(fuzz_server) -> None:
     assert httpx.get(fuzz_server.url + "/health").status_code == 200
     assert fuzz_server.serving.scheduler.error is None

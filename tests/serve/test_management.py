@@ -25,28 +25,28 @@ class Boom:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="module")
-def peft_files(tmp_path_factory, model_dir) -> dict[str, bytes]:  # noqa: ANN001
+def peft_files(tmp_path_factory, model_dir) -> dict[str, bytes]:
     model, _ = load_model(model_dir)
     d = tmp_path_factory.mktemp("peft") / "adapter"
     write_peft_dir(random_lora(model, seed=77), d, base_model_name_or_path="tiny")
     return {p.name: p.read_bytes() for p in d.iterdir()}
 
 
-def count(server) -> int:  # noqa: ANN001
+def count(server) -> int:
     return len(httpx.get(server.url + "/v1/adapters", params={"limit": 1000}, headers=A).json()["data"])
 
 
-def upload(server, files: dict[str, tuple[str, bytes]], **fields) -> httpx.Response:  # noqa: ANN001, ANN003
+def upload(server, files: dict[str, tuple[str, bytes]], **fields) -> httpx.Response:
     return httpx.post(server.url + "/v1/adapters", headers=A, timeout=60,
                       files={k: (name, io.BytesIO(data)) for k, (name, data) in files.items()}, data=fields)  # fmt: skip
 
 
-def test_upload_then_serve_it(server, peft_files) -> None:  # noqa: ANN001
+def test_upload_then_serve_it(server, peft_files) -> None:
     n = count(server)
     r = upload(server, {"adapter_config": ("adapter_config.json", peft_files["adapter_config.json"]),
                         "adapter_model": ("adapter_model.safetensors", peft_files["adapter_model.safetensors"])},
@@ -63,7 +63,7 @@ def test_upload_then_serve_it(server, peft_files) -> None:  # noqa: ANN001
     assert ad["id"] in routed["adapter_ids"], routed
 
 
-def test_pickled_bin_refused_nothing_stored_nothing_executed(server, peft_files, tmp_path) -> None:  # noqa: ANN001
+def test_pickled_bin_refused_nothing_stored_nothing_executed(server, peft_files, tmp_path) -> None:
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"x": Boom(str(marker))})
     n = count(server)
@@ -81,7 +81,7 @@ def test_pickled_bin_refused_nothing_stored_nothing_executed(server, peft_files,
     assert r.status_code == 413 and count(server) == n
 
 
-def test_list_filter_and_paginate(server, adapter_ids) -> None:  # noqa: ANN001
+def test_list_filter_and_paginate(server, adapter_ids) -> None:
     page1 = httpx.get(server.url + "/v1/adapters", params={"limit": 3}, headers=A).json()
     page2 = httpx.get(server.url + "/v1/adapters", params={"offset": 3, "limit": 3}, headers=A).json()
     assert [a["id"] for a in page1["data"] + page2["data"]] == adapter_ids[:6] and page1["has_more"]
@@ -92,7 +92,7 @@ def test_list_filter_and_paginate(server, adapter_ids) -> None:  # noqa: ANN001
     assert httpx.get(server.url + "/v1/adapters", params={"limit": 0}, headers=A).status_code == 422
 
 
-def test_get_patch_delete(server, adapter_ids) -> None:  # noqa: ANN001
+def test_get_patch_delete(server, adapter_ids) -> None:
     aid = adapter_ids[5]
     got = httpx.get(f"{server.url}/v1/adapters/{aid}", headers=A).json()
     assert got["id"] == aid and got["object"] == "adapter"
@@ -110,7 +110,7 @@ def test_get_patch_delete(server, adapter_ids) -> None:  # noqa: ANN001
     assert httpx.delete(f"{server.url}/v1/adapters/{aid}", headers=A).status_code == 404
 
 
-def test_archive_and_restore(server, adapter_ids) -> None:  # noqa: ANN001
+def test_archive_and_restore(server, adapter_ids) -> None:
     aid = adapter_ids[6]
     ad = httpx.get(f"{server.url}/v1/adapters/{aid}", headers=A).json()
     query = {"query": " ".join(ad["domain_tags"] + ad["skill_tags"]), "metadata": {"domain": ad["domain_tags"][0]}}
@@ -123,7 +123,7 @@ def test_archive_and_restore(server, adapter_ids) -> None:  # noqa: ANN001
     assert aid in httpx.post(server.url + "/v1/route", headers=A, json=query).json()["adapter_ids"]
 
 
-def test_optimize_and_stats(server) -> None:  # noqa: ANN001
+def test_optimize_and_stats(server) -> None:
     r = httpx.post(server.url + "/v1/optimize", headers=A, json={"dry_run": True}, timeout=120)
     assert r.status_code == 200, r.text
     assert isinstance(r.json(), dict)

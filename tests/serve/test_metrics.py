@@ -15,7 +15,7 @@ NAMES = {
 }  # fmt: skip
 
 
-def scrape(server) -> dict[str, list]:  # noqa: ANN001
+def scrape(server) -> dict[str, list]:
     r = httpx.get(server.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
@@ -25,7 +25,7 @@ def value(samples: list, name: str, **labels: str) -> float:
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def test_metrics_move_with_requests(server) -> None:  # noqa: ANN001
+def test_metrics_move_with_requests(server) -> None:
     before = scrape(server)
     assert NAMES <= set(before), NAMES - set(before)
     assert all(n.startswith("smoa_") for n in before if not n.startswith(("python_", "process_")))

@@ -14,22 +14,22 @@ MODEL = "model"  # the tiny model's directory name is the served base-model name
 
 
 @pytest.fixture(scope="module")
-def client(server):  # noqa: ANN001, ANN201
+def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=USER_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def base(server) -> str:  # noqa: ANN001
+def base(server) -> str:
     return server.serving.model_name
 
 
-def test_models_lists_base_smoa_and_adapters(client, base, adapter_ids) -> None:  # noqa: ANN001
+def test_models_lists_base_smoa_and_adapters(client, base, adapter_ids) -> None:
     ids = [m.id for m in client.models.list()]
     assert ids[:2] == [base, "smoa"]
     assert set(adapter_ids) <= set(ids)
 
 
-def test_models_paginated(server, adapter_ids) -> None:  # noqa: ANN001
+def test_models_paginated(server, adapter_ids) -> None:
     h = {"Authorization": f"Bearer {USER_KEY}"}
     first = httpx.get(server.url + "/v1/models", params={"limit": 3}, headers=h).json()
     rest = httpx.get(server.url + "/v1/models", params={"offset": 3, "limit": 100}, headers=h).json()
@@ -38,7 +38,7 @@ def test_models_paginated(server, adapter_ids) -> None:  # noqa: ANN001
     assert rest["has_more"] is False
 
 
-def test_routed_completion_reports_route_and_header(client) -> None:  # noqa: ANN001
+def test_routed_completion_reports_route_and_header(client) -> None:
     raw = client.completions.with_raw_response.create(model="smoa", prompt="the patient has a fever and a cough",
                                                       max_tokens=6, temperature=0)  # fmt: skip
     out = raw.parse()
@@ -51,8 +51,8 @@ def test_routed_completion_reports_route_and_header(client) -> None:  # noqa: AN
     assert out.choices[0].finish_reason == "length"
 
 
-def test_adapter_choices_change_the_output(client, base, adapter_ids) -> None:  # noqa: ANN001
-    def text(**kw) -> str:  # noqa: ANN003
+def test_adapter_choices_change_the_output(client, base, adapter_ids) -> None:
+    def text(**kw) -> str:
         return client.completions.create(prompt="Once upon a time", max_tokens=8, temperature=0, **kw).choices[0].text
 
     plain = text(model=base)
@@ -69,13 +69,13 @@ def test_adapter_choices_change_the_output(client, base, adapter_ids) -> None:  
     assert none.model_extra["smoa"]["route"]["adapter_ids"] == []
 
 
-def test_route_follows_metadata_and_strategy(client) -> None:  # noqa: ANN001
+def test_route_follows_metadata_and_strategy(client) -> None:
     out = client.completions.create(model="smoa", prompt="help me", max_tokens=1, temperature=0,
                                     extra_body={"metadata": {"domain": "cooking"}, "strategy": "task_based"})  # fmt: skip
     assert out.model_extra["smoa"]["route"]["strategy"] == "task_based"
 
 
-def test_chat_completion_and_n(client, adapter_ids) -> None:  # noqa: ANN001
+def test_chat_completion_and_n(client, adapter_ids) -> None:
     out = client.chat.completions.create(model=adapter_ids[2], messages=[{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": "How do I bake bread?"}],
                                          max_tokens=5, n=2, temperature=1.0, seed=7)  # fmt: skip
@@ -88,7 +88,7 @@ def test_chat_completion_and_n(client, adapter_ids) -> None:  # noqa: ANN001
     assert [c.message.content for c in out.choices] == [c.message.content for c in again.choices]  # seeded
 
 
-def test_streaming_equals_non_streaming(client, adapter_ids) -> None:  # noqa: ANN001
+def test_streaming_equals_non_streaming(client, adapter_ids) -> None:
     kw = {"model": adapter_ids[1], "prompt": "The weather today", "max_tokens": 10, "temperature": 0}
     full = client.completions.create(**kw).choices[0].text
     chunks = list(client.completions.create(stream=True, **kw))
@@ -102,7 +102,7 @@ def test_streaming_equals_non_streaming(client, adapter_ids) -> None:  # noqa: A
     assert chat[-1].usage is not None and chat[-1].usage.completion_tokens == 4
 
 
-def test_stream_ends_with_done(server, adapter_ids) -> None:  # noqa: ANN001
+def test_stream_ends_with_done(server, adapter_ids) -> None:
     body = {"model": adapter_ids[0], "prompt": "x", "max_tokens": 3, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {USER_KEY}"}) as r:  # fmt: skip
@@ -111,7 +111,7 @@ def test_stream_ends_with_done(server, adapter_ids) -> None:  # noqa: ANN001
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
 
 
-def test_stop_strings_cut_the_text(client, adapter_ids) -> None:  # noqa: ANN001
+def test_stop_strings_cut_the_text(client, adapter_ids) -> None:
     kw = {"model": adapter_ids[3], "prompt": "Count with me", "max_tokens": 12, "temperature": 0}
     full = client.completions.create(**kw).choices[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
@@ -122,7 +122,7 @@ def test_stop_strings_cut_the_text(client, adapter_ids) -> None:  # noqa: ANN001
     assert streamed == cut.text
 
 
-def test_async_client_concurrent(server, adapter_ids) -> None:  # noqa: ANN001
+def test_async_client_concurrent(server, adapter_ids) -> None:
     async def main() -> list[str]:
         ac = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=USER_KEY, max_retries=0)
         reqs = [ac.completions.create(model=adapter_ids[i % 4], prompt=f"story {i}", max_tokens=5, temperature=0)

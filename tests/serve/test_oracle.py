@@ -20,7 +20,7 @@ N_ADAPTERS = 16
 N_REQUESTS = 32
 
 
-def test_concurrent_mixtures_equal_one_at_a_time(tmp_path, model_dir) -> None:  # noqa: ANN001
+def test_concurrent_mixtures_equal_one_at_a_time(tmp_path, model_dir) -> None:
     lib = tmp_path / "lib"
     adapters = make_library(lib, model_dir, N_ADAPTERS)
     adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b in adapters[0][1].factors.values())

@@ -17,7 +17,7 @@ from .helpers import load_model, make_library, process_server, wait_healthy
 ADMIN = "sk-admin-proc"
 
 
-def test_refuses_a_path_without_library_unless_create(tmp_path, model_dir, capsys) -> None:  # noqa: ANN001
+def test_refuses_a_path_without_library_unless_create(tmp_path, model_dir, capsys) -> None:
     from smoa.cli import main
     from smoa.serve import ServeConfig
 
@@ -34,7 +34,7 @@ def test_refuses_a_path_without_library_unless_create(tmp_path, model_dir, capsy
         assert s.get_statistics()["library"]["total_adapters"] == 0
 
 
-def test_sigterm_drains(tmp_path, model_dir) -> None:  # noqa: ANN001
+def test_sigterm_drains(tmp_path, model_dir) -> None:
     lib = tmp_path / "lib"
     ids = [a for a, _ in make_library(lib, model_dir, 3)]
     with process_server(["--library", str(lib), "--model", str(model_dir), "--encoder", "hash", "--max-batch", "1",
@@ -86,7 +86,7 @@ def test_sigterm_drains(tmp_path, model_dir) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("when", ["mid-body", pytest.param("after-body", marks=pytest.mark.slow)])
-def test_sigkill_during_upload_leaves_the_library_consistent(tmp_path, model_dir, when) -> None:  # noqa: ANN001
+def test_sigkill_during_upload_leaves_the_library_consistent(tmp_path, model_dir, when) -> None:
     from smoa.interop.peft import write_peft_dir
 
     from .helpers import random_lora
@@ -108,7 +108,7 @@ def test_sigkill_during_upload_leaves_the_library_consistent(tmp_path, model_dir
             raw = b"".join(body)
             ctype = body.content_type
 
-            def slow():  # noqa: ANN202
+            def slow():
                 yield raw[: len(raw) // 2]
                 killed.wait(30)  # the server is killed before the rest is sent
                 yield raw[len(raw) // 2 :]
@@ -135,7 +135,7 @@ def test_sigkill_during_upload_leaves_the_library_consistent(tmp_path, model_dir
             assert s.mixture_for([(aid, 1.0)])
 
 
-def _swallow(fn) -> None:  # noqa: ANN001
+def _swallow(fn) -> None:
     try:
         fn()
     except Exception:  # noqa: BLE001 - the server was killed under it

@@ -41,8 +41,8 @@ class Collector:
         self.done = threading.Event()
         self.n = n
 
-    def sink(self, i: int):  # noqa: ANN201
-        def f(ev) -> None:  # noqa: ANN001
+    def sink(self, i: int):
+        def f(ev) -> None:
             if ev.token_id is not None:
                 self.tokens[i].append(ev.token_id)
             if ev.finished:
@@ -99,7 +99,7 @@ def test_cancel_frees_the_row_and_others_go_on() -> None:
 def test_schedule_is_fifo_with_a_cap_per_client_and_a_token_budget() -> None:
     engine, _ = tiny_engine(torch.float32)
     sched = Scheduler(engine, max_batch=3, per_client_cap=2, max_batch_tokens=100)
-    noop = lambda ev: None  # noqa: E731
+    noop = lambda ev: None
     a1, a2, a3 = (Sequence([1, 2], [], SamplingParams(max_tokens=10), noop, client="a") for _ in range(3))
     b1 = Sequence([1, 2], [], SamplingParams(max_tokens=10), noop, client="b")
     sched.submit_many([a1, a2, a3, b1])

@@ -13,7 +13,7 @@ from .helpers import ThreadServer, random_lora
 
 
 @pytest.mark.slow
-def test_default_model_chat_and_routed_completion(tmp_path) -> None:  # noqa: ANN001
+def test_default_model_chat_and_routed_completion(tmp_path) -> None:
     from smoa.models import load_default_base_model
 
     model, tok = load_default_base_model()

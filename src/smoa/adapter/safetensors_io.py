@@ -411,12 +411,15 @@ def row_meta_json(row_meta: Mapping[str, Any]) -> str:
     if not isinstance(row_meta, Mapping) or not isinstance(row_meta.get("id"), str):
         raise InvalidInputError(f"`row_meta` must be a mapping with a string `id`, got {row_meta!r:.100}")
     out: dict[str, Any] = {"v": ROW_META_VERSION}
-    out.update((k, row_meta[k]) for k in ROW_FIELDS if k in row_meta and row_meta[k] is not None)
+    for k in ROW_FIELDS:
+        v = row_meta.get(k)
+        if v is not None:
+            out[k] = v
     try:
-        text = json.dumps(out, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _ROW_ENCODER.encode(out)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"`row_meta` of {row_meta['id']!r} is not JSON-serialisable: {exc}") from None
-    if _escaped_size(text) > MAX_ROW_META_BYTES:
+    if 6 * len(text) > MAX_ROW_META_BYTES and _escaped_size(text) > MAX_ROW_META_BYTES:  # 6: worst-case escape
         examples = list(out.pop("examples", []))
         kept, size = [], _escaped_size(json.dumps(out, ensure_ascii=False, separators=(",", ":"))) + 64
         for e in examples:
@@ -434,13 +437,17 @@ def _escaped_size(text: str) -> int:
     return len(json.dumps(text, ensure_ascii=False).encode("utf-8"))
 
 
+_ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 @functools.lru_cache(maxsize=1024)
-def _split_header(raw: bytes) -> tuple[dict[str, str], str]:
-    """``(metadata, tensor entries as a JSON fragment without braces)`` of a header written by :func:`_header`."""
+def _split_header(raw: bytes) -> tuple[str, str]:
+    """``(metadata entries but the row, tensor entries)`` of a header, each a JSON fragment without braces."""
     header = json.loads(raw)
     meta = dict(header.pop("__metadata__", {}) or {})
-    fragment = json.dumps(header, separators=(",", ":"))[1:-1]
-    return meta, fragment
+    meta.pop(ROW_META_KEY, None)
+    meta_fragment = json.dumps(dict(sorted(meta.items())), ensure_ascii=False, separators=(",", ":"))[1:-1]
+    return meta_fragment, json.dumps(header, separators=(",", ":"))[1:-1]
 
 
 def with_row_meta(data: bytes | bytearray | memoryview, row_meta: Mapping[str, Any]) -> bytes:
@@ -464,9 +471,8 @@ def with_row_meta(data: bytes | bytearray | memoryview, row_meta: Mapping[str, A
         meta, fragment = _split_header(raw)
     except (ValueError, AttributeError, TypeError) as exc:
         raise CorruptAdapterError(f"with_row_meta: header does not parse ({exc})") from None
-    meta = {**meta, ROW_META_KEY: row_meta_json(row_meta)}
-    head = '{"__metadata__":' + json.dumps(dict(sorted(meta.items())), ensure_ascii=False, separators=(",", ":"))
-    head = head + ("," + fragment if fragment else "") + "}"
+    row = json.dumps(ROW_META_KEY) + ":" + json.dumps(row_meta_json(row_meta), ensure_ascii=False)
+    head = '{"__metadata__":{' + (meta + "," if meta else "") + row + "}" + ("," + fragment if fragment else "") + "}"
     encoded = head.encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
     return struct.pack("<Q", len(encoded)) + encoded + bytes(view[8 + n :])

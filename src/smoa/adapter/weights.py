@@ -14,19 +14,18 @@ fresh adapter changes nothing until trained. Weights serialise to safetensors (n
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import struct
-from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, Sequence
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from smoa.adapter.profile import BaseProfile
-from smoa.adapter.safetensors_io import FORMAT, _header, check_stored_bytes, encode_safetensors
+from smoa.adapter.safetensors_io import FORMAT, _header, check_stored_bytes, encode_safetensors  # noqa: F401 (re-exported)
 from smoa.errors import CorruptAdapterError, InvalidAdapterError, NonFiniteWeightsError, ProfileMismatchError
 
 MAX_DELTA_ABS = 1e6  # largest |alpha / r * (B @ A)[i, j]| accepted: a sanity cap (real LoRA deltas are << 1)

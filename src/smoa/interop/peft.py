@@ -33,6 +33,12 @@ from pathlib import Path
 import torch
 
 from smoa.adapter.profile import BaseProfile
+from smoa.adapter.safetensors_io import (
+    DEFAULT_MAX_HEADER_BYTES,
+    SafetensorsHeader,
+    inspect_safetensors_bytes,
+    refuse,
+)
 from smoa.adapter.weights import LoraWeights
 from smoa.errors import InvalidAdapterError, InvalidInputError, StorageError, UnsafeAdapterFileError
 from smoa.interop.peft_config import (
@@ -41,12 +47,6 @@ from smoa.interop.peft_config import (
     check_module_name,
     matches_target,
     parse_peft_config,
-)
-from smoa.adapter.safetensors_io import (
-    DEFAULT_MAX_HEADER_BYTES,
-    SafetensorsHeader,
-    inspect_safetensors_bytes,
-    refuse,
 )
 
 CONFIG_NAME = "adapter_config.json"

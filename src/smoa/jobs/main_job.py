@@ -93,9 +93,9 @@ def distractor_specs(n: int, seed: int, noise: float, profile: Any, rank: int = 
         overlap: draw tags from the whole vocabulary; ``False`` leaves out :data:`TOPIC_WORDS`.
     """
     from smoa.adapter.granularity import select_modules
+    from smoa.adapter.spec import AdapterSpec
     from smoa.adapter.weights import init_factor_a
     from smoa.config import AdapterGranularity
-    from smoa.adapter.spec import AdapterSpec
 
     domains = [d for d in DISTRACTOR_DOMAINS if overlap or d not in TOPIC_WORDS]
     rng = np.random.default_rng(seed)

@@ -73,7 +73,6 @@ def candidate_pairs(
     Returns:
         ``(pairs [P, 2] int64, sketch cosines [P] float32)``, unique pairs.
     """
-    import faiss
 
     x = np.ascontiguousarray(sketches, dtype=np.float32)
     if x.ndim != 2:

@@ -13,7 +13,7 @@ its examples are split into folds (the keys are fitted on one fold and the other
 The threshold is then::
 
     t = quantile(best score of the held-out in-scope examples, AUTO_REJECT_RATE)   (no negatives)
-    t = argmax_t  acc_in(t) + recall_neg(t)                                         (with negatives)
+    t = max(the above, argmax_t acc_in(t) + recall_neg(t))                          (with negatives)
 
 with ``acc_in(t)`` = share of held-out examples routed to their own adapter with a score >= t. ``AUTO_REJECT_RATE``
 (1 %) was chosen on CLINC150 val (``docs/bench_routing.md``): it gives 95.0 % in-scope accuracy and 70 % OOS
@@ -126,7 +126,7 @@ def calibrate(ev: Evidence, neg_best: np.ndarray | None = None, neg_margin: np.n
         cands = np.unique(np.round(np.concatenate([ev.in_best, neg_best]), 4))
         acc = (ok[None, :] & (ev.in_best[None, :] >= cands[:, None])).mean(1)
         rec = (neg_best[None, :] < cands[:, None]).mean(1)
-        threshold = float(cands[int(np.argmax(acc + rec))])
+        threshold = max(float(cands[int(np.argmax(acc + rec))]), float(np.quantile(ev.in_best, reject_rate)))
     else:
         threshold = float(np.quantile(ev.in_best, reject_rate))
     x_best = np.concatenate([ev.in_best, ev.proxy_best, neg_best])

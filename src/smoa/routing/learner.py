@@ -30,6 +30,7 @@ per adapter and ``MAX_STORED_TOTAL`` in all (deterministic subsample beyond).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -123,6 +124,11 @@ def fit_keys(
     Returns:
         float32 ``[K, d]`` unit keys.
     """
+    with one_thread():
+        return _fit_keys(init, owner, x, y, fixed, epochs, temperature, lr, seed)
+
+
+def _fit_keys(init, owner, x, y, fixed, epochs, temperature, lr, seed) -> np.ndarray:  # noqa: ANN001
     import torch
 
     F = torch.nn.functional
@@ -151,6 +157,20 @@ def fit_keys(
             loss.backward()
             opt.step()
     return F.normalize(w.detach(), dim=1).numpy().astype(np.float32)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one intra-op thread inside the block (small matrices: on a busy 2-core machine two threads
+    spin against each other and a fit runs ~20-200x slower), restoring the caller's setting after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def max_by_owner(scores: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
@@ -311,15 +331,20 @@ class KeyLearner:
         adapters = [k for k in self.with_examples() if self.stored[k].examples_fast is not None]
         if base is None or not adapters:
             return
-        import torch
-
-        F = torch.nn.functional
         col = {k: j for j, k in enumerate(np.unique(owner))}
         xs = [self.stored[k].examples_fast.astype(np.float32) for k in adapters if k in col]
         ys = [np.full(len(self.stored[k].examples_fast), col[k]) for k in adapters if k in col]
         if not xs:
             return
-        x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys).astype(np.int64))
+        with one_thread():
+            self._tune(np.concatenate(xs), np.concatenate(ys), keys, owner, col, base, epochs)
+
+    def _tune(self, xs: np.ndarray, ys: np.ndarray, keys: np.ndarray, owner: np.ndarray, col: dict, base: np.ndarray,
+              epochs: int) -> None:
+        import torch
+
+        F = torch.nn.functional
+        x, y = torch.from_numpy(xs), torch.from_numpy(ys.astype(np.int64))
         kt = torch.from_numpy(np.ascontiguousarray(keys, np.float32))
         pool = F.one_hot(torch.from_numpy(np.asarray([col[int(o)] for o in owner], np.int64)), len(col)).float()
         a = torch.nn.Parameter(torch.from_numpy(base))

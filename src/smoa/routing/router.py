@@ -53,7 +53,15 @@ from smoa.routing.index.store import load_indexes, save_indexes
 from smoa.routing.index.tags import query_terms_from_metadata
 from smoa.routing.keys import TEXT_WEIGHT, blend_keys, example_centroids, refine_keys, routing_text
 from smoa.routing.learner import (
-    FIXED_NEIGHBOURS, LOCAL_EPOCHS, MAX_KEYS, NEIGHBOURS, REFIT_EPOCHS, KeyLearner, digest, initial_keys, owner_of,
+    FIXED_NEIGHBOURS,
+    LOCAL_EPOCHS,
+    MAX_KEYS,
+    NEIGHBOURS,
+    REFIT_EPOCHS,
+    KeyLearner,
+    digest,
+    initial_keys,
+    owner_of,
     slots_of,
 )  # fmt: skip
 from smoa.routing.route import Route
@@ -811,6 +819,7 @@ class Router:
             return
         try:
             self._learner = KeyLearner.load(path, self.dim, self._learner.max_keys)
+            self._recalibrate()
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             logger.warning("smoa routing: learned routing state %s refused (%s); it will be relearned", path, exc)
             self._learner = KeyLearner(self.dim, self._learner.max_keys)

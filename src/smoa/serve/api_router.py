@@ -160,6 +160,7 @@ def _openai_router() -> APIRouter:
     async def completions(body: CompletionRequest, request: Request, who: str = Depends(user)) -> Response:
         s = _serving(request)
         gen, lens = await s.prepare_completion(body, who)
+        s.submit(gen)  # 429 / 503 before any byte of the response
         if body.stream:
             return _sse_response(request, s.completion_stream(body, gen, lens), gen.selection)
         out = await _until_disconnect(request, s.completion(body, gen, lens))
@@ -169,6 +170,7 @@ def _openai_router() -> APIRouter:
     async def chat(body: ChatCompletionRequest, request: Request, who: str = Depends(user)) -> Response:
         s = _serving(request)
         gen, lens = await s.prepare_chat(body, who)
+        s.submit(gen)
         if body.stream:
             return _sse_response(request, s.chat_stream(body, gen, lens), gen.selection)
         out = await _until_disconnect(request, s.chat(body, gen, lens))
@@ -183,6 +185,7 @@ def _lorax_router() -> APIRouter:
     async def run(body: GenerateRequest, request: Request, who: str, stream: bool, as_list: bool = False) -> Response:
         s = _serving(request)
         gen, n = await s.prepare_generate(body, who)
+        s.submit(gen)
         if stream:
             return _sse_response(request, s.generate_stream(body, gen, n), gen.selection)
         out = await _until_disconnect(request, s.generate(body, gen, n))
@@ -291,7 +294,7 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
                         "examples": {"type": "string", "description": "JSON list of strings, or repeat the field"},
                         "specialization": {"type": "string", "enum": ["domain", "skill", "task", "custom"]},
                     },
-                }  # fmt: skip
+                }
             }
         },
     }
@@ -343,9 +346,7 @@ async def _read_upload(request: Request) -> tuple[dict[str, Path], dict[str, Any
                 fd, name = tempfile.mkstemp(prefix="smoa-part-")
                 path = Path(name)
                 tmp.append(path)
-                with open(fd, "wb") as out:
-                    while chunk := await value.read(1 << 20):
-                        out.write(chunk)
+                await asyncio.to_thread(_spool, value.file, fd)
                 files[role] = path
             elif key in _TEXT_FIELDS:
                 raw.setdefault(key, []).append(str(value))
@@ -359,6 +360,15 @@ async def _read_upload(request: Request) -> tuple[dict[str, Path], dict[str, Any
         raise
     finally:
         await form.close()
+
+
+def _spool(src: Any, fd: int) -> None:
+    """Copy an uploaded part (already spooled by the form parser) to the temp file ``fd`` (outside the library)."""
+    import shutil
+
+    src.seek(0)
+    with open(fd, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
 
 
 def _split_list(values: list[str], name: str) -> list[str]:

@@ -42,11 +42,11 @@ are buffered) and otherwise answers 503 ``replica_unavailable`` (streams end wit
 import asyncio
 import dataclasses
 import hashlib
-import random
 import importlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -294,6 +294,8 @@ class SmoaModelReplica:
     async def __init__(self, config: Any, options: RayOptions) -> None:
         import torch
 
+        self._reporter: asyncio.Task[None] | None = None
+        self.snapshot = False
         torch.set_num_threads(options.torch_threads or max(1, (os.cpu_count() or 1) // options.replicas))
         location = _library_of(config)
         self.snapshot = options.replicas > 1 and location is not None and not is_shared_library(location)
@@ -331,7 +333,7 @@ class SmoaModelReplica:
             self._reported = marker
             try:
                 self.board.report.remote(self.replica_id, await self.stats())
-            except Exception:  # noqa: BLE001 - statistics are best effort; serving goes on
+            except Exception:
                 logger.exception("smoa replica %s: stats report failed", self.replica_id)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MIXTURES_PER_REPLICA)
@@ -377,6 +379,8 @@ class SmoaModelReplica:
         return [str(i) for i in route.get("adapter_ids", [])]
 
     async def __del__(self) -> None:
+        if self._reporter is None:  # the constructor failed: nothing was started
+            return
         self._reporter.cancel()
         await self.lifespan.shutdown()
         if self.snapshot:
@@ -588,6 +592,7 @@ def build_app(config: Any, options: RayOptions | None = None, *, replicas: int |
                            **({"runtime_env": {"env_vars": dict(options.env_vars)}} if options.env_vars else {})},
         max_ongoing_requests=options.max_ongoing_requests,
         health_check_period_s=2.0,
+        max_constructor_retry_count=3 * options.replicas,
         graceful_shutdown_timeout_s=30.0,
         request_router_config={"request_router_class": AdapterAffinityRouter,
                                "request_router_kwargs": {"spill_threshold": options.spill_threshold}},

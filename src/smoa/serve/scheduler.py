@@ -6,8 +6,8 @@ Follow one request (a :class:`Sequence`) from admission to its last token::
                    │  _schedule(): the one place that picks who joins the batch — FIFO order, at most
                    │  ``max_batch`` rows, at most ``per_client_cap`` rows per client key, the KV token budget
                    ▼
-                 RUNNING  _prefill(): the prompt runs alone (batch 1, its own mixture) -> its KV cache rows
-                   │                   and its first token; then the rows join the batched cache
+                 RUNNING  _prefill(): the newcomers' prompts in one forward (left-padded, each row its own
+                   │                   mixture) -> their KV cache rows join the batched cache, first tokens out
                    │  _decode_step(): ONE forward for every running row, one new token each; row r applies
                    │                  its own mixture (the per-row SGMV/BGMV kernels of smoa.inject)
                    ▼
@@ -31,7 +31,8 @@ import enum
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -207,20 +208,18 @@ class BatchCache:
 
         return DynamicCache(ddp_cache_data=data)
 
-    def add(self, cache: Any, length: int) -> None:
-        """Append one sequence's rows (its own prefill cache, ``length`` real columns, no padding)."""
+    def add(self, cache: Any, mask: torch.Tensor) -> None:
+        """Append new rows: their own prefill cache and its ``[rows, width]`` mask (left padding = 0)."""
         new = [(layer.keys, layer.values) for layer in cache.layers]
-        device = new[0][0].device
-        new_mask = torch.ones((new[0][0].shape[0], length), dtype=torch.long, device=device)
         if self.cache is None:
-            self.cache, self.mask = self._make(new), new_mask
+            self.cache, self.mask = self._make(new), mask
             return
-        width = max(self.width, length)
+        width = max(self.width, int(mask.shape[1]))
         old = [(_left_pad(k, width), _left_pad(v, width)) for k, v in self._layers()]
         new = [(_left_pad(k, width), _left_pad(v, width)) for k, v in new]
         self.cache = self._make([(torch.cat([ok, nk]), torch.cat([ov, nv])) for (ok, ov), (nk, nv) in zip(old, new)])
         assert self.mask is not None
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(new_mask, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order); drop the leading columns that are padding in every kept row."""
@@ -307,6 +306,7 @@ class Scheduler:
         self._forward_params: set[str] | None = None
         self._admitting = 0  # sequences taken from the queue, not yet in ``running``
         self.steps = 0
+        self.cancelled = 0  # sequences cancelled so far (client gone, shutdown)
         self.error: BaseException | None = None
 
     # -- public, any thread ------------------------------------------------------------------------------------------
@@ -397,11 +397,14 @@ class Scheduler:
         self._drop_cancelled()
         with self._model_lock, torch.inference_mode():
             try:
-                for seq in self._schedule():
+                admitted = self._schedule()
+                if admitted:
                     try:
-                        self._prefill(seq)
-                    except Exception as exc:  # noqa: BLE001 - this prompt fails alone (e.g. out of memory)
-                        self._finish(seq, "error", SequenceState.FINISHED, f"{type(exc).__name__}: {exc}")
+                        self._prefill(admitted)
+                    except Exception as exc:  # noqa: BLE001 - these prompts fail (e.g. out of memory), not the loop
+                        for seq in admitted:
+                            if seq not in self.running:
+                                self._finish(seq, "error", SequenceState.FINISHED, f"{type(exc).__name__}: {exc}")
             finally:
                 self._admitting = 0
             self._retire()
@@ -444,27 +447,37 @@ class Scheduler:
                 self.observer.on_admitted(now - seq.arrival)
         return admitted
 
-    def _prefill(self, seq: Sequence) -> None:
-        """Run ``seq``'s prompt alone under its mixture; its cache rows join the batch, its first token is out."""
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Run the newcomers' prompts in one forward (left-padded, masked, each row its own positions and mixture);
+        their cache rows join the batch and each emits its first token."""
         from transformers.cache_utils import DynamicCache
 
-        seq._generator = _generator(seq.params.seed, self.engine.device)
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.engine.device)
+        device = self.engine.device
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            s._generator = _generator(s.params.seed, device)
+            ids[r, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids, dtype=torch.long)
+            mask[r, width - len(s.prompt_ids) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [G, width] each row counts from its first real token
         cache = DynamicCache()
         t0 = time.perf_counter()
-        self.handle.set_mixtures([seq.mixture])
+        self.handle.set_mixtures([s.mixture for s in seqs])
         self._batch_changed = True
         try:
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **self._cache_kwargs(cache))  # fmt: skip
         finally:
             self.handle.set_mixtures(None)
-        logits = out.logits[0, -1]  # [V]
-        self._batch.add(cache, len(seq.prompt_ids))  # filled in place by the forward
-        self.running.append(seq)
-        self._emit(seq, logits)
+        logits = out.logits[:, -1]  # [G, V]: the last position is every row's last real token
+        self._batch.add(cache, mask)  # the cache was filled in place by the forward
+        self.running.extend(seqs)
+        for r, s in enumerate(seqs):
+            self._emit(s, logits[r])
         if self.observer is not None:
-            self.observer.on_step(1, time.perf_counter() - t0, 1)
+            self.observer.on_step(len(seqs), time.perf_counter() - t0, len(seqs))
 
     def _decode_step(self) -> None:
         """One forward of every running row (one new token each), row r under its own mixture."""
@@ -557,6 +570,7 @@ class Scheduler:
             return
         seq.state = state
         seq.finish_reason = reason
+        self.cancelled += state is SequenceState.CANCELLED
         _deliver(seq, StepOutput(None, "", 0.0, finished=True, text=seq._text, finish_reason=reason, error=error))
 
     def _fail_all(self, message: str) -> None:

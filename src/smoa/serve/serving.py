@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -55,11 +56,13 @@ from smoa.serve.scheduler import (
     SamplingParams,
     Scheduler,
     SchedulerClosedError,
-    Sequence as SeqJob,
     StepOutput,
 )
+from smoa.serve.scheduler import (
+    Sequence as SeqJob,
+)
 
-__all__ = ["Selection", "SmoaServing", "library_exists", "DEFAULT_MODEL_NAME", "ROUTED_MODEL"]
+__all__ = ["DEFAULT_MODEL_NAME", "ROUTED_MODEL", "Selection", "SmoaServing", "library_exists"]
 
 log = logging.getLogger("smoa.serve")
 ROUTED_MODEL = "smoa"
@@ -111,6 +114,8 @@ class Generation:
     params: list[SamplingParams]
     selection: Selection
     client: str
+    seqs: list[Any] | None = None  # set by SmoaServing.submit
+    events: Any = None
 
 
 @dataclass
@@ -391,12 +396,16 @@ class SmoaServing:
             raise BadRequestError(f"`{param}` must be <= {self.config.max_n}, got {n}", param=param)
 
     # == running =================================================================================================
-    async def run(self, gen: Generation) -> AsyncIterator[tuple[int, StepOutput]]:
-        """Submit every sequence of ``gen``; yield ``(choice index, event)`` until all finished.
+    def submit(self, gen: Generation) -> None:
+        """Queue every sequence of ``gen`` now (so 429 / 503 come before a response starts); call from the loop.
 
-        Closing the iterator early (client gone) cancels the sequences that are still queued or running.
+        Raises:
+            RateLimitError: the queue is full.
+            ServiceUnavailableError: draining.
         """
         assert self.scheduler is not None
+        if gen.seqs is not None:
+            return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
 
@@ -411,17 +420,30 @@ class SmoaServing:
             raise RateLimitError(str(exc), retry_after=1) from exc
         except SchedulerClosedError as exc:
             raise ServiceUnavailableError(str(exc), code="draining") from exc
+        gen.seqs, gen.events = seqs, events
         self.metrics.prompt_tokens.inc(sum(len(p) for p in gen.prompts))
-        left = len(seqs)
+
+    def cancel(self, gen: Generation) -> None:
+        """Cancel what is left of ``gen`` (its sequences leave the batch before the next step)."""
+        for s in gen.seqs or []:
+            s.cancel()
+
+    async def run(self, gen: Generation) -> AsyncIterator[tuple[int, StepOutput]]:
+        """Yield ``(choice index, event)`` of ``gen``'s sequences (submitted first if needed) until all finished.
+
+        Closing the iterator early (client gone) cancels the sequences that are still queued or running.
+        """
+        self.submit(gen)
+        assert gen.seqs is not None and gen.events is not None
+        left = len(gen.seqs)
         try:
             while left:
-                i, ev = await events.get()
+                i, ev = await gen.events.get()
                 if ev.finished:
                     left -= 1
                 yield i, ev
         finally:
-            for s in seqs:
-                s.cancel()
+            self.cancel(gen)
 
     async def collect(self, gen: Generation) -> list[Choice]:
         """Run ``gen`` to the end; one :class:`Choice` per sequence."""
@@ -823,7 +845,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, (str, int, float, bool)) or obj is None:
-        if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        if isinstance(obj, float) and math.isnan(obj):  # NaN is not JSON
             return None
         return obj
     if hasattr(obj, "item"):

@@ -27,7 +27,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +108,8 @@ CREATE TRIGGER IF NOT EXISTS log_adapter_insert AFTER INSERT ON adapters
     BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
 CREATE TRIGGER IF NOT EXISTS log_adapter_delete AFTER DELETE ON adapters
     BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, OLD.key); END;
-CREATE TRIGGER IF NOT EXISTS log_adapter_update AFTER UPDATE OF status, version, embedding, description, examples
-    ON adapters BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
+CREATE TRIGGER IF NOT EXISTS log_adapter_update_v2 AFTER UPDATE OF status, version, embedding, description, examples,
+    pinned ON adapters BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
 CREATE TRIGGER IF NOT EXISTS log_tags_insert AFTER INSERT ON tags
     BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
 CREATE TRIGGER IF NOT EXISTS log_tags_delete AFTER DELETE ON tags
@@ -185,6 +185,7 @@ class Catalog:
                 raise StorageError(f"catalog {str(path)!r} failed its integrity check: {check}; {hint}")
             self._db.executescript(_SCHEMA)
             self._migrate()
+            self._db.execute("DROP TRIGGER IF EXISTS log_adapter_update")  # replaced by log_adapter_update_v2
             self._db.executescript(_LOG_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open catalog {str(path)!r}: {exc}; {hint}") from exc
@@ -256,6 +257,14 @@ class Catalog:
     # -- writes ------------------------------------------------------------------------------------------------
     def insert_many(self, rows: Sequence[NewAdapterRow]) -> list[int]:
         """Insert adapters in one transaction; returns their keys in order."""
+        return self.insert_chunks([rows])
+
+    def insert_chunks(self, chunks: Iterable[Sequence[NewAdapterRow]], on_chunk: Any = None) -> list[int]:
+        """Insert adapters chunk by chunk (built lazily by the caller) in ONE transaction: all or none.
+
+        ``on_chunk(keys, rows)`` runs after each chunk's statements (inside the transaction), so the caller can
+        drop the chunk's bytes before the next one is built — bulk creation streams instead of buffering.
+        """
         keys: list[int] = []
         modules_json: dict[int, str] = {}  # rows of one bulk call usually share one module list
 
@@ -267,34 +276,42 @@ class Catalog:
 
         with self.transaction(bump=True) as db:
             start = db.execute("SELECT COALESCE(MAX(key), 0) FROM adapters").fetchone()[0] + 1
-            keys = list(range(start, start + len(rows)))
-            db.executemany(
-                "INSERT INTO adapters(key, id, specialization, granularity, rank, alpha, description, target_modules,"
-                " num_parameters, profile, checksum, nbytes, created_at, pinned, metadata, embedding, created_query,"
-                " examples) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (k, r.id, r.specialization, r.granularity, r.rank, r.alpha, r.description,
-                     mods(r), r.num_parameters, r.profile, r.checksum, r.nbytes, r.created_at,
-                     int(r.pinned), json.dumps(r.metadata, ensure_ascii=False) if r.metadata else "{}", r.embedding,
-                     r.created_query, json.dumps(r.examples, ensure_ascii=False) if r.examples else "[]")
-                    for k, r in zip(keys, rows)
-                ],
-            )  # fmt: skip
-            db.executemany(
-                "INSERT INTO tags VALUES(?,?,?,?)",
-                [
-                    (k, kind, pos, tag)
-                    for k, r in zip(keys, rows)
-                    for kind, tags in ((0, r.domain_tags), (1, r.skill_tags))
-                    for pos, tag in enumerate(tags)
-                ],
-            )
-            db.executemany("INSERT INTO weights VALUES(?,?,?)", [(k, r.blob, r.file) for k, r in zip(keys, rows)])
-            db.executemany(
-                "INSERT INTO members VALUES(?,?,?,?)",
-                [(k, pos, mid, w) for k, r in zip(keys, rows) for pos, (mid, w) in enumerate(r.members or [])],
-            )
+            for rows in chunks:
+                ks = list(range(start + len(keys), start + len(keys) + len(rows)))
+                self._insert_rows(db, ks, rows, mods)
+                keys += ks
+                if on_chunk is not None:
+                    on_chunk(ks, rows)
         return keys
+
+    @staticmethod
+    def _insert_rows(db: sqlite3.Connection, keys: list[int], rows: Sequence[NewAdapterRow], mods: Any) -> None:
+        db.executemany(
+            "INSERT INTO adapters(key, id, specialization, granularity, rank, alpha, description, target_modules,"
+            " num_parameters, profile, checksum, nbytes, created_at, pinned, metadata, embedding, created_query,"
+            " examples) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (k, r.id, r.specialization, r.granularity, r.rank, r.alpha, r.description,
+                 mods(r), r.num_parameters, r.profile, r.checksum, r.nbytes, r.created_at,
+                 int(r.pinned), json.dumps(r.metadata, ensure_ascii=False) if r.metadata else "{}", r.embedding,
+                 r.created_query, json.dumps(r.examples, ensure_ascii=False) if r.examples else "[]")
+                for k, r in zip(keys, rows)
+            ],
+        )  # fmt: skip
+        db.executemany(
+            "INSERT INTO tags VALUES(?,?,?,?)",
+            [
+                (k, kind, pos, tag)
+                for k, r in zip(keys, rows)
+                for kind, tags in ((0, r.domain_tags), (1, r.skill_tags))
+                for pos, tag in enumerate(tags)
+            ],
+        )
+        db.executemany("INSERT INTO weights VALUES(?,?,?)", [(k, r.blob, r.file) for k, r in zip(keys, rows)])
+        db.executemany(
+            "INSERT INTO members VALUES(?,?,?,?)",
+            [(k, pos, mid, w) for k, r in zip(keys, rows) for pos, (mid, w) in enumerate(r.members or [])],
+        )
 
     def replace_weights(
         self, key: int, blob: bytes | None, file: str | None, checksum: str, nbytes: int, embedding: bytes | None
@@ -334,7 +351,7 @@ class Catalog:
         return old[0] if old else None
 
     def set_pinned(self, key: int, pinned: bool) -> None:
-        with self.transaction() as db:
+        with self.transaction(bump=True) as db:  # the core's directory holds `pinned` (prune skips pinned)
             db.execute("UPDATE adapters SET pinned = ? WHERE key = ?", (int(pinned), key))
 
     def add_tags(self, key: int, domain_tags: Sequence[str], skill_tags: Sequence[str]) -> None:
@@ -657,8 +674,10 @@ class Catalog:
         if keys is None:
             rows = self._read("SELECT key, id, version, status, pinned, specialization FROM adapters ORDER BY key")
         else:
-            rows = [r for k in keys for r in self._read(
-                "SELECT key, id, version, status, pinned, specialization FROM adapters WHERE key = ?", (int(k),))]  # fmt: skip
+            ks = [int(k) for k in keys]
+            rows = [r for i in range(0, len(ks), 500) for r in self._read(
+                "SELECT key, id, version, status, pinned, specialization FROM adapters WHERE key IN"
+                f" ({','.join('?' * len(ks[i : i + 500]))}) ORDER BY key", ks[i : i + 500])]  # fmt: skip
         members: dict[int, list[tuple[str, float]]] = {}
         if any(r[5] == AdapterSpecialization.COMPOSITE.value for r in rows):
             for comp, mid, w in self._read("SELECT composite, member_id, weight FROM members ORDER BY composite, position"):

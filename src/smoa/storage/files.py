@@ -18,7 +18,6 @@ from pathlib import Path
 
 from smoa.errors import CorruptAdapterError, LibraryLockedError, StorageError
 
-
 AREAS = ("weights/hot", "weights/cold")
 LEGACY_AREAS = ("blobs", "cold")  # schema 1 libraries: read and deleted when their rows go, never swept
 _DIGEST = re.compile(r"[0-9a-f]{64}")

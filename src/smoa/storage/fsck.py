@@ -28,6 +28,7 @@ The directory lock is held throughout, so fsck never races a process that has th
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import sqlite3
 import time
@@ -135,7 +136,7 @@ class FsckReport:
 
 def holds_library(path: str | Path) -> bool:
     """Whether ``path`` is a directory holding a smoa library (a non-empty catalog or weight files)."""
-    from smoa.storage.files import LEGACY_AREAS, AREAS, FileStore
+    from smoa.storage.files import AREAS, LEGACY_AREAS, FileStore
 
     p = Path(path)
     if not p.is_dir():
@@ -259,7 +260,7 @@ def _check_rows(root: Path, report: FsckReport) -> set[str]:
 
 
 def _fsck_locked(root: Path, repair: bool, profile: Any | None) -> FsckReport:
-    from smoa.storage.files import LEGACY_AREAS, AREAS, FileStore
+    from smoa.storage.files import AREAS, LEGACY_AREAS, FileStore
 
     report = FsckReport(path=str(root))
     report.catalog, report.catalog_detail = _catalog_state(root / CATALOG_NAME)
@@ -330,7 +331,7 @@ def _new_row(r: _Recovered, profile_fp: str) -> Any:
     from smoa.adapter.granularity import granularity_of
     from smoa.adapter.spec import validate_spec
     from smoa.adapter.weights import LoraWeights, checksum
-    from smoa.library import new_adapter_ids
+    from smoa.config import AdapterSpecialization
     from smoa.storage.catalog import NewAdapterRow
 
     weights = LoraWeights.from_bytes(r.data, name=r.rel)
@@ -346,10 +347,11 @@ def _new_row(r: _Recovered, profile_fp: str) -> Any:
         })  # fmt: skip
     except SmoaError:
         spec = validate_spec({"metadata": {"recovered_from": r.rel}})
-    aid = m["id"] if isinstance(m.get("id"), str) else new_adapter_ids(1)[0]
+    aid = m["id"] if isinstance(m.get("id"), str) else "ad_" + secrets.token_hex(8)  # the library's id format
     created = m.get("created_at")
     return NewAdapterRow(
-        id=aid, specialization=spec.specialization.value, granularity=granularity_of(weights.num_parameters).value,  # type: ignore[union-attr]
+        id=aid, specialization=AdapterSpecialization(spec.specialization).value,
+        granularity=granularity_of(weights.num_parameters).value,
         rank=weights.rank, alpha=weights.alpha, description=spec.description, target_modules=list(weights.factors),
         num_parameters=weights.num_parameters, profile=str(m.get("profile") or profile_fp), checksum=checksum(weights.to_bytes()),
         blob=None, file=r.rel, nbytes=len(r.data), created_at=float(created) if isinstance(created, (int, float)) else time.time(),
@@ -396,7 +398,7 @@ def _insert(root: Path, rows: list[Any], statuses: dict[str, str], profile: Any 
         if not rows:
             return
         keys = catalog.insert_many(rows)
-        archived = [k for k, r in zip(keys, rows) if statuses.get(r.id) == "archived"]
+        archived = [k for k, r in zip(keys, rows, strict=True) if statuses.get(r.id) == "archived"]
         if archived:
             with catalog.transaction(bump=True) as db:
                 db.executemany("UPDATE adapters SET status = 'archived' WHERE key = ?", [(k,) for k in archived])
@@ -411,7 +413,7 @@ def _rebuild(root: Path, report: FsckReport, files: list[str], profile: Any | No
     found = _best_per_id(_read_files(root, files, report))
     fp = (profile if profile is not None else resolve_profile(None)).fingerprint
     rows = [_new_row(r, fp) for r in found]
-    statuses = {row.id: ("archived" if r.cold else "active") for row, r in zip(rows, found)}
+    statuses = {row.id: ("archived" if r.cold else "active") for row, r in zip(rows, found, strict=True)}
     _move_aside(root, report)
     _insert(root, rows, statuses, profile)
     report.repaired, report.rebuilt_rows = True, len(rows)
@@ -433,7 +435,7 @@ def _readd_orphans(root: Path, report: FsckReport, orphans: list[str]) -> None:
 
     fp = (BaseProfile.from_json(profile_row[0]) if profile_row else resolve_profile(None)).fingerprint
     rows = [_new_row(r, fp) for r in found]
-    statuses = {row.id: ("archived" if r.cold else "active") for row, r in zip(rows, found)}
+    statuses = {row.id: ("archived" if r.cold else "active") for row, r in zip(rows, found, strict=True)}
     _insert(root, rows, statuses, None)
     report.repaired, report.rebuilt_rows = True, len(rows)
 

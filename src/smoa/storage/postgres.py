@@ -281,7 +281,7 @@ class PostgresCatalog(Catalog):
             except Exception:  # noqa: BLE001 - a dead connection may fail to close; it is dropped anyway
                 pass
             self._conn = None
-        deadline = time.monotonic() + (10.0 if first else self.reconnect_timeout_s)
+        deadline = time.monotonic() + (min(5.0, self.reconnect_timeout_s) if first else self.reconnect_timeout_s)
         delay = 0.05
         while True:
             try:

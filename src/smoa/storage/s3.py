@@ -228,11 +228,15 @@ class S3WeightStore:
 
         The age guard matters when several processes share the store: another process uploads an object *before*
         its catalog row commits, so a young unreferenced object may be one that is about to be referenced.
-        Bounded: one call looks at no more than ``max_objects`` objects per area, from a random two-hex-digit
+        An empty ``referenced`` set sweeps nothing: a catalog that names no object next to a bucket that holds
+        some is a lost or wrong catalog (finding 1 of issue 10), never a reason to delete. Bounded: one call looks at
+        no more than ``max_objects`` objects per area, from a random two-hex-digit
         shard on (wrapping around), so opening a library of a billion objects costs a bounded number of LIST
         requests and every object is looked at sooner or later over many opens. ``referenced``: a set or a
         predicate.
         """
+        if isinstance(referenced, (set, frozenset)) and not referenced:
+            return 0  # an empty catalog beside a store that holds objects is a lost catalog: never sweep for it
         is_ref = referenced.__contains__ if isinstance(referenced, (set, frozenset)) else referenced
         shard = secrets.token_hex(1)
         now = time.time()
