@@ -23,6 +23,11 @@ faiss ``omp_set_num_threads(1)``); the index is built with all cores.
   accounting, and the process's RSS growth while the router took the adapters (everything: vector index, tag
   index, groups), after ``malloc_trim``.
 
+Budget table (``--budgets 1000,1000000``): the defaults' router (int8 MiniLM keys, static fast path projected
+into their space, ``"auto"`` threshold) over the 150 CLINC150 intent adapters plus random distractors; for each
+``routing_latency_budget_ms``: in-scope top-1 and OOS recall (val, auto threshold), p50 / p99 of the whole route
+with real encoding, and the shares escalated to MiniLM and marked ``degraded``.
+
 Run: ``python benchmarks/bench_routing.py`` (~15 min) or ``--quick`` (1K and 10K only, ~1 min). The index
 comparison at 100K (``--compare``, on by default in the full run) is the measurement behind the index choice.
 """
@@ -309,6 +314,116 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ------------------------------------------------------------------------------------ latency budget table
+BUDGETS = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def clinc_embeddings(name: str) -> dict[str, np.ndarray]:
+    """CLINC150 train / val / oos_val embeddings of encoder ``name``, cached under ``<smoa cache>/eval``."""
+    from smoa.data.clinc import clinc150
+    from smoa.routing.encoders._paths import cache_dir
+
+    path = cache_dir() / "eval" / f"clinc-splits-{name}.npz"
+    if path.is_file():
+        return dict(np.load(path, allow_pickle=False))
+    enc = get_encoder(name)
+    out = {split: enc.encode([e.text for e in clinc150(split)]) for split in ("train", "val", "oos_val")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def budget_router(n: int, rng: np.random.Generator) -> tuple[Router, list[str]]:
+    """The defaults' router (MiniLM int8 + static fast path, auto threshold, multi-vector keys) over the 150
+    CLINC150 intent adapters (examples = their train texts, learned as they arrive, then one refit as the
+    optimiser does) plus ``n - 150`` distractor adapters (random unit keys, no examples)."""
+    from smoa.data.clinc import clinc150
+    from smoa.routing.router import KeyEntry, RoutingText
+
+    train = clinc150("train")
+    intents = sorted({e.intent for e in train})
+    domain = {e.intent: e.domain for e in train}
+    names = list(intents)
+    cfg = SMoAConfig(enable_caching=False, embedding_cache_size=200_000)
+    router = Router(cfg, None, lambda ks: [names[k - 1] if 0 < k <= len(names) else f"d{k}" for k in ks],
+                    encoder=get_encoder(DEFAULT_ENCODER), fast_encoder=get_encoder("static"))  # fmt: skip
+    emb = clinc_embeddings(DEFAULT_ENCODER)
+    router.encoder.prime([e.text for e in train], emb["train"])  # the examples' embeddings are known: skip encoding
+    items = [RoutingText([domain[i]], [i], "", [e.text for e in train if e.intent == i]) for i in intents]
+    keys = router.encode_keys(items)
+    router.apply([KeyEntry(j + 1, k, it.domain_tags, it.skill_tags) for j, (k, it) in enumerate(zip(keys, items))], [], 1)
+    if n > len(intents):
+        extra = l2_normalize(rng.standard_normal((n - len(intents), DIM)).astype(np.float32))
+        ks = np.arange(len(intents) + 1, n + 1, dtype=np.int64)
+        router.add(ks, extra, [(["distractor"], [])] * len(ks), 2)
+    router.refit()
+    return router, intents
+
+
+def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator) -> list[dict]:
+    """Budget -> in-scope top-1 / OOS recall / p50 / p99 (end to end, encoding included) / share escalated."""
+    from smoa.data.clinc import clinc150
+
+    val = clinc150("val")
+    val = [val[i] for i in rng.choice(len(val), min(n_val, len(val)), replace=False)]
+    oos = clinc150("oos_val")
+    rows = []
+    for n in sizes:
+        t = time.perf_counter()
+        router, _ = budget_router(n, rng)
+        build = time.perf_counter() - t
+        for budget in BUDGETS:
+            router.config.routing_latency_budget_ms = budget
+            router.encoder._cache.clear()  # every query is encoded for real
+            before = dict(router.statistics())
+            lat, hits, empty_oos = [], [], []
+            for e in val:
+                t = time.perf_counter()
+                r = router.route(e.text)
+                lat.append((time.perf_counter() - t) * 1e3)
+                hits.append(r.adapter_ids[:1] == [e.intent])
+            for e in oos:
+                t = time.perf_counter()
+                r = router.route(e.text)
+                lat.append((time.perf_counter() - t) * 1e3)
+                empty_oos.append(not r.adapter_ids)
+            st = router.statistics()
+            q = st["queries"] - before["queries"]
+            rows.append({"n": n, "budget": budget, "top1": 100 * np.mean(hits), "oos": 100 * np.mean(empty_oos),
+                         "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                         "escalated": 100 * (st["escalated"] - before["escalated"]) / q,
+                         "degraded": 100 * (st["degraded"] - before["degraded"]) / q, "build": build,
+                         "threshold": st["threshold"]})  # fmt: skip
+            r = rows[-1]
+            print(f"| {n:,} | {budget:g} | {r['top1']:.1f} | {r['oos']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | "
+                  f"{r['escalated']:.1f} | {r['degraded']:.1f} |", flush=True)
+        del router
+    return rows
+
+
+def plot_budgets(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for n in sorted({r["n"] for r in rows}):
+        rs = [r for r in rows if r["n"] == n]
+        a.plot([r["budget"] for r in rs], [r["top1"] for r in rs], "o-", label=f"top-1, {n:,} adapters")
+        a.plot([r["budget"] for r in rs], [r["oos"] for r in rs], "s--", label=f"OOS recall, {n:,}")
+        b.plot([r["budget"] for r in rs], [r["p50"] for r in rs], "o-", label=f"p50, {n:,}")
+        b.plot([r["budget"] for r in rs], [r["p99"] for r in rs], "s--", label=f"p99, {n:,}")
+    for ax, lab in ((a, "% (CLINC150 val)"), (b, "ms per route, end to end")):
+        ax.set_xscale("log")
+        ax.set_xlabel("routing_latency_budget_ms")
+        ax.set_ylabel(lab)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1K and 10K only, no sweep, no comparison")
@@ -316,9 +431,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ef", type=int, default=None, help="HNSW efSearch (default: auto by size)")
     ap.add_argument("--compare", type=int, default=100_000, help="size of the index comparison (0: skip)")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "bench_routing.png"))
+    ap.add_argument("--budgets", default="", help="budget table at these sizes (e.g. 1000,1000000) and exit")
+    ap.add_argument("--budget-queries", type=int, default=600, help="CLINC150 val queries per budget row")
+    ap.add_argument("--budget-plot", default=str(ROOT / "docs" / "bench_routing_budget.png"))
     args = ap.parse_args(argv)
     sizes = [1000, 10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(0)
+    if args.budgets:
+        print("| adapters | budget ms | top-1 % | OOS recall % | p50 ms | p99 ms | escalated % | degraded % |")
+        print("|---|---|---|---|---|---|---|---|")
+        rows = budget_table([int(x) for x in args.budgets.split(",")], args.budget_queries, rng)
+        plot_budgets(rows, Path(args.budget_plot))
+        print(f"plot: {args.budget_plot}")
+        return 0
     t = time.perf_counter()
     pool = Pool()
     print(f"pool: {len(pool.vecs):,} real sentence embeddings ({DEFAULT_ENCODER}), {len(pool.query_texts):,} held-out "

@@ -384,10 +384,12 @@ def _load(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, 
 
 
 def ray_throughput(svc: Services, quick: bool) -> list[Row]:
-    """SmolLM2-135M behind Ray Serve: the same load on 1 replica (2 torch threads) vs 2 replicas (1 thread each).
+    """SmolLM2-135M behind Ray Serve: the same load on 1 replica vs 2 replicas.
 
     Each request: an explicit k = 3 mixture out of 8 (so affinity keeps each mixture on one replica), greedy,
-    ``ignore_eos``, 32 new tokens; 16 concurrent clients. Reference: the single-process server (uvicorn, no Ray).
+    ``ignore_eos``; 8 (quick) or 16 concurrent clients. Rows: the single-process server (uvicorn, no Ray, one torch
+    thread) as the reference, then Ray Serve with 1 replica x 1 thread, 1 replica x 2 threads, 2 replicas x 1
+    thread (the machine's 2 cores either way).
     """
     import threading
 
@@ -419,25 +421,31 @@ def ray_throughput(svc: Services, quick: bool) -> list[Row]:
                      "tokens/s": n_tokens / wall, "req/s": len(bodies) / wall, "latency p50 s": pct(lat, 0.5),
                      "latency p99 s": pct(lat, 0.99)})  # fmt: skip
 
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     port = local_services.free_port()
     server = uvicorn.Server(uvicorn.Config(build_http_app(config), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         _wait_health(f"http://127.0.0.1:{port}")
-        record("single process (uvicorn, 2 threads)", f"http://127.0.0.1:{port}")
+        record("single process (uvicorn, no Ray) x 1 thread", f"http://127.0.0.1:{port}")
     finally:
         server.should_exit = True
         thread.join(timeout=120)
+        torch.set_num_threads(threads)
     init_local_ray(num_cpus=2)
     port = local_services.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        for replicas, threads in ((1, 2), (2, 1)):
-            options = RayOptions(replicas=replicas, torch_threads=threads, replica_num_cpus=0.5)
-            serve.run(build_app(config, options), name=f"bench{replicas}", route_prefix="/")
-            record(f"Ray Serve, {replicas} replica(s) x {threads} thread(s)", f"http://127.0.0.1:{port}")
-            serve.delete(f"bench{replicas}")
+        for replicas, per_replica in ((1, 1), (1, 2), (2, 1)):
+            options = RayOptions(replicas=replicas, torch_threads=per_replica, replica_num_cpus=0.5)
+            name = f"bench{replicas}x{per_replica}"
+            serve.run(build_app(config, options), name=name, route_prefix="/")
+            record(f"Ray Serve, {replicas} replica(s) x {per_replica} thread(s)", f"http://127.0.0.1:{port}")
+            serve.delete(name)
     finally:
         serve.shutdown()
     return rows
@@ -473,7 +481,7 @@ def ray_index_shards(svc: Services, quick: bool) -> list[Row]:
     init_local_ray(num_cpus=2)
     rows: list[Row] = []
     dim, shards = 384, 2
-    sizes = (50_000,) if quick else (100_000, 400_000)
+    sizes = (20_000,) if quick else (50_000, 100_000)
     rng = np.random.default_rng(0)
     for per_shard in sizes:
         n = per_shard * shards

@@ -285,7 +285,8 @@ class LibraryCore:
                 "weights": self._store.cache.statistics(),
                 "composites": {"hits": c.hits, "misses": c.misses, "evictions": c.evictions, "items": c.items,
                                "bytes": c.bytes, "max_bytes": self.config.cache_max_bytes},  # fmt: skip
-                "routes": {"items": len(self.router._cache), "max_items": self.config.route_cache_size},
+                "routes": {"items": int(self.router.statistics().get("route_cache_size", 0)),
+                           "max_items": self.config.route_cache_size},
                 "embeddings": self.router.encoder.stats(),
             }
 
@@ -386,9 +387,9 @@ class LibraryCore:
                     adapters = self._store.create_many(parsed, vectors)
                 else:  # keys encoded chunk by chunk while the rows stream into one transaction
                     adapters = self._store.create_many(
-                        parsed, embed=lambda part: self.router.routing_keys([self._routing_text(s) for s in part]),
+                        parsed, embed=lambda part: self.router.encode_keys([self._routing_text(s) for s in part]),
                         chunk=_CREATE_CHUNK,
-                    )  # fmt: skip
+                    )  # fmt: skip  # [P_i, dim] per adapter (prototypes of its examples)
             finally:
                 self._catch_up()
             return adapters
@@ -425,7 +426,7 @@ class LibraryCore:
             ))  # fmt: skip
             if ad.is_composite:
                 probe = replace(probe, specialization=AdapterSpecialization.COMPOSITE, members=list(ad.members))
-            key = self.router.routing_keys([self._routing_text(probe)])[0]
+            key = self.router.encode_keys([self._routing_text(probe)])[0]  # [P, dim]
             try:
                 self._store.catalog.update_fields(
                     ad.key, domain_tags=None if domain_tags is None else probe.domain_tags,
@@ -544,6 +545,19 @@ class LibraryCore:
             self.router.save()
             self._store.catalog.trim_changes(self._applied)
             return int(self._store.catalog.compact())
+
+    def add_negative_examples(self, texts: Sequence[str]) -> int:
+        """Out-of-scope texts no adapter should serve (they tune the ``"auto"`` routing threshold); returns how
+        many are registered in all."""
+        with self._lock:
+            self._check_open()
+            return int(self.router.add_negative_examples(texts))
+
+    def refit_routing(self) -> dict[str, float]:
+        """Refit the learned routing keys from every adapter's examples (the router's lock only, not the core's:
+        routes keep being served)."""
+        self._check_open()
+        return dict(self.router.refit())
 
     def reindex(self, adapter_ids: Sequence[str] = ()) -> None:
         """Kept for older callers: the index always catches up from the change log by itself."""
@@ -758,7 +772,7 @@ class LibraryCore:
             for s in range(0, len(rows), _ENCODE_BATCH):
                 chunk = rows[s : s + _ENCODE_BATCH]
                 texts = [RoutingText(r.domain_tags, r.skill_tags, r.description, r.examples) for r in chunk]
-                vecs = self.router.routing_keys(texts)
+                vecs = self.router.encode_keys(texts)  # [P_i, dim] each
                 items.extend((r.key, np.ascontiguousarray(v, np.float32).tobytes()) for r, v in zip(chunk, vecs))
                 bar.update(len(chunk))
         if items:

@@ -14,6 +14,7 @@ Nothing here knows about routing or models.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import secrets
 import shutil
@@ -286,6 +287,8 @@ class AdapterLibrary:
         def keep(keys: list[int], rows: Sequence[NewAdapterRow]) -> None:
             out.extend(self._adapter_from_row(k, r) for k, r in zip(keys, rows))  # the rows' bytes are dropped
 
+        collecting = gc.isenabled()
+        gc.disable()  # a bulk call allocates ~20 objects per adapter: no full collections on the way
         try:
             self.catalog.insert_chunks(chunks(), on_chunk=keep)
         except BaseException:
@@ -293,6 +296,9 @@ class AdapterLibrary:
                 if not self.catalog.file_referenced(rel):
                     self.files.delete(rel)
             raise
+        finally:
+            if collecting:
+                gc.enable()
         self._count += len(out)
         return out
 
@@ -668,7 +674,8 @@ class AdapterLibrary:
             pinned=spec.pinned, created_query=self.queries, examples=list(spec.examples),
         )  # fmt: skip
         row.checksum = checksum(data)  # of the canonical weight bytes (a file's header row is not part of it)
-        data = self._stamp(data, row_meta(row, version=1))
+        if len(data) > self.config.blob_inline_max_bytes:
+            data = self._stamp(data, row_meta(row, version=1))
         row.blob, row.file = self._place(data)
         row.nbytes = len(data)
         if row.file is not None:

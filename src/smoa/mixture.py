@@ -314,6 +314,14 @@ class SparseAdapterMixture:
         """Reclaim the catalog space of deleted adapters (VACUUM); returns the bytes reclaimed."""
         return self.core.compact()
 
+    async def add_negative_examples(self, texts: Sequence[str]) -> int:
+        return await asyncio.to_thread(self.add_negative_examples_sync, texts)
+
+    def add_negative_examples_sync(self, texts: Sequence[str]) -> int:
+        """Register out-of-scope queries (no adapter should serve them): they tune the ``"auto"`` routing
+        threshold. Returns how many negatives are registered in all."""
+        return self.core.add_negative_examples(texts)
+
     def reindex(self, adapter_ids: Sequence[str] = ()) -> None:
         """Kept for older callers: the routing index catches up from the catalog's change log by itself."""
         self.core.reindex(adapter_ids)

@@ -191,3 +191,26 @@ def test_weights_in_the_database_when_no_object_store_is_named(pg_url: str) -> N
             store.write("weights/hot", "0" * 64, b"x")
     finally:
         cat.close()
+
+
+def test_change_log_triggers_follow_the_sqlite_schema(pg_url: str) -> None:
+    from smoa.storage import catalog as sqlite_catalog
+    from smoa.storage.postgres import log_ddl
+
+    _ddl, wanted = log_ddl(sqlite_catalog._LOG_SCHEMA)
+    assert len(wanted) == sqlite_catalog._LOG_SCHEMA.count("CREATE TRIGGER")
+    cat = open_catalog("postgres", pg_url)
+    try:  # a trigger an older version made (and this one lacks) is dropped at the next open
+        with cat.transaction() as db:
+            db.execute("CREATE OR REPLACE FUNCTION smoa_old() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$")
+            db.execute("CREATE TRIGGER log_obsolete AFTER INSERT ON tags FOR EACH ROW EXECUTE FUNCTION smoa_old()")
+    finally:
+        cat.close()
+    cat = open_catalog("postgres", pg_url)
+    try:
+        names = {r[0] for r in cat._read("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")}
+        assert names == {n for n, _ in wanted}
+    finally:
+        cat.close()
+    with pytest.raises(StorageError, match="changed shape"):
+        log_ddl("CREATE TRIGGER IF NOT EXISTS x AFTER INSERT ON t BEGIN SELECT 1; END;")

@@ -1,7 +1,7 @@
 """The core's model-based test (tests/core/test_state_machine.py) on PostgreSQL + S3 and on PostgreSQL alone.
 
 Same rules, same oracle, same invariants as on SQLite; only where the library lives changes: a fresh database (and
-bucket) per example. Bounded in the default run (``SMOA_BACKEND_STATEFUL_EXAMPLES``, 12); ``-m slow`` runs 150.
+bucket) per example. Bounded in the default run (``SMOA_BACKEND_STATEFUL_EXAMPLES``, 8); ``-m slow`` runs 150.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.core` as 
 from tests.core import conftest as core_conftest  # noqa: E402
 from tests.core.test_state_machine import ENCODERS, CoreMachine, Oracle  # noqa: E402
 
-EXAMPLES = int(os.environ.get("SMOA_BACKEND_STATEFUL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("SMOA_BACKEND_STATEFUL_EXAMPLES", "8"))
 _SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, stateful_step_count=8)
 
 

@@ -62,3 +62,15 @@ def test_a_closed_core_refuses_with_a_smoa_error(tmp_path: Path) -> None:
     for call in (lambda: core.route("x"), lambda: core.create(AdapterSpec()), lambda: core.get_adapter("ad_x")):
         with pytest.raises(InvalidInputError, match="closed"):
             call()
+
+
+def test_eager_loading_fills_the_cache_at_open(tmp_path: Path) -> None:
+    core = open_core(tmp_path / "lib")
+    core.create_many([AdapterSpec(weights=weights(i)) for i in range(6)])
+    core.close()
+    lazy = open_core(tmp_path / "lib")
+    assert lazy.loaded_adapters == 0
+    lazy.close()
+    eager = open_core(tmp_path / "lib", lazy_loading=False, max_loaded_adapters=4)
+    assert eager.loaded_adapters == 4  # up to the cache's size, at open
+    eager.close()

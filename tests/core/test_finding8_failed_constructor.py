@@ -31,6 +31,9 @@ def test_failure_after_opening_releases_lock_db_and_temp_dir(tmp_path: Path, mon
     import smoa.routing.router as router_mod
 
     path = None if temporary else tmp_path / "lib"
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))  # only this test's temporary libraries are seen
     before = _temp_dirs()
 
     def broken(self, *a, **k):  # the router fails after the catalog is open and the directory locked
@@ -39,8 +42,8 @@ def test_failure_after_opening_releases_lock_db_and_temp_dir(tmp_path: Path, mon
     monkeypatch.setattr(router_mod.Router, "__init__", broken)
     with pytest.raises(RuntimeError, match="exploded"):
         SparseAdapterMixture(config(path))
-    monkeypatch.undo()
     assert _temp_dirs() == before
+    monkeypatch.undo()
     if not temporary:
         core = open_core(path)  # the lock was released and the database closed
         core.close()

@@ -10,10 +10,22 @@ import pytest
 
 from smoa.config import SMoAConfig
 from smoa.errors import ConfigError, InvalidInputError
-from smoa.routing.calibrate import AUTO_REJECT_RATE, FALLBACK_THRESHOLD, Calibration, Evidence, calibrate
-from smoa.routing.encoders.hashing import HashEncoder
-from smoa.routing.learner import KeyLearner, initial_keys, owner_of, slots_of, spherical_kmeans
 from smoa.routing import router as router_mod
+from smoa.routing.calibrate import (
+    AUTO_REJECT_RATE,
+    FALLBACK_THRESHOLD,
+    Calibration,
+    Evidence,
+    calibrate,
+)
+from smoa.routing.encoders.hashing import HashEncoder
+from smoa.routing.learner import (
+    KeyLearner,
+    initial_keys,
+    owner_of,
+    slots_of,
+    spherical_kmeans,
+)
 from smoa.routing.router import KeyEntry, Router, RoutingText
 
 TOPICS = {
@@ -157,7 +169,7 @@ def test_negative_examples_raise_the_threshold_and_bad_input_is_refused() -> Non
     router, names = make()
     create(router, names, list(range(len(TOPICS))), bulk=True)
     before = router.threshold()
-    negatives = ["bread " + w for w in "zebra quantum violin glacier nebula tundra".split()]
+    negatives = ["bread " + w for w in ["zebra", "quantum", "violin", "glacier", "nebula", "tundra"]]
     assert router.add_negative_examples(negatives) == len(negatives)
     assert router.threshold() >= before
     assert router.statistics()["negatives"] == len(negatives)

@@ -143,6 +143,10 @@ def optimize_library(
         )  # fmt: skip
         _prune(lib, ids, action, facts, dry_run, report)
         report.timings["prune"] = time.perf_counter() - t
+    if not dry_run:  # learned routing keys refit against the library as it is now (issue 11)
+        t = time.perf_counter()
+        lib.refit_routing()
+        report.timings["refit"] = time.perf_counter() - t
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -133,7 +133,7 @@ def calibrate(ev: Evidence, neg_best: np.ndarray | None = None, neg_margin: np.n
     x_margin = np.concatenate([ev.in_margin, ev.proxy_margin, neg_margin])
     y = np.concatenate([ok.astype(np.float64), np.zeros(len(ev.proxy_best) + len(neg_best))])
     coef = _logistic(np.stack([x_best, x_margin], 1).astype(np.float64), y)
-    return Calibration(threshold, coef, int(len(ev.in_best)), int(len(ev.proxy_best) + len(neg_best)), "held-out")
+    return Calibration(threshold, coef, len(ev.in_best), int(len(ev.proxy_best) + len(neg_best)), "held-out")
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 25) -> tuple[float, float, float]:

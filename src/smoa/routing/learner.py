@@ -38,7 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from smoa.routing.calibrate import Calibration, Evidence, calibrate, held_out_evidence, merge
+from smoa.routing.calibrate import (
+    Calibration,
+    Evidence,
+    calibrate,
+    held_out_evidence,
+    merge,
+)
 from smoa.routing.encoders import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -128,7 +134,7 @@ def fit_keys(
         return _fit_keys(init, owner, x, y, fixed, epochs, temperature, lr, seed)
 
 
-def _fit_keys(init, owner, x, y, fixed, epochs, temperature, lr, seed) -> np.ndarray:  # noqa: ANN001
+def _fit_keys(init, owner, x, y, fixed, epochs, temperature, lr, seed) -> np.ndarray:
     import torch
 
     F = torch.nn.functional
@@ -233,6 +239,12 @@ class KeyLearner:
                  examples_fast: np.ndarray | None = None) -> None:
         """Keep adapter ``key``'s text vector and (a deterministic sample of) its example embeddings."""
         self.forget([key])
+        if not len(examples):  # nothing to learn from: only its (text, fast text) pair feeds the projection
+            if text_fast is not None:
+                self._pair_update(Stored(np.asarray(text, np.float16).reshape(-1),
+                                         np.asarray(text_fast, np.float16).reshape(-1), np.zeros((0, self.dim),
+                                         np.float16), None), +1.0)  # fmt: skip
+            return
         keep = _sample(len(examples), MAX_STORED_EXAMPLES, key)
         ex = np.asarray(examples, np.float32)[keep]
         exf = None if examples_fast is None else np.asarray(examples_fast, np.float32)[keep]

@@ -170,7 +170,7 @@ class Router:
         """Load (distilling once if needed) the static encoder of the fast path, off the caller's thread."""
         try:
             self._fast = get_encoder("static")
-        except Exception as exc:  # the fast path is an optimisation: without it every route uses the main encoder
+        except Exception as exc:  # noqa: BLE001 -- the fast path is an optimisation: without it every route uses the main encoder
             self._fast_error = f"{type(exc).__name__}: {exc}"
             logger.warning("smoa routing: static fast path unavailable (%s)", self._fast_error)
         finally:
@@ -334,7 +334,8 @@ class Router:
         if hit is not None:
             text, ex, text_fast, ex_fast = hit
             self._learner.remember(entry.key, text, ex, text_fast, ex_fast)
-            self._learner.initial[entry.key] = (d, vecs)
+            if len(ex):
+                self._learner.initial[entry.key] = (d, vecs)
         elif entry.key in self._learner.stored:
             self._learner.initial[entry.key] = (d, vecs)
         return None
@@ -361,7 +362,7 @@ class Router:
             near = np.argsort(-(q @ means.T), axis=1)[:, : NEIGHBOURS + 1]
             trainable = sorted(new_set | {ex_keys[i] for i in near.reshape(-1)})
             probe = np.concatenate([lrn.current_keys(k) for k in trainable])
-            sims, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
+            _, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
             fixed_slots = np.unique(slots[(slots >= 0) & ~np.isin(owner_of(slots), trainable)])
             fixed_slots = fixed_slots[~np.isin(owner_of(fixed_slots), ex_keys)]  # other learners move: not fixed
             _, fixed = self._vectors.vectors_of(fixed_slots[: 4 * FIXED_NEIGHBOURS])
@@ -649,7 +650,9 @@ class Router:
             scores, cos, degraded = self._semantic_side(projected, text, terms, strat, k, timings, t0)
             best, margin = _best_margin(cos)
             thr = self._learner.calibration.threshold if isinstance(self.config.routing_threshold, str) else None
-            unsure = best is not None and (margin < CASCADE_MARGIN or (thr is not None and abs(best - thr) < CASCADE_MARGIN / 2))
+            unsure = best is not None and (
+                (margin < CASCADE_MARGIN and self._separable(cos)) or (thr is not None and abs(best - thr) < CASCADE_MARGIN / 2)
+            )  # fmt: skip
             if not unsure:
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
@@ -664,6 +667,17 @@ class Router:
         timings["encode"] += ms
         scores, cos, degraded = self._semantic_side(q, text, terms, strat, k, timings, t0)
         return scores, cos, degraded, projected is not None
+
+    def _separable(self, cos: Mapping[int, float]) -> bool:
+        """Whether the two best adapters have different keys (identical keys: no encoder can tell them apart,
+        so a low margin between them is no reason to escalate nor a loss of quality)."""
+        top = sorted(cos, key=lambda key: -cos[key])[:2]
+        if len(top) < 2:
+            return False
+        found, vecs = self._vectors.vectors_of(slots_of(np.asarray(top, np.int64), self._max_p))
+        own = owner_of(found)
+        a, b = vecs[own == top[0]], vecs[own == top[1]]
+        return not (len(a) and len(b) and float((a @ b.T).max()) > 0.995)
 
     def _predict_main_ms(self, text: str) -> float:
         base, per_char = self._main_cost

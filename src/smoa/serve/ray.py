@@ -32,9 +32,10 @@ time (directory lock), so with more than one replica each replica serves a priva
 ingress refuses writes (``POST/PATCH/DELETE /v1/adapters...``, ``/v1/optimize``) with 409 ``library_not_shared``;
 with one replica the replica opens it in place and everything works.
 
-Faults. A replica that dies while serving a request is replaced by the Serve controller; the ingress retries the
-request once on another replica when nothing was sent to the client yet (always for non-streaming requests, which
-are buffered) and otherwise answers 503 ``replica_unavailable`` (streams end with an SSE error event).
+Faults. A replica that dies while serving a request is replaced by the Serve controller; the ingress retries an
+inference request (or a GET) once on another replica when nothing was sent to the client yet (always for
+non-streaming requests, which are buffered) and otherwise answers 503 ``replica_unavailable`` (streams end with an
+SSE error event). A write (upload, patch, delete, optimize) is never repeated: its 503 says so.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the ingress methods' annotations at runtime in the
@@ -63,7 +64,7 @@ from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, 
 
 from smoa.errors import ConfigError
 from smoa.serve.asgi_call import ForwardedRequest, Lifespan, ResponseHead, call_asgi
-from smoa.serve.ray_affinity import ROUTE_TTL_S, TTLCache, affinity_key, placement_of
+from smoa.serve.ray_affinity import INFERENCE_PATHS, ROUTE_TTL_S, TTLCache, affinity_key, placement_of
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ class RayOptions:
         retries: times a request is retried on another replica when its replica dies before answering.
         route_ttl_s: how long the ingress reuses a routed request's placement.
         max_ongoing_requests: requests a replica accepts at once (its scheduler batches them).
-        max_body_bytes: the ingress refuses a larger body with 413 before reading it whole.
+        max_body_bytes: the ingress refuses a larger body with 413 before reading it whole (None: the larger of the
+            server's ``max_body_bytes`` and ``max_upload_bytes``; the replica applies the exact per-endpoint cap).
         app_factory: ``"module:function"`` building the single-process ASGI app from the config.
         ready_timeout_s: how long a replica may take to load its model and library.
         spill_threshold: requests a key's owner replica may have queued beyond the next one before the next one
@@ -102,7 +104,7 @@ class RayOptions:
     retries: int = 1
     route_ttl_s: float = ROUTE_TTL_S
     max_ongoing_requests: int = 64
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int | None = None
     app_factory: str = "smoa.serve.app:build_app"
     ready_timeout_s: float = 600.0
     spill_threshold: int = 16
@@ -449,6 +451,8 @@ class SmoaIngress:
         self.replica = replica
         self.options = options
         self.read_only = options.replicas > 1 and not is_shared_library(_library_of(config))
+        self.max_body = options.max_body_bytes or max(int(getattr(config, "max_body_bytes", 0) or 0),
+                                                      int(getattr(config, "max_upload_bytes", 0) or 0), 1 << 20)
         self.base_names = frozenset(_base_names(config))
         self.routes = TTLCache(ttl_s=options.route_ttl_s)
         self.replica_seen: dict[str, dict[str, Any]] = {}
@@ -473,9 +477,9 @@ class SmoaIngress:
     @_ingress_app.api_route("/{path:path}", methods=_METHODS)
     async def forward(self, request: Request, path: str) -> Response:
         """Forward any request of the smoa HTTP API to a model replica chosen by affinity."""
-        body = await _read_capped(request, self.options.max_body_bytes)
+        body = await _read_capped(request, self.max_body)
         if body is None:
-            return _error(413, f"request body exceeds {self.options.max_body_bytes} bytes", "body_too_large",
+            return _error(413, f"request body exceeds {self.max_body} bytes", "body_too_large",
                           "invalid_request_error")
         method, url_path = request.method, request.url.path
         if self.read_only and method in ("POST", "PATCH", "DELETE", "PUT") and url_path.startswith(WRITE_PATHS):
@@ -491,7 +495,8 @@ class SmoaIngress:
             body=body,
             client=(request.client.host, request.client.port) if request.client else None,
         )
-        return await self._dispatch(forwarded, key, placement.stream)
+        retry = method in ("GET", "HEAD") or url_path in INFERENCE_PATHS  # never repeat a write
+        return await self._dispatch(forwarded, key, placement.stream, self.options.retries if retry else 0)
 
     async def _key(self, placement: Any) -> str:
         if placement.kind == "explicit":
@@ -514,9 +519,9 @@ class SmoaIngress:
     def _handle(self, key: str) -> Any:
         return self.replica.options(stream=True, multiplexed_model_id=key) if key else self.replica.options(stream=True)
 
-    async def _dispatch(self, request: ForwardedRequest, key: str, stream: bool) -> Response:
+    async def _dispatch(self, request: ForwardedRequest, key: str, stream: bool, retries: int) -> Response:
         last: BaseException | None = None
-        for _attempt in range(1 + self.options.retries):
+        for _attempt in range(1 + retries):
             gen = self._handle(key).forward.remote(request)
             replica = ""
             try:
@@ -533,8 +538,9 @@ class SmoaIngress:
                 continue
             self._end(replica)
             return _response(head, b"".join(chunks))
-        return _error(503, f"the model replica serving this request died and {self.options.retries} retry failed: "
-                      f"{type(last).__name__}", "replica_unavailable", **{"Retry-After": "1"})
+        what = f"and {retries} retry failed" if retries else "(a write is never retried: check whether it happened)"
+        return _error(503, f"the model replica serving this request died {what}: {type(last).__name__}",
+                      "replica_unavailable", **{"Retry-After": "1"})
 
     def _start(self, replica: str) -> None:
         entry = self.replica_seen.setdefault(replica, {"served": 0, "in_flight": 0, "died": 0})

@@ -464,13 +464,16 @@ class Scheduler:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [G, width] each row counts from its first real token
         cache = DynamicCache()
         t0 = time.perf_counter()
+        alone = not self.running  # the batch will be exactly these rows: keep their plans for the decode steps
         self.handle.set_mixtures([s.mixture for s in seqs])
         self._batch_changed = True
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **self._cache_kwargs(cache))  # fmt: skip
+            self._batch_changed = not alone
         finally:
-            self.handle.set_mixtures(None)
+            if self._batch_changed:
+                self.handle.set_mixtures(None)
         logits = out.logits[:, -1]  # [G, V]: the last position is every row's last real token
         self._batch.add(cache, mask)  # the cache was filled in place by the forward
         self.running.extend(seqs)

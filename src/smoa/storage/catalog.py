@@ -16,7 +16,8 @@ referenced them are gone; files no row references (a crash between the two steps
 inside ``weights/``, only names that are sha256 digests: the library never deletes a file it did not write.
 
 Every write transaction that changes what routing or mixing sees bumps ``generation`` in ``meta``, and triggers
-append ``(generation, key)`` to the ``changes`` table for every adapter row (or its tags / members) touched —
+append ``(generation, key)`` to the ``changes`` table for every adapter row (or its members) touched (a tag
+change touches its adapter's row too) —
 even by a write that did not go through :class:`smoa.core.LibraryCore` — so a router that is behind catches up
 from :meth:`Catalog.changes_since` instead of rebuilding. Key 0 in the log means "the alias table changed".
 """
@@ -110,10 +111,6 @@ CREATE TRIGGER IF NOT EXISTS log_adapter_delete AFTER DELETE ON adapters
     BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, OLD.key); END;
 CREATE TRIGGER IF NOT EXISTS log_adapter_update_v2 AFTER UPDATE OF status, version, embedding, description, examples,
     pinned ON adapters BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
-CREATE TRIGGER IF NOT EXISTS log_tags_insert AFTER INSERT ON tags
-    BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); END;
-CREATE TRIGGER IF NOT EXISTS log_tags_delete AFTER DELETE ON tags
-    BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, OLD.key); END;
 CREATE TRIGGER IF NOT EXISTS log_members_insert AFTER INSERT ON members
     BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.composite); END;
 CREATE TRIGGER IF NOT EXISTS log_members_delete AFTER DELETE ON members
@@ -185,7 +182,8 @@ class Catalog:
                 raise StorageError(f"catalog {str(path)!r} failed its integrity check: {check}; {hint}")
             self._db.executescript(_SCHEMA)
             self._migrate()
-            self._db.execute("DROP TRIGGER IF EXISTS log_adapter_update")  # replaced by log_adapter_update_v2
+            for old in ("log_adapter_update", "log_tags_insert", "log_tags_delete"):  # replaced / not needed
+                self._db.execute(f"DROP TRIGGER IF EXISTS {old}")
             self._db.executescript(_LOG_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open catalog {str(path)!r}: {exc}; {hint}") from exc
@@ -452,6 +450,7 @@ class Catalog:
                 if tags is not None:
                     db.execute("DELETE FROM tags WHERE key = ? AND kind = ?", (key, kind))
                     db.executemany("INSERT INTO tags VALUES(?,?,?,?)", [(key, kind, i, t) for i, t in enumerate(tags)])
+                    db.execute("UPDATE adapters SET examples = examples WHERE key = ?", (key,))  # logs the change
             if description is not None:
                 db.execute("UPDATE adapters SET description = ? WHERE key = ?", (description, key))
             if examples is not None:

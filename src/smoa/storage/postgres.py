@@ -52,41 +52,53 @@ _BUMP = (f"WITH g AS (UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS 
          f" RETURNING value) SELECT value, pg_notify('{CHANNEL}', value) FROM g")  # one round trip: bump + notify
 _NEXT_GEN = "(SELECT CAST(value AS BIGINT) + 1 FROM meta WHERE key = 'generation')"
 
-# The change log: the SQLite catalog's triggers, in PL/pgSQL. Inserts and deletes use statement triggers with
-# transition tables (one INSERT ... SELECT per statement: a 20,000-row bulk create logs in one statement).
-_LOG_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS changes(generation BIGINT NOT NULL, key BIGINT NOT NULL);
+# The change log: the SQLite catalog's triggers (``catalog._LOG_SCHEMA``), translated to PL/pgSQL when the catalog
+# opens (:func:`log_ddl`), so a trigger C1 adds or changes there is the same here. SQLite's row triggers on INSERT
+# and DELETE become statement triggers with transition tables (a 20,000-row bulk create logs in one statement);
+# ``UPDATE OF <columns>`` stays a row trigger (PostgreSQL allows no column list with transition tables).
+_SQLITE_TRIGGER = re.compile(
+    r"CREATE TRIGGER IF NOT EXISTS (\w+) AFTER (INSERT|DELETE|UPDATE(?: OF ([\w,\s]+?))?)\s+ON (\w+)\s+BEGIN INSERT INTO"
+    r" changes VALUES\(\(SELECT CAST\(value AS INTEGER\) \+ 1 FROM meta WHERE key = 'generation'\), "
+    r"(?:(NEW|OLD)\.(\w+)|0)\); END;"
+)
+
+
+def log_ddl(sqlite_log_schema: str) -> tuple[str, list[tuple[str, str]]]:
+    """PostgreSQL DDL for the SQLite change-log schema; returns ``(ddl, [(trigger, table), ...])``.
+
+    Raises:
+        StorageError: a trigger of the SQLite schema has a shape this translation does not know.
+    """
+    body = re.sub(r"CREATE TRIGGER IF NOT EXISTS.*?END;", "", sqlite_log_schema, flags=re.S)
+    out = [re.sub(r"\bINTEGER\b", "BIGINT", body.strip())]
+    names: list[tuple[str, str]] = []
+    found = _SQLITE_TRIGGER.findall(sqlite_log_schema)
+    if len(found) != sqlite_log_schema.count("CREATE TRIGGER"):
+        raise StorageError("the SQLite change-log triggers changed shape; smoa.storage.postgres.log_ddl needs updating")
+    for name, event, columns, table, row, column in found:
+        fn = f"smoa_{name}"
+        kind = event.split()[0]
+        if kind == "UPDATE" or not row:  # a row trigger: one log row per changed row (or 0 for the alias table)
+            value = f"NEW.{column}" if row == "NEW" else (f"OLD.{column}" if row else "0")
+            ret = "RETURN NULL;"
+            out.append(f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO"
+                       f" changes VALUES({_NEXT_GEN}, {value}); {ret} END $$;")  # fmt: skip
+            when = f"UPDATE OF {' '.join(columns.split())}" if columns else kind
+            out.append(f"CREATE OR REPLACE TRIGGER {name} AFTER {when} ON {table} FOR EACH ROW EXECUTE FUNCTION {fn}();")
+        else:
+            rows = "new_rows" if row == "NEW" else "old_rows"
+            out.append(f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO"
+                       f" changes SELECT {_NEXT_GEN}, {column} FROM {rows}; RETURN NULL; END $$;")  # fmt: skip
+            ref = "NEW TABLE AS new_rows" if row == "NEW" else "OLD TABLE AS old_rows"
+            out.append(f"CREATE OR REPLACE TRIGGER {name} AFTER {kind} ON {table} REFERENCING {ref} FOR EACH STATEMENT"
+                       f" EXECUTE FUNCTION {fn}();")  # fmt: skip
+        names.append((name, table))
+    return "\n".join(out), names
+
+
+_EXTRA_INDEXES = """
 CREATE INDEX IF NOT EXISTS weights_by_file ON weights(file) WHERE file IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
-CREATE INDEX IF NOT EXISTS changes_by_generation ON changes(generation);
-CREATE OR REPLACE FUNCTION smoa_log_new_keys() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO changes SELECT {_NEXT_GEN}, key FROM new_rows; RETURN NULL; END $$;
-CREATE OR REPLACE FUNCTION smoa_log_old_keys() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO changes SELECT {_NEXT_GEN}, key FROM old_rows; RETURN NULL; END $$;
-CREATE OR REPLACE FUNCTION smoa_log_new_composites() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO changes SELECT {_NEXT_GEN}, composite FROM new_rows; RETURN NULL; END $$;
-CREATE OR REPLACE FUNCTION smoa_log_old_composites() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO changes SELECT {_NEXT_GEN}, composite FROM old_rows; RETURN NULL; END $$;
-CREATE OR REPLACE FUNCTION smoa_log_row_key() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, NEW.key); RETURN NULL; END $$;
-CREATE OR REPLACE FUNCTION smoa_log_alias() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO changes VALUES({_NEXT_GEN}, 0); RETURN NULL; END $$;
-CREATE OR REPLACE TRIGGER log_adapter_insert AFTER INSERT ON adapters REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_new_keys();
-CREATE OR REPLACE TRIGGER log_adapter_delete AFTER DELETE ON adapters REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_old_keys();
-CREATE OR REPLACE TRIGGER log_adapter_update AFTER UPDATE OF status, version, embedding, description, examples
-    ON adapters FOR EACH ROW EXECUTE FUNCTION smoa_log_row_key();
-CREATE OR REPLACE TRIGGER log_tags_insert AFTER INSERT ON tags REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_new_keys();
-CREATE OR REPLACE TRIGGER log_tags_delete AFTER DELETE ON tags REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_old_keys();
-CREATE OR REPLACE TRIGGER log_members_insert AFTER INSERT ON members REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_new_composites();
-CREATE OR REPLACE TRIGGER log_members_delete AFTER DELETE ON members REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION smoa_log_old_composites();
-CREATE OR REPLACE TRIGGER log_alias_change AFTER INSERT OR UPDATE OR DELETE ON aliases
-    FOR EACH ROW EXECUTE FUNCTION smoa_log_alias();
 """
 
 # Upserts: SQLite's INSERT OR REPLACE names no conflict target; PostgreSQL needs one per table.
@@ -309,7 +321,8 @@ class PostgresCatalog(Catalog):
                     exists = self._conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
                     if not exists:
                         self._conn.execute(ddl)
-                        self._conn.execute(_LOG_SCHEMA)
+                        self._conn.execute(_EXTRA_INDEXES)
+                    self._sync_triggers()
                     for key, value in (("schema_version", version), ("generation", "0"), ("queries", "0"),
                                        ("changes_floor", "0")):  # fmt: skip
                         self._conn.execute("INSERT INTO meta VALUES(%s, %s) ON CONFLICT DO NOTHING", (key, value))
@@ -318,6 +331,18 @@ class PostgresCatalog(Catalog):
         stored = self.get_meta("schema_version")
         if stored != version:
             raise StorageError(f"catalog {self.path!r} has schema version {stored}, this smoa reads {version}")
+
+    def _sync_triggers(self) -> None:
+        """(Inside the schema transaction) the change-log triggers of this smoa's SQLite schema, and no others."""
+        ddl, wanted = log_ddl(sqlite_catalog._LOG_SCHEMA)
+        self._conn.execute(ddl)
+        have = self._conn.execute(
+            "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE NOT t.tgisinternal AND n.nspname = current_schema()"
+            " AND t.tgname LIKE 'log\\_%'"
+        ).fetchall()  # fmt: skip
+        for name, table in set(have) - set(wanted):  # a trigger an older smoa made and this one no longer has
+            self._conn.execute(f'DROP TRIGGER IF EXISTS "{name}" ON "{table}"')
 
     # -- transactions ------------------------------------------------------------------------------------------
     @contextmanager
@@ -543,9 +568,18 @@ class PostgresBlobStore:
         if hashlib.sha256(data).hexdigest() != digest:
             raise StorageError(f"refusing to store {area}/{digest[:12]}...: the bytes do not hash to their name")
         rel = f"{area}/{digest[:2]}/{digest}"
-        with self.catalog.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO blobs(rel, data, created_at) VALUES(?, ?, ?)", (rel, data, time.time()))
+        self._write("INSERT OR REPLACE INTO blobs(rel, data, created_at) VALUES(?, ?, ?)", (rel, data, time.time()))
         return rel
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Inside this thread's open catalog transaction (a bulk create writes its files while inserting rows),
+        join it: the blobs then commit with the rows. Otherwise one transaction of its own."""
+        with self.catalog._lock:
+            if self.catalog._in_txn:
+                self.catalog._db.execute(sql, params)
+                return
+            with self.catalog.transaction() as db:
+                db.execute(sql, params)
 
     def read(self, rel: str, *, name: str) -> bytes:
         from smoa.storage.s3 import check_rel
@@ -560,8 +594,8 @@ class PostgresBlobStore:
         return data
 
     def delete(self, rel: str) -> None:
-        with self.catalog.transaction() as db:  # not if a row of another process has come to name it meanwhile
-            db.execute("DELETE FROM blobs WHERE rel = ? AND NOT EXISTS (SELECT 1 FROM weights WHERE file = ?)", (rel, rel))
+        # not if a row (of another process, say) has come to name it meanwhile
+        self._write("DELETE FROM blobs WHERE rel = ? AND NOT EXISTS (SELECT 1 FROM weights WHERE file = ?)", (rel, rel))
 
     def owned_files(self) -> set[str]:
         return {str(r[0]) for r in self.catalog._read("SELECT rel FROM blobs")}

@@ -173,7 +173,8 @@ class S3WeightStore:
         return True
 
     def delete(self, rel: str) -> None:
-        """Delete the object (missing is fine). The local copy stays only if another area holds the same bytes."""
+        """Delete the object (missing is fine) and its local copy (another area holding the same bytes, as after
+        an archive, downloads them again on its next read)."""
         _area, digest = check_rel(rel)
         key = self.location.key(rel)
         self._call("delete", key, lambda: self._client.delete_object(Bucket=self.location.bucket, Key=key))

@@ -148,11 +148,23 @@ class CachedEncoder:
                 self._cache.popitem(last=False)
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """Encode many texts (no caching) in chunks -> float32 ``[n, dim]``."""
+        """Encode many texts in chunks -> float32 ``[n, dim]``; texts already cached are served from the cache,
+        the others are encoded without being cached (bulk ingestion must not evict the queries' embeddings)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = [self.inner.encode(list(texts[i : i + self.batch_size])) for i in range(0, len(texts), self.batch_size)]
-        return np.concatenate(parts, axis=0)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        missing: list[int] = []
+        with self._lock:
+            for i, text in enumerate(texts):
+                vec = self._cache.get(text) if self._cache else None
+                if vec is None:
+                    missing.append(i)
+                else:
+                    out[i] = vec
+        for start in range(0, len(missing), self.batch_size):
+            rows = missing[start : start + self.batch_size]
+            out[rows] = self.inner.encode([texts[i] for i in rows])
+        return out
 
     def stats(self) -> dict[str, int]:
         """Cache size, hits and misses so far."""
