@@ -25,6 +25,7 @@ file, registered in MEASUREMENTS the same way.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import json
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests" / "backends"))
 
-import local_services  # noqa: E402
+import local_services
 
 Row = dict[str, Any]
 
@@ -120,24 +121,28 @@ def catalog_ops(svc: Services, quick: bool) -> list[Row]:
     for kind in ("sqlite", "postgres"):
         cat = _catalog(kind, svc, "ops")
         try:
-            rows = _rows(0, bulk_n)
-            bulk = _rate(bulk_n, lambda: [cat.insert_many(rows[i : i + 1000]) for i in range(0, bulk_n, 1000)])
-            singles = _rows(bulk_n, single_n)
-            create = _rate(single_n, lambda: [cat.insert_many([r]) for r in singles])
-            keys = random.Random(1).sample(range(1, bulk_n + 1), single_n)
-            ids = [f"ad_{k - 1:012d}" for k in keys]
-            read = _rate(single_n, lambda: [cat.get(i) for i in ids])
-            weights = _rate(single_n, lambda: [cat.read_weights(k) for k in keys])
-            update = _rate(single_n, lambda: [cat.update_fields(k, description="changed") for k in keys])
-            gen = cat.generation - single_n
-            catch = _rate(single_n, lambda: list(cat.directory_rows(cat.changes_since(gen) or [])))
-            delete = _rate(single_n, lambda: [cat.delete([k]) for k in keys])
+            out.append({"backend": kind, **_ops_rates(cat, bulk_n, single_n)})
         finally:
             cat.close()
-        out.append({"backend": kind, "bulk create /s": bulk, "create txn /s": create, "get /s": read,
-                    "read_weights /s": weights, "update txn /s": update, "delete txn /s": delete,
-                    "catch-up rows /s": catch})  # fmt: skip
     return out
+
+
+def _ops_rates(cat: Any, bulk_n: int, single_n: int) -> Row:
+    """Operations/s of one catalog: bulk create, then ``single_n`` of each single operation."""
+    rows = _rows(0, bulk_n)
+    bulk = _rate(bulk_n, lambda: [cat.insert_many(rows[i : i + 1000]) for i in range(0, bulk_n, 1000)])
+    singles = _rows(bulk_n, single_n)
+    create = _rate(single_n, lambda: [cat.insert_many([r]) for r in singles])
+    keys = random.Random(1).sample(range(1, bulk_n + 1), single_n)
+    ids = [f"ad_{k - 1:012d}" for k in keys]
+    read = _rate(single_n, lambda: [cat.get(i) for i in ids])
+    weights = _rate(single_n, lambda: [cat.read_weights(k) for k in keys])
+    update = _rate(single_n, lambda: [cat.update_fields(k, description="changed") for k in keys])
+    gen = cat.generation - single_n
+    catch = _rate(single_n, lambda: list(cat.directory_rows(cat.changes_since(gen) or [])))
+    delete = _rate(single_n, lambda: [cat.delete([k]) for k in keys])
+    return {"bulk create /s": bulk, "create txn /s": create, "get /s": read, "read_weights /s": weights,
+            "update txn /s": update, "delete txn /s": delete, "catch-up rows /s": catch}  # fmt: skip
 
 
 _LAG_WRITER = r"""
@@ -267,9 +272,8 @@ def cold_load(svc: Services, quick: bool) -> list[Row]:
         for r in rels:  # warm the local tier (first read downloads)
             s3_tier.read(r, name="x")
         row: Row = {"size": label}
-        for name, read in (("local disk", lambda r: local.read(r, name="x")),
-                           ("S3 (moto, no tier)", lambda r: s3_plain.read(r, name="x")),
-                           ("S3 local tier hit", lambda r: s3_tier.read(r, name="x"))):  # fmt: skip
+        for name, store in (("local disk", local), ("S3 (moto, no tier)", s3_plain), ("S3 local tier hit", s3_tier)):
+            read = functools.partial(store.read, name="x")
             times = []
             for i in range(reps[label]):
                 r = rels[i % len(rels)]

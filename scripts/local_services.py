@@ -59,7 +59,7 @@ def ensure_postgres_installed(timeout_s: float = 600.0) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"]):
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ServiceUnavailable(f"{' '.join(cmd)} failed: {exc}") from exc
         if done.returncode != 0:
@@ -127,7 +127,7 @@ class LocalPostgres:
         if self._as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ServiceUnavailable(f"PostgreSQL: {' '.join(cmd[:4])} failed: {exc}") from exc
         if check and done.returncode != 0:

@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 Mixture = list[tuple[tuple[str, int], LoraWeights, float]]  # ((adapter id, version), weights, mixing weight)
 _ENCODE_BATCH = 1024
 _CREATE_CHUNK = 2000
+_APPLY_CHUNK = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,10 +702,13 @@ class LibraryCore:
                 e = Entry(row.key, row.id, row.version, row.status, row.members, row.pinned)
                 self._by_id[e.id], self._by_key[k] = e, e
         self._leaves = {}
-        rows = list(catalog.routing_rows(keys)) if keys else []
-        upserts = list(self._entries(rows))
-        live = {e.key for e in upserts}
-        self.router.apply(upserts, [k for k in keys if k not in live], gen)
+        if not keys:  # nothing routed changed (aliases only): the router still moves to this generation
+            self.router.apply([], [], gen)
+        for i in range(0, len(keys), _APPLY_CHUNK):  # a bulk create's keys in chunks: bounded transient memory
+            part = keys[i : i + _APPLY_CHUNK]
+            upserts = list(self._entries(catalog.routing_rows(part)))
+            live = {e.key for e in upserts}
+            self.router.apply(upserts, [k for k in part if k not in live], gen)
         self._applied = gen
 
     def _entries(self, rows: Any) -> Iterator[Any]:

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import local_services  # noqa: E402  (scripts/ is not a package)
+import local_services
 
 _IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

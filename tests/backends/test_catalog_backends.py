@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from smoa.errors import AdapterNotFoundError, InvalidInputError, StorageError
+from smoa.errors import AdapterNotFoundError, InvalidInputError, SmoaError, StorageError
 
 from .helpers import dump, make_row, open_catalog
 
@@ -68,8 +68,12 @@ def _random_ops(cat: Any, rng: random.Random, steps: int) -> list[str]:
         elif op == "undo" and merges:
             mid = merges.pop()
             _merged, sources, _undone = cat.merge_info(mid)
-            keys = [k for k, _ in ((cat.key_of(s), s) for s in sources)]
-            cat.undo_merge(mid, [(k, b"restored", None) for k in keys], None)
+            try:  # a source or the merged adapter may be gone by now: both backends must say so alike
+                keys = [cat.key_of(s) for s in sources]
+                cat.undo_merge(mid, [(k, b"restored", None) for k in keys], None)
+            except SmoaError as exc:
+                done.append(f"undo refused: {type(exc).__name__}")
+                continue
             live += [(cat.key_of(s), s) for s in sources]
         elif op == "meta":
             cat.set_meta("encoder", rng.choice(["hash", "static"]))
@@ -125,10 +129,9 @@ def test_round_trip_and_errors(catalog: Any) -> None:
     with pytest.raises(StorageError, match="nothing was changed"):
         catalog.insert_many([make_row(100), make_row(100)])  # duplicate id: the whole call rolls back
     assert catalog.generation == gen and catalog.count() == 5
-    with pytest.raises(ZeroDivisionError):
-        with catalog.transaction(bump=True) as db:
-            db.execute("DELETE FROM adapters WHERE key = ?", (1,))
-            raise ZeroDivisionError
+    with pytest.raises(ZeroDivisionError), catalog.transaction(bump=True) as db:
+        db.execute("DELETE FROM adapters WHERE key = ?", (1,))
+        raise ZeroDivisionError
     assert catalog.count() == 5 and catalog.generation == gen
     # composite members, aliases, bulk delete, compaction
     comp = catalog.insert_many([make_row(50, members=[("ad_000000", 0.5), ("ad_000001", 0.5)])])[0]

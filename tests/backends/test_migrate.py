@@ -122,7 +122,7 @@ def test_sigkilled_migrate_command_resumes(tmp_path: Path, pg_url: str, s3_url: 
     os.kill(p.pid, signal.SIGKILL)
     p.communicate(timeout=30)
     assert seen >= 5
-    done = subprocess.run(cmd[:-1] + ["--verify"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*cmd[:-1], "--verify"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed after key" in done.stdout and "verified equal" in done.stdout, done.stdout
 

@@ -80,8 +80,7 @@ def test_another_process_sees_commits_within_the_documented_lag(pg_url: str) -> 
     try:
         seen = reader.generation
         p = _writer(pg_url, "w", 1, 5)
-        lag_from_exit = None
-        out, err = p.communicate(timeout=60)
+        _out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
         lag_from_exit = wait_for(lambda: reader.generation > seen, timeout=2.0)  # NOTIFY, or the 1 s poll at worst
         assert lag_from_exit < 1.5
@@ -136,7 +135,7 @@ def test_database_restart_mid_writes(pg_url: str, pg_server: Any) -> None:
                 acked.append(b)
             except StorageError as exc:  # refused while the server is down: not acknowledged
                 errors.append(exc)
-            except BaseException as exc:  # noqa: BLE001 - anything else fails the test
+            except BaseException as exc:
                 errors.append(exc)
                 raise
             b += 1

@@ -18,11 +18,12 @@ from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_a
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.core` as a (namespace) package
 
-from tests.core import conftest as core_conftest  # noqa: E402
-from tests.core.test_state_machine import ENCODERS, CoreMachine, Oracle  # noqa: E402
+from tests.core import conftest as core_conftest
+from tests.core.test_state_machine import ENCODERS, CoreMachine, Oracle
 
 EXAMPLES = int(os.environ.get("SMOA_BACKEND_STATEFUL_EXAMPLES", "8"))
-_SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, stateful_step_count=8)
+_SETTINGS: dict[str, Any] = {"deadline": None, "suppress_health_check": list(HealthCheck), "derandomize": True,
+                              "stateful_step_count": 8}
 
 
 class BackendMachine(CoreMachine):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import make_row  # noqa: E402
+from helpers import make_row
 
-from smoa.storage.postgres import PostgresCatalog  # noqa: E402
+from smoa.storage.postgres import PostgresCatalog
 
 
 def write(url: str, prefix: str, batches: int, size: int) -> None:

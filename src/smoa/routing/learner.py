@@ -62,6 +62,7 @@ LOCAL_EPOCHS = 15
 REFIT_EPOCHS = 30
 PROJECTION_EPOCHS = 4
 MIN_PAIRS = 32
+MIN_STEPS = 240  # Adam steps of a fit, however few examples (a local update must converge like a bulk one)
 
 
 def slots_of(keys: np.ndarray, n_keys: int) -> np.ndarray:
@@ -148,7 +149,8 @@ def _fit_keys(init, owner, x, y, fixed, epochs, temperature, lr, seed) -> np.nda
     ft = torch.from_numpy(np.ascontiguousarray(fixed, np.float32)) if fixed is not None and len(fixed) else None
     multi = len(init) > n
     opt = torch.optim.Adam([w], lr=lr)
-    for _ in range(epochs):
+    batches = -(-len(xt) // batch)
+    for _ in range(max(epochs, -(-MIN_STEPS // batches))):  # a small neighbourhood still gets MIN_STEPS updates
         perm = torch.randperm(len(xt), generator=gen)
         for start in range(0, len(xt), batch):
             idx = perm[start : start + batch]

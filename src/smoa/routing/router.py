@@ -363,8 +363,8 @@ class Router:
             trainable = sorted(new_set | {ex_keys[i] for i in near.reshape(-1)})
             probe = np.concatenate([lrn.current_keys(k) for k in trainable])
             _, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
+            # every nearby key outside the trainable set is a fixed class (its adapter is not refitted now)
             fixed_slots = np.unique(slots[(slots >= 0) & ~np.isin(owner_of(slots), trainable)])
-            fixed_slots = fixed_slots[~np.isin(owner_of(fixed_slots), ex_keys)]  # other learners move: not fixed
             _, fixed = self._vectors.vectors_of(fixed_slots[: 4 * FIXED_NEIGHBOURS])
             return trainable, fixed
 

@@ -24,6 +24,7 @@ Stop writers on SRC while it runs: the copy reads SRC in batches, not in one sna
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -76,10 +77,8 @@ class Endpoint:
     def close(self) -> None:
         for part in (self.store, self.catalog):
             if part is not None:
-                try:
+                with contextlib.suppress(Exception):  # closing a dead connection/pool must not fail
                     part.close()
-                except Exception:  # noqa: BLE001 - closing must not hide the migration's own error
-                    pass
         if self.lock is not None:
             self.lock.release()
 

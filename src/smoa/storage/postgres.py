@@ -10,9 +10,11 @@ rules:
 * **One transaction per mutation.** A write that changes what routing or mixing sees first locks the
   ``generation`` row of ``meta`` (``SELECT ... FOR UPDATE``), so writers from every process serialise there,
   exactly as ``BEGIN IMMEDIATE`` serialises them on SQLite; it bumps the generation and ``NOTIFY``-s it at commit.
-* **The change log is a table** ``changes(generation, key)`` filled by triggers (statement triggers with
-  transition tables for inserts/deletes, row triggers for the routed columns), so even a write that bypasses the
-  core is logged; :meth:`changes_since` lets another process's router catch up without a rebuild.
+* **The change log is a table** ``changes(generation, key)`` filled by triggers translated from the SQLite
+  catalog's own at every open (:func:`log_ddl`: statement triggers with transition tables for inserts/deletes,
+  row triggers for the routed columns), so even a write that bypasses the core is logged;
+  :meth:`changes_since` lets another process's router catch up without a rebuild.
+* **Weights without an object store** are ``bytea`` rows of a ``blobs`` table (:class:`PostgresBlobStore`).
 * **Other processes' commits** reach this one through ``LISTEN``/``NOTIFY`` on a second connection (a listener
   thread), with a poll of the committed generation every ``poll_interval_s`` (default 1 s) as the safety net
   for notifications lost across a reconnect. The listener raises :attr:`generation`; the core compares it with
@@ -31,6 +33,7 @@ The directory lock of the SQLite backend does not exist here: any number of proc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
@@ -69,7 +72,7 @@ def log_ddl(sqlite_log_schema: str) -> tuple[str, list[tuple[str, str]]]:
     Raises:
         StorageError: a trigger of the SQLite schema has a shape this translation does not know.
     """
-    body = re.sub(r"CREATE TRIGGER IF NOT EXISTS.*?END;", "", sqlite_log_schema, flags=re.S)
+    body = re.sub(r"CREATE TRIGGER IF NOT EXISTS.*?END;", "", sqlite_log_schema, flags=re.DOTALL)
     out = [re.sub(r"\bINTEGER\b", "BIGINT", body.strip())]
     names: list[tuple[str, str]] = []
     found = _SQLITE_TRIGGER.findall(sqlite_log_schema)
@@ -288,10 +291,8 @@ class PostgresCatalog(Catalog):
     def _connect(self, first: bool = False) -> None:
         """(Re)open the main connection, retrying for ``reconnect_timeout_s`` (a restarting server)."""
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection/pool must not fail
                 self._conn.close()
-            except Exception:  # noqa: BLE001 - a dead connection may fail to close; it is dropped anyway
-                pass
             self._conn = None
         deadline = time.monotonic() + (min(5.0, self.reconnect_timeout_s) if first else self.reconnect_timeout_s)
         delay = 0.05
@@ -433,10 +434,8 @@ class PostgresCatalog(Catalog):
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection/pool must not fail
                 conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
 
     def _advance(self, new_gen: int) -> None:
         """After our own commit at ``new_gen``. Other processes may have committed in between: the core then
@@ -482,10 +481,8 @@ class PostgresCatalog(Catalog):
 
     def _saw(self, committed: int) -> None:
         """Another process committed up to ``committed``: the core's next route or mutation catches up."""
-        if committed > self._notified:
-            self._notified = committed
-        if committed > self.generation:
-            self.generation = committed  # an int store is atomic; the core reads it once per catch-up
+        self._notified = max(self._notified, committed)
+        self.generation = max(self.generation, committed)  # an int store is atomic; the core reads it once per catch-up
 
     def _listen(self) -> None:
         """Listener thread: LISTEN for commits, poll the generation as a fallback, reconnect forever."""
@@ -508,10 +505,8 @@ class PostgresCatalog(Catalog):
                 delay = min(delay * 2, 2.0)
             finally:
                 if conn is not None:
-                    try:
+                    with contextlib.suppress(Exception):  # closing a dead connection/pool must not fail
                         conn.close()
-                    except Exception:  # noqa: BLE001
-                        pass
 
     # -- engine-specific operations ----------------------------------------------------------------------------
     def compact(self) -> int:
