@@ -62,6 +62,7 @@ LOCAL_EPOCHS = 15
 REFIT_EPOCHS = 30
 PROJECTION_EPOCHS = 4
 MIN_PAIRS = 32
+FIXED_EXAMPLES = 32  # examples of each fixed neighbour adapter in a local update
 MIN_STEPS = 240  # Adam steps of a fit, however few examples (a local update must converge like a bulk one)
 
 
@@ -291,9 +292,13 @@ class KeyLearner:
         return sorted(k for k, s in self.stored.items() if len(s.examples) and k in self.initial)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, trainable: list[int], current: dict[int, np.ndarray], fixed: np.ndarray, epochs: int) -> tuple[
-            dict[int, np.ndarray], dict[int, Evidence]]:
+    def fit(self, trainable: list[int], current: dict[int, np.ndarray], fixed: np.ndarray, epochs: int,
+            fixed_owner: np.ndarray | None = None) -> tuple[dict[int, np.ndarray], dict[int, Evidence]]:
         """Fit the keys of ``trainable`` adapters (current keys ``[P, d]`` each) against ``fixed`` keys ``[f, d]``.
+
+        ``fixed_owner`` (adapter key of each fixed row): the fixed adapters that have examples contribute a sample
+        of them, labelled with their fixed class, so that the trained keys are pushed out of their territory too
+        (without it a new key grows over the examples of neighbours outside the trainable set).
 
         Returns the new keys per adapter and the held-out evidence per adapter (two folds).
         """
@@ -306,6 +311,17 @@ class KeyLearner:
             xs.append(ex)
             ys += [col] * len(ex)
             folds.append(_folds(len(ex), key))
+        if fixed_owner is not None and len(fixed_owner) and fixed is not None:
+            seen: set[int] = set()
+            for row, key in enumerate(np.asarray(fixed_owner).tolist()):
+                st = self.stored.get(key)
+                if key in seen or st is None or not len(st.examples) or len(seen) >= 2 * 16:
+                    continue
+                seen.add(key)
+                ex = st.examples[_sample(len(st.examples), FIXED_EXAMPLES, key)].astype(np.float32)
+                xs.append(ex)
+                ys += [len(trainable) + row] * len(ex)
+                folds.append(np.full(len(ex), -1))  # always trained on, never scored
         init_m, owner_a = np.concatenate(init), np.asarray(owner)
         x, y, fold = np.concatenate(xs), np.asarray(ys), np.concatenate(folds)
         # two half fits (each on one fold, scored on the other) cost one full fit; their mean is the new key

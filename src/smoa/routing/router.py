@@ -158,6 +158,7 @@ class Router:
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
         self._fast_ready = threading.Event()
+        self._fixed_owner = np.zeros(0, np.int64)
         if fast_encoder is not None:
             self._fast = fast_encoder
             self._fast_ready.set()
@@ -365,7 +366,8 @@ class Router:
             _, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
             # every nearby key outside the trainable set is a fixed class (its adapter is not refitted now)
             fixed_slots = np.unique(slots[(slots >= 0) & ~np.isin(owner_of(slots), trainable)])
-            _, fixed = self._vectors.vectors_of(fixed_slots[: 4 * FIXED_NEIGHBOURS])
+            found, fixed = self._vectors.vectors_of(fixed_slots[: 4 * FIXED_NEIGHBOURS])
+            self._fixed_owner = owner_of(found)
             return trainable, fixed
 
     def _local_update(self, new: list[int]) -> None:
@@ -376,7 +378,7 @@ class Router:
         lrn = self._learner
         with self._lock:
             start = {k: lrn.initial_keys_of(k) if k in new else lrn.current_keys(k) for k in trainable}
-        keys, evidence = lrn.fit(trainable, start, fixed, LOCAL_EPOCHS)
+        keys, evidence = lrn.fit(trainable, start, fixed, LOCAL_EPOCHS, fixed_owner=self._fixed_owner)
         self._install_learned(keys, evidence)
 
     def refit(self) -> dict[str, float]:

@@ -60,11 +60,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    MultiplexMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
 
 from smoa.errors import ConfigError
 from smoa.serve.asgi_call import ForwardedRequest, Lifespan, ResponseHead, call_asgi
-from smoa.serve.ray_affinity import INFERENCE_PATHS, ROUTE_TTL_S, TTLCache, affinity_key, placement_of
+from smoa.serve.ray_affinity import (
+    INFERENCE_PATHS,
+    ROUTE_TTL_S,
+    TTLCache,
+    affinity_key,
+    placement_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +305,7 @@ async def _collect(items: AsyncIterator[Any]) -> tuple[ResponseHead, bytes]:
 class SmoaModelReplica:
     """One model replica: the single-process smoa server running in-process, fed by the ingress."""
 
-    async def __init__(self, config: Any, options: RayOptions) -> None:
+    async def __init__(self, config: Any, options: RayOptions) -> None:  # type: ignore[misc]  # Ray: async init
         import torch
 
         self._reporter: asyncio.Task[None] | None = None
@@ -592,7 +604,7 @@ def build_app(config: Any, options: RayOptions | None = None, *, replicas: int |
     options = options or RayOptions()
     if replicas is not None:
         options = dataclasses.replace(options, replicas=replicas)
-    replica = SmoaModelReplica.options(
+    replica = SmoaModelReplica.options(  # type: ignore[attr-defined]  # a Serve Deployment
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_num_cpus,
                            **({"runtime_env": {"env_vars": dict(options.env_vars)}} if options.env_vars else {})},
@@ -603,7 +615,7 @@ def build_app(config: Any, options: RayOptions | None = None, *, replicas: int |
         request_router_config={"request_router_class": AdapterAffinityRouter,
                                "request_router_kwargs": {"spill_threshold": options.spill_threshold}},
     ).bind(config, options)
-    return SmoaIngress.options(
+    return SmoaIngress.options(  # type: ignore[misc,operator]  # a Serve Deployment
         ray_actor_options={"num_cpus": options.ingress_num_cpus}, max_ongoing_requests=4 * options.max_ongoing_requests
     ).bind(replica, config, options)
 
@@ -624,7 +636,18 @@ def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 200) -> N
 
 
 def run_ray(config: Any, options: RayOptions, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True) -> None:
-    """Start a local Ray, deploy :func:`build_app` on ``host:port``; block until SIGINT/SIGTERM when ``blocking``."""
+    """Start a local Ray, deploy :func:`build_app` on ``host:port``; block until SIGINT/SIGTERM when ``blocking``.
+
+    On the signal, Serve shuts down gracefully: each replica drains (in-flight requests finish) and closes its
+    library, then Ray stops.
+    """
+    import signal
+    import threading
+
+    stop = threading.Event()
+    if blocking:  # installed first, so a signal that arrives while deploying is not lost
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "SMOA_"))}
     options = dataclasses.replace(options, env_vars={**env, **options.env_vars})
     init_local_ray()
@@ -633,14 +656,11 @@ def run_ray(config: Any, options: RayOptions, host: str = "127.0.0.1", port: int
     logger.info("smoa on Ray Serve: http://%s:%d (%d replicas)", host, port, options.replicas)
     if not blocking:
         return
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.new_event_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        loop.run_until_complete(stop.wait())
+        while not stop.wait(0.5):
+            pass
     finally:
+        import ray
+
         serve.shutdown()
-        loop.close()
+        ray.shutdown()

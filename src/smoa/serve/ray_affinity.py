@@ -85,7 +85,7 @@ def _chat_text(messages: Any) -> str | None:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
-                parts = [p.get("text") for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+                parts = [str(p["text"]) for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
                 return " ".join(parts) if parts else None
     return None
 
@@ -122,7 +122,8 @@ def _openai_placement(path: str, body: Mapping[str, Any], base_names: frozenset[
 
 def _lorax_placement(path: str, body: Mapping[str, Any]) -> Placement:
     stream = path == "/generate_stream"
-    params = body.get("parameters") if isinstance(body.get("parameters"), Mapping) else {}
+    raw = body.get("parameters")
+    params: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     merged = params.get("merged_adapters")
     if isinstance(merged, Mapping) and _ids_of(merged.get("ids")):
         return Placement("explicit", _ids_of(merged.get("ids")), stream=stream)

@@ -120,7 +120,7 @@ class ShardedIndex:
         self.dim = dim
         self.num_shards = num_shards
         remote = ray.remote(IndexShard).options(**{"num_cpus": 0, **(actor_options or {})})
-        self.shards = [remote.remote(i, dim, params, threads) for i in range(num_shards)]
+        self.shards: list[Any] = [remote.remote(i, dim, params, threads) for i in range(num_shards)]
 
     def _split(self, keys: np.ndarray) -> list[np.ndarray]:
         owner = np.asarray(keys, dtype=np.int64) % self.num_shards
