@@ -3,6 +3,7 @@ calibrated confidence, the static fast path (cascade) and the latency budget, pe
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ TOPICS = {
 
 def topic_examples(topic: str, n: int = 24, seed: int = 0) -> list[str]:
     words = TOPICS[topic].split()
-    rng = np.random.default_rng(abs(hash(topic)) % 2**32 + seed)
+    rng = np.random.default_rng(zlib.crc32(topic.encode()) + seed)
     return [" ".join(rng.choice(words, 4, replace=False)) for _ in range(n)]
 
 

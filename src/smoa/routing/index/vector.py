@@ -152,14 +152,13 @@ class VectorIndex:
         if len(keys) * 64 < self._n:  # few keys in a big, unsorted index: a sorted view + a small unsorted tail
             order, upto = self._sorted_view()
             sids = ids[order]
-            at = np.searchsorted(sids, keys)
-            ok = at < len(sids)
-            hits = order[at[ok][sids[at[ok]] == keys[ok]]]
-            # duplicates of a key in the view are dead except the last one: collect every equal run
+            # every position holding the key (a re-added key also has dead copies): the runs [lo, hi)
             lo, hi = np.searchsorted(sids, keys, "left"), np.searchsorted(sids, keys, "right")
-            runs = [order[a:b] for a, b in zip(lo, hi) if b - a > 1]
+            lens = hi - lo
+            starts = np.repeat(lo, lens)
+            offsets = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
             tail = upto + np.flatnonzero(np.isin(ids[upto:], keys))
-            pos = np.concatenate([hits, *runs, tail]).astype(np.int64)
+            pos = np.concatenate([order[starts + offsets], tail]).astype(np.int64)
             return np.unique(pos[alive[pos]])
         return np.flatnonzero(np.isin(ids, keys) & alive)
 
