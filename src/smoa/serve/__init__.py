@@ -13,9 +13,24 @@ Start it with ``smoa serve --library PATH`` or, in Python, ``uvicorn.run(build_a
 
 from __future__ import annotations
 
-from smoa.serve.app import build_app
-from smoa.serve.config import ServeConfig
-from smoa.serve.scheduler import SamplingParams, Scheduler, Sequence, SequenceState
-from smoa.serve.serving import SmoaServing
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build_app": "smoa.serve.app",
+    "ServeConfig": "smoa.serve.config",
+    "SamplingParams": "smoa.serve.scheduler",
+    "Scheduler": "smoa.serve.scheduler",
+    "Sequence": "smoa.serve.scheduler",
+    "SequenceState": "smoa.serve.scheduler",
+    "SmoaServing": "smoa.serve.serving",
+}
 
 __all__ = ["SamplingParams", "Scheduler", "Sequence", "SequenceState", "ServeConfig", "SmoaServing", "build_app"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import lazily: `smoa --help` and the other CLI commands do not pay for FastAPI."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'smoa.serve' has no attribute {name!r}")

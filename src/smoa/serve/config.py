@@ -74,7 +74,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not str(self.library):
             raise ConfigError("`library` must name a library directory, got ''")
-        self.library = Path(self.library)
+        if "://" not in str(self.library):  # a database URL (postgresql://...) stays a string
+            self.library = Path(self.library)
         if self.model_dir is not None:
             self.model_dir = Path(self.model_dir)
         for name in _POSITIVE:

@@ -73,7 +73,9 @@ _LORAX_FINISH = {"eos": "eos_token", "stop": "stop_sequence", "length": "length"
 
 
 def library_exists(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` holds a smoa library (its catalog file)."""
+    """Whether ``path`` holds a smoa library (its catalog file); a database URL is checked when it is opened."""
+    if "://" in str(path):
+        return True
     p = Path(path)
     return p.is_dir() and any((p / name).exists() for name in ("catalog.sqlite3", "catalog.db"))
 
