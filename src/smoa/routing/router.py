@@ -28,6 +28,14 @@ and at most ``RESCUE_GROUPS * SMALL_GROUP_LIMIT`` decoded keys per query.
 
 Latency budget: when encode + search already took ``routing_latency_budget_ms``, HYBRID skips the tag side
 (cosine only) and HIERARCHICAL falls back to plain ANN; the route is marked ``degraded`` and counted.
+
+Learning (issue 11, :mod:`smoa.routing.learner`): adapters have up to P keys (slot ids ``key << 4 | j`` in the
+vector index; an adapter scores its best key); keys are refitted on the adapters' examples as they arrive
+(:meth:`Router.apply`) and in full by :meth:`Router.refit`. ``routing_threshold="auto"`` gates a route on its best
+cosine against the threshold calibrated from held-out folds (:mod:`smoa.routing.calibrate`), which also gives
+``Route.confidence``. Cascade (MiniLM key spaces): the static encoder projected into the key space answers when
+its top-1 leads by ``CASCADE_MARGIN``; otherwise MiniLM re-scores if the online cost model says it fits in the
+remaining budget, else the fast answer stands and the route is ``degraded`` (a real loss of quality).
 """
 
 from __future__ import annotations
