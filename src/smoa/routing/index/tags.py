@@ -62,27 +62,41 @@ def terms_of(text: str) -> list[str]:
     return list(seen)
 
 
+MAX_METADATA_VALUE_CHARS = 16_384
+MAX_METADATA_VALUES = 64
+
+
 def query_terms_from_metadata(metadata: Mapping[str, object]) -> list[tuple[str, int]]:
-    """``(term, field)`` pairs from recognised metadata keys; unknown keys are ignored.
+    """``(term, field)`` pairs from recognised metadata keys. Unknown keys are ignored whatever their value, and
+    ``None`` (or a ``None`` item of a list) means "no value".
 
     Raises:
-        InvalidInputError: a value of a key is not a string (or a list/tuple of strings); names the key.
+        InvalidInputError: a recognised key's value is not a string / list of strings, or is too long; names the key.
     """
+    from smoa.adapter.tags import normalize_text
+
     out: dict[str, int] = {}
     for key, value in metadata.items():
         if not isinstance(key, str):
-            raise InvalidInputError(f"metadata keys must be strings, got {key!r}")
+            raise InvalidInputError(f"metadata keys must be strings, got {key!r:.100}")
+        k = normalize_text(key)
+        field = DOMAIN if k in DOMAIN_KEYS else SKILL if k in SKILL_KEYS else BOTH if k in BOTH_KEYS else 0
+        if not field or value is None:
+            continue
         values = [value] if isinstance(value, str) else value
-        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        if not isinstance(values, (list, tuple)) or not all(v is None or isinstance(v, str) for v in values):
             raise InvalidInputError(
-                f"metadata value of `{key}` must be a string (or a list of strings), got {value!r} "
+                f"metadata value of `{key}` must be a string (or a list of strings), got {value!r:.100} "
                 f"({type(value).__name__})"
             )
-        k = key.strip().casefold()
-        field = DOMAIN if k in DOMAIN_KEYS else SKILL if k in SKILL_KEYS else BOTH if k in BOTH_KEYS else 0
-        if not field:
-            continue
+        if len(values) > MAX_METADATA_VALUES or any(v is not None and len(v) > MAX_METADATA_VALUE_CHARS for v in values):
+            raise InvalidInputError(
+                f"metadata value of `{key}` is too long: at most {MAX_METADATA_VALUES} strings of at most "
+                f"{MAX_METADATA_VALUE_CHARS:,} characters each"
+            )
         for v in values:
+            if v is None:
+                continue
             for t in terms_of(v):
                 out[t] = out.get(t, 0) | field
     return list(out.items())
