@@ -323,16 +323,11 @@ class PostgresCatalog(Catalog):
                     if not exists:
                         self._conn.execute(ddl)
                         self._conn.execute(_EXTRA_INDEXES)
-                    # Replacing a trigger locks its table: with writers running in other processes, a reopen
-                    # that rewrote triggers table by table could deadlock with them. Rewrite only on a change.
-                    log_hash = hashlib.sha256(sqlite_catalog._LOG_SCHEMA.encode()).hexdigest()
-                    row = self._conn.execute("SELECT value FROM meta WHERE key = 'log_schema'").fetchone()
-                    if row is None or row[0] != log_hash:
-                        self._sync_triggers()
-                        self._conn.execute(
-                            "INSERT INTO meta VALUES('log_schema', %s) ON CONFLICT (key) DO UPDATE SET value = %s",
-                            (log_hash, log_hash),
-                        )
+                    if exists:  # replacing a trigger locks its table: first queue behind (and hold off) every
+                        # writer of other processes at the generation row they all take first, so a reopen while
+                        # others write can never deadlock with them table by table
+                        self._conn.execute(_BUMP_LOCK)
+                    self._sync_triggers()
                     for key, value in (("schema_version", version), ("generation", "0"), ("queries", "0"),
                                        ("changes_floor", "0")):  # fmt: skip
                         self._conn.execute("INSERT INTO meta VALUES(%s, %s) ON CONFLICT DO NOTHING", (key, value))
