@@ -96,16 +96,20 @@ class LoraWeights:
     def clone(self) -> LoraWeights:
         return LoraWeights({m: (a.clone(), b.clone()) for m, (a, b) in self.factors.items()}, self.alpha, self.rank)
 
-    # -- checks ------------------------------------------------------------------------------------------------
-    def validate(self, profile: BaseProfile, *, name: str = "adapter") -> None:
-        """Check names, shapes, dtypes and finiteness against ``profile``; every problem in one error."""
-        problems: list[str] = []
+    def _check_scalars(self, name: str) -> None:
+        """Rank a positive int, alpha a positive finite number, at least one module."""
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise InvalidAdapterError(f"{name}: `rank` must be a positive int, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise InvalidAdapterError(f"{name}: `alpha` must be a positive finite number, got {self.alpha!r}")
         if not self.factors:
             raise InvalidAdapterError(f"{name}: no target modules (empty `weights`)")
+
+    # -- checks ------------------------------------------------------------------------------------------------
+    def validate(self, profile: BaseProfile, *, name: str = "adapter") -> None:
+        """Check names, shapes, dtypes and finiteness against ``profile``; every problem in one error."""
+        problems: list[str] = []
+        self._check_scalars(name)
         non_finite: list[str] = []
         for module, pair in self.factors.items():
             if not isinstance(module, str) or module not in profile:
@@ -138,12 +142,7 @@ class LoraWeights:
             InvalidAdapterError: bad rank/alpha, a module that is not a pair of float tensors.
             NonFiniteWeightsError: NaN/Inf in a factor, or a delta entry beyond :data:`MAX_DELTA_ABS`.
         """
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise InvalidAdapterError(f"{name}: `rank` must be a positive int, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise InvalidAdapterError(f"{name}: `alpha` must be a positive finite number, got {self.alpha!r}")
-        if not self.factors:
-            raise InvalidAdapterError(f"{name}: no target modules (empty `weights`)")
+        self._check_scalars(name)
         non_finite: list[str] = []
         for module, pair in self.factors.items():
             if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
