@@ -572,12 +572,7 @@ class AdapterLibrary:
         finally:
             self._closed = True
             self.cache.clear()
-            self.catalog.close()
-            self._dir_lock.release()
-            with contextlib.suppress(Exception):
-                self.files.close()
-            if self._temporary or self.catalog_url is not None:
-                shutil.rmtree(self.directory, ignore_errors=True)
+            self._release()
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _check_open(self) -> None:
