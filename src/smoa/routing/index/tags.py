@@ -19,6 +19,7 @@ with ``w = 1`` when the term is found in its own field and ``0.5`` when found on
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,6 +61,12 @@ def terms_of(text: str) -> list[str]:
         if w not in STOPWORDS:
             seen[sys.intern(stem(w) if w.isascii() and w.isalpha() else w)] = None
     return list(seen)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _tag_terms(tag: str) -> tuple[str, ...]:
+    """:func:`terms_of` of one tag, memoised: libraries reuse a small vocabulary of tags across many adapters."""
+    return tuple(terms_of(tag))
 
 
 MAX_METADATA_VALUE_CHARS = 16_384
@@ -124,7 +131,7 @@ class TagIndex:
         self._entries[key] = (tuple(domain_tags), tuple(skill_tags))
         for tags, field in ((domain_tags, DOMAIN), (skill_tags, SKILL)):
             for tag in tags:
-                for t in terms_of(tag):
+                for t in _tag_terms(tag):
                     posting = self._postings.setdefault(t, {})
                     posting[key] = posting.get(key, 0) | field
 
@@ -139,7 +146,7 @@ class TagIndex:
             return False
         for tags in entry:
             for tag in tags:
-                for t in terms_of(tag):
+                for t in _tag_terms(tag):
                     posting = self._postings.get(t)
                     if posting is not None:
                         posting.pop(int(key), None)
