@@ -52,10 +52,7 @@ def shared(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         ids = build_library(url, model_dir, topics=("astronomy", "baking", "chess", "diving"), weights_path=weights)
     finally:
         os.chdir(cwd)
-    if (root / "postgresql:").exists():
-        pg.cleanup()
-        s3.stop()
-        pytest.skip("the library core does not open `postgresql://` storage paths through smoa.storage yet")
+    assert not (root / "postgresql:").exists(), "the core took the postgresql:// URL for a directory"
     from smoa.serve.config import ServeConfig
     from smoa.serve.ray import RayOptions, build_app, shared_library_config
 
