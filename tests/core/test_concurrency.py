@@ -13,7 +13,6 @@ in the background — checked against a dense oracle.
 from __future__ import annotations
 
 import asyncio
-import copy
 import random
 import threading
 import time
@@ -25,6 +24,8 @@ import torch
 
 from smoa import AdapterNotFoundError, AdapterSpec, CompositionError, LoraWeights, SMoAConfig, SparseAdapterMixture
 from smoa.adapter.profile import BaseProfile
+
+from reliability.helpers import Oracle  # the dense reference shared with the reliability oracle test
 
 ATOL = RTOL = 2e-4
 TAGS = ("anatomy", "botany", "chemistry", "geology")
@@ -67,29 +68,6 @@ class Registry:
         with self.lock:
             self.history[(aid, version)] = weights
             self.confirmed[aid] = max(self.confirmed.get(aid, 0), version)
-
-
-class Oracle:
-    def __init__(self, model: torch.nn.Module, profile: BaseProfile) -> None:
-        self.model = copy.deepcopy(model)
-        self.mods = dict(self.model.named_modules())
-        self.base = {m: self.mods[m].weight.detach().clone() for m in profile.module_names}
-        self.lock = threading.Lock()
-
-    def logits(self, ids: list[int], mixture: list[tuple[LoraWeights, float]]) -> torch.Tensor:
-        deltas: dict[str, torch.Tensor] = {}
-        for weights, w in mixture:
-            for m, (a, b) in weights.items():
-                d = w * weights.scaling * (b.double() @ a.double())
-                deltas[m] = deltas[m] + d if m in deltas else d
-        with self.lock, torch.no_grad():
-            try:
-                for m, d in deltas.items():
-                    self.mods[m].weight.copy_((self.base[m].double() + d).float())
-                return self.model(input_ids=torch.tensor([ids])).logits[0]
-            finally:
-                for m in deltas:
-                    self.mods[m].weight.copy_(self.base[m])
 
 
 class Workload:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +85,29 @@ def files_under(root: Path) -> set[str]:
         for name in dirs + files:
             out.add(os.path.relpath(os.path.join(dirpath, name), root))
     return out
+
+
+class Oracle:
+    """Dense reference: a separate model copy with merged weights, one row at a time."""
+
+    def __init__(self, model: torch.nn.Module, profile: BaseProfile) -> None:
+        self.model = copy.deepcopy(model)
+        self.mods = dict(self.model.named_modules())
+        self.base = {m: self.mods[m].weight.detach().clone() for m in profile.module_names}
+        self.lock = threading.Lock()
+
+    def logits(self, ids: list[int], mixture: list[tuple[LoraWeights, float]]) -> torch.Tensor:
+        """``[T, vocab]`` logits of one row under ``W + sum w * s * B @ A``."""
+        deltas: dict[str, torch.Tensor] = {}
+        for weights, w in mixture:
+            for m, (a, b) in weights.items():
+                d = w * weights.scaling * (b.double() @ a.double())  # [d_out, d_in]
+                deltas[m] = deltas[m] + d if m in deltas else d
+        with self.lock, torch.no_grad():
+            try:
+                for m, d in deltas.items():
+                    self.mods[m].weight.copy_((self.base[m].double() + d).float())
+                return self.model(input_ids=torch.tensor([ids])).logits[0]
+            finally:
+                for m in deltas:
+                    self.mods[m].weight.copy_(self.base[m])

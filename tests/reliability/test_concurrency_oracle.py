@@ -19,7 +19,6 @@ Default: 1,500 operations; ``-m slow``: 10,000.
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import random
 import threading
@@ -38,6 +37,8 @@ from smoa import (
 )
 from smoa.adapter.profile import BaseProfile
 from smoa.adapter.weights import LoraWeights, checksum
+
+from .helpers import Oracle
 
 TAGS = [f"d{i}" for i in range(6)]
 ATOL = RTOL = 2e-4
@@ -102,32 +103,6 @@ class Registry:
     def count(self, what: str, n: int = 1) -> None:
         with self.mutex:
             self.checked[what] = self.checked.get(what, 0) + n
-
-
-class Oracle:
-    """Dense reference: a separate model copy with merged weights, one row at a time."""
-
-    def __init__(self, model: torch.nn.Module, profile: BaseProfile) -> None:
-        self.model = copy.deepcopy(model)
-        self.mods = dict(self.model.named_modules())
-        self.base = {m: self.mods[m].weight.detach().clone() for m in profile.module_names}
-        self.lock = threading.Lock()
-
-    def logits(self, ids: list[int], mixture: list[tuple[LoraWeights, float]]) -> torch.Tensor:
-        """``[T, vocab]`` logits of one row under ``W + sum w * s * B @ A``."""
-        deltas: dict[str, torch.Tensor] = {}
-        for weights, w in mixture:
-            for m, (a, b) in weights.items():
-                d = w * weights.scaling * (b.double() @ a.double())  # [d_out, d_in]
-                deltas[m] = deltas[m] + d if m in deltas else d
-        with self.lock, torch.no_grad():
-            try:
-                for m, d in deltas.items():
-                    self.mods[m].weight.copy_((self.base[m].double() + d).float())
-                return self.model(input_ids=torch.tensor([ids])).logits[0]
-            finally:
-                for m in deltas:
-                    self.mods[m].weight.copy_(self.base[m])
 
 
 def _leaves(reg: Registry, pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
