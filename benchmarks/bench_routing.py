@@ -19,9 +19,10 @@ faiss ``omp_set_num_threads(1)``); the index is built with all cores.
 * ``search+fuse``: :meth:`Router.route` (HYBRID, route cache off) with the query embedding already known;
 * ``e2e <enc>``: encoding a real sentence with ``<enc>`` + ``search+fuse``, timed together;
 * ``recall@5``: overlap of the router's SEMANTIC top-5 with the exact top-5 over the float32 keys;
-* ``B/adapter``: the vector index's own accounting (faiss codes + graph + id arrays), the tag index's rough
-  accounting, and the process's RSS growth while the router took the adapters (everything: vector index, tag
-  index, groups), after ``malloc_trim``.
+* ``B/adapter``: the vector index's own accounting (faiss codes + graph + id arrays), the tag index's and the
+  groups' own accounting (their numpy arrays + per-term / per-combination / per-group headers), and the process's
+  RSS growth while the router took the adapters (everything: vector index, tag index, groups), after
+  ``malloc_trim``.
 
 Budget table (``--budgets 1000,1000000``): the defaults' router (int8 MiniLM keys, static fast path projected
 into their space, ``"auto"`` threshold) over the 150 CLINC150 intent adapters plus random distractors; for each
@@ -43,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -125,6 +127,9 @@ class Pool:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+clock = time.perf_counter  # latency clock; ``--clock cpu``: this thread's CPU time (time.thread_time)
+
+
 def pct(xs: list[float]) -> tuple[float, float]:
     return float(np.percentile(xs, 50)), float(np.percentile(xs, 99))
 
@@ -182,41 +187,42 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
     index: VectorIndex = router._vectors
     kind = index.kind if index.kind == "flat" else f"{index.kind} ef{index.ef_search}"
     out: dict = {"n": n, "kind": kind, "build_s": build_s, "bytes_per": index.memory_bytes() / n,
-                 "tag_bytes_per": router._tags.memory_bytes() / n, "rss_per": rss / n}
+                 "tag_bytes_per": router._tags.memory_bytes() / n, "group_bytes_per": router._groups.memory_bytes() / n,
+                 "rss_per": rss / n}  # fmt: skip
     for i in range(20):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)
     search, brute, fuse, got = [], [], [], []
     for i in range(N_QUERIES):
         q = qv[i]
-        t = time.perf_counter()
+        t = clock()
         index.search(q[None, :], 5)
-        search.append((time.perf_counter() - t) * 1e3)
+        search.append((clock() - t) * 1e3)
         if i < 100:
-            t = time.perf_counter()
+            t = clock()
             brute_one(keys, q, 5)
-            brute.append((time.perf_counter() - t) * 1e3)
+            brute.append((clock() - t) * 1e3)
         got.append([int(a[3:]) for a in router.route(texts[i], strategy="semantic", k=5).adapter_ids])
-        t = time.perf_counter()
+        t = clock()
         router.route(texts[i], strategy="hybrid", k=5)
-        fuse.append((time.perf_counter() - t) * 1e3)
+        fuse.append((clock() - t) * 1e3)
     out["search"], out["brute"], out["fuse"] = pct(search), pct(brute), pct(fuse)
     out["recall"] = recall(np.array(got), exact)
     for name, enc in encoders.items():
         e2e = []
         for i in range(300):
-            t = time.perf_counter()
+            t = clock()
             enc.encode([SENTENCES[i % len(SENTENCES)] + f" {i}"])
             router.route(texts[i], strategy="hybrid", k=5)
-            e2e.append((time.perf_counter() - t) * 1e3)
+            e2e.append((clock() - t) * 1e3)
         out[f"e2e {name}"] = pct(e2e)
     if sweep and index.kind != "flat":
         rows = []
         for ef_s in (32, 48, 64, 96, 128, 192):
             lat, res = [], []
             for i in range(N_QUERIES):
-                t = time.perf_counter()
+                t = clock()
                 _, g = index.search(qv[i][None, :], 5, ef_search=ef_s)
-                lat.append((time.perf_counter() - t) * 1e3)
+                lat.append((clock() - t) * 1e3)
                 res.append(g[0])
             rows.append((ef_s, *pct(lat), recall(np.array(res), exact)))
         out["sweep"] = rows
@@ -284,9 +290,9 @@ def encode_latency(encoders: dict) -> dict[str, tuple[float, float]]:
         enc.encode(["warm up"])
         lat = []
         for i in range(200):
-            t = time.perf_counter()
+            t = clock()
             enc.encode([SENTENCES[i % len(SENTENCES)] + f" {i}"])
-            lat.append((time.perf_counter() - t) * 1e3)
+            lat.append((clock() - t) * 1e3)
         res[name] = pct(lat)
     return res
 
@@ -312,6 +318,60 @@ def plot(results: list[dict], path: Path) -> None:
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------ routing state at scale
+def bench_state(n: int, pool: Pool, rng: np.random.Generator) -> dict:
+    """Bytes per adapter of the tag index and the groups at ``n`` adapters (the pool's tags, the router's own bulk
+    paths), by their own accounting and by RSS growth; per-query CPU cost of their parts of a HYBRID route, and
+    the cost of one change. No vector index is built (its bytes per vector do not depend on ``n``)."""
+    from smoa.routing.index import GroupIndex, TagIndex
+    from smoa.routing.router import TAG_SCAN_LIMIT, _as_key_list, _means
+
+    keys, tags = pool.keys(n, rng)
+    texts, qv = pool.queries(N_QUERIES, rng)
+    ks = np.arange(n, dtype=np.int64)
+    r0 = rss_bytes()
+    tg = TagIndex()
+    tg.add_many((k, d, s) for k, (d, s) in zip(ks.tolist(), tags))
+    r1 = rss_bytes()
+    groups = GroupIndex(DIM)
+    groups.add_many(ks, _means(_as_key_list(keys, n, DIM)), [list(d) for d, _ in tags])
+    r2 = rss_bytes()
+    out = {"n": n, "tags": tg.memory_bytes() / n, "tags_rss": (r1 - r0) / n, "groups": groups.memory_bytes() / n,
+           "groups_rss": (r2 - r1) / n, "combos": len(json.loads(str(tg.to_arrays()["tag_combo_json"]))),
+           "terms": len(tg.vocabulary), "n_groups": len(groups)}
+    lat: dict[str, list[float]] = {"match_text": [], "score_keys(32)": [], "rare-term scan": [], "top_groups": []}
+    for i in range(N_QUERIES):
+        cand = rng.integers(0, n, 32)
+        c = clock()
+        terms = tg.match_text(texts[i])
+        lat["match_text"].append(clock() - c)
+        c = clock()
+        tg.score_keys(terms, cand)
+        lat["score_keys(32)"].append(clock() - c)
+        c = clock()
+        rare, budget = [], TAG_SCAN_LIMIT
+        for term in sorted(terms, key=lambda tf: tg.posting_total([tf])):
+            budget -= tg.posting_total([term])
+            if budget < 0:
+                break
+            rare.append(term)
+        if rare:
+            tg.score(rare, limit=32)
+        lat["rare-term scan"].append(clock() - c)
+        c = clock()
+        groups.top_groups(qv[i], 3, max_size=256)
+        lat["top_groups"].append(clock() - c)
+    out["lat"] = {k: (1e3 * np.percentile(v, 50), 1e3 * np.percentile(v, 99)) for k, v in lat.items()}
+    t = time.perf_counter()
+    for j in range(200):
+        tg.add(n + j, ["business"], ["growth"])
+        groups.add(n + j, keys[j], ["business"])
+        tg.remove(n + j)
+        groups.remove(n + j, keys[j])
+    out["change_ms"] = (time.perf_counter() - t) / 200 * 1e3
+    return out
 
 
 # ------------------------------------------------------------------------------------ latency budget table
@@ -378,14 +438,14 @@ def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator) -> list
             before = dict(router.statistics())
             lat, hits, empty_oos = [], [], []
             for e in val:
-                t = time.perf_counter()
+                t = clock()
                 r = router.route(e.text)
-                lat.append((time.perf_counter() - t) * 1e3)
+                lat.append((clock() - t) * 1e3)
                 hits.append(r.adapter_ids[:1] == [e.intent])
             for e in oos:
-                t = time.perf_counter()
+                t = clock()
                 r = router.route(e.text)
-                lat.append((time.perf_counter() - t) * 1e3)
+                lat.append((clock() - t) * 1e3)
                 empty_oos.append(not r.adapter_ids)
             st = router.statistics()
             q = st["queries"] - before["queries"]
@@ -434,7 +494,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="", help="budget table at these sizes (e.g. 1000,1000000) and exit")
     ap.add_argument("--budget-queries", type=int, default=600, help="CLINC150 val queries per budget row")
     ap.add_argument("--budget-plot", default=str(ROOT / "docs" / "bench_routing_budget.png"))
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="latency clock: wall time, or the query thread's CPU time (a loaded, shared box: time spent "
+                         "descheduled is not counted; the router's own budget decisions still use wall time)")
+    ap.add_argument("--state", default="", help="tag index + groups bytes and costs at these sizes "
+                    "(e.g. 1000000), no vector index built, and exit")
     args = ap.parse_args(argv)
+    global clock
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    print(f"latency clock: {args.clock}")
     sizes = [1000, 10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(0)
     if args.budgets:
@@ -443,6 +511,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = budget_table([int(x) for x in args.budgets.split(",")], args.budget_queries, rng)
         plot_budgets(rows, Path(args.budget_plot))
         print(f"plot: {args.budget_plot}")
+        return 0
+    if args.state:
+        pool = Pool()
+        print("| adapters | tags B/adapter (own / RSS) | groups B/adapter (own / RSS) | tag combinations | terms | groups "
+              "| per query ms p50 / p99 | one change ms |\n|---|---|---|---|---|---|---|---|")
+        for n in [int(x) for x in args.state.split(",")]:
+            r = bench_state(n, pool, rng)
+            per_q = ", ".join(f"{k} {a:.3f} / {b:.3f}" for k, (a, b) in r["lat"].items())
+            print(f"| {n:,} | {r['tags']:.1f} / {r['tags_rss']:.1f} | {r['groups']:.1f} / {r['groups_rss']:.1f} | "
+                  f"{r['combos']:,} | {r['terms']:,} | {r['n_groups']} | {per_q} | {r['change_ms']:.2f} |", flush=True)
         return 0
     t = time.perf_counter()
     pool = Pool()
@@ -454,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     p = IndexParams()
     print(f"\nexact below {p.exact_threshold:,} keys, else HNSW-SQ8 M={p.hnsw_m} efConstruction={p.ef_construction} "
           f"efSearch={args.ef or 'auto (48 at 10K, x2 per decade)'}; k=5, {N_QUERIES} queries, one query thread\n")
-    head = ("| adapters | index | build s | B/adapter index | B/adapter tags | RSS B/adapter | search p50/p99 ms | "
+    head = ("| adapters | index | build s | B/adapter index | B/adapter tags | B/adapter groups | RSS B/adapter | "
+            "search p50/p99 ms | "
             "brute p50/p99 ms | brute/search p99 | search+fuse p50/p99 ms | "
             + " | ".join(f"e2e {e} p50/p99 ms" for e in encoders) + " | recall@5 |")
     print(head)
@@ -465,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         e2e = " | ".join(f"{r[f'e2e {e}'][0]:.3f} / {r[f'e2e {e}'][1]:.3f}" for e in encoders)
         print(f"| {n:,} | {r['kind']} | {r['build_s']:.1f} | {r['bytes_per']:.0f} | {r['tag_bytes_per']:.0f} | "
-              f"{r['rss_per']:.0f} | {r['search'][0]:.3f} / {r['search'][1]:.3f} | "
+              f"{r['group_bytes_per']:.0f} | {r['rss_per']:.0f} | {r['search'][0]:.3f} / {r['search'][1]:.3f} | "
               f"{r['brute'][0]:.3f} / {r['brute'][1]:.3f} | {r['brute'][1] / r['search'][1]:.1f}x | "
               f"{r['fuse'][0]:.3f} / {r['fuse'][1]:.3f} | {e2e} | {r['recall']:.3f} |", flush=True)
     for r in results:

@@ -127,6 +127,7 @@ class SMoAConfig:
     encoder: str = "default"
     routing_temperature: float = 0.05
     routing_keys_per_adapter: int = 4  # P: most routing keys (k-means prototypes of its examples) per adapter
+    routing_adapt_encoder: bool = True  # MiniLM encoders: optimize_library() trains a query LoRA (smoa.routing.adapt)
     route_cache_size: int = 10_000
     embedding_cache_size: int = 10_000
     # --- optimisation details
@@ -233,6 +234,7 @@ _FLOAT_RANGES: tuple[tuple[str, float, float], ...] = (
 )
 _BOOL_FIELDS = (
     "enable_caching",
+    "routing_adapt_encoder",
     "lazy_loading",
     "enable_offloading",
     "enable_auto_merging",

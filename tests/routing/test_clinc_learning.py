@@ -30,7 +30,7 @@ def library(encoder: str, domains: set[str] | None, order_seed: int | None, refi
         val = [e for e in val if e.domain in domains]
     intents = sorted({e.intent for e in train})
     domain = {e.intent: e.domain for e in train}
-    order = list(intents) if order_seed is None else list(np.random.default_rng(order_seed).permutation(intents))
+    order = list(intents) if order_seed is None else [str(i) for i in np.random.default_rng(order_seed).permutation(intents)]
     names: dict[int, str] = {}
     cfg = SMoAConfig(encoder=encoder, enable_caching=False, routing_threshold=-1.0)
     router = Router(cfg, None, lambda ks: [names.get(k, "") for k in ks])

@@ -186,7 +186,7 @@ def test_stale_generation_rebuilds_with_warning(tmp_path: Path, caplog: pytest.L
     assert again.statistics()["index_size"] == 5 and again.generation == 4
 
 
-@pytest.mark.parametrize("victim", ["vectors.faiss", "tags.json", "meta.json", "ids.npy"])
+@pytest.mark.parametrize("victim", ["vectors.faiss", "tags.npz", "meta.json", "ids.npy"])
 def test_corrupt_or_missing_file_rebuilds(tmp_path: Path, caplog: pytest.LogCaptureFixture, victim: str) -> None:
     router = make(tmp_path, generation=2)
     keys = router.routing_keys(LIB)

@@ -3,7 +3,7 @@
 ::
 
     SmolLM2-135M (frozen) + library = 5 shipped BBC-topic adapters  +  N distractor NANO adapters (random tags)
-                                      (+ 8 prototype routing keys per topic adapter, COMPOSITE aliases of it)
+                                      (each keyed by its routing examples: multi-vector keys learned by the router)
                                             │
     held-out BBC articles (never trained on), first T tokens ──► route from the text alone (no metadata)
                                             │
@@ -153,7 +153,8 @@ def run_main_job(
     domains: Sequence[str] | None = None,
     strategy: str | None = None,
     distractor_noise: float = 0.05,
-    prototypes: int = 8,
+    prototypes: int = 0,
+    refit: bool = True,
     overlap: bool = True,
     progress: bool = True,
     model: Any = None,
@@ -174,8 +175,10 @@ def run_main_job(
         strategy: routing strategy (default the config's, HYBRID).
         distractor_noise: std of the distractors' random ``B`` factors (0 = inert fresh adapters); the shipped
             adapters' trained ``B`` have std ~0.042.
-        prototypes: extra routing keys per topic adapter (:func:`smoa.train.prototypes.add_routing_prototypes`,
-            from its routing examples); 0 = one key each.
+        prototypes: legacy COMPOSITE-alias prototype keys per topic adapter on top of the built-in multi-vector
+            keys (:func:`smoa.train.prototypes.add_routing_prototypes`); 0 (default) = the built-in keys alone.
+        refit: refit the routing (learned keys and query encoder, :meth:`LibraryCore.refit_routing`) once the
+            library is built, as ``optimize_library()`` and the background optimiser do.
         overlap: distractor tags may name the topics themselves (the hard setting); ``False`` leaves out
             :data:`TOPIC_WORDS`.
         progress: tqdm bars.
@@ -191,6 +194,7 @@ def run_main_job(
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    refit_report: dict[str, float] = {}
     t = time.perf_counter()
     if model is None:
         from smoa.models import load_default_base_model
@@ -219,10 +223,15 @@ def run_main_job(
                 smoa.create_adapters_sync(specs[i : i + chunk])
                 bar.update(min(chunk, distractors - i))
         timings["create_distractors_s"] = time.perf_counter() - t
+        if refit:  # what optimize_library() and the background optimiser run for routing (keys, query encoder)
+            t = time.perf_counter()
+            refit_report = smoa.core.refit_routing()
+            timings["refit_routing_s"] = time.perf_counter() - t
         ad_of = {d: a.id for d, a in zip(names, domain_ads)}
         texts = held_out_texts(names, per_domain, tokenizer, max_tokens)
         routes, routing = _route_all(smoa, texts, ad_of, all_k, progress)
-        routing["keys_per_topic"] = 1 + (len(aliases[names[0]]) - 1)
+        routing["alias_keys_per_topic"] = len(aliases[names[0]]) - 1
+        routing["routing_keys_per_adapter"] = config.routing_keys_per_adapter
         conditions, forward_s = _evaluate(smoa, texts, ad_of, routes, k, all_k, batch_size, max_tokens + 8, progress)
         stats = smoa.get_statistics()
     finally:
@@ -238,12 +247,13 @@ def run_main_job(
         "config": {"distractors": distractors, "per_domain": per_domain, "k": k, "extra_k": list(extra_k), "seed": seed,
                    "max_tokens": max_tokens, "batch_size": batch_size, "domains": names,
                    "strategy": config.routing_strategy.value, "distractor_noise": distractor_noise,
-                   "prototypes": prototypes, "overlap": overlap,
+                   "prototypes": prototypes, "refit": refit, "overlap": overlap,
                    "library_size": stats["library"]["total_adapters"], "texts": len(texts),
                    "torch_threads": torch.get_num_threads()},
         "conditions": conditions,
         "recovered": conditions[f"routed k={k}"]["recovered"],
         "routing": routing,
+        "refit_routing": refit_report,
         "forward_ms_per_text": per_text_forward,
         "forward_overhead": {c: forward_s[c] / forward_s["base"] - 1.0 for c in forward_s if c != "base"},
         "timings": timings,
@@ -251,23 +261,19 @@ def run_main_job(
 
 
 def add_topic_adapters(smoa: SparseAdapterMixture, shipped: list[Any], prototypes: int, seed: int) -> tuple[list[Any], dict[str, list[str]]]:
-    """Add the shipped adapters keyed by their routing examples (each encoded once), plus ``prototypes`` alias
-    keys each; returns the adapters and ``topic -> [adapter id, alias ids...]``."""
+    """Add the shipped adapters with their routing examples: the router keys each by up to
+    ``routing_keys_per_adapter`` prototypes of them and learns the keys (issue 11, :mod:`smoa.routing.learner`).
+    ``prototypes > 0`` adds the legacy COMPOSITE-alias prototype keys of :mod:`smoa.train.prototypes` on top
+    (kept for comparison only). Returns the adapters and ``topic -> [adapter id, alias ids...]``."""
     from smoa.data.shipped import shipped_specs
-    from smoa.train.prototypes import add_routing_prototypes, example_key
 
-    specs = shipped_specs(shipped)
-    for spec in specs:
-        spec.examples = ()  # keyed below from the same example vectors the prototypes use
-    ads = smoa.create_adapters_sync(specs)
-    aliases: dict[str, list[str]] = {}
-    for a, ad in zip(shipped, ads):
-        vecs = smoa.router.encoder.encode_batch(list(a.routing_examples))  # [n, dim]
-        smoa.core.set_routing_keys(ad.id, example_key(smoa, ad, vecs))
-        aliases[a.domain] = [ad.id]
-        if prototypes > 0:
-            aliases[a.domain] += [p.id for p in add_routing_prototypes(smoa, ad.id, a.routing_examples, prototypes,
-                                                                         seed, vectors=vecs)]  # fmt: skip
+    ads = smoa.create_adapters_sync(shipped_specs(shipped))
+    aliases = {a.domain: [ad.id] for a, ad in zip(shipped, ads)}
+    if prototypes > 0:
+        from smoa.train.prototypes import add_routing_prototypes
+
+        for a, ad in zip(shipped, ads):
+            aliases[a.domain] += [p.id for p in add_routing_prototypes(smoa, ad.id, a.routing_examples, prototypes, seed)]
     return ads, aliases
 
 
@@ -357,7 +363,8 @@ def format_table(result: dict[str, Any]) -> str:
     cfg, r = result["config"], result["routing"]
     lines = [
         f"SMoA main job: SmolLM2-135M, {len(cfg['domains'])} BBC topic adapters + {cfg['distractors']:,} distractors "
-        f"(library {cfg['library_size']:,} with {r['keys_per_topic']} routing keys per topic), {cfg['texts']} held-out "
+        f"(library {cfg['library_size']:,}; topic adapters keyed by their examples, up to {r['routing_keys_per_adapter']} "
+        f"learned keys each{', routing refit' if cfg['refit'] else ''}), {cfg['texts']} held-out "
         f"texts x {cfg['max_tokens']} tokens, strategy {cfg['strategy']}, distractor tags "
         f"{'may name the topics' if cfg['overlap'] else 'never name the topics'}",
         "",
@@ -394,7 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per held-out text (default 128)")
     p.add_argument("--strategy", default=None, help="routing strategy (default hybrid)")
     p.add_argument("--distractor-noise", type=float, default=0.05, help="std of distractors' B (0 = inert)")
-    p.add_argument("--prototypes", type=int, default=8, help="extra routing keys per topic adapter (0 = one key)")
+    p.add_argument("--no-refit", action="store_true", help="route with the keys as created (no routing refit)")
+    p.add_argument("--prototypes", type=int, default=0,
+                   help="legacy COMPOSITE-alias prototype keys per topic adapter on top of the built-in ones (0 = none)")
     p.add_argument("--disjoint-distractors", action="store_true", help="distractor tags never name a BBC topic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapters-dir", default=None, help="adapters in the shipped format (default: the package's)")
@@ -407,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_main_job(
         distractors=args.distractors, per_domain=args.per_domain, k=args.k, extra_k=args.extra_k, seed=args.seed,
         max_tokens=args.max_tokens, strategy=args.strategy, distractor_noise=args.distractor_noise,
-        progress=not args.no_progress, adapters_dir=args.adapters_dir, prototypes=args.prototypes,
+        progress=not args.no_progress, adapters_dir=args.adapters_dir, prototypes=args.prototypes, refit=not args.no_refit,
         overlap=not args.disjoint_distractors,
     )  # fmt: skip
     print(format_table(result))

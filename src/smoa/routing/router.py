@@ -35,7 +35,24 @@ vector index; an adapter scores its best key); keys are refitted on the adapters
 cosine against the threshold calibrated from held-out folds (:mod:`smoa.routing.calibrate`), which also gives
 ``Route.confidence``. Cascade (MiniLM key spaces): the static encoder projected into the key space answers when
 its top-1 leads by ``CASCADE_MARGIN``; otherwise MiniLM re-scores if the online cost model says it fits in the
-remaining budget, else the fast answer stands and the route is ``degraded`` (a real loss of quality).
+remaining budget, else the fast answer stands and the route is ``degraded`` (a real loss of quality). The margin
+the fast path needs is at least ``CASCADE_MARGIN`` and at least the one at which its projection routes the
+stored examples 98 % right (:func:`~smoa.routing.learner.sure_margin`, set at each refit).
+
+Learned query encoder (:mod:`smoa.routing.adapt`): with a MiniLM encoder and ``routing_adapt_encoder`` (default
+on), :meth:`Router.refit` (``optimize_library()`` and the background optimiser) first trains a LoRA on MiniLM
+over the adapters' stored example texts when there are >= ``ADAPT_MIN_ADAPTERS`` adapters and
+>= ``ADAPT_MIN_EXAMPLES`` examples and it never ran, or >= ``ADAPT_RETRAIN_SHARE`` of the examples changed since
+(never on a create: creating adapters never trains MiniLM). Training runs off the lock (routes are served by
+the encoder in use); then every stored example, routing text and negative is re-encoded in the new space, the
+keys are refitted there, and encoder + learner + keys are swapped in at once. One example in five
+(:func:`~smoa.routing.learner.held_out_mask`) is kept out of the training: the calibration evidence of those
+adapters comes only from them, and a new encoder that routes them worse than the one in use is not adopted.
+The catalog keeps base-space keys (``encoder`` = the base's name); the index holds the adapted ones (adapters
+without examples keep their base key). Persisted beside the index (``query_lora.safetensors``, its version in
+the checksummed learner state); a file that does not match is refused as a whole: routing falls back to the
+base encoder, the learner is re-encoded from its stored texts, the index is rebuilt from the catalog and the
+adaptation retrains at the next refit.
 """
 
 from __future__ import annotations
@@ -57,6 +74,7 @@ from smoa.config import RoutingStrategy, SMoAConfig, coerce_enum
 from smoa.errors import ConfigError, InvalidInputError
 from smoa.routing.encoders import CachedEncoder, Encoder, get_encoder
 from smoa.routing.index import GroupIndex, IndexParams, StaleIndexError, TagIndex, VectorIndex
+from smoa.routing.index.groups import row_sums
 from smoa.routing.index.store import load_indexes, save_indexes
 from smoa.routing.index.tags import query_terms_from_metadata
 from smoa.routing.keys import TEXT_WEIGHT, blend_keys, example_centroids, refine_keys, routing_text
@@ -68,6 +86,7 @@ from smoa.routing.learner import (
     REFIT_EPOCHS,
     KeyLearner,
     digest,
+    held_out_mask,
     initial_keys,
     owner_of,
     slots_of,
@@ -87,6 +106,17 @@ RESCUE_GROUPS = 3  # SEMANTIC / HYBRID: nearest groups whose members are scored 
 SMALL_GROUP_LIMIT = 256
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
 FAST_ENCODERS = ("minilm", "minilm-int8")
+REFIT_GROWTH = 1.25  # apply(): full key refit when the adapters with examples grew by this factor since the last
+REFIT_MIN_ADAPTERS = 8
+ADAPTED_KEYS = 1  # keys per adapter in the learned encoder's space: its examples form one tight cluster there
+# (CLINC150 val, pure adapted encoder: 1 key 96.3 % in-scope / 80 % OOS at auto, 4 keys 95.9 % / 83 %)
+ADAPT_MIN_ADAPTERS = 5  # adapters with example texts before the query encoder is adapted
+ADAPT_MIN_EXAMPLES = 1000  # below this a LoRA over-fits (8 x 24 CLINC examples: top-1 -2.5 points); keys alone learn
+ADAPT_RETRAIN_SHARE = 0.1  # retrain when this share of the stored examples (at least ADAPT_RETRAIN_MIN) changed
+ADAPT_RETRAIN_MIN = 200
+MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
+DISTURB_MAX_PROTOTYPES = 20_000  # prototypes of learned adapters checked against each change set's new rivals
+DISTURB_DENSE_LIMIT = 50_000_000  # new keys x prototypes up to which the check is one dense product
 LEARNER_FILE = "learner.npz"  # key spaces the static fast path is projected into
 
 
@@ -144,7 +174,15 @@ class Router:
     ) -> None:
         self.config = config
         inner = encoder or get_encoder(config.encoder)
-        self.encoder = CachedEncoder(inner, config.embedding_cache_size)
+        self.encoder = CachedEncoder(inner, config.embedding_cache_size)  # the catalog's key space (base encoder)
+        self._adapted: CachedEncoder | None = None  # the learned query encoder (smoa.routing.adapt), once trained
+        self._adapt_lock = threading.Lock()  # one adaptation at a time
+        self._rebuild_needed = False  # a refused learned encoder: the loaded vectors are in its space
+        self.adapt_history: Any = None
+        self.adaptations = 0
+        self.adapt_rejected = 0  # trained but not adopted (worse on held-out examples than the encoder in use)
+        self._refit_size = 0  # adapters with examples at the last full key refit
+        self._can_adapt = bool(getattr(config, "routing_adapt_encoder", True)) and inner.name in FAST_ENCODERS
         self.dim = int(inner.dim)
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._resolve = resolve_ids
@@ -160,6 +198,7 @@ class Router:
         self._counts = {"queries": 0, "cache_hits": 0, "cache_misses": 0, "degraded": 0, "truncated": 0,
                         "escalated": 0, "fast": 0, "empty": 0}  # fmt: skip
         self._learner = KeyLearner(self.dim, int(getattr(config, "routing_keys_per_adapter", 4)))
+        self._levels: dict[int, tuple[bytes, float]] = {}  # adapter key -> (initial digest, landing level)
         self._max_p = 1  # most keys any adapter holds (bounds slot lookups)
         self._pending: OrderedDict[bytes, tuple] = OrderedDict()  # encode_keys output -> its embeddings
         self._main_cost = [3.0, 0.02]  # predicted main-encoder ms: base + per character (updated online)
@@ -235,16 +274,22 @@ class Router:
 
     def _stash(self, items: Sequence[RoutingText], text_vecs: np.ndarray, ex_vecs: np.ndarray, owner: np.ndarray,
                keys: Sequence[np.ndarray]) -> None:
-        """Remember the embeddings behind ``keys`` until :meth:`apply` indexes them (bounded, oldest dropped)."""
+        """Remember the embeddings behind ``keys`` until :meth:`apply` indexes them (bounded, oldest dropped);
+        with a learned query encoder, its embeddings too (the adapter is indexed in its space)."""
         fast = self._fast
         texts = [routing_text(it.domain_tags, it.skill_tags, it.description) for it in items]
+        flat = [ex for it in items for ex in it.examples]
         ft = fast.encode(texts) if fast is not None else None
-        fe = fast.encode([ex for it in items for ex in it.examples]) if fast is not None and len(ex_vecs) else None
+        fe = fast.encode(flat) if fast is not None and len(ex_vecs) else None
+        adapted, version = self._adapted, self._learner.adapted_version
+        at = adapted.encode_batch(texts) if adapted is not None else None
+        ae = adapted.encode_batch(flat) if adapted is not None else None
         with self._lock:
             for i, k in enumerate(keys):
                 rows = owner == i
                 self._pending[digest(k)] = (text_vecs[i], ex_vecs[rows], None if ft is None else ft[i],
-                                            None if fe is None else fe[rows])  # fmt: skip
+                                            None if fe is None else fe[rows], tuple(items[i].examples), texts[i],
+                                            None if at is None else (version, at[i], ae[rows]))  # fmt: skip
             while len(self._pending) > 4096:
                 self._pending.popitem(last=False)
 
@@ -265,8 +310,7 @@ class Router:
         with self._lock:
             self._drop(keys)
             self._put(keys, mats)
-            for k, (d, s) in zip(keys, tags):
-                self._tags.add(int(k), d, s)
+            self._tags.add_many((k, d, s) for k, (d, s) in zip(keys.tolist(), tags))
             self._groups.add_many(keys, _means(mats), [list(d) for d, _ in tags])
             self._changed(generation)
 
@@ -274,9 +318,9 @@ class Router:
         """Index each adapter's ``[P, dim]`` keys under its slot ids (caller holds the lock, old slots dropped)."""
         if not len(keys):
             return
-        self._max_p = max(self._max_p, max(len(m) for m in mats))
-        slots = np.concatenate([slots_of(np.asarray([k]), len(m)) for k, m in zip(keys, mats)])
-        self._vectors.add(slots, np.concatenate(mats))
+        counts = np.fromiter((len(m) for m in mats), np.int64, len(mats))
+        self._max_p = max(self._max_p, int(counts.max()))
+        self._vectors.add(_slots(keys, counts), np.concatenate(mats))
 
     def _drop(self, keys: np.ndarray) -> None:
         """Take ``keys``' slots out of the vector index and the groups (caller holds the lock)."""
@@ -299,8 +343,7 @@ class Router:
         keys = np.asarray(list(keys), np.int64).reshape(-1)
         with self._lock:
             self._drop(keys)
-            for k in keys:
-                self._tags.remove(int(k))
+            self._tags.remove_many(keys)
             self._learner.forget(keys)
             self._changed(generation)
 
@@ -319,41 +362,106 @@ class Router:
                 self.remove(sorted({int(k) for k in removes}), generation)
             if upserts:
                 keys = np.array([e.key for e in upserts], np.int64)
-                mats = [self._adopt(e) for e in upserts]
-                learn = [e.key for e, m in zip(upserts, mats) if m is None]
-                mats = [_first_vector(e, self.dim) if m is None else m for e, m in zip(upserts, mats)]
+                adopted = [self._adopt(e) for e in upserts]
+                learn = [e.key for e, (_, fit) in zip(upserts, adopted) if fit]
+                mats = [_first_vector(e, self.dim) if m is None else m for e, (m, _) in zip(upserts, adopted)]
                 self.add(keys, mats, [(list(e.domain_tags), list(e.skill_tags)) for e in upserts], generation)
+                fresh = [(e.key, m) for e, m in zip(upserts, mats) if e.key not in set(learn)]
+                self._new_keys = {k for k, _ in fresh}
+                learn += self._disturbed([m for _, m in fresh], set(learn))
             self._changed(generation)
+            _ = self._learner.projection  # the fast projection's one ridge solve for this change set
         if learn:
-            self._local_update(learn)
+            if self._refit_due():  # amortised: a full refit each time the library grew by REFIT_GROWTH
+                self.refit_keys()
+            else:
+                self._local_update(learn)
 
-    def _adopt(self, entry: KeyEntry) -> np.ndarray | None:
+    def _disturbed(self, mats: list[np.ndarray], skip: set[int]) -> list[int]:
+        """Learned adapters that new keys without examples (``mats``, ``[P_i, dim]`` each) land on: their keys were
+        fitted before these rivals existed, so they are refitted against them (caller holds the lock).
+
+        A rival lands on adapter ``a`` when its key is as close to one of ``a``'s prototypes (its initial keys, where
+        its examples are) as the closest 90 % of ``a``'s own examples are. This is what makes a library keyed by
+        examples first and by text later route like one built in the other order (issue 11: the result must not
+        depend on the order of arrival). Cost: one ``[new keys, prototypes]`` product per change set; skipped
+        above :data:`DISTURB_MAX_PROTOTYPES` prototypes (the background refit still sees every rival).
+        """
+        lrn = self._learner
+        learned = [k for k in lrn.learned if k not in skip and k in lrn.stored and k in lrn.initial]
+        if not mats or not learned:
+            return []
+        protos = [lrn.initial_keys_of(k) for k in learned]
+        n_protos = sum(len(p) for p in protos)
+        if n_protos > DISTURB_MAX_PROTOTYPES:
+            return []
+        levels = np.array([self._land_level(k, p) for k, p in zip(learned, protos)], np.float32)
+        owner = np.concatenate([[i] * len(p) for i, p in enumerate(protos)])
+        allp = np.concatenate(protos)  # [n prototypes, dim]
+        probe = np.concatenate([np.asarray(m, np.float32).reshape(-1, self.dim) for m in mats])  # [M, dim]
+        closest = np.full(len(learned), -np.inf, np.float32)
+        if len(probe) * n_protos <= DISTURB_DENSE_LIMIT:  # few arrivals: one dense product
+            np.maximum.at(closest, owner, (probe @ allp.T).max(0))
+        else:  # a big change set: the prototypes' nearest keys in the index, kept if they are among the new ones
+            new_slots = slots_of(np.asarray(sorted(self._new_keys), np.int64), self._max_p)
+            sims, slots = self._vectors.search(allp, min(64, len(self._vectors)))
+            sims = np.where(np.isin(slots, new_slots), sims, -np.inf)
+            np.maximum.at(closest, owner, sims.max(1))
+        return [k for k, c, lv in zip(learned, closest, levels) if c >= lv]
+
+    def _land_level(self, key: int, protos: np.ndarray) -> float:
+        """10 % quantile of adapter ``key``'s stored examples' cosine to their nearest prototype (memoised)."""
+        d = self._learner.initial[key][0]
+        hit = self._levels.get(key)
+        if hit is None or hit[0] != d:
+            ex = self._learner.stored[key].examples.astype(np.float32)
+            hit = (d, float(np.quantile((ex @ protos.T).max(1), 0.1)))
+            self._levels[key] = hit
+        return hit[1]
+
+    def _adopt(self, entry: KeyEntry) -> tuple[np.ndarray | None, bool]:
         """Link ``entry`` to what the learner knows (caller holds the lock).
 
-        Returns the learned keys to index instead of the catalog's when this adapter's catalog keys are unchanged
-        since they were learned (e.g. a tag update), else ``None`` (index the catalog keys; learn if it has
-        examples: the embeddings :meth:`encode_keys` remembered are attached to the adapter here).
+        Returns ``(keys to index instead of the catalog's, whether to learn)``: the learned keys when this
+        adapter's catalog keys are unchanged since they were learned (e.g. a tag update); else ``None`` (index the
+        catalog keys; learn if it has examples: the embeddings :meth:`encode_keys` remembered are attached to the
+        adapter here). With a learned query encoder, the keys to index are in its space (from its embeddings).
         """
         vecs = _first_vector(entry, self.dim)
         d = digest(vecs)
         learned = self._learner.learned.get(entry.key)
         if learned is not None and learned[0] == d:
-            return learned[1].astype(np.float32)
+            return learned[1].astype(np.float32), False
         hit = self._pending.pop(d, None)
-        if hit is not None:
-            text, ex, text_fast, ex_fast = hit
-            self._learner.remember(entry.key, text, ex, text_fast, ex_fast)
-            if len(ex):
+        if hit is None:
+            if entry.key in self._learner.stored:
                 self._learner.initial[entry.key] = (d, vecs)
-        elif entry.key in self._learner.stored:
-            self._learner.initial[entry.key] = (d, vecs)
-        return None
+            return None, entry.key in self._learner.stored
+        text, ex, text_fast, ex_fast, ex_texts, rtext, adapted = hit
+        index = None
+        if self._learner.adapted_version and len(ex):  # index and learn in the learned encoder's space
+            # (an adapter without examples keeps its catalog key: its text vector in the base space)
+            if adapted is None or adapted[0] != self._learner.adapted_version:
+                at, ae = self._adapted.encode_batch([rtext]), self._adapted.encode_batch(list(ex_texts))
+                adapted = ("", at[0], ae)
+            text, ex = adapted[1], adapted[2]
+            index = initial_keys(text, ex, ADAPTED_KEYS)
+        self._learner.remember(entry.key, text, ex, text_fast, ex_fast, ex_texts, rtext)
+        if len(ex):
+            self._learner.initial[entry.key] = (d, vecs if index is None else index)
+        return index, bool(len(ex))
 
     def rebuild(self, entries: Iterable[KeyEntry], generation: int) -> int:
         """Replace both indexes with ``entries``; returns how many adapters were indexed."""
         with self._lock:
-            return self._rebuild(((e.key, _first_vector(e, self.dim), e.domain_tags, e.skill_tags) for e in entries),
-                                 generation)  # fmt: skip
+            n = self._rebuild(((e.key, _first_vector(e, self.dim), e.domain_tags, e.skill_tags) for e in entries),
+                              generation)  # fmt: skip
+            if self._adapted is not None:  # catalog keys are in the base space: index the learned ones again
+                lrn = self._learner
+                keep = {k: lrn.current_keys(k) for k in lrn.with_examples()}
+                found, _ = self._vectors.vectors_of(slots_of(np.asarray(sorted(keep), np.int64), 1))
+                self._install_learned({int(k): keep[int(k)] for k in owner_of(found)}, {})
+            return n
 
     # ------------------------------------------------------------------ learning (module smoa.routing.learner)
     def _neighbourhood(self, new: list[int]) -> tuple[list[int], np.ndarray]:
@@ -370,11 +478,11 @@ class Router:
             q = np.stack([_means([lrn.current_keys(k)])[0] for k in sorted(new_set)])
             near = np.argsort(-(q @ means.T), axis=1)[:, : NEIGHBOURS + 1]
             trainable = sorted(new_set | {ex_keys[i] for i in near.reshape(-1)})
-            probe = np.concatenate([lrn.current_keys(k) for k in trainable])
-            _, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
-            # every nearby key outside the trainable set is a fixed class (its adapter is not refitted now)
-            fixed_slots = np.unique(slots[(slots >= 0) & ~np.isin(owner_of(slots), trainable)])
-            found, fixed = self._vectors.vectors_of(fixed_slots[: 4 * FIXED_NEIGHBOURS])
+            # rivals near the learned keys and near the prototypes (where the adapters' examples are)
+            probe = np.concatenate([lrn.current_keys(k) for k in trainable] + [lrn.initial_keys_of(k) for k in trainable])
+            sims, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
+            # the nearest keys outside the trainable set are fixed classes (their adapters are not refitted now)
+            found, fixed = self._vectors.vectors_of(_nearest_rivals(sims, slots, trainable, MAX_FIXED))
             self._fixed_owner = owner_of(found)
             return trainable, fixed
 
@@ -393,10 +501,26 @@ class Router:
         """Full refit: every adapter with examples, from its initial keys (so arrival order does not matter),
         against the nearest keys of the others; then the fast projection and the calibration. Called by
         ``optimize_library()`` and the background optimiser; routes keep being served meanwhile."""
+        if self._should_adapt():
+            got = self.adapt()
+            if got is not None:
+                return got
+        return self.refit_keys()
+
+    def _refit_due(self) -> bool:
+        """Whether the adapters with examples grew by ``REFIT_GROWTH`` since the last full key refit (so that a
+        library built one adapter at a time gets full refits at geometric sizes: total cost a few full refits)."""
+        with self._lock:
+            n = len(self._learner.with_examples())
+        return n >= REFIT_MIN_ADAPTERS and n >= REFIT_GROWTH * self._refit_size
+
+    def refit_keys(self) -> dict[str, float]:
+        """The full key refit of :meth:`refit`, without training the query encoder."""
         t = time.perf_counter()
         lrn = self._learner
         with self._lock:
             trainable = lrn.with_examples()
+            self._refit_size = len(trainable)
         if trainable:
             _, fixed = self._neighbourhood(trainable)
             with self._lock:
@@ -412,6 +536,157 @@ class Router:
                     self._cache.clear()
         lrn.refits += 1
         return {"adapters": float(len(trainable)), "seconds": time.perf_counter() - t}
+
+    # ------------------------------------------------------------------ the learned query encoder (smoa.routing.adapt)
+    @property
+    def query_encoder(self) -> CachedEncoder:
+        """The encoder queries go through: the learned one once trained, else the base encoder."""
+        return self._adapted if self._adapted is not None else self.encoder
+
+    def _adapt_data(self) -> tuple[list[str], list[int]]:
+        """Example texts and their adapter keys, of every adapter whose texts the learner holds."""
+        texts, labels = [], []
+        with self._lock:
+            for k in self._learner.with_examples():
+                own = self._learner.stored[k].texts
+                train = ~held_out_mask(own)  # the held-out ones calibrate the threshold (learner.fit)
+                texts += [t for t, use in zip(own, train) if use]
+                labels += [k] * int(train.sum())
+        return texts, labels
+
+    def _should_adapt(self) -> bool:
+        """Train (again) when the library has enough examples and enough of them changed since the last time."""
+        if not self._can_adapt or self._adapt_lock.locked():
+            return False
+        with self._lock:
+            lrn = self._learner
+            ks = [k for k in lrn.with_examples() if len(lrn.stored[k].texts)]
+            total = sum(len(lrn.stored[k].texts) for k in ks)
+            if len(ks) < ADAPT_MIN_ADAPTERS or total < ADAPT_MIN_EXAMPLES:
+                return False
+            if not lrn.adapted_version:
+                return True
+            return lrn.changed_examples >= max(ADAPT_RETRAIN_MIN, ADAPT_RETRAIN_SHARE * total)
+
+    def adapt(self, epochs: float | None = None, stop: threading.Event | None = None) -> dict[str, float] | None:
+        """Train the query LoRA on the stored examples, re-encode what the learner holds in the new space, refit
+        the keys there and swap it all in at once (module :mod:`smoa.routing.adapt`).
+
+        Runs outside the router's lock (routes keep being served by the previous encoder, minutes on CPU); only
+        the final swap takes it. Returns the refit report (``adapt_seconds`` = training time), or ``None`` when
+        another adaptation is running, there is too little data, or ``stop`` was set.
+        """
+        from smoa.routing import adapt as qa
+
+        if not self._adapt_lock.acquire(blocking=False):
+            return None
+        try:
+            t0 = time.perf_counter()
+            texts, labels = self._adapt_data()
+            if len(set(labels)) < ADAPT_MIN_ADAPTERS:
+                return None
+            weights, hist = qa.train_query_lora(texts, labels, qa.EPOCHS if epochs is None else epochs, stop=stop)
+            if hist.stopped:
+                return None
+            enc = CachedEncoder(qa.AdaptedEncoder(weights, self.encoder.name), self.config.embedding_cache_size)
+            fresh = self._reencoded(enc, set(labels))
+            fresh.adapted_version = enc.inner.version
+            fresh.encoder_seen = set(labels)
+            keys, evidence = self._fit_fresh(fresh)
+            new, old = _held_out_accuracy(evidence.values()), _held_out_accuracy(self._learner.evidence.values())
+            if new is not None and old is not None and new < old:  # worse on held-out examples: keep the old one
+                logger.info("smoa routing: learned query encoder not adopted (held-out top-1 %.3f < %.3f)", new, old)
+                with self._lock:
+                    self._learner.changed_examples = 0
+                self.adapt_rejected += 1
+                return {"adapters": float(len(keys)), "seconds": time.perf_counter() - t0, "adapt_seconds": hist.seconds,
+                        "adapt_steps": float(hist.steps), "adopted": 0.0}  # fmt: skip
+            if self.index_dir is not None:  # file first: the learner state names its version only when saved
+                qa.save_adapted(self.index_dir, weights, self.encoder.name, hist)
+            self._swap(enc, fresh, keys, evidence)
+            self.adapt_history = hist
+            self.adaptations += 1
+            if self._fast is not None:
+                ks = sorted(keys)
+                if ks:
+                    fresh.tune_projection(np.concatenate([keys[k] for k in ks]), np.concatenate([[k] * len(keys[k]) for k in ks]))
+            with self._lock:
+                self._cache.clear()
+                self._dirty = True
+            fresh.refits += 1
+            return {"adapters": float(len(keys)), "seconds": time.perf_counter() - t0, "adapt_seconds": hist.seconds,
+                    "adapt_steps": float(hist.steps), "adopted": 1.0}  # fmt: skip
+        finally:
+            self._adapt_lock.release()
+
+    def _reencoded(self, enc: CachedEncoder, keys: set[int]) -> KeyLearner:
+        """A new learner holding ``keys``' (and the negatives') texts encoded by ``enc`` (outside the lock)."""
+        with self._lock:
+            old = self._learner
+            snap = {k: old.stored[k] for k in keys if k in old.stored}
+            negs = list(old.negative_texts)
+            neg_fast = old.negatives_fast
+        fresh = KeyLearner(self.dim, old.max_keys)
+        for k, st in sorted(snap.items()):
+            tv, ev = enc.encode_batch([st.routing])[0], enc.encode_batch(list(st.texts))
+            fresh.remember(k, tv, ev, st.text_fast, st.examples_fast, st.texts, st.routing)
+            fresh.initial[k] = (old.initial[k][0], initial_keys(tv, ev, ADAPTED_KEYS))
+        fresh.negative_texts = negs
+        fresh.negatives = enc.encode_batch(negs).astype(np.float16) if negs else np.zeros((0, self.dim), np.float16)
+        fresh.negatives_fast = neg_fast
+        fresh.changed_examples = 0
+        return fresh
+
+    def _fit_fresh(self, fresh: KeyLearner) -> tuple[dict[int, np.ndarray], dict]:
+        """Fit every adapter of ``fresh`` from its initial keys against the nearest other indexed keys."""
+        trainable = fresh.with_examples()
+        if not trainable:
+            return {}, {}
+        start = {k: fresh.initial_keys_of(k) for k in trainable}
+        probe = np.concatenate(list(start.values()))
+        with self._lock:
+            sims, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
+            _, fixed = self._vectors.vectors_of(_nearest_rivals(sims, slots, trainable, MAX_FIXED))
+        return fresh.fit(trainable, start, fixed, REFIT_EPOCHS)
+
+    def _swap(self, enc: CachedEncoder, fresh: KeyLearner, keys: dict[int, np.ndarray], evidence: dict) -> None:
+        """Install the new encoder, learner and keys at once (under the lock); adapters that arrived meanwhile are
+        encoded in the new space here, the ones removed meanwhile are left out."""
+        with self._lock:
+            old = self._learner
+            for k in [k for k in fresh.stored if k not in old.stored]:
+                fresh.forget([k])
+                keys.pop(k, None)
+            for k in [k for k in old.stored if k not in fresh.stored and len(old.stored[k].texts)]:
+                st = old.stored[k]
+                tv, ev = enc.encode_batch([st.routing])[0], enc.encode_batch(list(st.texts))
+                fresh.remember(k, tv, ev, st.text_fast, st.examples_fast, st.texts, st.routing)
+                if k in old.initial:
+                    fresh.initial[k] = (old.initial[k][0], initial_keys(tv, ev, ADAPTED_KEYS))
+                    keys[k] = fresh.initial[k][1]
+            fresh.refits = old.refits
+            self._learner = fresh
+            self._adapted = enc
+            self._install_learned(keys, evidence)
+            self._pending.clear()  # embeddings stashed for the old space
+
+    def _rebase(self, lrn: KeyLearner) -> KeyLearner | None:
+        """The learner's texts re-encoded by the base encoder (its learned encoder was refused), or ``None`` when
+        it holds no texts to re-encode. Its catalog-key digests stay valid: the base keys are recomputed exactly."""
+        if any(not len(st.texts) and len(st.examples) for st in lrn.stored.values()):
+            return None
+        out = KeyLearner(self.dim, lrn.max_keys)
+        for k, st in sorted(lrn.stored.items()):
+            tv, ev = self.encoder.encode_batch([st.routing])[0], self.encoder.encode_batch(list(st.texts))
+            out.remember(k, tv, ev, st.text_fast, st.examples_fast, st.texts, st.routing)
+            if k in lrn.initial:
+                out.initial[k] = (lrn.initial[k][0], initial_keys(tv, ev, out.max_keys))
+        out.negative_texts = list(lrn.negative_texts)
+        if out.negative_texts:
+            out.negatives = self.encoder.encode_batch(out.negative_texts).astype(np.float16)
+            out.negatives_fast = lrn.negatives_fast
+        out.changed_examples = sum(len(st.texts) for st in out.stored.values())  # retrain at the next refit
+        return out
 
     def _install_learned(self, keys: dict[int, np.ndarray], evidence: dict) -> None:
         """Swap learned keys in for the adapters still as they were when the fit started; recalibrate."""
@@ -452,11 +727,12 @@ class Router:
         clean = [t for t in clean if t]
         if not clean:
             return len(self._learner.negatives)
-        vecs = self.encoder.encode_batch(clean).astype(np.float16)
+        vecs = self.query_encoder.encode_batch(clean).astype(np.float16)
         fast = self._fast.encode(clean).astype(np.float16) if self._fast is not None else np.zeros((0, self.dim), np.float16)
         with self._lock:
             lrn = self._learner
             lrn.negatives = np.concatenate([lrn.negatives, vecs])
+            lrn.negative_texts.extend(clean)
             if len(fast):
                 lrn.negatives_fast = np.concatenate([lrn.negatives_fast, fast])
             self._recalibrate()
@@ -489,13 +765,16 @@ class Router:
             return None
         with self._lock:
             try:
-                vectors, tags = load_indexes(self.index_dir, saved, self.encoder.name, self.dim, self._params)
+                vectors, tags, groups = load_indexes(self.index_dir, saved, self.encoder.name, self.dim, self._params)
             except StaleIndexError as exc:
                 logger.info("smoa routing: persisted index not used (%s)", exc)
                 return None
-            self._install(vectors, tags, saved)
+            self._install(vectors, tags, saved, groups)
             self._dirty = False
             self._load_learner()
+            if self._rebuild_needed:  # vectors made in a refused encoder's space: the core rebuilds from the catalog
+                self._rebuild_needed = False
+                return None
         return saved
 
     def sync(
@@ -507,14 +786,18 @@ class Router:
         with self._lock:
             if self.index_dir is not None:
                 try:
-                    vectors, tags = load_indexes(self.index_dir, generation, self.encoder.name, self.dim, self._params)
+                    vectors, tags, groups = load_indexes(self.index_dir, generation, self.encoder.name, self.dim,
+                                                         self._params)  # fmt: skip
                 except StaleIndexError as exc:
                     reason = str(exc)
                 else:
-                    self._install(vectors, tags, generation)
+                    self._install(vectors, tags, generation, groups)
                     self._dirty = False
                     self._load_learner()
-                    return
+                    reason = "learned query encoder refused"
+                    if not self._rebuild_needed:
+                        return
+                    self._rebuild_needed = False
             else:
                 reason = ""
             n = self._rebuild(rows(), generation)
@@ -526,29 +809,42 @@ class Router:
     def _rebuild(self, rows: Iterable[tuple[int, np.ndarray, list[str], list[str]]], generation: int) -> int:
         keys: list[int] = []
         vecs: list[np.ndarray] = []
-        tags = TagIndex()
+        tag_rows: list[tuple[int, list[str], list[str]]] = []
         for key, vec, domain, skill in rows:
             mat = np.asarray(vec, np.float32).reshape(-1, self.dim)[:MAX_KEYS]
             keys.append(int(key))
             vecs.append(mat)
-            tags.add(int(key), domain, skill)
+            tag_rows.append((int(key), domain, skill))
+        tags = TagIndex()
+        tags.add_many(tag_rows)
+        del tag_rows
         matrix = np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float32)
-        slots = np.concatenate([slots_of(np.asarray([k]), len(m)) for k, m in zip(keys, vecs)]) if vecs else \
-            np.zeros(0, np.int64)
-        self._install(VectorIndex.build(self.dim, slots, matrix, self._params), tags, generation)
+        counts = np.fromiter((len(m) for m in vecs), np.int64, len(vecs))
+        del vecs
+        owners = np.repeat(np.asarray(keys, np.int64), counts)  # [slots]
+        slots = _slots(np.asarray(keys, np.int64), counts)
+        groups = None
+        uniq, inverse = np.unique(owners, return_inverse=True)
+        if len(uniq) == len(keys):  # groups from the exact keys (no decoding); a repeated key: let _install do it
+            sums = row_sums(matrix, inverse, len(uniq))
+            groups = GroupIndex(self.dim)
+            groups.add_many(uniq, _unit(sums), [list(t[0]) if t else [] for t in tags.tags_of_many(uniq)])
+        self._install(VectorIndex.build(self.dim, slots, matrix, self._params), tags, generation, groups)
         return len(keys)
 
-    def _install(self, vectors: VectorIndex, tags: TagIndex, generation: int) -> None:
+    def _install(self, vectors: VectorIndex, tags: TagIndex, generation: int, groups: GroupIndex | None = None) -> None:
+        """Adopt loaded / rebuilt indexes; ``groups`` (persisted with them) saves decoding every key."""
         self._vectors, self._tags = vectors, tags
-        slots, vecs = vectors.items()
-        self._groups = GroupIndex(self.dim)
-        own = owner_of(slots)
-        keys, inverse = np.unique(own, return_inverse=True)
-        sums = np.zeros((len(keys), self.dim), np.float64)
-        np.add.at(sums, inverse, vecs)
-        self._max_p = int(np.bincount(inverse).max()) if len(keys) else 1
-        domains = [list((tags.tags_of(int(k)) or ((), ()))[0]) for k in keys]
-        self._groups.add_many(keys, _unit(sums), domains)
+        _, counts = np.unique(owner_of(vectors.live_ids()), return_counts=True)
+        self._max_p = int(counts.max()) if len(counts) else 1
+        if groups is None:
+            slots, vecs = vectors.items()
+            groups = GroupIndex(self.dim)
+            keys, inverse = np.unique(owner_of(slots), return_inverse=True)
+            sums = row_sums(vecs, inverse, len(keys))
+            domains = [list(t[0]) if t else [] for t in tags.tags_of_many(keys)]
+            groups.add_many(keys, _unit(sums), domains)
+        self._groups = groups
         self._changed(generation)
 
     # ------------------------------------------------------------------ routing
@@ -649,7 +945,7 @@ class Router:
         projected = None
         if fast is not None and self._learner.projection is not None:
             t = time.perf_counter()
-            cached = self.encoder.peek(text)
+            cached = self.query_encoder.peek(text)
             if cached is None:
                 projected = self._learner.project(fast.encode([text]))[0]  # [dim], key space
             timings["encode"] = (time.perf_counter() - t) * 1e3
@@ -661,7 +957,8 @@ class Router:
             best, margin = _best_margin(cos)
             thr = self._learner.calibration.threshold if isinstance(self.config.routing_threshold, str) else None
             unsure = best is not None and (
-                (margin < CASCADE_MARGIN and self._separable(cos)) or (thr is not None and abs(best - thr) < CASCADE_MARGIN / 2)
+                (margin < max(CASCADE_MARGIN, self._learner.cascade_margin) and self._separable(cos))
+                or (thr is not None and abs(best - thr) < CASCADE_MARGIN / 2)
             )  # fmt: skip
             if not unsure:
                 self._counts["fast"] += 1
@@ -671,7 +968,7 @@ class Router:
                 self._counts["fast"] += 1
                 return scores, cos, True, False
         t = time.perf_counter()
-        q = self.encoder.encode([text])[0]  # [dim]
+        q = self.query_encoder.encode([text])[0]  # [dim]
         ms = (time.perf_counter() - t) * 1e3
         self._learn_cost(len(text), ms)
         timings["encode"] += ms
@@ -809,6 +1106,8 @@ class Router:
                 "tag_index_size": len(self._tags),
                 "groups": len(self._groups),
                 "encoder": self.encoder.name,
+                "query_encoder": self.query_encoder.name,
+                "adaptations": self.adaptations,
                 "embedding_cache": self.encoder.stats(),
                 "route_cache_size": len(self._cache),
                 "generation": self._generation,
@@ -832,7 +1131,7 @@ class Router:
                 buf = io.BytesIO()
                 np.savez(buf, **self._learner.to_arrays())
                 save_indexes(self.index_dir, self._vectors, self._tags, self._generation, self.encoder.name,
-                             extra={LEARNER_FILE: buf.getvalue()})  # fmt: skip
+                             extra={LEARNER_FILE: buf.getvalue()}, groups=self._groups)  # fmt: skip
                 self._dirty = False
 
     def _load_learner(self) -> None:
@@ -843,17 +1142,56 @@ class Router:
             return
         try:
             self._learner = KeyLearner.load(path, self.dim, self._learner.max_keys)
-            self._recalibrate()
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             logger.warning("smoa routing: learned routing state %s refused (%s); it will be relearned", path, exc)
             self._learner = KeyLearner(self.dim, self._learner.max_keys)
             self._dirty = True
+            return
+        if self._learner.adapted_version:
+            self._load_adapted()
+        self._refit_size = len(self._learner.with_examples())
+        self._recalibrate()
+
+    def _load_adapted(self) -> None:
+        """Load the learned query encoder the learner state names; refused as a whole when it does not match:
+        then the learner is re-encoded by the base encoder (retrained at the next refit) and the loaded vectors,
+        made in the refused space, are rebuilt from the catalog (:attr:`_rebuild_needed`)."""
+        from smoa.routing import adapt as qa
+
+        version = self._learner.adapted_version
+        try:
+            if not self._can_adapt:
+                raise qa.AdaptedEncoderError(f"encoder {self.encoder.name!r} cannot host a learned query encoder")
+            weights = qa.load_adapted(self.index_dir, version, self.encoder.name)
+            enc = qa.AdaptedEncoder(weights, self.encoder.name)
+            if enc.version != version:
+                raise qa.AdaptedEncoderError(f"rebuilt encoder is version {enc.version}, not {version}")
+        except (qa.AdaptedEncoderError, OSError, RuntimeError) as exc:
+            logger.warning("smoa routing: learned query encoder %s refused (%s); routing falls back to the base "
+                           "encoder and it will be retrained", version, exc)  # fmt: skip
+            rebased = self._rebase(self._learner)
+            self._learner = rebased if rebased is not None else KeyLearner(self.dim, self._learner.max_keys)
+            self._adapted = None
+            self._rebuild_needed = True
+            self._dirty = True
+            return
+        self._adapted = CachedEncoder(enc, self.config.embedding_cache_size)
 
     def close(self) -> None:
         """Save and drop the route cache."""
         self.save()
         with self._lock:
             self._cache.clear()
+
+
+def _nearest_rivals(sims: np.ndarray, slots: np.ndarray, trainable: Sequence[int], cap: int) -> np.ndarray:
+    """Slot ids of the ``cap`` most similar keys in a search result (``sims``/``slots`` ``[q, k]``) whose adapters
+    are not ``trainable``, each once, most similar first."""
+    ok = (slots >= 0) & ~np.isin(owner_of(slots), np.asarray(list(trainable), np.int64))
+    flat_s, flat_i = sims[ok], slots[ok]
+    order = np.argsort(-flat_s, kind="stable")
+    _, first = np.unique(flat_i[order], return_index=True)
+    return flat_i[order][np.sort(first)][:cap]
 
 
 def _first_vector(entry: KeyEntry, dim: int) -> np.ndarray:
@@ -882,7 +1220,17 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _means(mats: Sequence[np.ndarray]) -> np.ndarray:
     """Unit mean of each adapter's keys -> ``[n, dim]`` (its vector for the groups)."""
-    return _unit(np.stack([np.asarray(m, np.float64).mean(0) for m in mats])) if len(mats) else np.zeros((0, 0))
+    if not len(mats):
+        return np.zeros((0, 0))
+    if all(len(m) == 1 for m in mats):  # one key each (bulk ingestion): no per-adapter numpy call
+        return _unit(np.concatenate(mats).astype(np.float64))
+    return _unit(np.stack([np.asarray(m, np.float64).mean(0) for m in mats]))
+
+
+def _slots(keys: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Slot ids of ``counts[i]`` keys of each adapter ``keys[i]``: :func:`slots_of` row by row, concatenated."""
+    owners = np.repeat(np.asarray(keys, np.int64), counts)
+    return slots_of(owners, 1) + (np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts))
 
 
 def _max_by_owner(slots: np.ndarray, sims: np.ndarray) -> dict[int, float]:
@@ -894,6 +1242,12 @@ def _max_by_owner(slots: np.ndarray, sims: np.ndarray) -> dict[int, float]:
             if s > out.get(key, -np.inf):
                 out[key] = s
     return out
+
+
+def _held_out_accuracy(evidence: Iterable[Any]) -> float | None:
+    """Share of held-out examples routed to their own adapter, pooled over calibration evidence (None if none)."""
+    got = [e.in_correct for e in evidence if e is not None and len(e.in_correct)]
+    return float(np.concatenate(got).mean()) if got else None
 
 
 def _best_margin(cos: Mapping[int, float]) -> tuple[float | None, float]:

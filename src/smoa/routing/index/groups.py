@@ -14,97 +14,149 @@ near the query are scored exactly beside the approximate search (see :mod:`smoa.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
+
 import numpy as np
+
+from smoa.routing.index.keymap import MISSING, KeyMap, narrow, sorted_delete, sorted_insert
 
 CLUSTER_RADIUS = 0.5
 
 
+def row_sums(x: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """float64 ``[n, dim]``: row ``j`` = sum of the rows ``x[i]`` with ``idx[i] == j`` (in row order; a few times
+    faster than ``np.add.at``)."""
+    out = np.zeros((n, x.shape[1]), np.float64)
+    if not len(idx):
+        return out
+    order = np.argsort(idx, kind="stable")
+    sidx = idx[order]
+    starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
+    out[sidx[starts]] = np.add.reduceat(np.asarray(x)[order], starts, axis=0, dtype=np.float64)
+    return out
+
+
 class GroupIndex:
-    """Group name -> member keys and running key sum."""
+    """Group name -> member keys and running key sum, in arrays::
+
+        group_of   KeyMap: adapter key -> group id           8 B / adapter
+        members    per group: sorted int32 keys               4 B / adapter (int64 once a key does not fit)
+        sums       float64 [groups, dim] running key sums     (group ids are reused once a group empties)
+    """
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._members: dict[str, set[int]] = {}
-        self._sums: dict[str, np.ndarray] = {}
-        self._group_of: dict[int, str] = {}
+        self._gid: dict[str, int] = {}
+        self._names: list[str | None] = []
+        self._members: list[np.ndarray] = []
+        self._sums = np.zeros((0, dim), np.float64)
+        self._free: list[int] = []
+        self._group_of = KeyMap()
         self._next_cluster = 0
         self._centroid_cache: tuple[list[str], np.ndarray] | None = None
         self._sizes = np.zeros(0, np.int64)  # members per group, in centroids()' order
-        self._member_cache: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return len(self._members)
+        return len(self._gid)
 
-    def add(self, key: int, vector: np.ndarray, domain_tags: list[str] | tuple[str, ...]) -> str:
+    def _group(self, name: str) -> int:
+        """Id of group ``name``, created empty if new."""
+        g = self._gid.get(name)
+        if g is None:
+            if self._free:
+                g = self._free.pop()
+                self._names[g], self._members[g] = name, _NO_KEYS
+                self._sums[g] = 0.0
+            else:
+                g = len(self._names)
+                self._names.append(name)
+                self._members.append(_NO_KEYS)
+                if g >= len(self._sums):
+                    grown = np.zeros((max(8, 2 * len(self._sums)), self.dim), np.float64)
+                    grown[: len(self._sums)] = self._sums
+                    self._sums = grown
+            self._gid[name] = g
+        return g
+
+    def add(self, key: int, vector: np.ndarray, domain_tags: Sequence[str]) -> str:
         """Place adapter ``key`` (``vector`` ``[dim]``) in its group; returns the group name."""
         key = int(key)
         if key in self._group_of:
             self.remove(key, vector)
         name = domain_tags[0].strip().lower() if domain_tags else self._nearest_cluster(vector)
-        self._members.setdefault(name, set()).add(key)
-        self._sums[name] = self._sums.get(name, np.zeros(self.dim, np.float64)) + vector
-        self._group_of[key] = name
-        self._invalidate(name)
+        g = self._group(name)
+        self._members[g] = sorted_insert(self._members[g], np.array([key], np.int64))
+        self._sums[g] += vector
+        self._group_of.set(key, g)
+        self._centroid_cache = None
         return name
 
-    def add_many(self, keys: np.ndarray, vectors: np.ndarray, domain_tags: list[list[str]]) -> None:
-        """Bulk :meth:`add` (``keys [n]``, ``vectors [n, dim]``); tagged rows are summed per group in one pass."""
-        tagged = [i for i, d in enumerate(domain_tags) if d]
-        tagged_set = set(tagged)
-        for i in range(len(keys)):
-            if i not in tagged_set or int(keys[i]) in self._group_of:
-                self.add(int(keys[i]), vectors[i], domain_tags[i])
-                tagged_set.discard(i)
-        rows = [i for i in tagged if i in tagged_set]
-        if not rows:
+    def add_many(self, keys: np.ndarray, vectors: np.ndarray, domain_tags: Sequence[Sequence[str]]) -> None:
+        """Bulk :meth:`add` (``keys [n]``, ``vectors [n, dim]``); new tagged rows are summed per group in one pass."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        if not len(keys):
             return
-        names = [domain_tags[i][0].strip().lower() for i in rows]
+        present = self._group_of.get_many(keys) != MISSING
+        if len(np.unique(keys)) != len(keys):
+            present[:] = True  # a repeated key: row by row, the last one wins
+        tagged = np.fromiter((bool(d) for d in domain_tags), bool, len(keys))
+        for i in np.flatnonzero(present | ~tagged).tolist():
+            self.add(int(keys[i]), vectors[i], domain_tags[i])
+        rows = np.flatnonzero(~present & tagged)
+        if not len(rows):
+            return
+        names = [domain_tags[i][0].strip().lower() for i in rows.tolist()]
         uniq = sorted(set(names))
         col = {n: j for j, n in enumerate(uniq)}
         idx = np.fromiter((col[n] for n in names), dtype=np.int64, count=len(names))
-        sums = np.zeros((len(uniq), self.dim), np.float64)
-        np.add.at(sums, idx, vectors[rows])
-        for j, name in enumerate(uniq):
-            self._sums[name] = self._sums.get(name, np.zeros(self.dim, np.float64)) + sums[j]
-            self._invalidate(name)
-        for i, name in zip(rows, names):
-            self._members.setdefault(name, set()).add(int(keys[i]))
-            self._group_of[int(keys[i])] = name
+        sums = row_sums(vectors[rows], idx, len(uniq))
+        gids = np.array([self._group(n) for n in uniq], np.int64)
+        self._sums[gids] += sums
+        order = np.argsort(idx, kind="stable")
+        bounds = np.searchsorted(idx[order], np.arange(len(uniq) + 1))
+        new_keys = keys[rows]
+        for j, g in enumerate(gids.tolist()):
+            part = np.sort(new_keys[order[bounds[j] : bounds[j + 1]]])
+            self._members[g] = sorted_insert(self._members[g], part)
+        self._group_of.set_new(new_keys, gids[idx].astype(np.int32))
+        self._centroid_cache = None
 
     def remove(self, key: int, vector: np.ndarray | None = None) -> None:
         """Take ``key`` out of its group; ``vector`` (its key) keeps the group's running sum exact."""
-        name = self._group_of.pop(int(key), None)
-        if name is None:
+        g = self._group_of.pop(int(key))
+        if g == MISSING:
             return
-        members = self._members[name]
-        members.discard(int(key))
-        if not members:
-            del self._members[name], self._sums[name]
-        elif vector is not None:
-            self._sums[name] = self._sums[name] - vector
-        self._invalidate(name)
+        members = sorted_delete(self._members[g], np.array([int(key)], np.int64))
+        if not len(members):
+            del self._gid[self._names[g]]  # type: ignore[arg-type]
+            self._names[g], self._members[g] = None, _NO_KEYS
+            self._sums[g] = 0.0
+            self._free.append(g)
+        else:
+            self._members[g] = members
+            if vector is not None:
+                self._sums[g] -= vector
+        self._centroid_cache = None
 
     def group_of(self, key: int) -> str | None:
-        return self._group_of.get(int(key))
+        g = self._group_of.get(int(key))
+        return None if g == MISSING else self._names[g]
 
     def members(self, name: str) -> np.ndarray:
-        """int64 keys of group ``name``."""
-        if name not in self._member_cache:
-            self._member_cache[name] = np.fromiter(self._members.get(name, ()), dtype=np.int64)
-        return self._member_cache[name]
-
-    def _invalidate(self, name: str) -> None:
-        self._centroid_cache = None
-        self._member_cache.pop(name, None)
+        """Keys of group ``name``, sorted, int32 (int64 once a key does not fit); a shared array: do not modify."""
+        g = self._gid.get(name)
+        return _NO_KEYS if g is None else self._members[g]
 
     def centroids(self) -> tuple[list[str], np.ndarray]:
         """``(names [G], unit centroids float32 [G, dim])``, names sorted."""
         if self._centroid_cache is None:
-            names = sorted(self._members)
-            sums = np.stack([self._sums[n] for n in names]) if names else np.zeros((0, self.dim))
+            names = sorted(self._gid)
+            gids = np.array([self._gid[n] for n in names], np.int64)
+            sums = self._sums[gids] if names else np.zeros((0, self.dim))
             norms = np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
             self._centroid_cache = (names, (sums / norms).astype(np.float32))
-            self._sizes = np.fromiter((len(self._members[n]) for n in names), np.int64, len(names))
+            self._sizes = np.fromiter((len(self._members[g]) for g in gids.tolist()), np.int64, len(names))
         return self._centroid_cache
 
     def _nearest_cluster(self, vector: np.ndarray) -> str:
@@ -135,4 +187,47 @@ class GroupIndex:
 
     def size(self, name: str) -> int:
         """Members of group ``name`` (0 if unknown)."""
-        return len(self._members.get(name, ()))
+        return len(self.members(name))
+
+    # ------------------------------------------------------------------ accounting and persistence
+    def memory_bytes(self) -> int:
+        """Bytes held: member arrays, the key map, the sums, ~200 B per group of headers."""
+        return int(sum(m.nbytes for m in self._members) + self._group_of.nbytes() + self._sums.nbytes
+                   + 200 * len(self._names))  # fmt: skip
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (``np.savez``-able without pickle): names (JSON), sums, members in CSR form."""
+        names = sorted(self._gid)
+        gids = [self._gid[n] for n in names]
+        members = [self._members[g] for g in gids]
+        offsets = np.concatenate([[0], np.cumsum([len(m) for m in members])]).astype(np.int64)
+        return {
+            "group_names": np.array(json.dumps({"names": names, "next_cluster": self._next_cluster})),
+            "group_sums": self._sums[gids] if gids else np.zeros((0, self.dim)),
+            "group_members": np.concatenate([m.astype(np.int64) for m in members]) if members else _NO_KEYS,
+            "group_offsets": offsets,
+        }
+
+    @classmethod
+    def from_arrays(cls, dim: int, data: Mapping[str, np.ndarray]) -> GroupIndex:
+        """Inverse of :meth:`to_arrays` (raises ``ValueError``/``KeyError`` on inconsistent data)."""
+        head = json.loads(str(data["group_names"]))
+        names, sums = head["names"], np.asarray(data["group_sums"], np.float64)
+        members, offsets = np.asarray(data["group_members"], np.int64), np.asarray(data["group_offsets"], np.int64)
+        if sums.shape != (len(names), dim) or len(offsets) != len(names) + 1 or offsets[-1] != len(members):
+            raise ValueError("group arrays disagree")
+        out = cls(dim)
+        out._next_cluster = int(head["next_cluster"])
+        out._names = list(names)
+        out._gid = {n: g for g, n in enumerate(names)}
+        small = narrow(members)
+        out._members = [small[offsets[g] : offsets[g + 1]] for g in range(len(names))]
+        out._sums = sums.copy()
+        gids = np.repeat(np.arange(len(names), dtype=np.int32), np.diff(offsets))
+        if len(np.unique(members)) != len(members):
+            raise ValueError("a key is in two groups")
+        out._group_of.set_new(members, gids)
+        return out
+
+
+_NO_KEYS = np.zeros(0, np.int32)

@@ -3,7 +3,8 @@
 Files (each written to a temporary name, then renamed; ``meta.json`` last)::
 
     vectors.faiss  ids.npy  alive.npy     the vector index (see :mod:`smoa.routing.index.vector`)
-    tags.json                              the tag index's adapters and tags
+    tags.npz                               the tag index (adapter keys, combo ids, combos) and the groups
+                                           (names, running sums, members in CSR form), all plain arrays
     meta.json                              format, generation, encoder, dim, kind, sha256 of every file above
 
 :func:`load_indexes` raises :class:`StaleIndexError` when anything is missing, unreadable, fails its checksum or
@@ -13,15 +14,20 @@ reflects another catalog generation / encoder; the router then rebuilds from the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
+from smoa.routing.index.groups import GroupIndex
 from smoa.routing.index.tags import TagIndex
 from smoa.routing.index.vector import IndexParams, VectorIndex
 
-FORMAT = 1
+FORMAT = 2  # 1: tags.json, groups rebuilt at load
+TAGS_FILE = "tags.npz"
 
 
 class StaleIndexError(Exception):
@@ -38,16 +44,19 @@ def _sha256(path: Path) -> str:
 
 def save_indexes(
     directory: Path, vectors: VectorIndex, tags: TagIndex, generation: int, encoder: str,
-    extra: Mapping[str, bytes] | None = None,
+    extra: Mapping[str, bytes] | None = None, groups: GroupIndex | None = None,
 ) -> None:
-    """Write both indexes, the ``extra`` files (name -> bytes, e.g. the learned routing state) and their
-    ``meta.json`` into ``directory`` (created if needed); every file is checksummed in ``meta.json``."""
+    """Write the indexes (``groups`` too, if given), the ``extra`` files (name -> bytes, e.g. the learned
+    routing state) and their ``meta.json`` into ``directory`` (created if needed); every file is checksummed in
+    ``meta.json``."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".tmp-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     names = vectors.save(tmp)
-    (tmp / "tags.json").write_text(json.dumps(tags.to_json()))
-    names.append("tags.json")
+    buf = io.BytesIO()
+    np.savez(buf, **tags.to_arrays(), **(groups.to_arrays() if groups is not None else {}))
+    (tmp / TAGS_FILE).write_bytes(buf.getvalue())
+    names.append(TAGS_FILE)
     for name, data in (extra or {}).items():
         (tmp / name).write_bytes(data)
         names.append(name)
@@ -70,8 +79,9 @@ def save_indexes(
 
 def load_indexes(
     directory: Path, generation: int, encoder: str, dim: int, params: IndexParams | None = None
-) -> tuple[VectorIndex, TagIndex]:
-    """Load what :func:`save_indexes` wrote, if it reflects ``generation`` and ``encoder``.
+) -> tuple[VectorIndex, TagIndex, GroupIndex | None]:
+    """Load what :func:`save_indexes` wrote, if it reflects ``generation`` and ``encoder``: ``(vectors, tags,
+    groups)``, ``groups`` ``None`` when they were not saved.
 
     Raises:
         StaleIndexError: missing, corrupt, or stale (the message names the reason).
@@ -91,9 +101,12 @@ def load_indexes(
             if _sha256(directory / name) != digest:
                 raise StaleIndexError(f"{name} fails its checksum")
         vectors = VectorIndex.load(directory, dim, params)
-        tags = TagIndex.from_json(json.loads((directory / "tags.json").read_text()))
+        with np.load(directory / TAGS_FILE, allow_pickle=False) as data:
+            arrays = dict(data)
+        tags = TagIndex.from_arrays(arrays)
+        groups = GroupIndex.from_arrays(dim, arrays) if "group_names" in arrays else None
     except StaleIndexError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise StaleIndexError(f"unreadable index in {directory}: {exc}") from exc
-    return vectors, tags
+    return vectors, tags, groups

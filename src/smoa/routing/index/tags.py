@@ -20,6 +20,7 @@ with ``w = 1`` when the term is found in its own field and ``0.5`` when found on
 from __future__ import annotations
 
 import functools
+import json
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from smoa.errors import InvalidInputError
+from smoa.routing.index.keymap import MISSING, KeyMap, fits32, key_array
 
 DOMAIN, SKILL, BOTH = 1, 2, 3
 CROSS_FIELD_WEIGHT = 0.5
@@ -109,127 +111,272 @@ def query_terms_from_metadata(metadata: Mapping[str, object]) -> list[tuple[str,
     return list(out.items())
 
 
+Combo = tuple[tuple[str, ...], tuple[str, ...]]
+
+
 class TagIndex:
-    """Inverted index ``term -> {key: field bits}`` with idf-weighted overlap scoring (module docstring)."""
+    """Inverted index ``term -> sorted keys + field bits`` with idf-weighted overlap scoring (module docstring).
+
+    Layout (numpy, no Python object per adapter)::
+
+        combos      distinct (domain tags, skill tags) tuples, interned -> combo id (most adapters share a few)
+        combo_of    KeyMap: adapter key -> combo id                         8 B / adapter
+        postings    term -> (keys int32 [df] sorted, fields uint8 [df])     5 B / (adapter, term)
+
+    Keys are stored as int32 while every key fits one (int64 from the first that does not).
+    """
 
     def __init__(self) -> None:
-        self._postings: dict[str, dict[int, int]] = {}
-        self._entries: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._postings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._combo_of = KeyMap()
+        self._combo_id: dict[Combo, int] = {}
+        self._combos: list[Combo | None] = []
+        self._combo_terms: list[tuple[tuple[str, int], ...]] = []
+        self._combo_refs: list[int] = []
+        self._free: list[int] = []
+        self._dtype: type = np.int32
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._combo_of)
+
+    def _fit(self, keys: np.ndarray) -> None:
+        """Widen every posting to int64 the first time a key does not fit an int32."""
+        if self._dtype is np.int32 and not fits32(keys):
+            self._dtype = np.int64
+            self._postings = {t: (k.astype(np.int64), f) for t, (k, f) in self._postings.items()}
 
     @property
     def vocabulary(self) -> frozenset[str]:
         return frozenset(self._postings)
 
+    # ------------------------------------------------------------------ combos
+    def _intern(self, domain_tags: Sequence[str], skill_tags: Sequence[str]) -> int:
+        combo = (tuple(domain_tags), tuple(skill_tags))
+        cid = self._combo_id.get(combo)
+        if cid is None:
+            bits: dict[str, int] = {}
+            for tags, field in ((combo[0], DOMAIN), (combo[1], SKILL)):
+                for tag in tags:
+                    for t in _tag_terms(tag):
+                        bits[t] = bits.get(t, 0) | field
+            combo = (tuple(sys.intern(t) for t in combo[0]), tuple(sys.intern(t) for t in combo[1]))
+            if self._free:
+                cid = self._free.pop()
+                self._combos[cid], self._combo_terms[cid], self._combo_refs[cid] = combo, tuple(bits.items()), 0
+            else:
+                cid = len(self._combos)
+                self._combos.append(combo)
+                self._combo_terms.append(tuple(bits.items()))
+                self._combo_refs.append(0)
+            self._combo_id[combo] = cid
+        return cid
+
+    def _unref(self, cid: int, n: int = 1) -> None:
+        self._combo_refs[cid] -= n
+        if self._combo_refs[cid] <= 0:
+            combo = self._combos[cid]
+            del self._combo_id[combo]  # type: ignore[arg-type]
+            self._combos[cid], self._combo_terms[cid], self._combo_refs[cid] = None, (), 0
+            self._free.append(cid)
+
+    # ------------------------------------------------------------------ updates
     def add(self, key: int, domain_tags: Sequence[str], skill_tags: Sequence[str]) -> None:
         """Insert or replace adapter ``key`` with its tags (the raw tags are kept for :meth:`tags_of`)."""
         key = int(key)
-        if key in self._entries:
-            self.remove(key)
-        self._entries[key] = (tuple(domain_tags), tuple(skill_tags))
-        for tags, field in ((domain_tags, DOMAIN), (skill_tags, SKILL)):
-            for tag in tags:
-                for t in _tag_terms(tag):
-                    posting = self._postings.setdefault(t, {})
-                    posting[key] = posting.get(key, 0) | field
+        self.remove(key)
+        self._fit(np.array([key], np.int64))
+        cid = self._intern(domain_tags, skill_tags)
+        self._combo_refs[cid] += 1
+        self._combo_of.set(key, cid)
+        for t, field in self._combo_terms[cid]:
+            keys, fields = self._postings.get(t, (np.zeros(0, self._dtype), _NO_FIELDS))
+            i = int(np.searchsorted(keys, key))
+            self._postings[t] = (np.insert(keys, i, key), np.insert(fields, i, field))
 
     def add_many(self, rows: Iterable[tuple[int, Sequence[str], Sequence[str]]]) -> None:
-        for key, d, s in rows:
-            self.add(key, d, s)
+        """Bulk :meth:`add` (a repeated key: the last row wins): one merge per term instead of one per row."""
+        rows = rows if isinstance(rows, list) else list(rows)
+        keys = np.fromiter((int(r[0]) for r in rows), np.int64, len(rows))
+        if len(np.unique(keys)) != len(keys):  # keep each key's last row (no per-row dict otherwise: RSS)
+            last = {int(k): (d, s) for k, d, s in rows}
+            rows = [(k, d, s) for k, (d, s) in last.items()]
+            keys = np.fromiter(last.keys(), np.int64, len(last))
+        if not len(rows):
+            return
+        self.remove_many(keys)
+        self._fit(keys)
+        cids = np.fromiter((self._intern(r[1], r[2]) for r in rows), np.int32, len(rows))
+        self._combo_of.set_new(keys, cids)
+        order = np.argsort(cids, kind="stable")
+        ucids, starts, counts = np.unique(cids[order], return_index=True, return_counts=True)
+        new: dict[str, list[tuple[np.ndarray, int]]] = {}
+        for cid, s, c in zip(ucids.tolist(), starts.tolist(), counts.tolist()):
+            self._combo_refs[cid] += c
+            members = keys[order[s : s + c]]
+            for t, field in self._combo_terms[cid]:
+                new.setdefault(t, []).append((members, field))
+        for t, parts in new.items():
+            old_k, old_f = self._postings.get(t, _EMPTY)
+            k = np.concatenate([old_k.astype(np.int64), *(m for m, _ in parts)])
+            f = np.concatenate([old_f, *(np.full(len(m), fl, np.uint8) for m, fl in parts)])
+            srt = np.argsort(k, kind="stable")
+            self._postings[t] = (k[srt].astype(self._dtype), f[srt])
 
     def remove(self, key: int) -> bool:
         """Remove adapter ``key``; returns whether it was there."""
-        entry = self._entries.pop(int(key), None)
-        if entry is None:
+        key = int(key)
+        cid = self._combo_of.pop(key)
+        if cid == MISSING:
             return False
-        for tags in entry:
-            for tag in tags:
-                for t in _tag_terms(tag):
-                    posting = self._postings.get(t)
-                    if posting is not None:
-                        posting.pop(int(key), None)
-                        if not posting:
-                            del self._postings[t]
+        for t, _ in self._combo_terms[cid]:
+            keys, fields = self._postings[t]
+            i = int(np.searchsorted(keys, key))
+            if len(keys) == 1:
+                del self._postings[t]
+            else:
+                self._postings[t] = (np.delete(keys, i), np.delete(fields, i))
+        self._unref(cid)
         return True
 
+    def remove_many(self, keys: np.ndarray) -> int:
+        """Remove ``keys`` (absent ones ignored) with one pass per touched term; returns how many were removed."""
+        keys = np.unique(np.asarray(keys, np.int64).reshape(-1))
+        cids = self._combo_of.get_many(keys)
+        keys, cids = keys[cids != MISSING], cids[cids != MISSING]
+        if len(keys) <= 8:
+            return sum(self.remove(int(k)) for k in keys)
+        self._combo_of.pop_many(keys)
+        gone: dict[str, list[np.ndarray]] = {}
+        order = np.argsort(cids, kind="stable")
+        ucids, starts, counts = np.unique(cids[order], return_index=True, return_counts=True)
+        for cid, s, c in zip(ucids.tolist(), starts.tolist(), counts.tolist()):
+            members = keys[order[s : s + c]]
+            for t, _ in self._combo_terms[cid]:
+                gone.setdefault(t, []).append(members)
+            self._unref(cid, c)
+        for t, parts in gone.items():
+            k, f = self._postings[t]
+            keep = ~np.isin(k, np.concatenate(parts))
+            if keep.any():
+                self._postings[t] = (k[keep], f[keep])
+            else:
+                del self._postings[t]
+        return len(keys)
+
+    # ------------------------------------------------------------------ reads
     def tags_of(self, key: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
         """``(domain_tags, skill_tags)`` of ``key`` as added, or ``None``."""
-        return self._entries.get(int(key))
+        cid = self._combo_of.get(int(key))
+        return None if cid == MISSING else self._combos[cid]
+
+    def tags_of_many(self, keys: np.ndarray) -> list[Combo | None]:
+        """:meth:`tags_of` of each of ``keys`` ``[m]`` (one vectorised lookup)."""
+        return [None if c == MISSING else self._combos[c] for c in self._combo_of.get_many(keys).tolist()]
 
     def keys(self) -> list[int]:
-        return list(self._entries)
+        return self._combo_of.items()[0].tolist()
 
     def idf(self, term: str) -> float:
-        n, df = len(self._entries), len(self._postings.get(term, ()))
+        n, df = len(self), len(self._postings.get(term, _EMPTY)[0])
         return math.log1p((n - df + 0.5) / (df + 0.5))
 
     def posting_total(self, terms: Sequence[tuple[str, int]]) -> int:
         """Sum of the posting lengths of ``terms`` (the cost of :meth:`score`)."""
-        return sum(len(self._postings.get(t, ())) for t, _ in terms)
+        return sum(len(self._postings.get(t, _EMPTY)[0]) for t, _ in terms)
 
     def match_text(self, text: str) -> list[tuple[str, int]]:
         """Query words found in the tag vocabulary, as ``(term, BOTH)`` pairs."""
         return [(t, BOTH) for t in terms_of(text[:MATCH_TEXT_CHARS]) if t in self._postings]
 
-    def score(self, terms: Sequence[tuple[str, int]], limit: int | None = None) -> dict[int, float]:
-        """Scores in ``[0, 1]`` of every adapter matching at least one term (``limit``: keep the best).
+    def _weights(self, terms: Sequence[tuple[str, int]]) -> tuple[list[float], float]:
+        idfs = [self.idf(t) for t, _ in terms]
+        return idfs, sum(idfs) or 1.0
 
-        Cost: O(sum of the terms' posting lengths).
+    def score(self, terms: Sequence[tuple[str, int]], limit: int | None = None) -> dict[int, float]:
+        """Scores in ``[0, 1]`` of every adapter matching at least one term (``limit``: keep the best, best first,
+        ties by key).
+
+        Cost: O(sum of the terms' posting lengths), in numpy.
         """
         if not terms:
             return {}
-        idfs = [self.idf(t) for t, _ in terms]
-        total = sum(idfs) or 1.0
-        acc: dict[int, float] = {}
+        idfs, total = self._weights(terms)
+        ks, gains = [], []
         for (t, want), w in zip(terms, idfs):
-            for key, have in self._postings.get(t, {}).items():
-                gain = w if have & want else w * CROSS_FIELD_WEIGHT
-                acc[key] = acc.get(key, 0.0) + gain / total
-        if limit is not None and len(acc) > limit:
-            keys = np.fromiter(acc.keys(), np.int64, len(acc))
-            vals = np.fromiter(acc.values(), np.float64, len(acc))
+            keys, fields = self._postings.get(t, _EMPTY)
+            if len(keys):
+                ks.append(keys)
+                gains.append(np.where(fields & want, w, w * CROSS_FIELD_WEIGHT) / total)
+        if not ks:
+            return {}
+        if len(ks) == 1:
+            keys, vals = ks[0], gains[0]
+        else:
+            keys, inverse = np.unique(np.concatenate(ks), return_inverse=True)
+            vals = np.bincount(inverse, np.concatenate(gains), len(keys))  # per key, summed in term order
+        if limit is not None and len(keys) > limit:
             best = np.lexsort((keys, -vals))[:limit]  # best score first, ties by key
-            return {int(keys[i]): float(vals[i]) for i in best}
-        return acc
+            keys, vals = keys[best], vals[best]
+        return dict(zip(keys.tolist(), vals.tolist()))
 
     def score_keys(self, terms: Sequence[tuple[str, int]], keys: Iterable[int]) -> dict[int, float]:
         """Scores of the given ``keys`` only (0 for a key matching nothing).
 
-        Cost: one set intersection of ``keys`` with each term's posting (O(min of the two sizes)).
+        Cost: one binary search of ``keys`` in each term's posting (O(len(keys) log df)).
         """
-        out = dict.fromkeys(map(int, keys), 0.0)
-        if not terms or not out:
-            return out
-        idfs = [self.idf(t) for t, _ in terms]
-        total = sum(idfs) or 1.0
-        for (t, want), w in zip(terms, idfs):
-            posting = self._postings.get(t)
-            if not posting:
-                continue
-            for key in out.keys() & posting.keys():
-                out[key] += (w if posting[key] & want else w * CROSS_FIELD_WEIGHT) / total
-        return out
+        karr = np.fromiter(keys, np.int64) if not isinstance(keys, np.ndarray) else keys.astype(np.int64).reshape(-1)
+        out = np.zeros(len(karr), np.float64)
+        if terms and len(karr):
+            idfs, total = self._weights(terms)
+            qk = key_array(karr, np.zeros(0, self._dtype))  # every posting has this dtype: convert once
+            for (t, want), w in zip(terms, idfs):
+                pk, pf = self._postings.get(t, _EMPTY)
+                if not len(pk):
+                    continue
+                i = np.minimum(np.searchsorted(pk, qk), len(pk) - 1)
+                hit = pk[i] == qk
+                out[hit] += np.where(pf[i[hit]] & want, w, w * CROSS_FIELD_WEIGHT) / total
+        return dict(zip(karr.tolist(), out.tolist()))
 
+    # ------------------------------------------------------------------ accounting and persistence
     def memory_bytes(self) -> int:
-        """Rough size of the Python structures (dict entries and tuples; shared interned strings not counted)."""
-        post = sum(sys.getsizeof(p) for p in self._postings.values()) + sys.getsizeof(self._postings)
-        ent = sys.getsizeof(self._entries) + sum(sys.getsizeof(d) + sys.getsizeof(s) for d, s in self._entries.values())
-        return int(post + ent + 28 * len(self._entries))
+        """Bytes held: the arrays, ~230 B per term (two array headers and a dict slot), ~300 B per combo."""
+        post = sum(k.nbytes + f.nbytes + 230 for k, f in self._postings.values())
+        return int(post + self._combo_of.nbytes() + 300 * len(self._combo_id))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (``np.savez``-able without pickle): keys, their combo ids, the combos as JSON."""
+        keys, cids = self._combo_of.items()
+        used = np.unique(cids)
+        remap = np.full(len(self._combos), -1, np.int32)
+        remap[used] = np.arange(len(used), dtype=np.int32)
+        combos = [[list(self._combos[c][0]), list(self._combos[c][1])] for c in used.tolist()]  # type: ignore[index]
+        return {"tag_keys": keys, "tag_combos": remap[cids], "tag_combo_json": np.array(json.dumps(combos))}
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, np.ndarray]) -> TagIndex:
+        """Inverse of :meth:`to_arrays` (raises ``ValueError``/``KeyError`` on inconsistent data)."""
+        combos = json.loads(str(data["tag_combo_json"]))
+        keys, cids = np.asarray(data["tag_keys"], np.int64), np.asarray(data["tag_combos"], np.int64)
+        if len(keys) != len(cids) or (len(cids) and (cids.min() < 0 or cids.max() >= len(combos))):
+            raise ValueError("tag index arrays disagree")
+        out = cls()
+        out.add_many((k, combos[c][0], combos[c][1]) for k, c in zip(keys.tolist(), cids.tolist()))
+        return out
 
     def to_json(self) -> dict[str, list]:
         """Plain form: ``{"keys": [...], "domain": [[...]], "skill": [[...]]}``."""
-        keys = list(self._entries)
-        return {
-            "keys": keys,
-            "domain": [list(self._entries[k][0]) for k in keys],
-            "skill": [list(self._entries[k][1]) for k in keys],
-        }
+        keys, cids = self._combo_of.items()
+        combos = [self._combos[c] for c in cids.tolist()]
+        return {"keys": keys.tolist(), "domain": [list(c[0]) for c in combos], "skill": [list(c[1]) for c in combos]}  # type: ignore[index]
 
     @classmethod
     def from_json(cls, data: Mapping[str, list]) -> TagIndex:
         out = cls()
-        for key, d, s in zip(data["keys"], data["domain"], data["skill"], strict=True):
-            out.add(int(key), d, s)
+        out.add_many(zip(data["keys"], data["domain"], data["skill"], strict=True))
         return out
+
+
+_NO_KEYS = np.zeros(0, np.int32)
+_NO_FIELDS = np.zeros(0, np.uint8)
+_EMPTY = (_NO_KEYS, _NO_FIELDS)

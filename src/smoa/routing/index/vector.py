@@ -4,14 +4,14 @@ Keys are unit-norm float32 ``[d]`` rows, scores are inner products (= cosine). I
 keys. Layout (both kinds)::
 
     faiss index  position p -> vector            (IndexFlatIP, or IndexHNSWSQ QT_8bit, inner product)
-    ids[p]       position p -> catalog key       int64, 8 B/adapter
+    ids[p]       position p -> catalog key       int32 while every id fits (4 B/adapter), else int64
     alive[p]     position p not removed          bool,  1 B/adapter
 
 A removal only clears ``alive[p]`` (HNSW cannot delete); searches skip dead positions through a faiss
 ``IDSelectorBitmap``, and the index is compacted (rebuilt from its own stored vectors) once a quarter of its
 positions are dead. Re-adding an existing key replaces it. Below ``exact_threshold`` live vectors the index is
 flat (exact search); when it grows past it, it is rebuilt as HNSW-SQ8. HNSW-SQ8 costs 384 B of codes + ~150 B
-of graph links and bookkeeping per vector (~537 B in all); flat costs 1,545 B.
+of graph links and bookkeeping per vector (~533 B in all, ids as int32); flat costs 1,541 B.
 
 Why HNSW-SQ8 (``benchmarks/bench_routing.py``, ``docs/bench_routing.md``, real MiniLM embeddings, 100K keys, one
 thread): IVF-SQ8 (2,048 k-means lists) needs 64 probes for recall@5 0.952 (p99 0.21 ms) where HNSW-SQ8 gives
@@ -58,6 +58,11 @@ def auto_ef_search(n: int) -> int:
     """
     ef = HNSW_EF_SEARCH_BASE * 2.0 ** (np.log10(max(n, 10_000)) - 4.0)
     return int(min(HNSW_EF_SEARCH_MAX, 16 * round(ef / 16)))
+
+
+def _id_dtype(ids: np.ndarray) -> type:
+    """int32 while every id fits (4 B per vector saved; slot ids ``key << 4 | j`` fit below 134M keys), else int64."""
+    return np.int32 if not len(ids) or (int(np.min(ids)) >= 0 and int(np.max(ids)) < 2**31) else np.int64
 
 
 def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -119,7 +124,7 @@ class VectorIndex:
             self._index, self.kind = self._new_hnsw(sample), "hnsw-sq8"
         else:
             self._index, self.kind = self._new_flat(), "flat"
-        self._ids = np.array(keys, dtype=np.int64)
+        self._ids = np.array(keys, dtype=_id_dtype(keys))
         self._alive = np.ones(len(keys), dtype=bool)
         self._n, self._dead = len(keys), 0
         self._sorted = bool(np.all(np.diff(self._ids) > 0))
@@ -144,6 +149,8 @@ class VectorIndex:
         (O(len(keys) log n)) replaces the O(n) scan.
         """
         ids, alive = self._ids[: self._n], self._alive[: self._n]
+        if ids.dtype == np.int32:  # same dtype on both sides, or numpy would copy ids to compare (O(n))
+            keys = np.where((keys >= 0) & (keys < 2**31), keys, -1).astype(np.int32)
         if self._sorted:
             pos = np.searchsorted(ids, keys)
             inside = pos < len(ids)
@@ -166,7 +173,8 @@ class VectorIndex:
         """``(argsort of ids[:upto], upto)``; re-sorted when the unsorted tail past ``upto`` grows past 1/16."""
         view = self._view
         if view is None or self._n - view[1] > max(4096, self._n // 16) or view[1] > self._n:
-            view = self._view = (np.argsort(self._ids[: self._n], kind="stable"), self._n)
+            order = np.argsort(self._ids[: self._n], kind="stable")
+            view = self._view = (order.astype(np.int32) if self._n < 2**31 else order, self._n)  # 4 B/vector
         return view
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -184,6 +192,8 @@ class VectorIndex:
             logger.info("routing index grew past %d keys: rebuilt as %s", self.params.exact_threshold, self.kind)
             return
         self._reserve(self._n + len(keys))
+        if self._ids.dtype == np.int32 and _id_dtype(keys) is np.int64:
+            self._ids = self._ids.astype(np.int64)
         if self._sorted:
             last = self._ids[self._n - 1] if self._n else np.iinfo(np.int64).min
             self._sorted = bool(keys[0] > last and np.all(np.diff(keys) > 0))
@@ -223,7 +233,11 @@ class VectorIndex:
         pos = np.flatnonzero(self._alive[: self._n])
         if not len(pos):
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
-        return self._ids[pos].copy(), self._reconstruct_positions(pos)
+        return self._ids[pos].astype(np.int64), self._reconstruct_positions(pos)
+
+    def live_ids(self) -> np.ndarray:
+        """int64 ids of the live positions, in position order (no vector decoded)."""
+        return self._ids[: self._n][self._alive[: self._n]].astype(np.int64)
 
     def _reconstruct_positions(self, pos: np.ndarray) -> np.ndarray:
         if len(pos) == self._n:
@@ -235,7 +249,7 @@ class VectorIndex:
         pos = self._positions_of(np.asarray(keys, dtype=np.int64).reshape(-1))
         if not len(pos):
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
-        return self._ids[pos].copy(), self._reconstruct_positions(pos)
+        return self._ids[pos].astype(np.int64), self._reconstruct_positions(pos)
 
     # ------------------------------------------------------------------ search
     def _selector(self, allowed: np.ndarray | None):  # -> faiss.IDSelector | None
@@ -282,13 +296,13 @@ class VectorIndex:
             if sel is not None:
                 params.sel = sel
         scores, pos = self._index.search(q, k, params=params)
-        keys = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1)
+        keys = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1).astype(np.int64)
         scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
         return scores, keys
 
     # ------------------------------------------------------------------ persistence and accounting
     def memory_bytes(self) -> int:
-        """Bytes held: faiss codes and graph plus the id and alive arrays."""
+        """Bytes held: faiss codes and graph plus the id, alive and sorted-view arrays."""
         import faiss
 
         if self.kind == "flat":
@@ -301,14 +315,15 @@ class VectorIndex:
                 + faiss.vector_to_array(hnsw.offsets).nbytes
                 + faiss.vector_to_array(hnsw.levels).nbytes
             )
-        return int(index_bytes + self._ids.nbytes + self._alive.nbytes)
+        view = self._view[0].nbytes if self._view is not None else 0  # the sorted view, once ids are unsorted
+        return int(index_bytes + self._ids.nbytes + self._alive.nbytes + view)
 
     def save(self, directory: Path) -> list[str]:
         """Write ``vectors.faiss``, ``ids.npy``, ``alive.npy`` into ``directory``; returns the file names."""
         import faiss
 
         faiss.write_index(self._index, str(directory / "vectors.faiss"))
-        np.save(directory / "ids.npy", self._ids[: self._n])
+        np.save(directory / "ids.npy", self._ids[: self._n].astype(np.int64))
         np.save(directory / "alive.npy", self._alive[: self._n])
         return ["vectors.faiss", "ids.npy", "alive.npy"]
 
@@ -323,7 +338,7 @@ class VectorIndex:
         alive = np.load(directory / "alive.npy", allow_pickle=False)
         if index.d != dim or index.ntotal != len(ids) or len(ids) != len(alive) or ids.dtype != np.int64:
             raise ValueError(f"index files disagree: d={index.d}, ntotal={index.ntotal}, ids={len(ids)}")
-        out._index, out._ids, out._alive = index, ids, alive.astype(bool)
+        out._index, out._ids, out._alive = index, ids.astype(_id_dtype(ids)), alive.astype(bool)
         out.kind = "flat" if isinstance(index, faiss.IndexFlat) else "hnsw-sq8"
         if out.kind != "flat":
             out._index.hnsw.efSearch = out.ef_search

@@ -1,0 +1,179 @@
+"""A compact ``int64 key -> int32 value`` map for the routing indexes (8 B per key instead of ~100 B in a dict).
+
+Layout::
+
+    base   keys int32 [n] sorted, values int32 [n]     the bulk, looked up by binary search (keys int64 once
+                                                       one does not fit an int32)
+    delta  dict key -> value (-1: removed from base)   recent changes, folded into base past 1/16 of its size
+
+A lookup reads the delta first, then the base; a bulk insert of new keys goes straight into the base
+(one sort). Folding costs O(n) numpy work every ``n / 16`` changes, so a change costs O(1) amortised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MISSING = -1
+_I32 = 2**31
+
+
+def fits32(keys: np.ndarray) -> bool:
+    """Whether every key fits an int32 (keys are stored as int32 while they do: 4 B per key saved)."""
+    return not len(keys) or (int(np.min(keys)) >= 0 and int(np.max(keys)) < _I32)
+
+
+def key_array(keys: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``keys`` in ``like``'s dtype, for lookups in ``like`` (a key an int32 array cannot hold becomes -1, which no
+    int32 array holds); numpy would otherwise copy ``like`` to int64 on every lookup."""
+    keys = np.asarray(keys, np.int64).reshape(-1)
+    if like.dtype == np.int32:
+        return np.where((keys >= 0) & (keys < _I32), keys, -1).astype(np.int32)
+    return keys
+
+
+def narrow(keys: np.ndarray, wide: bool = False) -> np.ndarray:
+    """``keys`` as int32 if they all fit (and not ``wide``), else int64."""
+    return keys.astype(np.int64 if wide or not fits32(keys) else np.int32, copy=False)
+
+
+class KeyMap:
+    """``int64 key -> int32 value >= 0`` (module docstring); absent keys read as :data:`MISSING`."""
+
+    def __init__(self) -> None:
+        self._keys = np.zeros(0, np.int32)  # int64 once a key does not fit
+        self._vals = np.zeros(0, np.int32)
+        self._delta: dict[int, int] = {}
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, key: int) -> bool:
+        return self.get(key) != MISSING
+
+    def _base_get(self, key: int) -> int:
+        if self._keys.dtype == np.int32 and not 0 <= key < _I32:
+            return MISSING
+        i = int(np.searchsorted(self._keys, key))
+        return int(self._vals[i]) if i < len(self._keys) and self._keys[i] == key else MISSING
+
+    def get(self, key: int) -> int:
+        key = int(key)
+        v = self._delta.get(key)
+        return self._base_get(key) if v is None else v
+
+    def get_many(self, keys: np.ndarray) -> np.ndarray:
+        """int32 values of ``keys`` ``[m]`` (:data:`MISSING` where absent)."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        out = np.full(len(keys), MISSING, np.int32)
+        if len(self._keys):
+            q = key_array(keys, self._keys)
+            i = np.minimum(np.searchsorted(self._keys, q), len(self._keys) - 1)
+            hit = self._keys[i] == q
+            out[hit] = self._vals[i[hit]]
+        if self._delta:
+            rows = range(len(keys)) if len(keys) <= 64 else np.flatnonzero(
+                np.isin(keys, np.fromiter(self._delta.keys(), np.int64, len(self._delta)))).tolist()
+            for j in rows:
+                v = self._delta.get(int(keys[j]))
+                if v is not None:
+                    out[j] = v
+        return out
+
+    def set(self, key: int, value: int) -> None:
+        key, value = int(key), int(value)
+        if value < 0:
+            raise ValueError(f"`value` must be >= 0, got {value}")
+        self._len += self.get(key) == MISSING
+        self._delta[key] = value
+        self._maybe_fold()
+
+    def pop(self, key: int) -> int:
+        """Remove ``key``; returns its value (:data:`MISSING` if it was absent)."""
+        key = int(key)
+        old = self.get(key)
+        if old == MISSING:
+            return MISSING
+        if self._base_get(key) == MISSING:
+            del self._delta[key]
+        else:
+            self._delta[key] = MISSING
+        self._len -= 1
+        self._maybe_fold()
+        return old
+
+    def pop_many(self, keys: np.ndarray) -> None:
+        """Remove ``keys`` (absent ones ignored) in one pass over the base."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        if not len(keys):
+            return
+        self._fold()
+        keep = ~np.isin(self._keys, keys)
+        self._len -= int(len(self._keys) - keep.sum())
+        self._keys, self._vals = self._keys[keep], self._vals[keep]
+
+    def set_new(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Bulk insert of keys that are absent (the caller checked) and distinct: one sort into the base."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        if not len(keys):
+            return
+        self._fold()
+        k = np.concatenate([self._keys, keys])
+        v = np.concatenate([self._vals, np.asarray(values, np.int32).reshape(-1)])
+        order = np.argsort(k, kind="stable")
+        self._keys, self._vals = narrow(k[order]), v[order]
+        self._len += len(keys)
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(keys int64 [n] sorted, values int32 [n])``."""
+        self._fold()
+        return self._keys, self._vals
+
+    def _maybe_fold(self) -> None:
+        if len(self._delta) > max(4096, len(self._keys) // 16):
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._delta:
+            return
+        dk = np.fromiter(self._delta.keys(), np.int64, len(self._delta))
+        dv = np.fromiter(self._delta.values(), np.int64, len(self._delta))
+        keep = ~np.isin(self._keys, dk)
+        live = dv >= 0
+        k = np.concatenate([self._keys[keep], dk[live]])
+        v = np.concatenate([self._vals[keep], dv[live].astype(np.int32)])
+        order = np.argsort(k, kind="stable")
+        self._keys, self._vals = narrow(k[order]), v[order]
+        self._delta = {}
+
+    def nbytes(self) -> int:
+        """Bytes held (arrays, plus ~100 B per pending delta entry)."""
+        return int(self._keys.nbytes + self._vals.nbytes + 100 * len(self._delta))
+
+
+def sorted_insert(keys: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``keys`` (sorted, distinct; int32 or int64) with ``new`` (distinct, absent from ``keys``) merged in, sorted,
+    int32 while everything fits."""
+    new = np.asarray(new, np.int64).reshape(-1)
+    if not len(new):
+        return keys
+    wide = keys.dtype == np.int64
+    if len(new) == 1 and (wide or fits32(new)):
+        k = int(new[0])  # a Python int: numpy would cast an int32 ``keys`` to compare with an int64 scalar
+        return np.insert(keys, np.searchsorted(keys, k), k)
+    return narrow(np.sort(np.concatenate([keys.astype(np.int64), new]), kind="stable"), wide)
+
+
+def sorted_delete(keys: np.ndarray, gone: np.ndarray) -> np.ndarray:
+    """``keys`` (sorted) without the values in ``gone``."""
+    gone = np.asarray(gone, np.int64).reshape(-1)
+    if not len(gone) or not len(keys):
+        return keys
+    if len(gone) == 1:
+        g = int(gone[0])
+        if keys.dtype == np.int32 and not 0 <= g < _I32:
+            return keys
+        i = int(np.searchsorted(keys, g))
+        return np.delete(keys, i) if i < len(keys) and keys[i] == g else keys
+    return keys[~np.isin(keys, gone)]

@@ -1,0 +1,275 @@
+"""The array-backed tag index, groups and key map against plain dict references, on random operations."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+
+from smoa.routing.index.groups import GroupIndex
+from smoa.routing.index.keymap import MISSING, KeyMap
+from smoa.routing.index.tags import BOTH, CROSS_FIELD_WEIGHT, DOMAIN, SKILL, TagIndex, _tag_terms
+
+DOMAINS = ["medical", "legal", "finance", "cooking", "travel", ""]
+SKILLS = ["diagnosis", "review", "translation", "summarise", "prediction", "booking flights"]
+
+
+class RefTags:
+    """The formula of :mod:`smoa.routing.index.tags` over a plain dict ``key -> (domain, skill)``."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+    def bits(self, key: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for tags, field in zip(self.entries[key], (DOMAIN, SKILL)):
+            for tag in tags:
+                for t in _tag_terms(tag):
+                    out[t] = out.get(t, 0) | field
+        return out
+
+    def df(self, term: str) -> int:
+        return sum(term in self.bits(k) for k in self.entries)
+
+    def score(self, terms: list[tuple[str, int]], keys: list[int] | None = None) -> dict[int, float]:
+        n = len(self.entries)
+        idfs = [math.log1p((n - self.df(t) + 0.5) / (self.df(t) + 0.5)) for t, _ in terms]
+        total = sum(idfs) or 1.0
+        out: dict[int, float] = {}
+        for k in self.entries if keys is None else keys:
+            b = self.bits(k) if k in self.entries else {}
+            s = sum(w * (1.0 if b[t] & want else CROSS_FIELD_WEIGHT) for (t, want), w in zip(terms, idfs) if t in b)
+            if keys is not None or any(t in b for t, _ in terms):
+                out[k] = s / total
+        return out
+
+
+def random_tags(rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    d = [x for x in rng.choice(DOMAINS, rng.integers(0, 3), replace=False).tolist() if x]
+    s = rng.choice(SKILLS, rng.integers(0, 3), replace=False).tolist()
+    return d, s
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tag_index_matches_reference_under_random_changes(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    idx, ref = TagIndex(), RefTags()
+    for step in range(300):
+        op = rng.random()
+        if op < 0.4:
+            k, (d, s) = int(rng.integers(0, 80)), random_tags(rng)
+            idx.add(k, d, s)
+            ref.entries[k] = (tuple(d), tuple(s))
+        elif op < 0.6:
+            rows = [(int(rng.integers(0, 80)), *random_tags(rng)) for _ in range(int(rng.integers(1, 30)))]
+            idx.add_many(rows)
+            for k, d, s in rows:
+                ref.entries[k] = (tuple(d), tuple(s))
+        elif op < 0.8:
+            k = int(rng.integers(0, 80))
+            assert idx.remove(k) == (ref.entries.pop(k, None) is not None)
+        else:
+            ks = rng.integers(0, 80, int(rng.integers(1, 20)))
+            want = sum(ref.entries.pop(int(k), None) is not None for k in np.unique(ks))
+            assert idx.remove_many(ks) == want
+        if step % 10 == 0 or step == 299:
+            assert len(idx) == len(ref.entries) and sorted(idx.keys()) == sorted(ref.entries)
+            for k, v in ref.entries.items():
+                assert idx.tags_of(k) == v
+            vocab = {t for k in ref.entries for t in ref.bits(k)}
+            assert idx.vocabulary == vocab
+            terms = [(t, int(rng.choice([DOMAIN, SKILL, BOTH]))) for t in sorted(vocab)[:3]] + [("zzz", BOTH)]
+            assert idx.score(terms) == pytest.approx(ref.score(terms))
+            probe = rng.integers(0, 90, 12).tolist()
+            assert idx.score_keys(terms, probe) == pytest.approx(ref.score(terms, probe))
+            full = ref.score(terms)
+            best = sorted(full, key=lambda k: (-full[k], k))[:5]
+            assert list(idx.score(terms, limit=5)) == (best if len(full) > 5 else list(idx.score(terms)))
+    back = TagIndex.from_arrays(_roundtrip(idx.to_arrays()))
+    assert {k: back.tags_of(k) for k in back.keys()} == ref.entries
+    assert TagIndex.from_json(idx.to_json()).score(terms) == idx.score(terms)
+
+
+def _roundtrip(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as data:
+        return dict(data)
+
+
+class RefGroups:
+    def __init__(self) -> None:
+        self.members: dict[str, set[int]] = {}
+        self.sums: dict[str, np.ndarray] = {}
+        self.of: dict[int, str] = {}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_groups_match_reference_under_random_changes(seed: int) -> None:
+    """Tagged adapters (the untagged ones' clustering is covered in test_router) through add / add_many /
+    remove, against sets and sums; then the CSR round trip."""
+    rng = np.random.default_rng(seed)
+    dim = 8
+    g, ref = GroupIndex(dim), RefGroups()
+    vec = {k: rng.standard_normal(dim) for k in range(60)}
+
+    def ref_add(k: int, name: str) -> None:
+        if k in ref.of:
+            ref_remove(k, vec[k])
+        ref.members.setdefault(name, set()).add(k)
+        ref.sums[name] = ref.sums.get(name, np.zeros(dim)) + vec[k]
+        ref.of[k] = name
+
+    def ref_remove(k: int, v: np.ndarray | None) -> None:
+        name = ref.of.pop(k, None)
+        if name is None:
+            return
+        ref.members[name].discard(k)
+        if not ref.members[name]:
+            del ref.members[name], ref.sums[name]
+        elif v is not None:
+            ref.sums[name] = ref.sums[name] - v
+
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.4:
+            k, name = int(rng.integers(0, 60)), str(rng.choice(DOMAINS[:-1]))
+            g.add(k, vec[k], [name.upper()])
+            ref_add(k, name)
+        elif op < 0.6:
+            ks = np.unique(rng.integers(0, 60, int(rng.integers(1, 15))))
+            names = [str(rng.choice(DOMAINS[:-1])) for _ in ks]
+            g.add_many(ks, np.stack([vec[int(k)] for k in ks]), [[n] for n in names])
+            for k, n in zip(ks.tolist(), names):
+                ref_add(k, n)
+        else:
+            k = int(rng.integers(0, 60))
+            g.remove(k, vec[k])
+            ref_remove(k, vec[k])
+        assert len(g) == len(ref.members)
+        for k in range(60):
+            assert g.group_of(k) == ref.of.get(k)
+    names, cents = g.centroids()
+    assert names == sorted(ref.members)
+    for n, c in zip(names, cents):
+        assert g.members(n).tolist() == sorted(ref.members[n]) and g.size(n) == len(ref.members[n])
+        s = ref.sums[n]
+        np.testing.assert_allclose(c, s / max(np.linalg.norm(s), 1e-12), atol=1e-5)
+    back = GroupIndex.from_arrays(dim, _roundtrip(g.to_arrays()))
+    q = rng.standard_normal(dim)
+    assert back.top_groups(q, 3) == g.top_groups(q, 3)
+    assert all(back.group_of(k) == ref.of.get(k) for k in range(60))
+    assert all(back.members(n).tolist() == sorted(ref.members[n]) for n in names)
+
+
+def test_keymap_matches_dict() -> None:
+    rng = np.random.default_rng(0)
+    km, ref = KeyMap(), {}
+    for step in range(20_000):
+        op, k = rng.random(), int(rng.integers(0, 6000))
+        if op < 0.5:
+            v = int(rng.integers(0, 100))
+            km.set(k, v)
+            ref[k] = v
+        elif op < 0.8:
+            assert km.pop(k) == ref.pop(k, MISSING)
+        elif op < 0.81:
+            new = np.setdiff1d(rng.integers(6000, 9000, 50), np.fromiter(ref, np.int64))
+            new = np.unique(new)
+            km.set_new(new, np.arange(len(new)))
+            ref.update(zip(new.tolist(), range(len(new))))
+        elif op < 0.82:
+            gone = rng.integers(0, 9000, 40)
+            km.pop_many(gone)
+            for g in gone.tolist():
+                ref.pop(g, None)
+        else:
+            assert km.get(k) == ref.get(k, MISSING)
+        if step % 2000 == 0:
+            probe = rng.integers(0, 9000, 300)
+            assert km.get_many(probe).tolist() == [ref.get(int(p), MISSING) for p in probe]
+            assert len(km) == len(ref)
+    keys, vals = km.items()
+    assert dict(zip(keys.tolist(), vals.tolist())) == ref
+
+
+def test_arrays_are_compact_at_scale() -> None:
+    """100K adapters sharing a few hundred tag combinations: well under 100 B each for tags + groups."""
+    rng = np.random.default_rng(0)
+    n, dim = 100_000, 16
+    doms = [f"domain{i}" for i in range(20)]
+    skills = [f"skill{i}" for i in range(300)]
+    rows = [(k, [doms[k % 20]], [skills[int(rng.integers(0, 300))]]) for k in range(n)]
+    tags = TagIndex()
+    tags.add_many(rows)
+    groups = GroupIndex(dim)
+    groups.add_many(np.arange(n), rng.standard_normal((n, dim)).astype(np.float32), [d for _, d, _ in rows])
+    assert tags.memory_bytes() / n < 50 and groups.memory_bytes() / n < 40
+    assert tags.score([("domain3", DOMAIN)], limit=3) == {3: 1.0, 23: 1.0, 43: 1.0}
+
+
+def test_router_reopens_persisted_arrays_and_catches_up(tmp_path) -> None:
+    """Save at generation 2, change (retag, remove, add) at 3 and 4, reopen: load() gives 2, the same change
+    sets applied give the live router's tags, groups and routes; nothing is decoded or rebuilt."""
+    from smoa.config import SMoAConfig
+    from smoa.routing.router import KeyEntry, Router
+
+    rng = np.random.default_rng(0)
+    dim, n = 384, 300
+    vecs = rng.standard_normal((n + 20, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = lambda ks: [f"ad_{k:04d}" for k in ks]  # noqa: E731
+    tag = lambda k: ([DOMAINS[k % 5]], [SKILLS[k % 6]])  # noqa: E731
+    live = Router(SMoAConfig(encoder="hash"), tmp_path, ids)
+    live.add(np.arange(n), vecs[:n], [tag(k) for k in range(n)], generation=2)
+    live.save()
+    changes = [
+        ([KeyEntry(k, vecs[k][None], ["travel"], ["booking flights"]) for k in range(0, 40, 3)], list(range(100, 130)), 3),
+        ([KeyEntry(k, vecs[k][None], *tag(k)) for k in range(n, n + 20)], [5, 7, 11], 4),
+    ]
+    for up, rm, gen in changes:
+        live.apply(up, rm, gen)
+    again = Router(SMoAConfig(encoder="hash"), tmp_path, ids)
+    assert again.load(max_generation=4) == 2
+    assert again._groups.to_arrays()["group_offsets"][-1] == n
+    for up, rm, gen in changes:
+        again.apply(up, rm, gen)
+    assert again.generation == live.generation == 4
+    assert sorted(again._tags.keys()) == sorted(live._tags.keys())
+    assert all(again._tags.tags_of(k) == live._tags.tags_of(k) for k in live._tags.keys())
+    names, _ = live._groups.centroids()
+    assert again._groups.centroids()[0] == names
+    assert all(again._groups.members(g).tolist() == live._groups.members(g).tolist() for g in names)
+    for q in vecs[rng.choice(n + 20, 10)]:
+        text = "travel booking flights"
+        live.encoder.prime([text], q[None])
+        again.encoder.prime([text], q[None])
+        for strategy in ("semantic", "hybrid", "hierarchical", "task_based"):
+            a = live.route(text, strategy=strategy, k=3)
+            b = again.route(text, strategy=strategy, k=3)
+            assert a.adapter_ids == b.adapter_ids, strategy
+
+
+def test_keys_past_int32_widen_the_arrays() -> None:
+    """Keys are int32 while they fit; one that does not widens the arrays, and lookups stay exact."""
+    big = 2**40 + 7
+    km = KeyMap()
+    km.set_new(np.array([1, 5, 9]), np.array([0, 1, 2]))
+    assert km.get(big) == MISSING and km.get_many(np.array([5, big])).tolist() == [1, MISSING]
+    km.set_new(np.array([big]), np.array([3]))
+    assert km.get(big) == 3 and km.get_many(np.array([9, big])).tolist() == [2, 3]
+    t = TagIndex()
+    t.add_many([(1, ["medical"], []), (2, ["medical"], ["review"])])
+    assert t.score_keys([("medical", DOMAIN)], [1, big]) == {1: pytest.approx(1.0), big: 0.0}
+    t.add(big, ["medical"], [])
+    assert set(t.score([("medical", DOMAIN)])) == {1, 2, big} and t.tags_of(big) == (("medical",), ())
+    assert t.remove(big) and set(t.score([("medical", DOMAIN)])) == {1, 2}
+    g = GroupIndex(4)
+    g.add_many(np.array([1, 2]), np.eye(4, dtype=np.float32)[:2], [["a"], ["a"]])
+    g.add(big, np.ones(4, np.float32), ["a"])
+    assert g.members("a").tolist() == [1, 2, big] and g.group_of(big) == "a"
+    g.remove(big)
+    assert g.members("a").tolist() == [1, 2]
