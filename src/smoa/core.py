@@ -29,6 +29,7 @@ examples) in one transaction before routing anything; another base-model profile
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import threading
@@ -56,6 +57,8 @@ from smoa.errors import (
 from smoa.library import AdapterLibrary
 from smoa.routing.route import Route
 from smoa.storage.base import KEY_FORMAT, RoutingRow
+
+NEGATIVES_META = "routing_negatives"  # catalog meta key: the user's negative examples (JSON list of texts)
 
 logger = logging.getLogger(__name__)
 
@@ -552,7 +555,23 @@ class LibraryCore:
         many are registered in all."""
         with self._lock:
             self._check_open()
-            return int(self.router.add_negative_examples(texts))
+            clean = self.router.clean_negatives(texts)  # raises before anything is written
+            if not clean:
+                return int(self.router.statistics()["negatives"])
+            stored = self._negatives()
+            self._store.catalog.set_meta(NEGATIVES_META, json.dumps(stored + clean))  # durable first, then the index
+            return int(self.router.add_negative_examples(clean))
+
+    def _negatives(self) -> list[str]:
+        """The user's negatives as the catalog holds them (meta ``routing_negatives``, a JSON list of texts)."""
+        raw = self._store.catalog.get_meta(NEGATIVES_META)
+        try:
+            got = json.loads(raw) if raw else []
+        except ValueError:
+            got = None
+        if not isinstance(got, list) or not all(isinstance(t, str) for t in got):
+            raise StorageError(f"catalog meta {NEGATIVES_META!r} is not a JSON list of strings: {str(raw)[:80]!r}")
+        return got
 
     def refit_routing(self) -> dict[str, float]:
         """Refit the learned routing keys from every adapter's examples (the router's lock only, not the core's:
@@ -728,11 +747,19 @@ class LibraryCore:
         if saved is not None and self._store.catalog.changes_since(saved) is not None:
             self._applied = saved
             self._catch_up()
+            self._sync_negatives()
             return
         n = self.router.rebuild(self._entries(self._store.catalog.routing_rows()), gen)
         self._applied = gen
         if self.router.index_dir is not None and n:
             logger.info("smoa core: built the routing index of %d adapters from the catalog", n)
+        self._sync_negatives()
+
+    def _sync_negatives(self) -> None:
+        """The router's negatives = the catalog's (a lost or rebuilt index keeps the user's negatives)."""
+        stored = self._negatives()
+        if list(self.router.negative_texts()) != stored:
+            self.router.set_negative_examples(stored)
 
     def _check_encoder(self, progress: bool) -> None:
         """Record the encoder at first open; re-encode every key if the library was built with another."""
@@ -750,8 +777,6 @@ class LibraryCore:
                 catalog.set_meta(key, value)
 
     def _legacy_encoder(self) -> tuple[str | None, str | None]:
-        import json
-
         if not self._store.persistent_index:
             return None, None
         try:

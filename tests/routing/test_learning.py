@@ -261,3 +261,36 @@ def test_learner_load_refuses_inconsistent_arrays(tmp_path: Path) -> None:
     lrn.save(path)
     back = KeyLearner.load(path, 4, 4)
     assert back.with_examples() == [1] and back.stored[1].examples.shape == (4, 4)
+
+
+def test_text_only_rivals_arriving_later_refit_the_learned_adapters_they_land_on() -> None:
+    """Adapters keyed by examples first, then example-less rivals described with the same words: the rivals must
+    not keep the keys as they were fitted without them; routes match the library built in the other order."""
+    rivals = [RoutingText([f"rival{t}{j}"], ["help"], " ".join(TOPICS[t].split()[j : j + 3]), [])
+              for t in ("stocks", "heart") for j in (0, 3)]  # fmt: skip
+    queries = [(q, t) for t in TOPICS for q in topic_examples(t, 8, seed=9)]
+
+    def build(rivals_first: bool) -> tuple[Router, list[str]]:
+        router, names = make()
+        its = items()
+        rival_keys = list(range(100, 100 + len(rivals)))
+        names.update({k: f"rival{k}" for k in rival_keys})
+        names.update({i + 1: t for i, t in enumerate(TOPICS)})
+        topic_entries = [KeyEntry(i + 1, k, it.domain_tags, it.skill_tags) for i, (it, k) in enumerate(zip(its, router.encode_keys(its)))]
+        rival_entries = [KeyEntry(k, v, r.domain_tags, r.skill_tags) for k, r, v in zip(rival_keys, rivals, router.encode_keys(rivals))]
+        batches = [rival_entries, topic_entries] if rivals_first else [topic_entries, rival_entries]
+        before = None
+        for g, batch in enumerate(batches):
+            router.apply(batch, [], g + 1)
+            if g == 0 and not rivals_first:
+                before = router.key_vectors(2).copy()  # "stocks", learned without its rivals
+        if before is not None:
+            assert not np.allclose(before, router.key_vectors(2)), "the rivals landing on 'stocks' did not refit it"
+        return router, [(router.route(q, strategy="semantic").adapter_ids or [""])[0] for q, _ in queries]
+
+    _, late = build(rivals_first=False)
+    _, early = build(rivals_first=True)
+    truth = [t for _, t in queries]
+    acc_late, acc_early = np.mean(np.array(late) == truth), np.mean(np.array(early) == truth)
+    assert acc_late >= acc_early - 0.05 and acc_late >= 0.85, (acc_late, acc_early)
+    assert np.mean(np.array(late) == np.array(early)) >= 0.9

@@ -115,8 +115,10 @@ ADAPT_MIN_EXAMPLES = 1000  # below this a LoRA over-fits (8 x 24 CLINC examples:
 ADAPT_RETRAIN_SHARE = 0.1  # retrain when this share of the stored examples (at least ADAPT_RETRAIN_MIN) changed
 ADAPT_RETRAIN_MIN = 200
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
-DISTURB_MAX_PROTOTYPES = 20_000  # prototypes of learned adapters checked against each change set's new rivals
-DISTURB_DENSE_LIMIT = 50_000_000  # new keys x prototypes up to which the check is one dense product
+DISTURB_MAX_ADAPTERS = 20_000  # learned adapters checked against each change set's new example-less rivals
+DISTURB_EXAMPLES = 8  # weakest stored examples per learned adapter a rival is checked on
+DISTURB_MARGIN = 0.05  # a rival within this of the adapter's own score on one of them triggers a refit
+DISTURB_DENSE_LIMIT = 50_000_000  # new keys x weak examples up to which the check is one dense product
 LEARNER_FILE = "learner.npz"  # key spaces the static fast path is projected into
 
 
@@ -198,7 +200,6 @@ class Router:
         self._counts = {"queries": 0, "cache_hits": 0, "cache_misses": 0, "degraded": 0, "truncated": 0,
                         "escalated": 0, "fast": 0, "empty": 0}  # fmt: skip
         self._learner = KeyLearner(self.dim, int(getattr(config, "routing_keys_per_adapter", 4)))
-        self._levels: dict[int, tuple[bytes, float]] = {}  # adapter key -> (initial digest, landing level)
         self._max_p = 1  # most keys any adapter holds (bounds slot lookups)
         self._pending: OrderedDict[bytes, tuple] = OrderedDict()  # encode_keys output -> its embeddings
         self._main_cost = [3.0, 0.02]  # predicted main-encoder ms: base + per character (updated online)
@@ -378,46 +379,38 @@ class Router:
                 self._local_update(learn)
 
     def _disturbed(self, mats: list[np.ndarray], skip: set[int]) -> list[int]:
-        """Learned adapters that new keys without examples (``mats``, ``[P_i, dim]`` each) land on: their keys were
+        """Learned adapters that new keys without examples (``mats``, ``[P_i, dim]`` each) threaten: their keys were
         fitted before these rivals existed, so they are refitted against them (caller holds the lock).
 
-        A rival lands on adapter ``a`` when its key is as close to one of ``a``'s prototypes (its initial keys, where
-        its examples are) as the closest 90 % of ``a``'s own examples are. This is what makes a library keyed by
-        examples first and by text later route like one built in the other order (issue 11: the result must not
-        depend on the order of arrival). Cost: one ``[new keys, prototypes]`` product per change set; skipped
-        above :data:`DISTURB_MAX_PROTOTYPES` prototypes (the background refit still sees every rival).
+        A rival threatens adapter ``a`` when it scores one of ``a``'s weakest stored examples (the
+        :data:`DISTURB_EXAMPLES` that ``a``'s own keys score lowest) within :data:`DISTURB_MARGIN` of ``a`` itself:
+        a query like that example could be stolen. This is what makes a library keyed by examples first and by
+        text later route like one built in the other order (issue 11: the result must not depend on the order of
+        arrival). Cost: ``[weak examples, new keys]`` dense for small change sets, else one index search per weak
+        example; skipped above :data:`DISTURB_MAX_ADAPTERS` learned adapters (the background refit still sees
+        every rival).
         """
         lrn = self._learner
-        learned = [k for k in lrn.learned if k not in skip and k in lrn.stored and k in lrn.initial]
-        if not mats or not learned:
+        learned = [k for k in lrn.learned if k not in skip and k in lrn.stored and len(lrn.stored[k].examples)]
+        if not mats or not learned or len(learned) > DISTURB_MAX_ADAPTERS:
             return []
-        protos = [lrn.initial_keys_of(k) for k in learned]
-        n_protos = sum(len(p) for p in protos)
-        if n_protos > DISTURB_MAX_PROTOTYPES:
-            return []
-        levels = np.array([self._land_level(k, p) for k, p in zip(learned, protos)], np.float32)
-        owner = np.concatenate([[i] * len(p) for i, p in enumerate(protos)])
-        allp = np.concatenate(protos)  # [n prototypes, dim]
+        weak, level, owner = [], [], []
+        for i, k in enumerate(learned):
+            ex = lrn.stored[k].examples.astype(np.float32)  # [m, dim]
+            own = (ex @ lrn.current_keys(k).T).max(1)  # [m] the adapter's own score of each example
+            idx = np.argsort(own, kind="stable")[:DISTURB_EXAMPLES]
+            weak.append(ex[idx])
+            level.append(own[idx] - DISTURB_MARGIN)
+            owner.append(np.full(len(idx), i))
+        weak_x, lv, own_of = np.concatenate(weak), np.concatenate(level), np.concatenate(owner)
         probe = np.concatenate([np.asarray(m, np.float32).reshape(-1, self.dim) for m in mats])  # [M, dim]
-        closest = np.full(len(learned), -np.inf, np.float32)
-        if len(probe) * n_protos <= DISTURB_DENSE_LIMIT:  # few arrivals: one dense product
-            np.maximum.at(closest, owner, (probe @ allp.T).max(0))
-        else:  # a big change set: the prototypes' nearest keys in the index, kept if they are among the new ones
+        if len(probe) * len(weak_x) <= DISTURB_DENSE_LIMIT:  # few arrivals: one dense product
+            best = (weak_x @ probe.T).max(1)
+        else:  # a big change set: the weak examples' nearest keys in the index, kept if they are new ones
             new_slots = slots_of(np.asarray(sorted(self._new_keys), np.int64), self._max_p)
-            sims, slots = self._vectors.search(allp, min(64, len(self._vectors)))
-            sims = np.where(np.isin(slots, new_slots), sims, -np.inf)
-            np.maximum.at(closest, owner, sims.max(1))
-        return [k for k, c, lv in zip(learned, closest, levels) if c >= lv]
-
-    def _land_level(self, key: int, protos: np.ndarray) -> float:
-        """10 % quantile of adapter ``key``'s stored examples' cosine to their nearest prototype (memoised)."""
-        d = self._learner.initial[key][0]
-        hit = self._levels.get(key)
-        if hit is None or hit[0] != d:
-            ex = self._learner.stored[key].examples.astype(np.float32)
-            hit = (d, float(np.quantile((ex @ protos.T).max(1), 0.1)))
-            self._levels[key] = hit
-        return hit[1]
+            sims, slots = self._vectors.search(weak_x, min(32, len(self._vectors)))
+            best = np.where(np.isin(slots, new_slots), sims, -np.inf).max(1)
+        return sorted({learned[i] for i in np.unique(own_of[best >= lv])})
 
     def _adopt(self, entry: KeyEntry) -> tuple[np.ndarray | None, bool]:
         """Link ``entry`` to what the learner knows (caller holds the lock).
@@ -716,15 +709,37 @@ class Router:
             neg = (best, best - np.where(np.isfinite(sims[:, 1]), sims[:, 1], best - 1.0))
         lrn.recalibrate(neg)
 
+    def negative_texts(self) -> list[str]:
+        """The registered negatives' texts, in order."""
+        with self._lock:
+            return list(self._learner.negative_texts)
+
+    @staticmethod
+    def clean_negatives(texts: Sequence[str]) -> list[str]:
+        """Negatives as stored: validated, capped at ``MAX_QUERY_CHARS``, whitespace-normalised, empty ones dropped.
+
+        Raises :class:`InvalidInputError` on a non-string (naming ``texts[i]`` on invalid Unicode)."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InvalidInputError(f"`texts` must be a list of strings, got {texts!r:.100}")
+        clean = [" ".join(validate_query_text(t, f"texts[{i}]")[:MAX_QUERY_CHARS].split()) for i, t in enumerate(texts)]
+        return [t for t in clean if t]
+
+    def set_negative_examples(self, texts: Sequence[str]) -> int:
+        """Replace the registered negatives by ``texts`` (the catalog's copy, at open); returns how many."""
+        with self._lock:
+            lrn = self._learner
+            lrn.negatives = np.zeros((0, self.dim), np.float16)
+            lrn.negatives_fast = np.zeros((0, self.dim), np.float16)
+            lrn.negative_texts = []
+            self._recalibrate()
+        return self.add_negative_examples(list(texts)) if texts else 0
+
     def add_negative_examples(self, texts: Sequence[str]) -> int:
         """Register out-of-scope texts (queries no adapter should serve): they tune the ``"auto"`` threshold.
 
         Returns how many negatives are registered in all. Raises :class:`InvalidInputError` on a non-string.
         """
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise InvalidInputError(f"`texts` must be a list of strings, got {texts!r:.100}")
-        clean = [" ".join(validate_query_text(t, f"texts[{i}]")[:MAX_QUERY_CHARS].split()) for i, t in enumerate(texts)]
-        clean = [t for t in clean if t]
+        clean = self.clean_negatives(texts)
         if not clean:
             return len(self._learner.negatives)
         vecs = self.query_encoder.encode_batch(clean).astype(np.float16)
@@ -1044,7 +1059,6 @@ class Router:
         if self._over_budget(t0):
             timings["fuse"] += (time.perf_counter() - t) * 1e3
             return cos, cos, True
-        tag = self._tags.score_keys(terms, cos)
         rare, budget = [], TAG_SCAN_LIMIT
         for term in sorted(terms, key=lambda tf: self._tags.posting_total([tf])):
             budget -= self._tags.posting_total([term])
@@ -1054,9 +1068,8 @@ class Router:
         if rare:  # tag-side candidates: the adapters holding the query's rarest tags (bounded scan)
             extra = [key for key in self._tags.score(rare, limit=n_cand) if key not in cos]
             if extra:
-                got = self._exact_scores(np.asarray(extra, np.int64), q)
-                cos.update(got)
-                tag.update(self._tags.score_keys(terms, list(got)))
+                cos.update(self._exact_scores(np.asarray(extra, np.int64), q))
+        tag = self._tags.score_keys(terms, cos)  # one pass over every candidate (the numpy cost is per term)
         scores = fuse(cos, tag, lam)
         timings["fuse"] += (time.perf_counter() - t) * 1e3
         return scores, cos, degraded

@@ -55,7 +55,7 @@ class KeyMap:
     def _base_get(self, key: int) -> int:
         if self._keys.dtype == np.int32 and not 0 <= key < _I32:
             return MISSING
-        i = int(np.searchsorted(self._keys, key))
+        i = int(np.searchsorted(self._keys, self._keys.dtype.type(key)))  # same dtype: no copy of keys
         return int(self._vals[i]) if i < len(self._keys) and self._keys[i] == key else MISSING
 
     def get(self, key: int) -> int:
@@ -160,8 +160,8 @@ def sorted_insert(keys: np.ndarray, new: np.ndarray) -> np.ndarray:
         return keys
     wide = keys.dtype == np.int64
     if len(new) == 1 and (wide or fits32(new)):
-        k = int(new[0])  # a Python int: numpy would cast an int32 ``keys`` to compare with an int64 scalar
-        return np.insert(keys, np.searchsorted(keys, k), k)
+        k = int(new[0])  # searched as keys' dtype: numpy would copy an int32 ``keys`` to compare with an int64
+        return np.insert(keys, np.searchsorted(keys, keys.dtype.type(k)), k)
     return narrow(np.sort(np.concatenate([keys.astype(np.int64), new]), kind="stable"), wide)
 
 
@@ -174,6 +174,6 @@ def sorted_delete(keys: np.ndarray, gone: np.ndarray) -> np.ndarray:
         g = int(gone[0])
         if keys.dtype == np.int32 and not 0 <= g < _I32:
             return keys
-        i = int(np.searchsorted(keys, g))
+        i = int(np.searchsorted(keys, keys.dtype.type(g)))
         return np.delete(keys, i) if i < len(keys) and keys[i] == g else keys
     return keys[~np.isin(keys, gone)]

@@ -190,7 +190,7 @@ class TagIndex:
         self._combo_of.set(key, cid)
         for t, field in self._combo_terms[cid]:
             keys, fields = self._postings.get(t, (np.zeros(0, self._dtype), _NO_FIELDS))
-            i = int(np.searchsorted(keys, key))
+            i = int(np.searchsorted(keys, keys.dtype.type(key)))  # same dtype: no copy of the posting
             self._postings[t] = (np.insert(keys, i, key), np.insert(fields, i, field))
 
     def add_many(self, rows: Iterable[tuple[int, Sequence[str], Sequence[str]]]) -> None:
@@ -230,7 +230,7 @@ class TagIndex:
             return False
         for t, _ in self._combo_terms[cid]:
             keys, fields = self._postings[t]
-            i = int(np.searchsorted(keys, key))
+            i = int(np.searchsorted(keys, keys.dtype.type(key)))
             if len(keys) == 1:
                 del self._postings[t]
             else:
