@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,8 +347,6 @@ def load_adapted(directory: Path, version: str, base: str):  # -> LoraWeights
         raise AdaptedEncoderError(f"{path}: unexpected modules {sorted(set(weights.factors) - set(shapes))}")
     return weights
 
-
-Factory = Callable[..., AdaptedEncoder]
 
 __all__ = ["ADAPTED_FILE", "AdaptHistory", "AdaptedEncoder", "AdaptedEncoderError", "load_adapted", "save_adapted",
            "target_modules", "train_query_lora", "version_of"]  # fmt: skip

@@ -394,11 +394,8 @@ class KeyLearner:
         ys = [np.full(len(self.stored[k].examples_fast), col[k]) for k in adapters if k in col]
         if not xs:
             return
-        held = np.concatenate([held_out_mask(st.texts) if k in self.encoder_seen and len(st.texts) == len(st.examples)
-                               else np.zeros(len(st.examples), bool) for k in adapters if k in col
-                               for st in [self.stored[k]]])  # fmt: skip
         with one_thread():
-            self._tune(np.concatenate(xs), np.concatenate(ys), keys, owner, col, base, epochs, held)
+            self._tune(np.concatenate(xs), np.concatenate(ys), keys, owner, col, base, epochs)
 
     def _tune(self, xs: np.ndarray, ys: np.ndarray, keys: np.ndarray, owner: np.ndarray, col: dict, base: np.ndarray,
               epochs: int, held: np.ndarray | None = None) -> None:
@@ -540,9 +537,9 @@ def _sample(n: int, limit: int, key: int) -> np.ndarray:
     return np.sort(np.random.default_rng(int(key) & 0xFFFFFFFF).choice(n, limit, replace=False))
 
 
-FAST_ACCURACY = 0.99  # the fast path's answers above its margin must be this accurate on the held-out examples
-# (0.98 on the examples its projection was tuned on let it answer 91 % of CLINC150 val in the learned encoder's
-# space: top-1 95.7 % vs 96.8 % for the encoder alone)
+FAST_ACCURACY = 0.995  # the fast path's answers above its margin must be this accurate on the stored examples
+# (CLINC150 val in the learned encoder's space: 0.98 -> 9 % escalated, top-1 95.7 %; 0.995 -> 14 %, 96.4 %;
+# 0.99 measured on held-out examples with the projection tuned without them -> 12 %, 95.8 %)
 
 
 def sure_margin(scores: np.ndarray, labels: np.ndarray, target: float = FAST_ACCURACY) -> float:

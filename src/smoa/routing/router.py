@@ -429,7 +429,7 @@ class Router:
         if hit is None:
             if entry.key in self._learner.stored:
                 self._learner.initial[entry.key] = (d, vecs)
-            return None, entry.key in self._learner.stored
+            return None, True
         text, ex, text_fast, ex_fast, ex_texts, rtext, adapted = hit
         index = None
         if self._learner.adapted_version and len(ex):  # index and learn in the learned encoder's space
@@ -442,7 +442,7 @@ class Router:
         self._learner.remember(entry.key, text, ex, text_fast, ex_fast, ex_texts, rtext)
         if len(ex):
             self._learner.initial[entry.key] = (d, vecs if index is None else index)
-        return index, bool(len(ex))
+        return index, True
 
     def rebuild(self, entries: Iterable[KeyEntry], generation: int) -> int:
         """Replace both indexes with ``entries``; returns how many adapters were indexed."""
