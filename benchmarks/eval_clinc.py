@@ -25,6 +25,10 @@ in one change set or one at a time in a shuffled order, before and after the opt
 accuracy and OOS recall at the calibrated threshold (nothing tuned on val: the threshold comes from held-out
 folds of the train examples).
 
+After the optimiser's refit the defaults also carry the learned query encoder (:mod:`smoa.routing.adapt`); each
+distinct training set is trained once and cached under ``<smoa cache>/eval/qlora-*`` (order-free training).
+``$SMOA_EVAL_LIBRARIES`` (``"bulk,one by one"``) and ``$SMOA_EVAL_NO_ZERO`` pick the defaults section's rows.
+
 Run: ``python benchmarks/eval_clinc.py`` (full, ~10 min) or ``--quick`` (default encoder, 10K distractors).
 """
 
@@ -397,7 +401,7 @@ def defaults_section(data: dict, intent_domain: dict[str, str], sizes: list[int]
           "learned query encoder after optimise)\n")
     print("| library | distractors | strategy | top-1 | top-3 | in-scope acc @auto | OOS recall @auto | thr | "
           "escalated % | build s | ms/route | query encoder |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for n in [0, *sizes]:
+    for n in ([] if os.environ.get("SMOA_EVAL_NO_ZERO") else [0]) + sizes:  # (env: only the distractor rows)
         for label, seed in (("bulk", None), ("one by one, shuffled", 1)):
             if (n and seed is not None) or label.split(",")[0] not in LIBRARIES:
                 continue

@@ -228,6 +228,48 @@ def test_budget_too_small_for_the_main_encoder_keeps_the_fast_answer_and_says_de
     assert not clear.degraded  # a clear fast answer is no loss of quality, whatever the budget
 
 
+
+class _ColdStartEncoder(HashEncoder):
+    """A main encoder whose first call is slow (a cold start), then fast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 1:
+            import time
+
+            time.sleep(0.2)
+        return super().encode(texts)
+
+
+def test_one_slow_cold_start_does_not_forbid_escalating_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost model learns only from escalations: after one 200 ms cold start it would refuse the main encoder
+    forever at a 20 ms budget; the background probe re-measures it and escalation resumes."""
+    import time
+
+    monkeypatch.setattr(router_mod, "COST_PROBE_INTERVAL_S", 0.0)
+    names: dict[int, str] = {}
+    config = SMoAConfig(encoder="hash", enable_caching=False, routing_latency_budget_ms=20.0, embedding_cache_size=0,
+                        routing_threshold=-1.0)  # fmt: skip
+    main = _ColdStartEncoder()
+    router = Router(config, None, lambda ks: [names.get(k, "") for k in ks], encoder=main, fast_encoder=HashEncoder())
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)  # every fast answer is unsure
+    router._main_cost[:] = [300.0, 0.0]  # as if a cold start had been learned
+    router._cost_samples[0].extend([300.0] * 3)
+    first = router.route("bread stock one", strategy="semantic")
+    assert first.degraded and not first.escalated
+    deadline = time.monotonic() + 10.0
+    while router._predict_main_ms("bread stock two") > 20.0 and time.monotonic() < deadline:
+        router.route("bread stock three", strategy="semantic")  # each refusal may start one probe
+        time.sleep(0.05)
+    later = router.route("bread stock four", strategy="semantic")
+    assert later.escalated and not later.degraded
+
+
 # ---------------------------------------------------------------------------------------------- persistence
 def test_learned_state_persists_and_a_corrupt_file_is_refused(tmp_path: Path) -> None:
     names: dict[int, str] = {}

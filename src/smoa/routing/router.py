@@ -104,6 +104,8 @@ LEARN_TEMPERATURE = 0.05  # refine_keys' softmax temperature, chosen on a held-o
 TAG_SCAN_LIMIT = 500  # postings HYBRID's tag side scans for extra candidates (rarest query terms first)
 RESCUE_GROUPS = 3  # SEMANTIC / HYBRID: nearest groups whose members are scored exactly when the group is small
 SMALL_GROUP_LIMIT = 256
+COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / per character)
+COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
 FAST_ENCODERS = ("minilm", "minilm-int8")
 REFIT_GROWTH = 1.25  # apply(): full key refit when the adapters with examples grew by this factor since the last
@@ -202,7 +204,9 @@ class Router:
         self._learner = KeyLearner(self.dim, int(getattr(config, "routing_keys_per_adapter", 4)))
         self._max_p = 1  # most keys any adapter holds (bounds slot lookups)
         self._pending: OrderedDict[bytes, tuple] = OrderedDict()  # encode_keys output -> its embeddings
-        self._main_cost = [3.0, 0.02]  # predicted main-encoder ms: base + per character (updated online)
+        self._main_cost = [3.0, 0.02]  # predicted main-encoder ms: base + per character (medians of recent samples)
+        self._cost_samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
+        self._cost_probe_at = -COST_PROBE_INTERVAL_S  # monotonic time of the last background cost probe
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
         self._fast_ready = threading.Event()
@@ -429,7 +433,7 @@ class Router:
         if hit is None:
             if entry.key in self._learner.stored:
                 self._learner.initial[entry.key] = (d, vecs)
-            return None, True
+            return None, entry.key in self._learner.stored and bool(len(self._learner.stored[entry.key].examples))
         text, ex, text_fast, ex_fast, ex_texts, rtext, adapted = hit
         index = None
         if self._learner.adapted_version and len(ex):  # index and learn in the learned encoder's space
@@ -442,7 +446,7 @@ class Router:
         self._learner.remember(entry.key, text, ex, text_fast, ex_fast, ex_texts, rtext)
         if len(ex):
             self._learner.initial[entry.key] = (d, vecs if index is None else index)
-        return index, True
+        return index, bool(len(ex))
 
     def rebuild(self, entries: Iterable[KeyEntry], generation: int) -> int:
         """Replace both indexes with ``entries``; returns how many adapters were indexed."""
@@ -981,6 +985,7 @@ class Router:
             spent = (time.perf_counter() - t0) * 1e3
             if spent + self._predict_main_ms(text) > budget:
                 self._counts["fast"] += 1
+                self._probe_cost(len(text))  # a refused escalation must not rest on a stale (e.g. warm-up) cost
                 return scores, cos, True, False
         t = time.perf_counter()
         q = self.query_encoder.encode([text])[0]  # [dim]
@@ -1001,17 +1006,43 @@ class Router:
         a, b = vecs[own == top[0]], vecs[own == top[1]]
         return not (len(a) and len(b) and float((a @ b.T).max()) > 0.995)
 
+    def _probe_cost(self, chars: int) -> None:
+        """Re-measure the main encoder on a filler text of ``chars`` characters in a background thread (at most once
+        per :data:`COST_PROBE_INTERVAL_S`): the cost model only learns from escalations, so one slow sample (a
+        cold start, a burst of load) would otherwise forbid escalating for good. Warms the encoder up first."""
+        now = time.monotonic()
+        if now - self._cost_probe_at < COST_PROBE_INTERVAL_S:
+            return
+        self._cost_probe_at = now
+
+        def probe() -> None:
+            enc = self.query_encoder
+            inner = getattr(enc, "inner", enc)  # not through the embedding cache: the filler must not be cached
+            filler = ("route this query " * (chars // 17 + 1))[: max(1, chars)]
+            try:
+                inner.encode([filler])  # warm-up, not timed
+                t = time.perf_counter()
+                inner.encode([filler])
+                self._learn_cost(chars, (time.perf_counter() - t) * 1e3)
+            except Exception as exc:  # noqa: BLE001 -- a failed probe leaves the model as it was
+                logger.debug("smoa routing: cost probe failed (%s)", exc)
+
+        threading.Thread(target=probe, name="smoa-cost-probe", daemon=True).start()
+
     def _predict_main_ms(self, text: str) -> float:
         base, per_char = self._main_cost
         return base + per_char * max(0, len(text) - 64)
 
     def _learn_cost(self, chars: int, ms: float) -> None:
-        """Online cost model of the main encoder: ``base`` from short texts, ``per_char`` from long ones (EMA)."""
-        base, per_char = self._main_cost
+        """Online cost model of the main encoder: ``base`` from short texts, ``per_char`` from long ones (medians of
+        the last :data:`COST_SAMPLES` samples each: one cold start or burst of load does not move it)."""
+        short, long_ = self._cost_samples
         if chars <= 64:
-            self._main_cost[0] = 0.8 * base + 0.2 * ms
+            short.append(ms)
+            self._main_cost[0] = float(np.median(short))
         else:
-            self._main_cost[1] = max(0.0, 0.8 * per_char + 0.2 * (ms - base) / (chars - 64))
+            long_.append(max(0.0, (ms - self._main_cost[0]) / (chars - 64)))
+            self._main_cost[1] = float(np.median(long_))
 
     def _over_budget(self, t0: float) -> bool:
         return (time.perf_counter() - t0) * 1e3 > self.config.routing_latency_budget_ms
