@@ -117,7 +117,7 @@ ADAPT_MIN_EXAMPLES = 1000  # below this a LoRA over-fits (8 x 24 CLINC examples:
 ADAPT_RETRAIN_SHARE = 0.1  # retrain when this share of the stored examples (at least ADAPT_RETRAIN_MIN) changed
 ADAPT_RETRAIN_MIN = 200
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
-DISTURB_MAX_ADAPTERS = 20_000  # learned adapters checked against each change set's new example-less rivals
+DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
 DISTURB_EXAMPLES = 8  # weakest stored examples per learned adapter a rival is checked on
 DISTURB_MARGIN = 0.05  # a rival within this of the adapter's own score on one of them triggers a refit
 DISTURB_DENSE_LIMIT = 50_000_000  # new keys x weak examples up to which the check is one dense product
@@ -207,6 +207,7 @@ class Router:
         self._main_cost = [3.0, 0.02]  # predicted main-encoder ms: base + per character (medians of recent samples)
         self._cost_samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
         self._cost_probe_at = -COST_PROBE_INTERVAL_S  # monotonic time of the last background cost probe
+        self._weak: dict[int, tuple] = {}  # learned adapter -> (its learned entry, weakest examples, their levels)
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
         self._fast_ready = threading.Event()
@@ -350,6 +351,8 @@ class Router:
             self._drop(keys)
             self._tags.remove_many(keys)
             self._learner.forget(keys)
+            for k in keys.tolist():
+                self._weak.pop(int(k), None)
             self._changed(generation)
 
     def _changed(self, generation: int) -> None:
@@ -400,12 +403,16 @@ class Router:
             return []
         weak, level, owner = [], [], []
         for i, k in enumerate(learned):
-            ex = lrn.stored[k].examples.astype(np.float32)  # [m, dim]
-            own = (ex @ lrn.current_keys(k).T).max(1)  # [m] the adapter's own score of each example
-            idx = np.argsort(own, kind="stable")[:DISTURB_EXAMPLES]
-            weak.append(ex[idx])
-            level.append(own[idx] - DISTURB_MARGIN)
-            owner.append(np.full(len(idx), i))
+            memo = self._weak.get(k)
+            if memo is None or memo[0] is not lrn.learned[k]:  # keys refitted since: recompute
+                ex = lrn.stored[k].examples.astype(np.float32)  # [m, dim]
+                own = (ex @ lrn.current_keys(k).T).max(1)  # [m] the adapter's own score of each example
+                idx = np.argsort(own, kind="stable")[:DISTURB_EXAMPLES]
+                memo = (lrn.learned[k], ex[idx], own[idx] - DISTURB_MARGIN)
+                self._weak[k] = memo
+            weak.append(memo[1])
+            level.append(memo[2])
+            owner.append(np.full(len(memo[1]), i))
         weak_x, lv, own_of = np.concatenate(weak), np.concatenate(level), np.concatenate(owner)
         probe = np.concatenate([np.asarray(m, np.float32).reshape(-1, self.dim) for m in mats])  # [M, dim]
         if len(probe) * len(weak_x) <= DISTURB_DENSE_LIMIT:  # few arrivals: one dense product
