@@ -375,8 +375,7 @@ class Router:
                 mats = [_first_vector(e, self.dim) if m is None else m for e, (m, _) in zip(upserts, adopted)]
                 self.add(keys, mats, [(list(e.domain_tags), list(e.skill_tags)) for e in upserts], generation)
                 fresh = [(e.key, m) for e, m in zip(upserts, mats) if e.key not in set(learn)]
-                self._new_keys = {k for k, _ in fresh}
-                learn += self._disturbed([m for _, m in fresh], set(learn))
+                learn += self._disturbed([m for _, m in fresh], [k for k, _ in fresh], set(learn))
             self._changed(generation)
             _ = self._learner.projection  # the fast projection's one ridge solve for this change set
         if learn:
@@ -385,7 +384,7 @@ class Router:
             else:
                 self._local_update(learn)
 
-    def _disturbed(self, mats: list[np.ndarray], skip: set[int]) -> list[int]:
+    def _disturbed(self, mats: list[np.ndarray], new_keys: list[int], skip: set[int]) -> list[int]:
         """Learned adapters that new keys without examples (``mats``, ``[P_i, dim]`` each) threaten: their keys were
         fitted before these rivals existed, so they are refitted against them (caller holds the lock).
 
@@ -418,7 +417,7 @@ class Router:
         if len(probe) * len(weak_x) <= DISTURB_DENSE_LIMIT:  # few arrivals: one dense product
             best = (weak_x @ probe.T).max(1)
         else:  # a big change set: the weak examples' nearest keys in the index, kept if they are new ones
-            new_slots = slots_of(np.asarray(sorted(self._new_keys), np.int64), self._max_p)
+            new_slots = slots_of(np.asarray(sorted(new_keys), np.int64), self._max_p)
             sims, slots = self._vectors.search(weak_x, min(32, len(self._vectors)))
             best = np.where(np.isin(slots, new_slots), sims, -np.inf).max(1)
         return sorted({learned[i] for i in np.unique(own_of[best >= lv])})
