@@ -65,8 +65,8 @@ def test_shuffled_one_by_one_as_created_matches_bulk_on_clinc150() -> None:
     # as created (no refit): 150 adapters one at a time get their last full key refit at 137; the 13 after it are
     # local updates, whose refitted neighbours must not grow over the adapters outside the update (their
     # examples are fixed classes of the fit); with 32 of them only: 93.5 vs 95.2 % top-1 (default encoder)
-    bulk, _ = library("static", None, None, refit=False)
-    one, router = library("static", None, 1, refit=False)
+    bulk, _ = library("default", None, None, refit=False)
+    one, router = library("default", None, 1, refit=False)
     assert router._refit_size < 150  # the tail was learned by local updates
     assert abs(bulk - one) <= 0.5, (bulk, one)
 

@@ -1152,22 +1152,27 @@ class Router:
             if len(rows) < TAG_TUNE_MIN:
                 lrn.text_tag_weight = None
                 return
-            rows = rows[:: -(-len(rows) // TAG_TUNE_EXAMPLES)]
-            wins = np.zeros(len(TAG_WEIGHTS))
-            for k, st, i in rows:
-                terms = self._tags.match_text(st.texts[i])
-                if not terms:
-                    continue
-                q = st.examples[i].astype(np.float32)
-                sims, slots = self._vectors.search(q[None, :], n_cand * min(self._max_p, 4))
-                cos = _max_by_owner(slots[0], sims[0])
-                tag = self._tag_side(q, terms, cos, n_cand)
-                for j, lam in enumerate(TAG_WEIGHTS):
-                    fused = fuse(cos, tag, lam)
-                    wins[j] += max(fused, key=lambda key: (fused[key], -key)) == k
-            best = np.flatnonzero(wins == wins.max())
-            lrn.text_tag_weight = float(max(TAG_WEIGHTS[j] for j in best))
-            self._cache.clear()
+        rows = rows[:: -(-len(rows) // TAG_TUNE_EXAMPLES)]
+        wins = np.zeros(len(TAG_WEIGHTS))
+        for start in range(0, len(rows), 64):  # the lock is taken per chunk: routes go on in between
+            with self._lock:
+                for k, st, i in rows[start : start + 64]:
+                    terms = self._tags.match_text(st.texts[i])
+                    if not terms:
+                        continue
+                    q = st.examples[i].astype(np.float32)
+                    sims, slots = self._vectors.search(q[None, :], n_cand * min(self._max_p, 4))
+                    cos = _max_by_owner(slots[0], sims[0])
+                    tag = self._tag_side(q, terms, cos, n_cand)
+                    for j, lam in enumerate(TAG_WEIGHTS):
+                        fused = fuse(cos, tag, lam)
+                        wins[j] += max(fused, key=lambda key: (fused[key], -key)) == k
+        best = np.flatnonzero(wins == wins.max())
+        with self._lock:
+            if self._learner is lrn:
+                lrn.text_tag_weight = float(max(TAG_WEIGHTS[j] for j in best))
+                self._cache.clear()
+                self._dirty = True
 
     def _exact_scores(self, keys: np.ndarray, q: np.ndarray) -> dict[int, float]:
         """``max_j cos(q, key_j)`` of each adapter in ``keys`` (all its vectors scored exactly)."""
