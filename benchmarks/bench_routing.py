@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 from smoa.config import SMoAConfig  # noqa: E402
 from smoa.routing.encoders import DEFAULT_ENCODER, get_encoder, l2_normalize  # noqa: E402
 from smoa.routing.index import IndexParams, VectorIndex  # noqa: E402
+from smoa.routing.learner import owner_of  # noqa: E402
 from smoa.routing.router import Router  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
                 t = clock()
                 _, g = index.search(qv[i][None, :], 5, ef_search=ef_s)
                 lat.append((clock() - t) * 1e3)
-                res.append(g[0])
+                res.append(owner_of(g[0]))  # slot ids (key << 4 | j) -> adapter keys
             rows.append((ef_s, *pct(lat), recall(np.array(res), exact)))
         out["sweep"] = rows
     del router
