@@ -229,6 +229,27 @@ def test_budget_too_small_for_the_main_encoder_keeps_the_fast_answer_and_says_de
 
 
 
+def test_learned_query_encoder_widens_the_escalation_margin_but_not_what_counts_as_degraded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the query encoder is learned the fast path defers to it below ADAPTED_MARGIN_FACTOR x the margin; a
+    fast answer between the two margins that the budget keeps is not marked degraded (it is usually right)."""
+    router, _ = fast_router(budget=1000.0)
+    monkeypatch.setattr(router_mod, "ADAPTED_MARGIN_FACTOR", 4.0)
+    q = "sourdough loaf oven crust flour"  # its fast answer leads by ~0.65
+    monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 0.25)  # clear by the base margin, unsure by 4x it
+    assert not router.route(q, strategy="semantic").escalated  # no learned encoder: the factor does not apply
+    router._adapted = router.encoder  # stands for a learned query encoder (same space here)
+    wide = router.route(q, strategy="semantic")
+    assert wide.escalated and not wide.degraded and wide.adapter_ids[0] == "bread"
+    router.config.routing_latency_budget_ms = 0.0  # now the budget forbids the main encoder
+    kept = router.route(q + " rye", strategy="semantic")
+    assert not kept.escalated and not kept.degraded and kept.adapter_ids[0] == "bread"
+    monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)  # unsure even by the base margin: a real loss
+    lost = router.route(q + " knead", strategy="semantic")
+    assert not lost.escalated and lost.degraded
+
+
 class _ColdStartEncoder(HashEncoder):
     """A main encoder whose first call is slow (a cold start), then fast."""
 

@@ -994,19 +994,17 @@ class Router:
             scores, cos, degraded = self._semantic_side(projected, text, terms, strat, k, timings, t0)
             best, margin = _best_margin(cos)
             thr = self._learner.calibration.threshold if isinstance(self.config.routing_threshold, str) else None
-            floor = CASCADE_MARGIN * (ADAPTED_MARGIN_FACTOR if self._adapted is not None else 1.0)
-            unsure = best is not None and (
-                (margin < max(floor, self._learner.cascade_margin) and self._separable(cos))
-                or (thr is not None and abs(best - thr) < floor / 2)
-            )  # fmt: skip
-            if not unsure:
+            factor = ADAPTED_MARGIN_FACTOR if self._adapted is not None else 1.0
+            if not self._unsure(best, margin, cos, thr, factor):
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
             spent = (time.perf_counter() - t0) * 1e3
             if spent + self._predict_main_ms(text) > budget:
                 self._counts["fast"] += 1
                 self._probe_cost(len(text))  # a refused escalation must not rest on a stale (e.g. warm-up) cost
-                return scores, cos, True, False
+                # degraded: unsure even by the base margin (between it and the wider one the fast answer is
+                # usually right: escalating there is worth it when the budget allows, not a loss when it does not)
+                return scores, cos, degraded or factor == 1.0 or self._unsure(best, margin, cos, thr, 1.0), False
         t = time.perf_counter()
         q = self.query_encoder.encode([text])[0]  # [dim]
         ms = (time.perf_counter() - t) * 1e3
@@ -1014,6 +1012,16 @@ class Router:
         timings["encode"] += ms
         scores, cos, degraded = self._semantic_side(q, text, terms, strat, k, timings, t0)
         return scores, cos, degraded, projected is not None
+
+    def _unsure(self, best: float | None, margin: float, cos: Mapping[int, float], thr: float | None, factor: float
+                ) -> bool:  # fmt: skip
+        """Whether a fast answer (``best`` cosine, top-1 lead ``margin``) is unsure at ``factor`` x
+        :data:`CASCADE_MARGIN`: a low lead between two different keys, or a best score near the auto threshold."""
+        floor = CASCADE_MARGIN * factor
+        return best is not None and (
+            (margin < max(floor, self._learner.cascade_margin) and self._separable(cos))
+            or (thr is not None and abs(best - thr) < floor / 2)
+        )  # fmt: skip
 
     def _separable(self, cos: Mapping[int, float]) -> bool:
         """Whether the two best adapters have different keys (identical keys: no encoder can tell them apart,
