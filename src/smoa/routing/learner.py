@@ -10,10 +10,12 @@ class per adapter pooled over its keys by log-sum-exp)::
 
     p(a | x) = softmax over adapters and fixed neighbours ( logsumexp_j cos(e(x), key_aj) / tau )
 
-* **on each create** (:meth:`KeyLearner.local_update`): the new adapters, their ``NEIGHBOURS`` nearest adapters
-  with examples (trainable) and the nearest keys of adapters without examples (fixed classes: keys of the rest
-  of the library the learned keys must stay apart from) are refitted on their examples. Cost ~O(examples of the
-  neighbourhood), about a second on CPU for 100-example adapters.
+* **on each create** (``Router._local_update``): the new adapters and their ``NEIGHBOURS`` nearest adapters
+  with examples (trainable) are refitted on their examples against the nearest other keys (fixed classes: the
+  rest of the library the learned keys must stay apart from), each fixed adapter that has examples lending a
+  sample of them (``FIXED_EXAMPLES``, at most ``FIXED_EXAMPLES_TOTAL`` in all) so that the refitted keys do not
+  grow over its territory. Cost ~O(examples of the neighbourhood + fixed sample), 1-2 s on CPU at 150
+  100-example adapters.
 * **refit** (:meth:`KeyLearner.refit`, called by ``optimize_library()`` and the background optimiser): the same
   fit over every adapter with examples at once, so the result no longer depends on the order in which the
   adapters arrived (bulk and one-by-one libraries meet there), then the projection of the fast encoder.
