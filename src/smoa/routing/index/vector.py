@@ -88,7 +88,7 @@ class VectorIndex:
         self._sorted = True  # ids[:_n] strictly increasing
         self._dead = 0
         self._selector_cache: tuple[np.ndarray, object] | None = None
-        self._view: tuple[np.ndarray, int] | None = None  # sorted view of ids for lookups when unsorted
+        self._view: tuple[np.ndarray, int, np.ndarray] | None = None  # (argsort, upto, sorted ids) when unsorted
 
     # ------------------------------------------------------------------ construction
     def _new_flat(self):  # -> faiss.Index
@@ -157,8 +157,7 @@ class VectorIndex:
             pos = pos[inside][ids[pos[inside]] == keys[inside]]
             return np.unique(pos[alive[pos]])
         if len(keys) * 64 < self._n:  # few keys in a big, unsorted index: a sorted view + a small unsorted tail
-            order, upto = self._sorted_view()
-            sids = ids[order]
+            order, upto, sids = self._sorted_view()
             # every position holding the key (a re-added key also has dead copies): the runs [lo, hi)
             lo, hi = np.searchsorted(sids, keys, "left"), np.searchsorted(sids, keys, "right")
             lens = hi - lo
@@ -169,12 +168,14 @@ class VectorIndex:
             return np.unique(pos[alive[pos]])
         return np.flatnonzero(np.isin(ids, keys) & alive)
 
-    def _sorted_view(self) -> tuple[np.ndarray, int]:
-        """``(argsort of ids[:upto], upto)``; re-sorted when the unsorted tail past ``upto`` grows past 1/16."""
+    def _sorted_view(self) -> tuple[np.ndarray, int, np.ndarray]:
+        """``(argsort of ids[:upto], upto, ids[:upto] sorted)``; re-sorted when the unsorted tail past ``upto`` grows
+        past 1/16. The sorted ids are kept (4 B/vector more): gathering them per lookup cost O(n), ~1.5 ms at 1M."""
         view = self._view
         if view is None or self._n - view[1] > max(4096, self._n // 16) or view[1] > self._n:
             order = np.argsort(self._ids[: self._n], kind="stable")
-            view = self._view = (order.astype(np.int32) if self._n < 2**31 else order, self._n)  # 4 B/vector
+            order = order.astype(np.int32) if self._n < 2**31 else order  # 4 B/vector
+            view = self._view = (order, self._n, self._ids[: self._n][order])
         return view
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -194,6 +195,7 @@ class VectorIndex:
         self._reserve(self._n + len(keys))
         if self._ids.dtype == np.int32 and _id_dtype(keys) is np.int64:
             self._ids = self._ids.astype(np.int64)
+            self._view = None  # its sorted ids are int32: compared with int64 keys numpy would copy them (O(n))
         if self._sorted:
             last = self._ids[self._n - 1] if self._n else np.iinfo(np.int64).min
             self._sorted = bool(keys[0] > last and np.all(np.diff(keys) > 0))
@@ -315,7 +317,7 @@ class VectorIndex:
                 + faiss.vector_to_array(hnsw.offsets).nbytes
                 + faiss.vector_to_array(hnsw.levels).nbytes
             )
-        view = self._view[0].nbytes if self._view is not None else 0  # the sorted view, once ids are unsorted
+        view = self._view[0].nbytes + self._view[2].nbytes if self._view is not None else 0  # once ids are unsorted
         return int(index_bytes + self._ids.nbytes + self._alive.nbytes + view)
 
     def save(self, directory: Path) -> list[str]:
