@@ -33,11 +33,14 @@ Learning (issue 11, :mod:`smoa.routing.learner`): adapters have up to P keys (sl
 vector index; an adapter scores its best key); keys are refitted on the adapters' examples as they arrive
 (:meth:`Router.apply`) and in full by :meth:`Router.refit`. ``routing_threshold="auto"`` gates a route on its best
 cosine against the threshold calibrated from held-out folds (:mod:`smoa.routing.calibrate`), which also gives
-``Route.confidence``. Cascade (MiniLM key spaces): the static encoder projected into the key space answers when
+``Route.confidence``. HYBRID's weight of tags matched from the query's own words is learned with the keys
+(:meth:`Router._tune_tag_weight`: 0.05 once keys are learned, another when the examples clearly favour it).
+Cascade (MiniLM key spaces): the static encoder projected into the key space answers when
 its top-1 leads by ``CASCADE_MARGIN``; otherwise MiniLM re-scores if the online cost model says it fits in the
 remaining budget, else the fast answer stands and the route is ``degraded`` (a real loss of quality). The margin
-the fast path needs is at least ``CASCADE_MARGIN`` and at least the one at which its projection routes the
-stored examples 98 % right (:func:`~smoa.routing.learner.sure_margin`, set at each refit).
+the fast path needs is at least ``CASCADE_MARGIN`` (``ADAPTED_MARGIN_FACTOR`` times it once the query encoder is
+learned; ``degraded`` still means unsure by ``CASCADE_MARGIN`` itself) and at least the one at which its
+projection routes the stored examples 99.5 % right (:func:`~smoa.routing.learner.sure_margin`, set at each refit).
 
 Learned query encoder (:mod:`smoa.routing.adapt`): with a MiniLM encoder and ``routing_adapt_encoder`` (default
 on), :meth:`Router.refit` (``optimize_library()`` and the background optimiser) first trains a LoRA on MiniLM
