@@ -83,6 +83,10 @@ def _replica_stats(client: httpx.Client, after: float) -> dict[str, dict[str, An
 
 
 def _hit_rates(client: httpx.Client, workload: list[list[str]], affinity: bool) -> dict[str, float]:
+    # both replicas live first: a key first seen while only one replica is a candidate stays with it for good
+    deadline = time.monotonic() + 60
+    while len(client.get("/ray/replicas").json()["replicas"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert client.post("/ray/affinity", json={"enabled": affinity}).status_code == 200
     before = client.get("/ray/replicas").json()["replicas"]
     for ids in workload:
