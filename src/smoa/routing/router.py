@@ -108,6 +108,7 @@ TAG_SCAN_LIMIT = 500  # postings HYBRID's tag side scans for extra candidates (r
 RESCUE_GROUPS = 3  # SEMANTIC / HYBRID: nearest groups whose members are scored exactly when the group is small
 SMALL_GROUP_LIMIT = 256
 COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / per character)
+COST_PROBE_RUNS = 3  # timed encodes per probe (the fastest counts)
 COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
 ADAPTED_MARGIN_FACTOR = 2.0  # ... times this once the query encoder is learned: it is then far better than the fast
@@ -998,7 +999,9 @@ class Router:
             best, margin = _best_margin(cos)
             thr = self._learner.calibration.threshold if isinstance(self.config.routing_threshold, str) else None
             factor = ADAPTED_MARGIN_FACTOR if self._adapted is not None else 1.0
-            if not self._unsure(best, margin, cos, thr, factor):
+            # whether the two best have different keys: asked once, only when the lead is low at the wider margin
+            separable = best is not None and margin < self._margin_floor(factor) and self._separable(cos)
+            if not self._unsure(best, margin, separable, thr, factor):
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
             spent = (time.perf_counter() - t0) * 1e3
@@ -1007,7 +1010,7 @@ class Router:
                 self._probe_cost(len(text))  # a refused escalation must not rest on a stale (e.g. warm-up) cost
                 # degraded: unsure even by the base margin (between it and the wider one the fast answer is
                 # usually right: escalating there is worth it when the budget allows, not a loss when it does not)
-                return scores, cos, degraded or factor == 1.0 or self._unsure(best, margin, cos, thr, 1.0), False
+                return scores, cos, degraded or factor == 1.0 or self._unsure(best, margin, separable, thr, 1.0), False
         t = time.perf_counter()
         q = self.query_encoder.encode([text])[0]  # [dim]
         ms = (time.perf_counter() - t) * 1e3
@@ -1016,14 +1019,17 @@ class Router:
         scores, cos, degraded = self._semantic_side(q, text, terms, strat, k, timings, t0)
         return scores, cos, degraded, projected is not None
 
-    def _unsure(self, best: float | None, margin: float, cos: Mapping[int, float], thr: float | None, factor: float
-                ) -> bool:  # fmt: skip
+    def _margin_floor(self, factor: float) -> float:
+        """The top-1 lead under which a fast answer is unsure at ``factor`` x :data:`CASCADE_MARGIN`."""
+        return max(CASCADE_MARGIN * factor, self._learner.cascade_margin)
+
+    def _unsure(self, best: float | None, margin: float, separable: bool, thr: float | None, factor: float) -> bool:
         """Whether a fast answer (``best`` cosine, top-1 lead ``margin``) is unsure at ``factor`` x
-        :data:`CASCADE_MARGIN`: a low lead between two different keys, or a best score near the auto threshold."""
-        floor = CASCADE_MARGIN * factor
+        :data:`CASCADE_MARGIN`: a low lead between two different keys (``separable``, see :meth:`_separable`),
+        or a best score near the auto threshold."""
         return best is not None and (
-            (margin < max(floor, self._learner.cascade_margin) and self._separable(cos))
-            or (thr is not None and abs(best - thr) < floor / 2)
+            (margin < self._margin_floor(factor) and separable)
+            or (thr is not None and abs(best - thr) < CASCADE_MARGIN * factor / 2)
         )  # fmt: skip
 
     def _separable(self, cos: Mapping[int, float]) -> bool:
@@ -1052,9 +1058,12 @@ class Router:
             filler = ("route this query " * (chars // 17 + 1))[: max(1, chars)]
             try:
                 inner.encode([filler])  # warm-up, not timed
-                t = time.perf_counter()
-                inner.encode([filler])
-                self._learn_cost(chars, (time.perf_counter() - t) * 1e3)
+                best = np.inf
+                for _ in range(COST_PROBE_RUNS):  # the least disturbed run: this thread shares the GIL with routes
+                    t = time.perf_counter()
+                    inner.encode([filler])
+                    best = min(best, (time.perf_counter() - t) * 1e3)
+                self._learn_cost(chars, best)
             except Exception as exc:  # noqa: BLE001 -- a failed probe leaves the model as it was
                 logger.debug("smoa routing: cost probe failed (%s)", exc)
 
@@ -1104,11 +1113,7 @@ class Router:
             # few members: score them exactly (a filtered HNSW walk can miss a small, remote group)
             cos = self._exact_scores(allowed, q)
         else:
-            slots_allowed = None if allowed is None else slots_of(allowed, self._max_p)
-            sims, slots = self._vectors.search(q[None, :], n_cand * min(self._max_p, 4), allowed=slots_allowed)
-            cos = _max_by_owner(slots[0], sims[0])
-            if allowed is None and self._vectors.kind != "flat":
-                cos.update(self._small_group_scores(q))
+            cos = self._search_cos(q, n_cand, allowed)
         timings["search"] += (time.perf_counter() - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
             return cos, cos, degraded
@@ -1125,6 +1130,17 @@ class Router:
         scores = fuse(cos, tag, lam)
         timings["fuse"] += (time.perf_counter() - t) * 1e3
         return scores, cos, degraded
+
+    def _search_cos(self, q: np.ndarray, n_cand: int, allowed: np.ndarray | None = None) -> dict[int, float]:
+        """``{adapter key: best cosine of its keys}`` of the ``n_cand``-odd nearest adapters to ``q`` (optionally
+        among ``allowed`` adapter keys); an unrestricted approximate search also scores the small groups near
+        ``q`` exactly (the graph's blind spot, module docstring)."""
+        slots_allowed = None if allowed is None else slots_of(allowed, self._max_p)
+        sims, slots = self._vectors.search(q[None, :], n_cand * min(self._max_p, 4), allowed=slots_allowed)
+        cos = _max_by_owner(slots[0], sims[0])
+        if allowed is None and self._vectors.kind != "flat":
+            cos.update(self._small_group_scores(q))
+        return cos
 
     def _tag_side(self, q: np.ndarray, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int) -> dict[int, float]:
         """HYBRID's tag scores of the candidates in ``cos``, which first gains (scored exactly against ``q``) the
@@ -1176,8 +1192,7 @@ class Router:
                     if not terms:
                         continue
                     q = st.examples[i].astype(np.float32)
-                    sims, slots = self._vectors.search(q[None, :], n_cand * min(self._max_p, 4))
-                    cos = _max_by_owner(slots[0], sims[0])
+                    cos = self._search_cos(q, n_cand)  # as a route would see it
                     tag = self._tag_side(q, terms, cos, n_cand)
                     for j, lam in enumerate(TAG_WEIGHTS):
                         fused = fuse(cos, tag, lam)
