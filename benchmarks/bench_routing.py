@@ -25,7 +25,9 @@ faiss ``omp_set_num_threads(1)``); the index is built with all cores.
   ``malloc_trim``.
 
 Budget table (``--budgets 1000,1000000``): the defaults' router (int8 MiniLM keys, static fast path projected
-into their space, ``"auto"`` threshold) over the 150 CLINC150 intent adapters plus random distractors; for each
+into their space, ``"auto"`` threshold) over the 150 CLINC150 intent adapters plus distractors (past 1,000
+adapters both kinds of ``--budget-distractors``: isotropic random keys, the HNSW walk's worst case, and
+realistic blends of BBC News sentence embeddings); for each
 ``routing_latency_budget_ms``: in-scope top-1 and OOS recall (val, auto threshold), p50 / p99 of the whole route
 with real encoding, and the shares escalated to MiniLM and marked ``degraded``.
 
@@ -394,10 +396,12 @@ def clinc_embeddings(name: str) -> dict[str, np.ndarray]:
     return out
 
 
-def budget_router(n: int, rng: np.random.Generator) -> tuple[Router, list[str]]:
+def budget_router(n: int, rng: np.random.Generator, kind: str = "random") -> tuple[Router, list[str]]:
     """The defaults' router (MiniLM int8 + static fast path, auto threshold, multi-vector keys) over the 150
     CLINC150 intent adapters (examples = their train texts, learned as they arrive, then one refit as the
-    optimiser does) plus ``n - 150`` distractor adapters (random unit keys, no examples)."""
+    optimiser does) plus ``n - 150`` distractor adapters without examples: ``kind`` ``"random"`` (isotropic unit
+    keys, tag ``distractor``: the HNSW walk's worst case) or ``"realistic"`` (blends of three real BBC News
+    sentence embeddings, tagged with the main sentence's category: :func:`eval_clinc.distractors`)."""
     from smoa.data.clinc import clinc150
     from smoa.routing.router import KeyEntry, RoutingText
 
@@ -414,15 +418,27 @@ def budget_router(n: int, rng: np.random.Generator) -> tuple[Router, list[str]]:
     keys = router.encode_keys(items)
     router.apply([KeyEntry(j + 1, k, it.domain_tags, it.skill_tags) for j, (k, it) in enumerate(zip(keys, items))], [], 1)
     if n > len(intents):
-        extra = l2_normalize(rng.standard_normal((n - len(intents), DIM)).astype(np.float32))
+        import faiss
+
         ks = np.arange(len(intents) + 1, n + 1, dtype=np.int64)
-        router.add(ks, extra, [(["distractor"], [])] * len(ks), 2)
+        if kind == "random":
+            extra = l2_normalize(rng.standard_normal((len(ks), DIM)).astype(np.float32))
+            tags = [(["distractor"], [])] * len(ks)
+        else:
+            data, intent_domain = eval_clinc.load_clinc()
+            pool = eval_clinc.embeddings(DEFAULT_ENCODER, data, intents, intent_domain)
+            extra, doms = eval_clinc.distractors("realistic", len(ks), pool, DIM, seed=int(rng.integers(1 << 30)))
+            tags = [(d, []) for d in doms]
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # build with all cores, query with one (as bench_size)
+        router.add(ks, extra, tags, 2)
+        faiss.omp_set_num_threads(1)
     router.refit()
     return router, intents
 
 
-def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator) -> list[dict]:
-    """Budget -> in-scope top-1 / OOS recall / p50 / p99 (end to end, encoding included) / share escalated."""
+def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator, kinds: list[str]) -> list[dict]:
+    """Budget -> in-scope top-1 / OOS recall / p50 / p99 (end to end, encoding included) / share escalated, per
+    library size and distractor kind (sizes up to 1,000 have no distractors beyond 850 random ones)."""
     from smoa.data.clinc import clinc150
 
     val = clinc150("val")
@@ -430,9 +446,9 @@ def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator) -> list
     eval_clinc.memo_adaptation()  # the learned query encoder trains once per example set (cached on disk)
     oos = clinc150("oos_val")
     rows = []
-    for n in sizes:
+    for n, kind in [(n, k) for n in sizes for k in (kinds if n > 1000 else kinds[:1])]:
         t = time.perf_counter()
-        router, _ = budget_router(n, rng)
+        router, _ = budget_router(n, rng, kind)
         build = time.perf_counter() - t
         for budget in BUDGETS:
             router.config.routing_latency_budget_ms = budget
@@ -452,13 +468,13 @@ def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator) -> list
                 empty_oos.append(not r.adapter_ids)
             st = router.statistics()
             q = st["queries"] - before["queries"]
-            rows.append({"n": n, "budget": budget, "top1": 100 * np.mean(hits), "oos": 100 * np.mean(empty_oos),
+            rows.append({"n": n, "kind": kind, "budget": budget, "top1": 100 * np.mean(hits), "oos": 100 * np.mean(empty_oos),
                          "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                          "escalated": 100 * (st["escalated"] - before["escalated"]) / q,
                          "degraded": 100 * (st["degraded"] - before["degraded"]) / q, "build": build,
                          "threshold": st["threshold"]})  # fmt: skip
             r = rows[-1]
-            print(f"| {n:,} | {budget:g} | {r['top1']:.1f} | {r['oos']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | "
+            print(f"| {n:,} | {kind} | {budget:g} | {r['top1']:.1f} | {r['oos']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | "
                   f"{r['escalated']:.1f} | {r['degraded']:.1f} |", flush=True)
         del router
     return rows
@@ -471,12 +487,13 @@ def plot_budgets(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for n in sorted({r["n"] for r in rows}):
-        rs = [r for r in rows if r["n"] == n]
-        a.plot([r["budget"] for r in rs], [r["top1"] for r in rs], "o-", label=f"top-1, {n:,} adapters")
-        a.plot([r["budget"] for r in rs], [r["oos"] for r in rs], "s--", label=f"OOS recall, {n:,}")
-        b.plot([r["budget"] for r in rs], [r["p50"] for r in rs], "o-", label=f"p50, {n:,}")
-        b.plot([r["budget"] for r in rs], [r["p99"] for r in rs], "s--", label=f"p99, {n:,}")
+    for n, kind in sorted({(r["n"], r["kind"]) for r in rows}):
+        rs = [r for r in rows if (r["n"], r["kind"]) == (n, kind)]
+        lib = f"{n:,}" if n <= 1000 else f"{n:,} {kind}"
+        a.plot([r["budget"] for r in rs], [r["top1"] for r in rs], "o-", label=f"top-1, {lib} adapters")
+        a.plot([r["budget"] for r in rs], [r["oos"] for r in rs], "s--", label=f"OOS recall, {lib}")
+        b.plot([r["budget"] for r in rs], [r["p50"] for r in rs], "o-", label=f"p50, {lib}")
+        b.plot([r["budget"] for r in rs], [r["p99"] for r in rs], "s--", label=f"p99, {lib}")
     for ax, lab in ((a, "% (CLINC150 val)"), (b, "ms per route, end to end")):
         ax.set_xscale("log")
         ax.set_xlabel("routing_latency_budget_ms")
@@ -495,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", type=int, default=100_000, help="size of the index comparison (0: skip)")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "bench_routing.png"))
     ap.add_argument("--budgets", default="", help="budget table at these sizes (e.g. 1000,1000000) and exit")
+    ap.add_argument("--budget-distractors", default="random,realistic",
+                    help="distractor kinds of the budget table's libraries over 1,000 adapters (random, realistic)")
     ap.add_argument("--budget-queries", type=int, default=600, help="CLINC150 val queries per budget row")
     ap.add_argument("--budget-plot", default=str(ROOT / "docs" / "bench_routing_budget.png"))
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -509,9 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [1000, 10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(0)
     if args.budgets:
-        print("| adapters | budget ms | top-1 % | OOS recall % | p50 ms | p99 ms | escalated % | degraded % |")
-        print("|---|---|---|---|---|---|---|---|")
-        rows = budget_table([int(x) for x in args.budgets.split(",")], args.budget_queries, rng)
+        print("| adapters | distractors | budget ms | top-1 % | OOS recall % | p50 ms | p99 ms | escalated % | "
+              "degraded % |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        kinds = args.budget_distractors.split(",")
+        rows = budget_table([int(x) for x in args.budgets.split(",")], args.budget_queries, rng, kinds)
         plot_budgets(rows, Path(args.budget_plot))
         print(f"plot: {args.budget_plot}")
         return 0

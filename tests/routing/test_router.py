@@ -281,3 +281,39 @@ class _PrimedDim:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         raise AssertionError(f"unexpected encode of {texts!r}")
+
+
+def test_a_tight_budget_narrows_the_hnsw_beam_before_the_walk_and_says_degraded() -> None:
+    """The beam is chosen before the walk: with a budget the measured full walk does not fit, the router walks a
+    narrower beam (counted as degraded: less recall than the default) and still returns the island's best
+    adapters; with room in the budget it walks the full beam and is not degraded."""
+    from smoa.routing.index import IndexParams, VectorIndex
+
+    x, tags, queries = _island_library()
+    config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False, routing_latency_budget_ms=1e6)
+    router = Router(config, None, ids_of, encoder=_PrimedDim(64), params=IndexParams(exact_threshold=100, ef_search=128))
+    router.add(np.arange(len(x)), x, tags, generation=1)
+    texts = [f"q{i}" for i in range(len(queries))]
+    router.encoder.prime(texts, queries)
+    beams: list[int | None] = []
+    real = VectorIndex.search
+
+    def spy(self, q, k, allowed=None, ef_search=None):  # type: ignore[no-untyped-def]
+        beams.append(ef_search)
+        return real(self, q, k, allowed, ef_search)
+
+    VectorIndex.search = spy  # type: ignore[method-assign]
+    try:
+        roomy = [router.route(t, strategy="semantic", k=3) for t in texts]
+        assert set(beams) == {None} and not any(r.degraded for r in roomy)  # full beam while it fits
+        beams.clear()
+        router._walk_cost.extend([1.0] * 64)  # as if a walk cost 1 ms per beam unit: the full 128 cannot fit in 50
+        router.config.routing_latency_budget_ms = 50.0
+        tight = [router.route(t, strategy="semantic", k=3) for t in texts[:20]]  # (fast real walks join the model)
+    finally:
+        VectorIndex.search = real  # type: ignore[method-assign]
+    assert all(b is not None and 16 <= b < 128 for b in beams), beams
+    assert all(r.degraded for r in tight) and router.statistics()["degraded"] == len(tight)
+    for r, q in zip(tight, queries):  # the island is still found (the rescue scores small groups exactly)
+        got = [int(a[3:]) for a in r.adapter_ids]
+        assert all(g < 12 for g in got) and (x @ q)[got[0]] >= (x @ q).max() - 0.02

@@ -26,8 +26,12 @@ the ``RESCUE_GROUPS`` whose centroids are nearest to the query, and score every 
 8-bit code, like the graph). Large groups are dense enough for the graph. Cost: one ``[groups, dim]`` product
 and at most ``RESCUE_GROUPS * SMALL_GROUP_LIMIT`` decoded keys per query.
 
-Latency budget: when encode + search already took ``routing_latency_budget_ms``, HYBRID skips the tag side
-(cosine only) and HIERARCHICAL falls back to plain ANN; the route is marked ``degraded`` and counted.
+Latency budget: the HNSW beam is chosen before the walk starts. An online cost model (ms per unit of efSearch,
+and the time the rescue and tag side take after it, medians of recent routes) predicts whether the full beam
+(:func:`~smoa.routing.index.vector.auto_ef_search`) fits in what is left of ``routing_latency_budget_ms``; if
+not, the walk uses the widest beam that fits (at least ``EF_MIN``) and the route is marked ``degraded`` (less
+recall than the default). When encode + search still took the whole budget, HYBRID skips the tag side (cosine
+only) and HIERARCHICAL falls back to plain ANN; the route is marked ``degraded`` and counted.
 
 Learning (issue 11, :mod:`smoa.routing.learner`): adapters have up to P keys (slot ids ``key << 4 | j`` in the
 vector index; an adapter scores its best key); keys are refitted on the adapters' examples as they arrive
@@ -63,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -108,6 +113,8 @@ TAG_SCAN_LIMIT = 500  # postings HYBRID's tag side scans for extra candidates (r
 RESCUE_GROUPS = 3  # SEMANTIC / HYBRID: nearest groups whose members are scored exactly when the group is small
 SMALL_GROUP_LIMIT = 256
 COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / per character)
+SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
+EF_MIN = 16  # the narrowest beam a tight budget may choose
 COST_PROBE_RUNS = 3  # timed encodes per probe (the fastest counts)
 COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
@@ -222,6 +229,8 @@ class Router:
         self._main_cost = [3.0, 0.02]  # predicted main-encoder ms: base + per character (medians of recent samples)
         self._cost_samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
         self._cost_probe_at = -COST_PROBE_INTERVAL_S  # monotonic time of the last background cost probe
+        self._walk_cost: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # HNSW ms per efSearch unit
+        self._after_walk: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # ms of rescue + tag side after a walk
         self._weak: dict[int, tuple] = {}  # learned adapter -> (its learned entry, weakest examples, their levels)
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
@@ -1109,12 +1118,16 @@ class Router:
             else:
                 groups = self._groups.top_groups(q, N_GROUPS)
                 allowed = np.concatenate([self._groups.members(g) for g, _ in groups])
+        walk = self._vectors.kind != "flat" and not (allowed is not None and len(allowed) <= EXACT_GROUP_LIMIT)
+        ef = self._budget_ef(t0) if walk else None
+        degraded |= ef is not None
         if allowed is not None and len(allowed) <= EXACT_GROUP_LIMIT:
             # few members: score them exactly (a filtered HNSW walk can miss a small, remote group)
             cos = self._exact_scores(allowed, q)
         else:
-            cos = self._search_cos(q, n_cand, allowed)
-        timings["search"] += (time.perf_counter() - t) * 1e3
+            cos = self._search_cos(q, n_cand, allowed, ef)
+        t_walk = time.perf_counter()
+        timings["search"] += (t_walk - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
             return cos, cos, degraded
         t = time.perf_counter()
@@ -1129,17 +1142,41 @@ class Router:
         tag = self._tag_side(q, terms, cos, n_cand)
         scores = fuse(cos, tag, lam)
         timings["fuse"] += (time.perf_counter() - t) * 1e3
+        if walk:
+            self._after_walk[-1] += (time.perf_counter() - t) * 1e3
         return scores, cos, degraded
 
-    def _search_cos(self, q: np.ndarray, n_cand: int, allowed: np.ndarray | None = None) -> dict[int, float]:
+    def _budget_ef(self, t0: float) -> int | None:
+        """The HNSW beam that fits what is left of the latency budget, or ``None`` for the full beam (it fits, no
+        budget, or nothing measured yet): the widest multiple of 16 (>= :data:`EF_MIN`) whose predicted walk plus
+        the usual post-walk steps (medians of recent routes) ends within the budget."""
+        budget = self.config.routing_latency_budget_ms
+        if not math.isfinite(budget) or len(self._walk_cost) < 8:
+            return None
+        per_ef = float(np.median(self._walk_cost))
+        left = budget - (time.perf_counter() - t0) * 1e3 - float(np.median(self._after_walk))
+        full = self._vectors.ef_search
+        if per_ef * full <= left:
+            return None
+        return int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
+
+    def _search_cos(self, q: np.ndarray, n_cand: int, allowed: np.ndarray | None = None, ef: int | None = None
+                    ) -> dict[int, float]:  # fmt: skip
         """``{adapter key: best cosine of its keys}`` of the ``n_cand``-odd nearest adapters to ``q`` (optionally
-        among ``allowed`` adapter keys); an unrestricted approximate search also scores the small groups near
-        ``q`` exactly (the graph's blind spot, module docstring)."""
+        among ``allowed`` adapter keys; ``ef``: a narrower HNSW beam than the default, see :meth:`_budget_ef`); an
+        unrestricted approximate search also scores the small groups near ``q`` exactly (the graph's blind spot,
+        module docstring). HNSW walks feed the beam's cost model."""
         slots_allowed = None if allowed is None else slots_of(allowed, self._max_p)
-        sims, slots = self._vectors.search(q[None, :], n_cand * min(self._max_p, 4), allowed=slots_allowed)
+        k = n_cand * min(self._max_p, 4) if ef is None else min(n_cand * min(self._max_p, 4), ef)
+        t = time.perf_counter()
+        sims, slots = self._vectors.search(q[None, :], k, allowed=slots_allowed, ef_search=ef)
+        t_walk = time.perf_counter()
         cos = _max_by_owner(slots[0], sims[0])
-        if allowed is None and self._vectors.kind != "flat":
-            cos.update(self._small_group_scores(q))
+        if self._vectors.kind != "flat":
+            self._walk_cost.append((t_walk - t) * 1e3 / max(k, ef or self._vectors.ef_search))
+            if allowed is None:
+                cos.update(self._small_group_scores(q))
+            self._after_walk.append((time.perf_counter() - t_walk) * 1e3)
         return cos
 
     def _tag_side(self, q: np.ndarray, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int) -> dict[int, float]:
