@@ -27,7 +27,7 @@ the ``RESCUE_GROUPS`` whose centroids are nearest to the query, and score every 
 and at most ``RESCUE_GROUPS * SMALL_GROUP_LIMIT`` decoded keys per query.
 
 Latency budget: the HNSW beam is chosen before the walk starts. An online cost model (ms per unit of efSearch,
-and the time the rescue and tag side take after it, medians of recent routes) predicts whether the full beam
+and the time the rescue and tag side take after it, 90th percentiles of recent routes) predicts whether the full beam
 (:func:`~smoa.routing.index.vector.auto_ef_search`) fits in what is left of ``routing_latency_budget_ms``; if
 not, the walk uses the widest beam that fits (at least ``EF_MIN``) and the route is marked ``degraded`` (less
 recall than the default). When encode + search still took the whole budget, HYBRID skips the tag side (cosine
@@ -115,6 +115,7 @@ SMALL_GROUP_LIMIT = 256
 COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / per character)
 SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
 EF_MIN = 16  # the narrowest beam a tight budget may choose
+WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile of recent costs)
 COST_PROBE_RUNS = 3  # timed encodes per probe (the fastest counts)
 COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
@@ -1149,12 +1150,13 @@ class Router:
     def _budget_ef(self, t0: float) -> int | None:
         """The HNSW beam that fits what is left of the latency budget, or ``None`` for the full beam (it fits, no
         budget, or nothing measured yet): the widest multiple of 16 (>= :data:`EF_MIN`) whose predicted walk plus
-        the usual post-walk steps (medians of recent routes) ends within the budget."""
+        the post-walk steps (:data:`WALK_COST_PERCENTILE` of recent routes: a budget bounds the slow routes, not
+        the typical one) ends within the budget."""
         budget = self.config.routing_latency_budget_ms
         if not math.isfinite(budget) or len(self._walk_cost) < 8:
             return None
-        per_ef = float(np.median(self._walk_cost))
-        left = budget - (time.perf_counter() - t0) * 1e3 - float(np.median(self._after_walk))
+        per_ef = float(np.percentile(self._walk_cost, WALK_COST_PERCENTILE))
+        left = budget - (time.perf_counter() - t0) * 1e3 - float(np.percentile(self._after_walk, WALK_COST_PERCENTILE))
         full = self._vectors.ef_search
         if per_ef * full <= left:
             return None
