@@ -357,3 +357,19 @@ def test_text_only_rivals_arriving_later_refit_the_learned_adapters_they_land_on
     acc_late, acc_early = np.mean(np.array(late) == truth), np.mean(np.array(early) == truth)
     assert acc_late >= acc_early - 0.05 and acc_late >= 0.85, (acc_late, acc_early)
     assert np.mean(np.array(late) == np.array(early)) >= 0.9
+
+
+def test_the_encoder_cost_model_learns_per_character_cost_only_from_long_texts() -> None:
+    """A 70-character sample over a stale 3 ms base once taught 0.67 ms per character (27 ms predicted for a
+    100-character query, so no escalation at a 10 ms budget); short-to-medium texts now move the base, long ones
+    the per-character slope, each measured against the other."""
+    config = SMoAConfig(encoder="hash", enable_caching=False)
+    router = Router(config, None, lambda ks: [str(k) for k in ks], fast_encoder=HashEncoder())
+    router._learn_cost(70, 7.0)  # a typical CLINC-length query measured at 7 ms
+    assert router._predict_main_ms("x" * 100) == pytest.approx(7.0 + 0.02 * 36 - 0.02 * 6, abs=0.01)
+    for _ in range(5):  # 400-character texts at 15 ms: the slope is (15 - base) / 336
+        router._learn_cost(400, 15.0)
+    base, per_char = router._main_cost
+    assert per_char == pytest.approx((15.0 - base) / 336, rel=0.05)
+    assert router._predict_main_ms("x" * 400) == pytest.approx(15.0, rel=0.05)
+    assert 6.0 < router._predict_main_ms("x" * 60) < 8.0

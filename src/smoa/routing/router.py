@@ -116,6 +116,7 @@ COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / pe
 SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
 EF_MIN = 16  # the narrowest beam a tight budget may choose
 WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile of recent costs)
+LONG_TEXT_CHARS = 128  # texts from this length on teach the main encoder's per-character cost
 COST_PROBE_RUNS = 3  # timed encodes per probe (the fastest counts)
 COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
@@ -1065,15 +1066,17 @@ class Router:
         def probe() -> None:
             enc = self.query_encoder
             inner = getattr(enc, "inner", enc)  # not through the embedding cache: the filler must not be cached
-            filler = ("route this query " * (chars // 17 + 1))[: max(1, chars)]
             try:
-                inner.encode([filler])  # warm-up, not timed
-                best = np.inf
-                for _ in range(COST_PROBE_RUNS):  # the least disturbed run: this thread shares the GIL with routes
-                    t = time.perf_counter()
-                    inner.encode([filler])
-                    best = min(best, (time.perf_counter() - t) * 1e3)
-                self._learn_cost(chars, best)
+                # a long text's per-character cost is measured against a base measured first, on a short one
+                for n in ([48] if chars >= LONG_TEXT_CHARS else []) + [max(1, chars)]:
+                    filler = ("route this query " * (n // 17 + 1))[:n]
+                    inner.encode([filler])  # warm-up, not timed
+                    best = np.inf
+                    for _ in range(COST_PROBE_RUNS):  # the least disturbed run: this thread shares the GIL with routes
+                        t = time.perf_counter()
+                        inner.encode([filler])
+                        best = min(best, (time.perf_counter() - t) * 1e3)
+                    self._learn_cost(n, best)
             except Exception as exc:  # noqa: BLE001 -- a failed probe leaves the model as it was
                 logger.debug("smoa routing: cost probe failed (%s)", exc)
 
@@ -1084,11 +1087,14 @@ class Router:
         return base + per_char * max(0, len(text) - 64)
 
     def _learn_cost(self, chars: int, ms: float) -> None:
-        """Online cost model of the main encoder: ``base`` from short texts, ``per_char`` from long ones (medians of
-        the last :data:`COST_SAMPLES` samples each: one cold start or burst of load does not move it)."""
+        """Online cost model of the main encoder: ``base`` from texts under :data:`LONG_TEXT_CHARS` (less the
+        per-character part past 64), ``per_char`` from longer ones (medians of the last :data:`COST_SAMPLES` samples
+        each: one cold start or burst of load does not move it). A text just past 64 characters says nothing of
+        the per-character cost: dividing its excess over a stale base by a few characters once predicted 27 ms
+        for a 100-character query and forbade escalating at a 10 ms budget."""
         short, long_ = self._cost_samples
-        if chars <= 64:
-            short.append(ms)
+        if chars < LONG_TEXT_CHARS:
+            short.append(max(0.0, ms - self._main_cost[1] * max(0, chars - 64)))
             self._main_cost[0] = float(np.median(short))
         else:
             long_.append(max(0.0, (ms - self._main_cost[0]) / (chars - 64)))
