@@ -317,3 +317,32 @@ def test_a_tight_budget_narrows_the_hnsw_beam_before_the_walk_and_says_degraded(
     for r, q in zip(tight, queries):  # the island is still found (the rescue scores small groups exactly)
         got = [int(a[3:]) for a in r.adapter_ids]
         assert all(g < 12 for g in got) and (x @ q)[got[0]] >= (x @ q).max() - 0.02
+
+
+def test_the_rescue_never_serves_a_changed_small_group_from_its_cache() -> None:
+    """The small groups' decoded keys are cached between routes; a replaced key is scored by its new vector,
+    a removed one is gone, and a key moved into the group by its tags is scored at once."""
+    from smoa.routing.index import IndexParams
+
+    x, tags, queries = _island_library()
+    config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
+    router = Router(config, None, ids_of, encoder=_PrimedDim(64), params=IndexParams(exact_threshold=100, ef_search=16))
+    router.add(np.arange(len(x)), x, tags, generation=1)
+    text = "q0"
+    router.encoder.prime([text], queries[:1])
+    q = queries[0]
+    first = router.route(text, strategy="semantic", k=3)
+    best = int(first.adapter_ids[0][3:])
+    assert best < 12 and router._rescue  # served by the rescue, now cached
+    router.route(text, strategy="semantic", k=3)  # a cache hit: the same answer
+    far = -q / np.linalg.norm(q)  # the best island key turned away from the query
+    router.add(np.array([best]), far[None, :].astype(np.float32), [(["island"], ["s"])], generation=2)
+    again = router.route(text, strategy="semantic", k=3)
+    assert f"ad_{best:03d}" not in again.adapter_ids
+    second = int(again.adapter_ids[0][3:])
+    router.remove([second], generation=3)
+    assert f"ad_{second:03d}" not in router.route(text, strategy="semantic", k=3).adapter_ids
+    mover = 500  # a bulk key given the query's own direction and the island's tag
+    router.add(np.array([mover]), (q / np.linalg.norm(q))[None, :].astype(np.float32), [(["island"], ["s"])], 4)
+    top = router.route(text, strategy="semantic", k=3)
+    assert top.adapter_ids[0] == f"ad_{mover:03d}" and top.routing_scores[0] == pytest.approx(1.0, abs=0.02)

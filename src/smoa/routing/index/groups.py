@@ -56,6 +56,7 @@ class GroupIndex:
         self._next_cluster = 0
         self._centroid_cache: tuple[list[str], np.ndarray] | None = None
         self._sizes = np.zeros(0, np.int64)  # members per group, in centroids()' order
+        self.version = 0  # bumped by every membership change (callers key caches of member vectors on it)
 
     def __len__(self) -> int:
         return len(self._gid)
@@ -90,6 +91,7 @@ class GroupIndex:
         self._sums[g] += vector
         self._group_of.set(key, g)
         self._centroid_cache = None
+        self.version += 1
         return name
 
     def add_many(self, keys: np.ndarray, vectors: np.ndarray, domain_tags: Sequence[Sequence[str]]) -> None:
@@ -121,6 +123,7 @@ class GroupIndex:
             self._members[g] = sorted_insert(self._members[g], part)
         self._group_of.set_new(new_keys, gids[idx].astype(np.int32))
         self._centroid_cache = None
+        self.version += 1
 
     def remove(self, key: int, vector: np.ndarray | None = None) -> None:
         """Take ``key`` out of its group; ``vector`` (its key) keeps the group's running sum exact."""
@@ -138,6 +141,7 @@ class GroupIndex:
             if vector is not None:
                 self._sums[g] -= vector
         self._centroid_cache = None
+        self.version += 1
 
     def group_of(self, key: int) -> str | None:
         g = self._group_of.get(int(key))

@@ -89,6 +89,7 @@ class VectorIndex:
         self._dead = 0
         self._selector_cache: tuple[np.ndarray, object] | None = None
         self._view: tuple[np.ndarray, int, np.ndarray] | None = None  # (argsort, upto, sorted ids) when unsorted
+        self.version = 0  # bumped by every change of content (callers key caches of decoded vectors on it)
 
     # ------------------------------------------------------------------ construction
     def _new_flat(self):  # -> faiss.Index
@@ -130,6 +131,7 @@ class VectorIndex:
         self._sorted = bool(np.all(np.diff(self._ids) > 0))
         self._selector_cache = None
         self._view = None
+        self.version += 1
         if len(keys):
             self._index.add(vectors)
 
@@ -204,6 +206,7 @@ class VectorIndex:
         self._n += len(keys)
         self._index.add(x)
         self._selector_cache = None
+        self.version += 1
 
     def remove(self, keys: np.ndarray) -> int:
         """Remove ``keys`` (absent ones are ignored); returns how many were removed."""
@@ -218,6 +221,7 @@ class VectorIndex:
             self._alive[positions] = False
             self._dead += len(positions)
             self._selector_cache = None
+            self.version += 1
 
     def _reserve(self, n: int) -> None:
         if n > len(self._ids):
