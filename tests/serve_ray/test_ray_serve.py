@@ -71,14 +71,19 @@ def _complete(client: httpx.Client, **body: Any) -> httpx.Response:
     return r
 
 
-def _replica_stats(client: httpx.Client, after: float) -> dict[str, dict[str, Any]]:
-    """Per-replica reports newer than ``after`` (the replicas report every 0.25 s)."""
-    deadline = time.monotonic() + 60  # a loaded box delays reports
+def _settled_stats(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    """Per-replica reports once each has reported every request the ingress saw it finish.
+
+    A replica reports (every 0.25 s) only when its counters moved, so "a report newer than t" may never come for a
+    replica that had nothing new to say; its ``completed`` catching up with the ingress's ``served`` always does.
+    """
+    deadline = time.monotonic() + 120  # a loaded box delays reports
     while True:
         reps = client.get("/ray/replicas").json()["replicas"]
-        fresh = {k: v for k, v in reps.items() if v.get("reported_at", 0) > after and v.get("weight_cache")}
-        if len(fresh) == 2 or time.monotonic() > deadline:
-            return fresh
+        settled = {k: v for k, v in reps.items()
+                   if "weight_cache" in v and v.get("in_flight", 0) == 0 and v.get("completed", 0) >= v.get("served", 0)}  # fmt: skip
+        if len(settled) == len(reps) or time.monotonic() > deadline:
+            return settled
         time.sleep(0.2)
 
 
@@ -88,10 +93,10 @@ def _hit_rates(client: httpx.Client, workload: list[list[str]], affinity: bool) 
     while len(client.get("/ray/replicas").json()["replicas"]) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert client.post("/ray/affinity", json={"enabled": affinity}).status_code == 200
-    before = client.get("/ray/replicas").json()["replicas"]
+    before = _settled_stats(client)
     for ids in workload:
         _complete(client, model="smoa", adapters=[{"id": i, "weight": 0.5} for i in ids], max_tokens=1)
-    after = _replica_stats(client, time.time())  # the first report after the last request completed
+    after = _settled_stats(client)  # every request served reported
     rates = {}
     for rid, rep in after.items():
         old = before.get(rid, {}).get("weight_cache", {"hits": 0, "misses": 0})
