@@ -4,6 +4,7 @@ calibrated confidence, the static fast path (cascade) and the latency budget, pe
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,54 @@ def test_explicit_threshold_overrides_auto_and_bad_values_are_refused() -> None:
             SMoAConfig(routing_threshold=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="routing_keys_per_adapter"):
         SMoAConfig(routing_keys_per_adapter=0)
+
+
+def with_free_adapters(n: int = 200) -> tuple[Router, dict[int, str], list[RoutingText]]:
+    """The 6 topics (with examples) and ``n`` adapters without examples: 3 words of their own and one topic word
+    each (so the topics' examples reach them a little: the null of the free threshold)."""
+    router, names = make()
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    rng = np.random.default_rng(0)
+    topic_words = " ".join(TOPICS.values()).split()
+    its = [RoutingText(["misc"], [], " ".join([*rng.choice([f"w{i}" for i in range(300)], 3, replace=False),
+                                               str(rng.choice(topic_words))])) for _ in range(n)]  # fmt: skip
+    keys = router.encode_keys(its)
+    router.apply([KeyEntry(100 + i, k, it.domain_tags, it.skill_tags) for i, (k, it) in enumerate(zip(keys, its))], [], 2)
+    names.update({100 + i: f"free{i}" for i in range(n)})
+    return router, names, its
+
+
+def test_adapters_without_examples_must_beat_what_unrelated_examples_score_on_them() -> None:
+    router, names, its = with_free_adapters()
+    cal = router.calibration
+    # measured when the 200 example-less adapters arrived (no refit needed): above the topics' own threshold
+    assert cal.free_threshold > cal.threshold + 0.05, cal
+    words = its[0].description.split()
+    weak = f"{words[0]} {words[1]} zebra glacier violin ocean"  # two words of free0's four, among unrelated ones
+    assert router.route(weak, strategy="semantic").adapter_ids == []  # an unrelated query: the base model alone
+    router._learner.calibration = replace(cal, free_threshold=-np.inf)  # without the gate it went to free0
+    assert router.route(weak, strategy="semantic").adapter_ids[:1] == ["free0"]
+    router._learner.calibration = cal
+    strong = f"{words[0]} {words[1]} zebra"  # the same two words in a shorter query: above the free threshold
+    assert router.route(strong, strategy="semantic").adapter_ids[:1] == ["free0"]
+    assert router.route(its[5].description, strategy="semantic").adapter_ids[:1] == ["free5"]
+    assert router.route("sourdough loaf oven crust", strategy="semantic").adapter_ids[:1] == ["bread"]
+    # a number overrides "auto": no gate of either kind
+    router.config.routing_threshold = 0.0
+    assert router.route(weak, strategy="semantic").adapter_ids[:1] == ["free0"]
+
+
+def test_the_free_threshold_is_remeasured_only_when_the_library_changed_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    router, _, _ = with_free_adapters()
+    searches = []  # queries per vector search: the null's is one search of the sampled examples (144 here)
+    real_search = router._vectors.search
+    monkeypatch.setattr(router._vectors, "search", lambda *a, **kw: searches.append(a[0].shape[0]) or real_search(*a, **kw))
+    one = router.encode_keys([RoutingText(["misc"], [], "w1 w2 w3 bread")])
+    router.apply([KeyEntry(999, one[0], ["misc"], [])], [], 3)  # 1 of 206 adapters: not enough to measure again
+    assert not any(n > 100 for n in searches)
+    more = router.encode_keys([RoutingText(["misc"], [], f"w{i} w{i + 1} loaf") for i in range(40)])
+    router.apply([KeyEntry(1000 + i, k, ["misc"], []) for i, k in enumerate(more)], [], 4)  # +20 %: measured again
+    assert any(n > 100 for n in searches)
 
 
 # ---------------------------------------------------------------------------------------------- cascade

@@ -80,7 +80,7 @@ import numpy as np
 
 from smoa.config import RoutingStrategy, SMoAConfig, coerce_enum
 from smoa.errors import ConfigError, InvalidInputError
-from smoa.routing.encoders import CachedEncoder, Encoder, get_encoder
+from smoa.routing.encoders import CachedEncoder, Encoder, get_encoder, l2_normalize
 from smoa.routing.index import GroupIndex, IndexParams, StaleIndexError, TagIndex, VectorIndex
 from smoa.routing.index.groups import row_sums
 from smoa.routing.index.store import load_indexes, save_indexes
@@ -146,6 +146,9 @@ DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set
 DISTURB_EXAMPLES = 8  # weakest stored examples per learned adapter a rival is checked on
 DISTURB_MARGIN = 0.05  # a rival within this of the adapter's own score on one of them triggers a refit
 DISTURB_DENSE_LIMIT = 50_000_000  # new keys x weak examples up to which the check is one dense product
+NULL_EXAMPLES = 512  # held-out examples the example-less adapters' null is measured on (calibrate.free_threshold)
+NULL_SEARCH_K = 64  # key slots searched per example for its best example-less adapter
+NULL_REMEASURE = 0.1  # measured again when the index or the adapters with examples changed by this share
 LEARNER_FILE = "learner.npz"  # key spaces the static fast path is projected into
 
 
@@ -211,6 +214,7 @@ class Router:
         self.adaptations = 0
         self.adapt_rejected = 0  # trained but not adopted (worse on held-out examples than the encoder in use)
         self._refit_size = 0  # adapters with examples at the last full key refit
+        self._null: tuple[tuple, float] | None = None  # (what it was measured on, the free threshold's null quantile)
         self._can_adapt = bool(getattr(config, "routing_adapt_encoder", True)) and inner.name in FAST_ENCODERS
         self.dim = int(inner.dim)
         self.index_dir = Path(index_dir) if index_dir is not None else None
@@ -389,6 +393,8 @@ class Router:
         self._generation = int(generation)
         self._cache.clear()
         self._dirty = True
+        if self._learner.evidence and self._null_stale():  # many adapters came or went: their null moved
+            self._recalibrate()
 
     # ------------------------------------------------------------------ the core's catch-up interface
     def apply(self, upserts: Sequence[KeyEntry], removes: Sequence[int], generation: int) -> None:
@@ -749,7 +755,49 @@ class Router:
             sims, _ = self._vectors.search(lrn.negatives.astype(np.float32), 2)
             best = sims[:, 0]
             neg = (best, best - np.where(np.isfinite(sims[:, 1]), sims[:, 1], best - 1.0))
-        lrn.recalibrate(neg)
+        cal = lrn.recalibrate(neg)
+        lrn.calibration = replace(cal, free_threshold=max(cal.threshold, self._free_null()))
+
+    def _null_stale(self, n: int | None = None, n_backed: int | None = None) -> bool:
+        """Whether the free threshold's null was measured on a different enough library (:data:`NULL_REMEASURE`)."""
+        if self._null is None:
+            return True
+        (was_n, was_b, was_space), _ = self._null
+        n = len(self._vectors) if n is None else n
+        n_backed = len(self._learner.with_examples()) if n_backed is None else n_backed
+        return was_space != self._learner.adapted_version or any(
+            abs(now - was) > NULL_REMEASURE * max(was, 1) for now, was in ((n, was_n), (n_backed, was_b)))  # fmt: skip
+
+    def _free_null(self) -> float:
+        """The example-less adapters' null quantile (:func:`~smoa.routing.calibrate.free_threshold`): per sampled
+        held-out example of an adapter with examples, its best score on an adapter without examples (among its
+        :data:`NULL_SEARCH_K` nearest key slots). Measured again only when the index, the adapters with examples
+        or the encoder's space changed enough (one search of :data:`NULL_EXAMPLES` queries: ~0.5 s at 1M)."""
+        from smoa.routing.calibrate import free_threshold
+
+        lrn = self._learner
+        backed = lrn.with_examples()
+        n = len(self._vectors)
+        if not backed or n == 0:
+            return -np.inf
+        if not self._null_stale(n, len(backed)):
+            return self._null[1]  # type: ignore[index]
+        per = max(1, -(-NULL_EXAMPLES // len(backed)))
+        rows = []
+        for k in backed:
+            st = lrn.stored[k]
+            ex = st.examples
+            if k in lrn.encoder_seen and len(st.texts) == len(ex):  # the encoder trained on all but these
+                ex = ex[held_out_mask(st.texts)]
+            rows.append(ex[:per])
+        x = l2_normalize(np.concatenate(rows).astype(np.float32))[:NULL_EXAMPLES]
+        sims, slots = self._vectors.search(x, min(NULL_SEARCH_K, n * self._max_p))
+        owners = owner_of(slots)
+        free = (slots >= 0) & ~np.isin(owners, np.asarray(backed, np.int64))
+        null = np.where(free.any(1), np.where(free, sims, -np.inf).max(1), -np.inf)
+        value = free_threshold(null)
+        self._null = ((n, len(backed), lrn.adapted_version), value)
+        return value
 
     def negative_texts(self) -> list[str]:
         """The registered negatives' texts, in order."""
@@ -976,6 +1024,9 @@ class Router:
             best, margin = _best_margin(cos)
             threshold = -np.inf if auto else float(self.config.routing_threshold)
         t = time.perf_counter()
+        if auto and best is not None and self._learner.calibration.free_threshold > self._learner.calibration.threshold:
+            scores, cos = self._free_gate(scores, cos)
+            best, margin = _best_margin(cos)
         if auto and best is not None and best < self._learner.calibration.threshold:
             chosen: list[tuple[str, float]] = []  # no adapter fits: the base model alone
         else:
@@ -988,6 +1039,16 @@ class Router:
         self._counts["escalated"] += escalated
         self._counts["empty"] += not chosen
         return replace(self._finish(chosen, strat, timings, degraded, t0), confidence=conf, escalated=escalated)
+
+    def _free_gate(self, scores: dict[int, float], cos: dict[int, float]) -> tuple[dict[int, float], dict[int, float]]:
+        """Drop the candidates without examples whose cosine is under the free threshold (module docstring of
+        :mod:`smoa.routing.calibrate`): they would serve an unrelated query."""
+        stored, free = self._learner.stored, self._learner.calibration.free_threshold
+        drop = [k for k, c in cos.items() if c < free and not (k in stored and len(stored[k].examples))]
+        if not drop:
+            return scores, cos
+        gone = set(drop)
+        return ({k: v for k, v in scores.items() if k not in gone}, {k: v for k, v in cos.items() if k not in gone})
 
     def _cascade(
         self, text: str, terms: list[tuple[str, int]], strat: RoutingStrategy, k: int, timings: dict[str, float],
