@@ -220,6 +220,9 @@ def test_adapters_without_examples_must_beat_what_unrelated_examples_score_on_th
     router._learner.calibration = replace(cal, free_threshold=-np.inf)  # without the gate it went to free0
     assert router.route(weak, strategy="semantic").adapter_ids[:1] == ["free0"]
     router._learner.calibration = cal
+    # metadata naming the adapter's tag is the caller saying what the query is about: the gate keeps it
+    assert "free0" in router.route(weak, {"domain": "misc"}, strategy="hybrid").adapter_ids
+    assert router.route(weak, strategy="hybrid").adapter_ids == []
     strong = f"{words[0]} {words[1]} zebra"  # the same two words in a shorter query: above the free threshold
     assert router.route(strong, strategy="semantic").adapter_ids[:1] == ["free0"]
     assert router.route(its[5].description, strategy="semantic").adapter_ids[:1] == ["free5"]

@@ -1025,7 +1025,7 @@ class Router:
             threshold = -np.inf if auto else float(self.config.routing_threshold)
         t = time.perf_counter()
         if auto and best is not None and self._learner.calibration.free_threshold > self._learner.calibration.threshold:
-            scores, cos = self._free_gate(scores, cos)
+            scores, cos = self._free_gate(scores, cos, terms)
             best, margin = _best_margin(cos)
         if auto and best is not None and best < self._learner.calibration.threshold:
             chosen: list[tuple[str, float]] = []  # no adapter fits: the base model alone
@@ -1040,11 +1040,17 @@ class Router:
         self._counts["empty"] += not chosen
         return replace(self._finish(chosen, strat, timings, degraded, t0), confidence=conf, escalated=escalated)
 
-    def _free_gate(self, scores: dict[int, float], cos: dict[int, float]) -> tuple[dict[int, float], dict[int, float]]:
+    def _free_gate(
+        self, scores: dict[int, float], cos: dict[int, float], terms: list[tuple[str, int]]
+    ) -> tuple[dict[int, float], dict[int, float]]:
         """Drop the candidates without examples whose cosine is under the free threshold (module docstring of
-        :mod:`smoa.routing.calibrate`): they would serve an unrelated query."""
+        :mod:`smoa.routing.calibrate`): they would serve an unrelated query. A candidate carrying a tag the
+        query's metadata names is kept: the caller said what the query is about."""
         stored, free = self._learner.stored, self._learner.calibration.free_threshold
         drop = [k for k, c in cos.items() if c < free and not (k in stored and len(stored[k].examples))]
+        if drop and terms:
+            named = {t for t, _ in terms}
+            drop = [k for k in drop if not named & {t for tags in (self._tags.tags_of(k) or ((), ())) for t in tags}]
         if not drop:
             return scores, cos
         gone = set(drop)
