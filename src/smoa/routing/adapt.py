@@ -110,8 +110,9 @@ class _Backbone:
 
     def layers(self, hs, mask, lo: int, hi: int):
         """Run encoder layers ``lo..hi-1`` on states ``hs`` ``[n, t, 384]`` with attention mask ``[n, t]``."""
-        full = self.model._create_attention_masks(attention_mask=mask, encoder_attention_mask=None,
-                                                  embedding_output=hs, encoder_hidden_states=None, cache=None)[0]  # fmt: skip
+        from transformers.masking_utils import create_bidirectional_mask
+
+        full = create_bidirectional_mask(config=self.model.config, inputs_embeds=hs, attention_mask=mask)
         for i in range(lo, hi):
             out = self.model.encoder.layer[i](hs, attention_mask=full)
             hs = out[0] if isinstance(out, tuple) else out
