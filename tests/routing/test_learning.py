@@ -12,6 +12,7 @@ import pytest
 
 from smoa.config import SMoAConfig
 from smoa.errors import ConfigError, InvalidInputError
+from smoa.routing import costs as costs_mod
 from smoa.routing import router as router_mod
 from smoa.routing.calibrate import (
     AUTO_REJECT_RATE,
@@ -323,7 +324,7 @@ def test_one_slow_cold_start_does_not_forbid_escalating_for_good(monkeypatch: py
     forever at a 20 ms budget; the background probe re-measures it and escalation resumes."""
     import time
 
-    monkeypatch.setattr(router_mod, "COST_PROBE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(costs_mod, "COST_PROBE_INTERVAL_S", 0.0)
     names: dict[int, str] = {}
     config = SMoAConfig(encoder="hash", enable_caching=False, routing_latency_budget_ms=20.0, embedding_cache_size=0,
                         routing_threshold=-1.0)  # fmt: skip
@@ -331,12 +332,12 @@ def test_one_slow_cold_start_does_not_forbid_escalating_for_good(monkeypatch: py
     router = Router(config, None, lambda ks: [names.get(k, "") for k in ks], encoder=main, fast_encoder=HashEncoder())
     create(router, names, list(range(len(TOPICS))), bulk=True)
     monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)  # every fast answer is unsure
-    router._main_cost[:] = [300.0, 0.0]  # as if a cold start had been learned
-    router._cost_samples[0].extend([300.0] * 3)
+    router._main_cost.terms[:] = [300.0, 0.0]  # as if a cold start had been learned
+    router._main_cost.samples[0].extend([300.0] * 3)
     first = router.route("bread stock one", strategy="semantic")
     assert first.degraded and not first.escalated
     deadline = time.monotonic() + 10.0
-    while router._predict_main_ms("bread stock two") > 20.0 and time.monotonic() < deadline:
+    while router._main_cost.predict(len("bread stock two")) > 20.0 and time.monotonic() < deadline:
         router.route("bread stock three", strategy="semantic")  # each refusal may start one probe
         time.sleep(0.05)
     later = router.route("bread stock four", strategy="semantic")
@@ -417,11 +418,12 @@ def test_the_encoder_cost_model_learns_per_character_cost_only_from_long_texts()
     the per-character slope, each measured against the other."""
     config = SMoAConfig(encoder="hash", enable_caching=False)
     router = Router(config, None, lambda ks: [str(k) for k in ks], fast_encoder=HashEncoder())
-    router._learn_cost(70, 7.0)  # a typical CLINC-length query measured at 7 ms
-    assert router._predict_main_ms("x" * 100) == pytest.approx(7.0 + 0.02 * 36 - 0.02 * 6, abs=0.01)
+    cost = router._main_cost
+    cost.learn(70, 7.0)  # a typical CLINC-length query measured at 7 ms
+    assert cost.predict(100) == pytest.approx(7.0 + 0.02 * 36 - 0.02 * 6, abs=0.01)
     for _ in range(5):  # 400-character texts at 15 ms: the slope is (15 - base) / 336
-        router._learn_cost(400, 15.0)
-    base, per_char = router._main_cost
+        cost.learn(400, 15.0)
+    base, per_char = cost.terms
     assert per_char == pytest.approx((15.0 - base) / 336, rel=0.05)
-    assert router._predict_main_ms("x" * 400) == pytest.approx(15.0, rel=0.05)
-    assert 6.0 < router._predict_main_ms("x" * 60) < 8.0
+    assert cost.predict(400) == pytest.approx(15.0, rel=0.05)
+    assert 6.0 < cost.predict(60) < 8.0

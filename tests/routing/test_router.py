@@ -307,7 +307,7 @@ def test_a_tight_budget_narrows_the_hnsw_beam_before_the_walk_and_says_degraded(
         roomy = [router.route(t, strategy="semantic", k=3) for t in texts]
         assert set(beams) == {None} and not any(r.degraded for r in roomy)  # full beam while it fits
         beams.clear()
-        router._walk_cost.extend([1.0] * 64)  # as if a walk cost 1 ms per beam unit: the full 128 cannot fit in 50
+        router._walk_cost.per_ef.extend([1.0] * 64)  # as if a walk cost 1 ms per beam unit: the full 128 cannot fit in 50
         router.config.routing_latency_budget_ms = 50.0
         tight = [router.route(t, strategy="semantic", k=3) for t in texts[:20]]  # (fast real walks join the model)
     finally:

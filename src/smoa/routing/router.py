@@ -29,9 +29,10 @@ and at most ``RESCUE_GROUPS * SMALL_GROUP_LIMIT`` decoded keys per query.
 Latency budget: the HNSW beam is chosen before the walk starts. An online cost model (ms per unit of efSearch,
 and the time the rescue and tag side take after it, 90th percentiles of recent routes) predicts whether the full beam
 (:func:`~smoa.routing.index.vector.auto_ef_search`) fits in what is left of ``routing_latency_budget_ms``; if
-not, the walk uses the widest beam that fits (at least ``EF_MIN``) and the route is marked ``degraded`` (less
-recall than the default). When encode + search still took the whole budget, HYBRID skips the tag side (cosine
-only) and HIERARCHICAL falls back to plain ANN; the route is marked ``degraded`` and counted.
+not, the walk uses the widest beam that fits (at least :data:`smoa.routing.costs.EF_MIN`) and the route is marked
+``degraded`` (less recall than the default; :mod:`smoa.routing.costs` holds both cost models). When encode +
+search still took the whole budget, HYBRID skips the tag side (cosine only) and HIERARCHICAL falls back to plain
+ANN; the route is marked ``degraded`` and counted.
 
 Learning (issue 11, :mod:`smoa.routing.learner`): adapters have up to P keys (slot ids ``key << 4 | j`` in the
 vector index; an adapter scores its best key); keys are refitted on the adapters' examples as they arrive
@@ -67,7 +68,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -99,6 +99,7 @@ from smoa.routing.learner import (
     owner_of,
     slots_of,
 )  # fmt: skip
+from smoa.routing.costs import EncoderCost, WalkCost
 from smoa.routing.route import Route
 from smoa.routing.strategies import METADATA_TAG_WEIGHT, TEXT_TAG_WEIGHT, fuse, select_top, softmax_weights
 from smoa.textcheck import validate_query_text
@@ -113,13 +114,6 @@ TAG_SCAN_LIMIT = 500  # postings HYBRID's tag side scans for extra candidates (r
 RESCUE_GROUPS = 3  # SEMANTIC / HYBRID: nearest groups whose members are scored exactly when the group is small
 SMALL_GROUP_LIMIT = 256
 RESCUE_CACHE_ROWS = 4096  # decoded key rows of rescued small groups kept (6 MB), dropped on any index change
-COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / per character)
-SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
-EF_MIN = 16  # the narrowest beam a tight budget may choose
-WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile of recent costs)
-LONG_TEXT_CHARS = 128  # texts from this length on teach the main encoder's per-character cost
-COST_PROBE_RUNS = 3  # timed encodes per probe (the fastest counts)
-COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
 ADAPTED_MARGIN_FACTOR = 2.0  # ... times this once the query encoder is learned: it is then far better than the fast
 # path (CLINC150 val, after optimise, auto threshold: in-scope 95.8 % at 0.08 (14 % escalate), 96.1 % at 0.16 (29 %),
@@ -233,14 +227,11 @@ class Router:
         self._learner = KeyLearner(self.dim, int(getattr(config, "routing_keys_per_adapter", 4)))
         self._max_p = 1  # most keys any adapter holds (bounds slot lookups)
         self._pending: OrderedDict[bytes, tuple] = OrderedDict()  # encode_keys output -> its embeddings
-        self._main_cost = [3.0, 0.02]  # predicted main-encoder ms: base + per character (medians of recent samples)
-        self._cost_samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
-        self._cost_probe_at = -COST_PROBE_INTERVAL_S  # monotonic time of the last background cost probe
-        self._walk_cost: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # HNSW ms per efSearch unit
+        self._main_cost = EncoderCost()  # predicted main-encoder ms per text (the budget's escalation decision)
+        self._walk_cost = WalkCost()  # HNSW ms per efSearch unit and the steps after a walk (the budget's beam)
         self._rescue: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # group -> (slots, vectors)
         self._rescue_at: tuple = ()  # the index / groups versions the rescue cache holds
         self._rescue_rows = 0
-        self._after_walk: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # ms of rescue + tag side after a walk
         self._weak: dict[int, tuple] = {}  # learned adapter -> (its learned entry, weakest examples, their levels)
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
@@ -1087,16 +1078,18 @@ class Router:
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
             spent = (time.perf_counter() - t0) * 1e3
-            if spent + self._predict_main_ms(text) > budget:
+            if spent + self._main_cost.predict(len(text)) > budget:
                 self._counts["fast"] += 1
-                self._probe_cost(len(text))  # a refused escalation must not rest on a stale (e.g. warm-up) cost
+                # a refused escalation must not rest on a stale (e.g. warm-up) cost; not through the embedding
+                # cache (the filler must not be cached)
+                self._main_cost.probe(getattr(self.query_encoder, "inner", self.query_encoder).encode, len(text))
                 # degraded: unsure even by the base margin (between it and the wider one the fast answer is
                 # usually right: escalating there is worth it when the budget allows, not a loss when it does not)
                 return scores, cos, degraded or factor == 1.0 or self._unsure(best, margin, separable, thr, 1.0), False
         t = time.perf_counter()
         q = self.query_encoder.encode([text])[0]  # [dim]
         ms = (time.perf_counter() - t) * 1e3
-        self._learn_cost(len(text), ms)
+        self._main_cost.learn(len(text), ms)
         timings["encode"] += ms
         scores, cos, degraded = self._semantic_side(q, text, terms, strat, k, timings, t0)
         return scores, cos, degraded, projected is not None
@@ -1124,52 +1117,6 @@ class Router:
         own = owner_of(found)
         a, b = vecs[own == top[0]], vecs[own == top[1]]
         return not (len(a) and len(b) and float((a @ b.T).max()) > 0.995)
-
-    def _probe_cost(self, chars: int) -> None:
-        """Re-measure the main encoder on a filler text of ``chars`` characters in a background thread (at most once
-        per :data:`COST_PROBE_INTERVAL_S`): the cost model only learns from escalations, so one slow sample (a
-        cold start, a burst of load) would otherwise forbid escalating for good. Warms the encoder up first."""
-        now = time.monotonic()
-        if now - self._cost_probe_at < COST_PROBE_INTERVAL_S:
-            return
-        self._cost_probe_at = now
-
-        def probe() -> None:
-            enc = self.query_encoder
-            inner = getattr(enc, "inner", enc)  # not through the embedding cache: the filler must not be cached
-            try:
-                # a long text's per-character cost is measured against a base measured first, on a short one
-                for n in ([48] if chars >= LONG_TEXT_CHARS else []) + [max(1, chars)]:
-                    filler = ("route this query " * (n // 17 + 1))[:n]
-                    inner.encode([filler])  # warm-up, not timed
-                    best = np.inf
-                    for _ in range(COST_PROBE_RUNS):  # the least disturbed run: this thread shares the GIL with routes
-                        t = time.perf_counter()
-                        inner.encode([filler])
-                        best = min(best, (time.perf_counter() - t) * 1e3)
-                    self._learn_cost(n, best)
-            except Exception as exc:  # noqa: BLE001 -- a failed probe leaves the model as it was
-                logger.debug("smoa routing: cost probe failed (%s)", exc)
-
-        threading.Thread(target=probe, name="smoa-cost-probe", daemon=True).start()
-
-    def _predict_main_ms(self, text: str) -> float:
-        base, per_char = self._main_cost
-        return base + per_char * max(0, len(text) - 64)
-
-    def _learn_cost(self, chars: int, ms: float) -> None:
-        """Online cost model of the main encoder: ``base`` from texts under :data:`LONG_TEXT_CHARS` (less the
-        per-character part past 64), ``per_char`` from longer ones (medians of the last :data:`COST_SAMPLES` samples
-        each: one cold start or burst of load does not move it). A text just past 64 characters says nothing of
-        the per-character cost: dividing its excess over a stale base by a few characters once predicted 27 ms
-        for a 100-character query and forbade escalating at a 10 ms budget."""
-        short, long_ = self._cost_samples
-        if chars < LONG_TEXT_CHARS:
-            short.append(max(0.0, ms - self._main_cost[1] * max(0, chars - 64)))
-            self._main_cost[0] = float(np.median(short))
-        else:
-            long_.append(max(0.0, (ms - self._main_cost[0]) / (chars - 64)))
-            self._main_cost[1] = float(np.median(long_))
 
     def _over_budget(self, t0: float) -> bool:
         return (time.perf_counter() - t0) * 1e3 > self.config.routing_latency_budget_ms
@@ -1221,23 +1168,13 @@ class Router:
         scores = fuse(cos, tag, lam)
         timings["fuse"] += (time.perf_counter() - t) * 1e3
         if walk:
-            self._after_walk[-1] += (time.perf_counter() - t) * 1e3
+            self._walk_cost.add_after((time.perf_counter() - t) * 1e3)
         return scores, cos, degraded
 
     def _budget_ef(self, t0: float) -> int | None:
-        """The HNSW beam that fits what is left of the latency budget, or ``None`` for the full beam (it fits, no
-        budget, or nothing measured yet): the widest multiple of 16 (>= :data:`EF_MIN`) whose predicted walk plus
-        the post-walk steps (:data:`WALK_COST_PERCENTILE` of recent routes: a budget bounds the slow routes, not
-        the typical one) ends within the budget."""
-        budget = self.config.routing_latency_budget_ms
-        if not math.isfinite(budget) or len(self._walk_cost) < 8:
-            return None
-        per_ef = float(np.percentile(self._walk_cost, WALK_COST_PERCENTILE))
-        left = budget - (time.perf_counter() - t0) * 1e3 - float(np.percentile(self._after_walk, WALK_COST_PERCENTILE))
-        full = self._vectors.ef_search
-        if per_ef * full <= left:
-            return None
-        return int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
+        """The HNSW beam that fits what is left of the latency budget (:meth:`WalkCost.beam`), ``None``: the full one."""
+        left = self.config.routing_latency_budget_ms - (time.perf_counter() - t0) * 1e3
+        return self._walk_cost.beam(left, self._vectors.ef_search)
 
     def _search_cos(self, q: np.ndarray, n_cand: int, allowed: np.ndarray | None = None, ef: int | None = None
                     ) -> dict[int, float]:  # fmt: skip
@@ -1252,10 +1189,10 @@ class Router:
         t_walk = time.perf_counter()
         cos = _max_by_owner(slots[0], sims[0])
         if self._vectors.kind != "flat":
-            self._walk_cost.append((t_walk - t) * 1e3 / max(k, ef or self._vectors.ef_search))
             if allowed is None:
                 cos.update(self._small_group_scores(q))
-            self._after_walk.append((time.perf_counter() - t_walk) * 1e3)
+            self._walk_cost.record((t_walk - t) * 1e3, max(k, ef or self._vectors.ef_search),
+                                   (time.perf_counter() - t_walk) * 1e3)  # fmt: skip
         return cos
 
     def _tag_side(self, q: np.ndarray, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int) -> dict[int, float]:

@@ -1,0 +1,119 @@
+"""Online cost models behind the router's latency budget (issue 11, item 6): they let a route choose the
+cheapest path that fits *before* it starts, instead of noticing afterwards that the budget was spent.
+
+* :class:`EncoderCost` predicts what the main (int8 MiniLM) encoder costs on a text: ``base + per_char * (chars -
+  64)``, both terms medians of recent samples, re-measured in the background when a refused escalation might
+  rest on a stale figure.
+* :class:`WalkCost` predicts what an HNSW walk costs per unit of efSearch and what the steps after it (the
+  small-group rescue, HYBRID's tag side) cost, and picks the widest beam that fits what is left of a budget.
+
+Both are plain state guarded by the GIL (deques of floats, appended from the route threads); a lost race costs at
+most one sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / per character)
+LONG_TEXT_CHARS = 128  # texts from this length on teach the main encoder's per-character cost
+COST_PROBE_RUNS = 3  # timed encodes per probe (the fastest counts)
+COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
+SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
+EF_MIN = 16  # the narrowest beam a tight budget may choose
+WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile of recent costs)
+
+
+class EncoderCost:
+    """Predicted milliseconds of the main encoder on one text (``base`` + ``per_char`` past 64 characters)."""
+
+    def __init__(self, base_ms: float = 3.0, per_char_ms: float = 0.02) -> None:
+        self.terms = [base_ms, per_char_ms]
+        self.samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
+        self._probe_at = -math.inf  # monotonic time of the last background probe
+
+    def predict(self, chars: int) -> float:
+        base, per_char = self.terms
+        return base + per_char * max(0, chars - 64)
+
+    def learn(self, chars: int, ms: float) -> None:
+        """``base`` from texts under :data:`LONG_TEXT_CHARS` (less the per-character part past 64), ``per_char`` from
+        longer ones (medians of the last :data:`COST_SAMPLES` samples each: one cold start or burst of load does not
+        move it). A text just past 64 characters says nothing of the per-character cost: dividing its excess over a
+        stale base by a few characters once predicted 27 ms for a 100-character query and forbade escalating at a
+        10 ms budget."""
+        short, long_ = self.samples
+        if chars < LONG_TEXT_CHARS:
+            short.append(max(0.0, ms - self.terms[1] * max(0, chars - 64)))
+            self.terms[0] = float(np.median(short))
+        else:
+            long_.append(max(0.0, (ms - self.terms[0]) / (chars - 64)))
+            self.terms[1] = float(np.median(long_))
+
+    def probe(self, encode: Callable[[Sequence[str]], object], chars: int) -> None:
+        """Re-measure ``encode`` on a filler text of ``chars`` characters in a background thread (at most once per
+        :data:`COST_PROBE_INTERVAL_S`): the model only learns from escalations, so one slow sample (a cold start, a
+        burst of load) would otherwise forbid escalating for good. ``encode`` must bypass any embedding cache (the
+        filler must not be cached). A long text's per-character cost is measured against a base measured first."""
+        now = time.monotonic()
+        if now - self._probe_at < COST_PROBE_INTERVAL_S:
+            return
+        self._probe_at = now
+
+        def run() -> None:
+            try:
+                for n in ([48] if chars >= LONG_TEXT_CHARS else []) + [max(1, chars)]:
+                    filler = ("route this query " * (n // 17 + 1))[:n]
+                    encode([filler])  # warm-up, not timed
+                    best = math.inf
+                    for _ in range(COST_PROBE_RUNS):  # the least disturbed run: this thread shares the GIL with routes
+                        t = time.perf_counter()
+                        encode([filler])
+                        best = min(best, (time.perf_counter() - t) * 1e3)
+                    self.learn(n, best)
+            except Exception as exc:  # noqa: BLE001 -- a failed probe leaves the model as it was
+                logger.debug("smoa routing: cost probe failed (%s)", exc)
+
+        threading.Thread(target=run, name="smoa-cost-probe", daemon=True).start()
+
+
+class WalkCost:
+    """Recent HNSW walks (ms per efSearch unit) and the ms of the steps after each walk."""
+
+    def __init__(self) -> None:
+        self.per_ef: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)
+        self.after: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)
+
+    def record(self, walk_ms: float, beam: int, after_ms: float) -> None:
+        self.per_ef.append(walk_ms / max(1, beam))
+        self.after.append(after_ms)
+
+    def add_after(self, ms: float) -> None:
+        """Charge ``ms`` more to the latest walk's post-walk steps (the tag side runs after the search returned)."""
+        if self.after:
+            self.after[-1] += ms
+
+    def beam(self, left_ms: float, full: int) -> int | None:
+        """The beam that fits ``left_ms``, or ``None`` for the ``full`` beam (it fits, no budget, or fewer than 8
+        walks measured): the widest multiple of 16 (>= :data:`EF_MIN`) whose predicted walk plus the post-walk
+        steps (:data:`WALK_COST_PERCENTILE` of recent routes: a budget bounds the slow routes, not the typical one)
+        ends within the budget."""
+        if not math.isfinite(left_ms) or len(self.per_ef) < 8:
+            return None
+        per_ef = float(np.percentile(self.per_ef, WALK_COST_PERCENTILE))
+        left = left_ms - float(np.percentile(self.after, WALK_COST_PERCENTILE))
+        if per_ef * full <= left:
+            return None
+        return int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
+
+
+__all__ = ["EncoderCost", "WalkCost"]
