@@ -277,7 +277,7 @@ def compare_indexes(pool: Pool, n: int, rng: np.random.Generator) -> list[tuple[
         rows.append(timed(ivf, f"IVF-SQ8 {nlist} lists (k-means), nprobe {nprobe}", b))
     del ivf
     # 4-bit PQ scanned with SIMD (fast-scan), its candidates re-scored on the same 8-bit codes HNSW-SQ8 keeps
-    nlist = 1 << int(np.log2(max(256, 4 * np.sqrt(n))))  # 1,024 at 100K, 4,096 at 1M
+    nlist = 1 << int(np.log2(max(256, 4 * np.sqrt(n))))  # 1,024 at 100K, 2,048 at 1M
     t = time.perf_counter()
     fs = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(DIM), DIM, nlist, 96, 4, ip)
     fs.cp.niter = 10
