@@ -271,6 +271,45 @@ def test_small_groups_are_scored_exactly_beside_the_graph() -> None:
             np.testing.assert_allclose(route.routing_scores, sims[got], atol=0.02)
 
 
+def test_the_rescue_reaches_past_the_nearest_group_centroids_within_its_member_budget() -> None:
+    """A small group whose centroid ranks 4th among the small groups (its members spread apart) but which holds
+    the query's best key is still scored exactly: the rescue takes the next nearest small groups while they hold
+    at most ``RESCUE_MEMBERS`` adapters, not only the ``RESCUE_GROUPS`` nearest centroids."""
+    from smoa.routing.index import IndexParams
+    from smoa.routing.router import RESCUE_GROUPS, RESCUE_MEMBERS
+
+    dim, rng = 64, np.random.default_rng(3)
+    q = np.zeros(dim, np.float32)
+    q[0] = 1.0
+
+    def toward(cos: float, axis: int) -> np.ndarray:  # a unit vector at cosine ``cos`` to q
+        v = np.zeros(dim, np.float32)
+        v[0], v[axis] = cos, np.sqrt(1 - cos**2)
+        return v
+
+    decoys = [np.stack([toward(0.6, 1 + 3 * g + j) for j in range(3)]) for g in range(RESCUE_GROUPS + 1)]
+    target = np.stack([toward(0.95, 20)] + [toward(-0.5, 21 + j) for j in range(3)])  # centroid cos to q < 0
+    bulk = rng.standard_normal((600, dim)).astype(np.float32)
+    bulk[:, 0] = -np.abs(bulk[:, 0]) * 3  # away from q
+    x = np.concatenate(decoys + [target, bulk])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    tags = [([f"decoy{g}"], ["s"]) for g in range(len(decoys)) for _ in range(3)] + [(["target"], ["s"])] * 4
+    tags += [(["bulk"], ["s"])] * len(bulk)
+    best = 3 * len(decoys)  # the target group's first member: cosine 0.95, the best key there is
+    assert int(np.argmax(x @ q)) == best and len(decoys) * 3 + 4 <= RESCUE_MEMBERS
+    config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
+    router = Router(config, None, ids_of, encoder=_PrimedDim(dim), params=IndexParams(exact_threshold=100, ef_search=16))
+    router.add(np.arange(len(x)), x.astype(np.float32), tags, generation=1)
+    names, cents = router._groups.centroids()
+    small = sorted((n for n in names if n != "bulk"), key=lambda n: -float(cents[names.index(n)] @ q))
+    assert small.index("target") >= RESCUE_GROUPS  # its centroid is not among the nearest RESCUE_GROUPS
+    rescued = router._small_group_scores(q)
+    assert best in rescued and rescued[best] == pytest.approx(0.95, abs=0.02)
+    router.encoder.prime(["q"], q[None, :])
+    route = router.route("q", strategy="semantic", k=3)
+    assert route.adapter_ids[0] == ids_of([best])[0]
+
+
 class _PrimedDim:
     """An encoder of dimension ``dim`` for queries primed into the router's cache (never called)."""
 

@@ -175,10 +175,13 @@ class GroupIndex:
         self._next_cluster += 1
         return name
 
-    def top_groups(self, query: np.ndarray, n_groups: int, max_size: int | None = None) -> list[tuple[str, float]]:
+    def top_groups(
+        self, query: np.ndarray, n_groups: int, max_size: int | None = None, max_members: int | None = None
+    ) -> list[tuple[str, float]]:
         """The ``n_groups`` groups whose centroid is nearest to ``query`` ``[dim]``, best first (ties by name).
 
-        ``max_size``: consider only the groups with at most this many members.
+        ``max_size``: consider only the groups with at most this many members. ``max_members``: past the first
+        ``n_groups``, keep taking the next nearest groups while the members of all those taken stay within it.
         """
         names, cents = self.centroids()
         if not names:
@@ -186,8 +189,12 @@ class GroupIndex:
         sims = cents @ query.astype(np.float32)  # [G]
         if max_size is not None:
             sims = np.where(self._sizes <= max_size, sims, -np.inf)
-        order = np.argsort(-sims, kind="stable")[:n_groups]  # names are sorted: stable sort breaks ties by name
-        return [(names[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
+        order = np.argsort(-sims, kind="stable")  # names are sorted: stable sort breaks ties by name
+        order = order[np.isfinite(sims[order])]
+        take = n_groups
+        if max_members is not None and len(order) > n_groups:
+            take = max(n_groups, int(np.searchsorted(np.cumsum(self._sizes[order]), max_members, side="right")))
+        return [(names[i], float(sims[i])) for i in order[:take]]
 
     def size(self, name: str) -> int:
         """Members of group ``name`` (0 if unknown)."""
