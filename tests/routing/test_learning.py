@@ -427,3 +427,23 @@ def test_the_encoder_cost_model_learns_per_character_cost_only_from_long_texts()
     assert per_char == pytest.approx((15.0 - base) / 336, rel=0.05)
     assert cost.predict(400) == pytest.approx(15.0, rel=0.05)
     assert 6.0 < cost.predict(60) < 8.0
+
+
+def test_the_beam_planner_reads_the_same_percentiles_as_numpy() -> None:
+    """The walk-cost model's percentiles (plain Python, once per route) equal ``np.percentile`` (linear)."""
+    from collections import deque
+
+    from smoa.routing.costs import SEARCH_COST_SAMPLES, WalkCost, _percentile
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 63, SEARCH_COST_SAMPLES):
+        values = deque(rng.exponential(size=n).tolist(), maxlen=SEARCH_COST_SAMPLES)
+        for q in (0, 50, 90, 99, 100):
+            assert _percentile(values, q) == pytest.approx(float(np.percentile(values, q)), abs=1e-12)
+    cost = WalkCost()
+    for walk, after in zip(rng.uniform(0.6, 1.0, 64), rng.uniform(0.1, 0.2, 64)):  # 192 units do not fit 1 ms
+        cost.record(float(walk), 100, float(after))
+    per_ef, after = float(np.percentile(cost.per_ef, 90)), float(np.percentile(cost.after, 90))
+    left = 1.0
+    want = int(min(192 - 16, max(16, 16 * ((left - after) / per_ef // 16))))
+    assert per_ef * 192 > left - after and cost.beam(left, 192) == want and cost.beam(1e9, 192) is None

@@ -109,11 +109,23 @@ class WalkCost:
         ends within the budget."""
         if not math.isfinite(left_ms) or len(self.per_ef) < 8:
             return None
-        per_ef = float(np.percentile(self.per_ef, WALK_COST_PERCENTILE))
-        left = left_ms - float(np.percentile(self.after, WALK_COST_PERCENTILE))
+        per_ef = _percentile(self.per_ef, WALK_COST_PERCENTILE)
+        left = left_ms - _percentile(self.after, WALK_COST_PERCENTILE)
         if per_ef * full <= left:
             return None
         return int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation) of a few dozen floats in plain Python: numpy's costs
+    ~25 us per call, a tenth of a 1M-key route's budget at 1 ms, where sorting 64 floats costs ~3 us."""
+    xs = sorted(values)
+    if not xs:
+        return 0.0
+    at = (len(xs) - 1) * q / 100.0
+    lo = int(at)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (at - lo)
 
 
 __all__ = ["EncoderCost", "WalkCost"]
