@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,54 @@ def test_auto_ef_search_widens_with_size() -> None:
     idx = VectorIndex.build(64, np.arange(3000), clustered(3000), IndexParams(exact_threshold=100))
     assert idx.ef_search == 48
     assert VectorIndex(64, IndexParams(ef_search=20)).ef_search == 20
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def _huge_kb_of(address: int) -> int:
+    """AnonHugePages (kB) of the mapping of this process that holds ``address``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(h, 16) for h in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_large_hnsw_arrays_are_backed_by_huge_pages_and_search_the_same(monkeypatch) -> None:
+    """The HNSW codes and links are advised onto 2 MB pages (when the kernel allows transparent huge pages) as the
+    index is built, grows and is loaded; the advice changes no result."""
+    import smoa.routing.index.vector as vector_mod
+
+    buf = np.ones(64 << 20, np.uint8)  # a plain 64 MB buffer: the advice itself
+    took = vector_mod._advise_huge(buf.ctypes.data, buf.nbytes)
+    assert took == (_thp_mode() != "never")
+    if took:
+        assert _huge_kb_of(buf.ctypes.data + (32 << 20)) >= 2048
+    assert not vector_mod._advise_huge(buf.ctypes.data, 1 << 20)  # small arrays are left alone
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = VectorIndex.build(32, np.arange(3000), x[:3000], IndexParams(exact_threshold=1000, ef_search=64))
+    q = x[3000:3020]
+    before = index.search(q, 5)
+    monkeypatch.setattr(vector_mod, "HUGE_PAGE_MIN_BYTES", 0)
+    index._advise()
+    assert set(index._advised) == {"codes", "links"} and index._advised["codes"][1] == 3000 * 32
+    for a, b in zip(before, index.search(q, 5)):
+        np.testing.assert_array_equal(a, b)
+    first = dict(index._advised)
+    index.add(np.arange(3000, 4000), x[3000:])  # grew by a third: advised again
+    assert index._advised["codes"][1] == 4000 * 32 and index._advised != first
