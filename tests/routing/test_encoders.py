@@ -100,3 +100,15 @@ def test_encode_batch_matches_encode() -> None:
     texts = [f"text number {i}" for i in range(5)]
     np.testing.assert_array_equal(enc.encode_batch(texts), enc.encode(texts))
     assert enc.encode_batch([]).shape == (0, 384)
+
+
+def test_static_encodes_one_text_exactly_as_a_batch() -> None:
+    """The one-text path (a route's query) gives the very floats of model2vec's batch path: long texts cut the
+    same way, unknown-only and empty texts mapped to ``e_0``."""
+    enc = get_encoder("static")
+    texts = ["what is my bank balance", "", "   ", "zzzzqqqq", "x" * 5000, "hello world " * 400,
+             "医学 c++ ＣＵＤＡ", "été à Paris", "[UNK] [CLS]"]  # fmt: skip
+    batch = enc.encode(texts)
+    one = np.concatenate([enc.encode([t]) for t in texts])
+    np.testing.assert_array_equal(one, batch)
+    assert one.dtype == np.float32 and one.flags.c_contiguous

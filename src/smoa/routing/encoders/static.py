@@ -105,7 +105,29 @@ class StaticEncoder:
         """Encode ``texts`` ``[n]`` -> float32 ``[n, dim]``, unit norm (text without known tokens -> ``e_0``)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if len(texts) == 1:  # a route's query: model2vec's own steps without its batching (68 -> ~25 us)
+            return self._encode_one(texts[0])
         out = np.asarray(self.model.encode(list(texts), show_progress_bar=False, use_multiprocessing=False), np.float32)
         empty = ~out.any(axis=1)
         out[empty, 0] = 1.0
         return np.ascontiguousarray(out)
+
+    def _encode_one(self, text: str) -> np.ndarray:
+        """:meth:`encode` of one text, the steps of ``StaticModel.encode`` (characters cut at ``max_length`` x the
+        median token length, tokens past ``max_length`` dropped, unknown tokens removed, mean, unit norm) without
+        its batching and dispatch, which cost more than the lookup itself. Same floats (test_encoders)."""
+        m = self.model
+        if m.max_length is not None:
+            text = text[: m.max_length * m.median_token_length]
+        ids = m.tokenizer.encode(text, add_special_tokens=False).ids
+        if m.max_length is not None:
+            ids = ids[: m.max_length]
+        if m.unk_token_id is not None:
+            ids = [i for i in ids if i != m.unk_token_id]
+        out = np.zeros((1, self.dim), np.float32)
+        if ids:
+            out[0] = m.embedding[np.asarray(ids, np.int64)].mean(axis=0)
+            out /= np.linalg.norm(out, axis=1, keepdims=True) + 1e-32
+        else:
+            out[0, 0] = 1.0
+        return out
