@@ -447,3 +447,29 @@ def test_the_beam_planner_reads_the_same_percentiles_as_numpy() -> None:
     left = 1.0
     want = int(min(192 - 16, max(16, 16 * ((left - after) / per_ef // 16))))
     assert per_ef * 192 > left - after and cost.beam(left, 192) == want and cost.beam(1e9, 192) is None
+
+
+def test_the_beam_planner_holds_back_what_its_plans_under_predicted() -> None:
+    """Each beam plan is checked when the route's search side ends; once the plans ran 0.3 ms over (a walk's fixed
+    part, Python, jitter), 0.3 ms of the budget is held back and the beam narrows to fit; plans that ran early are
+    not credited (the slack never goes negative)."""
+    from smoa.routing.costs import PLAN_ERROR_MIN_SAMPLES, WalkCost
+
+    cost = WalkCost()
+    for _ in range(64):
+        cost.record(0.96, 192, 0.1)  # 0.005 ms per beam unit, 0.1 ms after the walk
+    assert cost.beam(0.92, 192) == 160 and cost.slack() == 0.0  # (0.92 - 0.1) / 0.005 = 164 -> 160 (step 16)
+    for _ in range(PLAN_ERROR_MIN_SAMPLES):
+        cost.beam(0.92, 192)
+        start, planned = cost._plan
+        cost._plan = (start - (planned + 0.3) / 1e3, planned)  # this route took 0.3 ms more than planned
+        cost.settle()
+    assert cost.slack() == pytest.approx(0.3, abs=0.05)
+    assert cost.beam(0.92, 192) == 96  # (0.92 - 0.1 - 0.3) / 0.005 = 104 -> 96
+    early = WalkCost()
+    for _ in range(64):
+        early.record(0.96, 192, 0.1)
+    for _ in range(PLAN_ERROR_MIN_SAMPLES):
+        early.beam(0.92, 192)
+        early.settle()  # at once: far under the plan
+    assert early.slack() == 0.0 and early.beam(0.92, 192) == 160

@@ -31,6 +31,9 @@ COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main enc
 SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
 EF_MIN = 16  # the narrowest beam a tight budget may choose
 WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile of recent costs)
+PLAN_ERROR_SAMPLES = 128  # recent (actual - planned) ms from a beam's plan to the end of the route's search side
+PLAN_ERROR_PERCENTILE = 99  # ... held back from the budget: a budget bounds the tail of routes, not their median
+PLAN_ERROR_MIN_SAMPLES = 16
 
 
 class EncoderCost:
@@ -87,11 +90,21 @@ class EncoderCost:
 
 
 class WalkCost:
-    """Recent HNSW walks (ms per efSearch unit) and the ms of the steps after each walk."""
+    """Recent HNSW walks (ms per efSearch unit), the ms of the steps after each walk, and the plan's own error.
+
+    The linear model misses a walk's fixed part (the descent through the upper layers: ~0.13 ms of a 1M-key walk
+    even at efSearch 16), the Python between the steps and the machine's jitter. So each plan is checked: from
+    :meth:`beam` to :meth:`settle` (the end of the route's search side) the route took ``actual`` ms where the plan
+    said ``planned``; the :data:`PLAN_ERROR_PERCENTILE` of ``actual - planned`` over the last
+    :data:`PLAN_ERROR_SAMPLES` plans is held back from the next budget. On 1M keys with a 1 ms budget this took the
+    route's p99 from 1.36 ms to under the budget (``docs/bench_routing.md``).
+    """
 
     def __init__(self) -> None:
         self.per_ef: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)
         self.after: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)
+        self.error: deque[float] = deque(maxlen=PLAN_ERROR_SAMPLES)
+        self._plan: tuple[float, float] | None = None  # (perf_counter at the plan, planned ms)
 
     def record(self, walk_ms: float, beam: int, after_ms: float) -> None:
         self.per_ef.append(walk_ms / max(1, beam))
@@ -107,13 +120,30 @@ class WalkCost:
         walks measured): the widest multiple of 16 (>= :data:`EF_MIN`) whose predicted walk plus the post-walk
         steps (:data:`WALK_COST_PERCENTILE` of recent routes: a budget bounds the slow routes, not the typical one)
         ends within the budget."""
+        self._plan = None
         if not math.isfinite(left_ms) or len(self.per_ef) < 8:
             return None
-        per_ef = _percentile(self.per_ef, WALK_COST_PERCENTILE)
-        left = left_ms - _percentile(self.after, WALK_COST_PERCENTILE)
-        if per_ef * full <= left:
-            return None
-        return int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
+        per_ef, after = _percentile(self.per_ef, WALK_COST_PERCENTILE), _percentile(self.after, WALK_COST_PERCENTILE)
+        left = left_ms - after - self.slack()
+        ef = None if per_ef * full <= left else int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
+        self._plan = (time.perf_counter(), per_ef * (ef or full) + after)
+        return ef
+
+    def slack(self) -> float:
+        """Milliseconds held back from a budget: what recent plans under-predicted (:data:`PLAN_ERROR_PERCENTILE`),
+        0 until :data:`PLAN_ERROR_MIN_SAMPLES` plans were checked, never negative."""
+        if len(self.error) < PLAN_ERROR_MIN_SAMPLES:
+            return 0.0
+        return max(0.0, _percentile(self.error, PLAN_ERROR_PERCENTILE))
+
+    def settle(self) -> None:
+        """The route's search side ended: learn the pending plan's error (no-op without one)."""
+        if self._plan is not None:
+            start, planned = self._plan
+            self._plan = None
+            actual = (time.perf_counter() - start) * 1e3
+            if actual < 1e3:  # a plan left by a route that failed before its end says nothing
+                self.error.append(actual - planned)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

@@ -1159,21 +1159,25 @@ class Router:
         t_walk = time.perf_counter()
         timings["search"] += (t_walk - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
+            self._walk_cost.settle()
             return cos, cos, degraded
         t = time.perf_counter()
         lam = METADATA_TAG_WEIGHT if terms else self.text_tag_weight
         terms = terms or self._tags.match_text(text)
         if not terms:
             timings["fuse"] += (time.perf_counter() - t) * 1e3
+            self._walk_cost.settle()
             return cos, cos, degraded
         if self._over_budget(t0):
             timings["fuse"] += (time.perf_counter() - t) * 1e3
+            self._walk_cost.settle()
             return cos, cos, True
         tag = self._tag_side(q, terms, cos, n_cand)
         scores = fuse(cos, tag, lam)
         timings["fuse"] += (time.perf_counter() - t) * 1e3
         if walk:
             self._walk_cost.add_after((time.perf_counter() - t) * 1e3)
+            self._walk_cost.settle()
         return scores, cos, degraded
 
     def _budget_ef(self, t0: float) -> int | None:
