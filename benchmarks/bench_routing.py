@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="", help="budget table at these sizes (e.g. 1000,1000000) and exit")
     ap.add_argument("--budget-distractors", default="random,realistic",
                     help="distractor kinds of the budget table's libraries over 1,000 adapters (random, realistic)")
-    ap.add_argument("--budget-queries", type=int, default=600, help="CLINC150 val queries per budget row")
+    ap.add_argument("--budget-queries", type=int, default=3000, help="CLINC150 val queries per budget row (3,000: all of val)")
     ap.add_argument("--budget-plot", default=str(ROOT / "docs" / "bench_routing_budget.png"))
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="latency clock: wall time, or the query thread's CPU time (a loaded, shared box: time spent "

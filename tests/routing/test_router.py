@@ -303,7 +303,7 @@ def test_the_rescue_reaches_past_the_nearest_group_centroids_within_its_member_b
     names, cents = router._groups.centroids()
     small = sorted((n for n in names if n != "bulk"), key=lambda n: -float(cents[names.index(n)] @ q))
     assert small.index("target") >= RESCUE_GROUPS  # its centroid is not among the nearest RESCUE_GROUPS
-    rescued = router._small_group_scores(q)
+    rescued = router._small_group_scores(q, 8)
     assert best in rescued and rescued[best] == pytest.approx(0.95, abs=0.02)
     router.encoder.prime(["q"], q[None, :])
     route = router.route("q", strategy="semantic", k=3)

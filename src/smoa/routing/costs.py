@@ -31,7 +31,7 @@ COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main enc
 SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
 EF_MIN = 16  # the narrowest beam a tight budget may choose
 WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile of recent costs)
-PLAN_ERROR_SAMPLES = 128  # recent (actual - planned) ms from a beam's plan to the end of the route's search side
+PLAN_ERROR_SAMPLES = 128  # recent (actual - planned) ms from a beam's plan to the end of the route
 PLAN_ERROR_PERCENTILE = 99  # ... held back from the budget: a budget bounds the tail of routes, not their median
 PLAN_ERROR_MIN_SAMPLES = 16
 
@@ -94,7 +94,7 @@ class WalkCost:
 
     The linear model misses a walk's fixed part (the descent through the upper layers: ~0.13 ms of a 1M-key walk
     even at efSearch 16), the Python between the steps and the machine's jitter. So each plan is checked: from
-    :meth:`beam` to :meth:`settle` (the end of the route's search side) the route took ``actual`` ms where the plan
+    :meth:`beam` to :meth:`settle` (the end of the route) the route took ``actual`` ms where the plan
     said ``planned``; the :data:`PLAN_ERROR_PERCENTILE` of ``actual - planned`` over the last
     :data:`PLAN_ERROR_SAMPLES` plans is held back from the next budget. On 1M keys with a 1 ms budget this took the
     route's p99 from 1.36 ms to under the budget (``docs/bench_routing.md``).
@@ -137,7 +137,7 @@ class WalkCost:
         return max(0.0, _percentile(self.error, PLAN_ERROR_PERCENTILE))
 
     def settle(self) -> None:
-        """The route's search side ended: learn the pending plan's error (no-op without one)."""
+        """The route ended: learn the pending plan's error (no-op without one)."""
         if self._plan is not None:
             start, planned = self._plan
             self._plan = None

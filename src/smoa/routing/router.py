@@ -119,6 +119,8 @@ RESCUE_GROUPS = 3  # SEMANTIC / HYBRID: nearest small groups whose members are s
 RESCUE_MEMBERS = 1024  # ... and the next nearest while all the rescued groups hold at most this many adapters
 SMALL_GROUP_LIMIT = 256
 RESCUE_CACHE_ROWS = 4096  # decoded key rows of rescued small groups kept (6 MB), dropped on any index change
+SAME_KEY_COS = 0.995  # two keys this close are the same key to any encoder (Router._separable)
+SAME_KEY_MARGIN = float(np.sqrt(2 - 2 * SAME_KEY_COS))  # |q.a - q.b| <= |a - b|: the best keys of a wider lead differ
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
 ADAPTED_MARGIN_FACTOR = 2.0  # ... times this once the query encoder is learned: it is then far better than the fast
 # path (CLINC150 val, after optimise, auto threshold: in-scope 95.8 % at 0.08 (14 % escalate), 96.1 % at 0.16 (29 %),
@@ -1034,7 +1036,9 @@ class Router:
             conf = self._learner.calibration.confidence(best, margin)
         self._counts["escalated"] += escalated
         self._counts["empty"] += not chosen
-        return replace(self._finish(chosen, strat, timings, degraded, t0), confidence=conf, escalated=escalated)
+        route = replace(self._finish(chosen, strat, timings, degraded, t0), confidence=conf, escalated=escalated)
+        self._walk_cost.settle()  # the last beam plan's error, up to the route's end (WalkCost)
+        return route
 
     def _free_gate(
         self, scores: dict[int, float], cos: dict[int, float], terms: list[tuple[str, int]]
@@ -1078,7 +1082,8 @@ class Router:
             thr = self._learner.calibration.threshold if isinstance(self.config.routing_threshold, str) else None
             factor = ADAPTED_MARGIN_FACTOR if self._adapted is not None else 1.0
             # whether the two best have different keys: asked once, only when the lead is low at the wider margin
-            separable = best is not None and margin < self._margin_floor(factor) and self._separable(cos)
+            separable = best is not None and margin < self._margin_floor(factor) and (
+                margin > SAME_KEY_MARGIN or self._separable(cos))
             if not self._unsure(best, margin, separable, thr, factor):
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
@@ -1121,7 +1126,7 @@ class Router:
         found, vecs = self._vectors.vectors_of(slots_of(np.asarray(top, np.int64), self._max_p))
         own = owner_of(found)
         a, b = vecs[own == top[0]], vecs[own == top[1]]
-        return not (len(a) and len(b) and float((a @ b.T).max()) > 0.995)
+        return not (len(a) and len(b) and float((a @ b.T).max()) > SAME_KEY_COS)
 
     def _over_budget(self, t0: float) -> bool:
         return (time.perf_counter() - t0) * 1e3 > self.config.routing_latency_budget_ms
@@ -1159,25 +1164,21 @@ class Router:
         t_walk = time.perf_counter()
         timings["search"] += (t_walk - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
-            self._walk_cost.settle()
             return cos, cos, degraded
         t = time.perf_counter()
         lam = METADATA_TAG_WEIGHT if terms else self.text_tag_weight
         terms = terms or self._tags.match_text(text)
         if not terms:
             timings["fuse"] += (time.perf_counter() - t) * 1e3
-            self._walk_cost.settle()
             return cos, cos, degraded
         if self._over_budget(t0):
             timings["fuse"] += (time.perf_counter() - t) * 1e3
-            self._walk_cost.settle()
             return cos, cos, True
         tag = self._tag_side(q, terms, cos, n_cand)
         scores = fuse(cos, tag, lam)
         timings["fuse"] += (time.perf_counter() - t) * 1e3
         if walk:
             self._walk_cost.add_after((time.perf_counter() - t) * 1e3)
-            self._walk_cost.settle()
         return scores, cos, degraded
 
     def _budget_ef(self, t0: float) -> int | None:
@@ -1199,7 +1200,7 @@ class Router:
         cos = _max_by_owner(slots[0], sims[0])
         if self._vectors.kind != "flat":
             if allowed is None:
-                cos.update(self._small_group_scores(q))
+                cos.update(self._small_group_scores(q, k))
             self._walk_cost.record((t_walk - t) * 1e3, max(k, ef or self._vectors.ef_search),
                                    (time.perf_counter() - t_walk) * 1e3)  # fmt: skip
         return cos
@@ -1276,15 +1277,21 @@ class Router:
         found, vecs = self._vectors.vectors_of(slots_of(np.asarray(keys, np.int64), self._max_p))
         return _max_by_owner(found, vecs @ q)
 
-    def _small_group_scores(self, q: np.ndarray) -> dict[int, float]:
-        """Exact ``cos(q, key)`` of every member of the small groups nearest to ``q`` (module docstring)."""
+    def _small_group_scores(self, q: np.ndarray, limit: int) -> dict[int, float]:
+        """Exact ``cos(q, key)`` of the members of the small groups nearest to ``q`` (module docstring): the adapters
+        of their ``limit`` best keys (as many as the graph walk returns: the others could not make the route, and
+        every candidate costs the steps after the search some Python)."""
         if len(self._groups) < 2:
             return {}
         small = [g for g, _ in self._groups.top_groups(q, RESCUE_GROUPS, SMALL_GROUP_LIMIT, RESCUE_MEMBERS)]
         if not small:
             return {}
         parts = [self._group_vectors(g) for g in small]
-        return _max_by_owner(np.concatenate([f for f, _ in parts]), np.concatenate([v for _, v in parts]) @ q)
+        slots, sims = np.concatenate([f for f, _ in parts]), np.concatenate([v for _, v in parts]) @ q
+        if len(sims) > limit:
+            best = np.argpartition(-sims, limit - 1)[:limit]
+            slots, sims = slots[best], sims[best]
+        return _max_by_owner(slots, sims)
 
     def _group_vectors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(slot ids, decoded vectors)`` of group ``name``'s members, from a small LRU of recently rescued groups
