@@ -148,6 +148,24 @@ def test_latency_budget_degrades_and_counts() -> None:
     assert router.statistics()["degraded"] == 1
 
 
+def test_the_tag_side_runs_only_when_it_fits_what_is_left_of_the_budget() -> None:
+    """HYBRID's tag side is skipped (cosines only, ``degraded``) when its measured cost and the steps after it no
+    longer fit the budget, before it starts; with room it runs and the route is whole."""
+    router = make(routing_latency_budget_ms=1e6, enable_caching=False)
+    whole = router.route("contract clause review", {"domain": "legal"}, strategy="hybrid")
+    assert not whole.degraded
+    router._walk_cost.tag.extend([400.0] * 64)  # as if the tag side took 400 ms and what follows it 400 ms more
+    router._walk_cost.tail.extend([400.0] * 64)
+    router.config.routing_latency_budget_ms = 500.0
+    cut = router.route("contract clause review", {"domain": "legal"}, strategy="hybrid")
+    assert cut.degraded and cut.adapter_ids
+    semantic = router.route("contract clause review", strategy="semantic")
+    assert cut.routing_scores == pytest.approx(semantic.routing_scores)  # the cosines alone
+    assert whole.routing_scores != pytest.approx(cut.routing_scores)  # the metadata's tag weight lifted them
+    router.config.routing_latency_budget_ms = 1e6
+    assert not router.route("contract clause review", {"domain": "legal"}, strategy="hybrid").degraded
+
+
 def test_timings_and_latency_filled() -> None:
     route = make().route("heart ecg reading")
     assert set(route.timings_ms) == {"encode", "search", "fuse"}

@@ -105,6 +105,8 @@ class WalkCost:
         self.after: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)
         self.error: deque[float] = deque(maxlen=PLAN_ERROR_SAMPLES)
         self._plan: tuple[float, float] | None = None  # (perf_counter at the plan, planned ms)
+        self.tag: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # ms of HYBRID's tag side
+        self.tail: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # ms from a tag side's end to the route's end
 
     def record(self, walk_ms: float, beam: int, after_ms: float) -> None:
         self.per_ef.append(walk_ms / max(1, beam))
@@ -128,6 +130,19 @@ class WalkCost:
         ef = None if per_ef * full <= left else int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
         self._plan = (time.perf_counter(), per_ef * (ef or full) + after)
         return ef
+
+    def tag_done(self, ms: float) -> None:
+        self.tag.append(ms)
+
+    def tail_done(self, ms: float) -> None:
+        self.tail.append(ms)
+
+    def tag_reserve(self) -> float:
+        """Milliseconds a route needs for HYBRID's tag side and what follows it (:data:`WALK_COST_PERCENTILE` of
+        each), 0 until 8 of both were measured."""
+        if len(self.tag) < 8 or len(self.tail) < 8:
+            return 0.0
+        return _percentile(self.tag, WALK_COST_PERCENTILE) + _percentile(self.tail, WALK_COST_PERCENTILE)
 
     def slack(self) -> float:
         """Milliseconds held back from a budget: what recent plans under-predicted (:data:`PLAN_ERROR_PERCENTILE`),
