@@ -77,3 +77,23 @@ def test_json_roundtrip() -> None:
     back = TagIndex.from_json(t.to_json())
     terms = [("medical", DOMAIN), ("review", BOTH)]
     assert back.score(terms) == t.score(terms)
+
+
+def test_ascii_words_take_the_regex_path_with_the_same_terms() -> None:
+    """ASCII text (nearly every query) is split by one regex; it must give exactly the terms of the general path
+    (NFKC + casefold, word-character runs with their ``+``/``#`` suffix, unspaced scripts split)."""
+    import random
+    import string
+
+    from smoa.adapter.tags import _split_unspaced, _words, normalize_text, terms
+
+    def general(text: str) -> list[str]:
+        return list(dict.fromkeys(t for w in _words(normalize_text(text)) for t in _split_unspaced(w)))
+
+    rng = random.Random(0)
+    alphabet = string.printable + "+#+#\x00\x07\x1b"
+    samples = ["C++ and C# for .NET", "what's my BALANCE?", "a+b#c ++x ##", "", "  \t\n", "1st 2nd_3rd x-ray"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    for text in samples:
+        assert text.isascii() and terms(text) == general(text), text
+    assert terms("C++ and ＣＵＤＡ; 医学") == ["c++", "and", "cuda", "医", "学", "医学"]  # non-ASCII: the general path

@@ -33,6 +33,7 @@ MAX_TAGS = 64
 # A word: letters, marks and digits of any script (Unicode categories L*, M*, N*), then an optional run of
 # ``+``/``#`` (c++, c#). Marks are word characters so that Devanagari or Arabic words are not cut at vowel signs.
 _WORD_CATEGORIES = ("L", "M", "N")
+_ASCII_WORD = re.compile(r"[a-z0-9]+[+#]*")  # _words on ASCII text: letters and digits, then a run of + and #
 # Scripts written without spaces between words: one regex class, matched per character.
 _UNSPACED = re.compile(
     "["
@@ -154,6 +155,8 @@ def terms(text: str) -> list[str]:
     >>> terms("C++ and ＣＵＤＡ; 医学")
     ['c++', 'and', 'cuda', '医', '学', '医学']
     """
+    if text.isascii():  # the common case, in one regex: NFKC is the identity there and casefold is lower()
+        return list(dict.fromkeys(_ASCII_WORD.findall(text.lower())))
     seen: dict[str, None] = {}
     for word in _words(normalize_text(text)):
         for t in _split_unspaced(word):
