@@ -473,3 +473,17 @@ def test_the_beam_planner_holds_back_what_its_plans_under_predicted() -> None:
         early.beam(0.92, 192)
         early.settle()  # at once: far under the plan
     assert early.slack() == 0.0 and early.beam(0.92, 192) == 160
+
+
+def test_a_refused_tag_side_still_runs_now_and_then_to_stay_measured() -> None:
+    """The tag side's cost is learned only from routes that run it: once refused (its reserve over what is left),
+    one route in TAG_EXPLORE_EVERY runs it anyway, so stale slow samples cannot refuse it for good."""
+    from smoa.routing.costs import TAG_EXPLORE_EVERY, WalkCost
+
+    cost = WalkCost()
+    assert cost.tag_fits(0.5) and not cost.tag_fits(0.0) and cost.tag_fits(float("inf"))  # unmeasured: fits
+    cost.tag.extend([0.4] * 8)
+    cost.tail.extend([0.3] * 8)
+    assert cost.tag_reserve() == pytest.approx(0.7) and cost.tag_fits(0.8)
+    runs = [cost.tag_fits(0.5) for _ in range(3 * TAG_EXPLORE_EVERY)]
+    assert sum(runs) == 3 and runs[TAG_EXPLORE_EVERY - 1] and not any(runs[: TAG_EXPLORE_EVERY - 1])

@@ -34,6 +34,7 @@ WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile 
 PLAN_ERROR_SAMPLES = 128  # recent (actual - planned) ms from a beam's plan to the end of the route
 PLAN_ERROR_PERCENTILE = 99  # ... held back from the budget: a budget bounds the tail of routes, not their median
 PLAN_ERROR_MIN_SAMPLES = 16
+TAG_EXPLORE_EVERY = 128  # a tag side refused this many times runs once anyway: its cost model stays current
 
 
 class EncoderCost:
@@ -107,6 +108,7 @@ class WalkCost:
         self._plan: tuple[float, float] | None = None  # (perf_counter at the plan, planned ms)
         self.tag: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # ms of HYBRID's tag side
         self.tail: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # ms from a tag side's end to the route's end
+        self._refused = 0  # tag sides refused since the last one that ran (tag_fits)
 
     def record(self, walk_ms: float, beam: int, after_ms: float) -> None:
         self.per_ef.append(walk_ms / max(1, beam))
@@ -136,6 +138,20 @@ class WalkCost:
 
     def tail_done(self, ms: float) -> None:
         self.tail.append(ms)
+
+    def tag_fits(self, left_ms: float) -> bool:
+        """Whether HYBRID's tag side and what follows it fit in ``left_ms`` (:meth:`tag_reserve`). Only routes that
+        run it measure it, so one refused :data:`TAG_EXPLORE_EVERY` times in a row runs anyway (under 1 % of
+        routes): a few slow early samples must not refuse it for good."""
+        if left_ms <= 0:
+            return False
+        if not math.isfinite(left_ms) or self.tag_reserve() <= left_ms:
+            return True
+        self._refused += 1
+        if self._refused >= TAG_EXPLORE_EVERY:
+            self._refused = 0
+            return True
+        return False
 
     def tag_reserve(self) -> float:
         """Milliseconds a route needs for HYBRID's tag side and what follows it (:data:`WALK_COST_PERCENTILE` of
