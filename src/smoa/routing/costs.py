@@ -5,7 +5,8 @@ cheapest path that fits *before* it starts, instead of noticing afterwards that 
   64)``, both terms medians of recent samples, re-measured in the background when a refused escalation might
   rest on a stale figure.
 * :class:`WalkCost` predicts what an HNSW walk costs per unit of efSearch and what the steps after it (the
-  small-group rescue, HYBRID's tag side) cost, and picks the widest beam that fits what is left of a budget.
+  small-group rescue, HYBRID's tag side) cost, and picks the widest beam that fits what is left of a budget (less
+  what its recent plans under-predicted); it also says whether the tag side still fits.
 
 Both are plain state guarded by the GIL (deques of floats, appended from the route threads); a lost race costs at
 most one sample.
@@ -97,8 +98,9 @@ class WalkCost:
     even at efSearch 16), the Python between the steps and the machine's jitter. So each plan is checked: from
     :meth:`beam` to :meth:`settle` (the end of the route) the route took ``actual`` ms where the plan
     said ``planned``; the :data:`PLAN_ERROR_PERCENTILE` of ``actual - planned`` over the last
-    :data:`PLAN_ERROR_SAMPLES` plans is held back from the next budget. On 1M keys with a 1 ms budget this took the
-    route's p99 from 1.36 ms to under the budget (``docs/bench_routing.md``).
+    :data:`PLAN_ERROR_SAMPLES` plans is held back from the next budget (0.1-0.4 ms on 1M keys at a 1 ms budget,
+    where the beam then sits at :data:`EF_MIN` anyway: the floor there is the narrowest walk plus the Python around
+    it, ``docs/bench_routing.md``). HYBRID's tag side has its own reserve (:meth:`tag_fits`).
     """
 
     def __init__(self) -> None:

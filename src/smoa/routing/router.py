@@ -32,11 +32,12 @@ ranked 4th or lower.
 
 Latency budget: the HNSW beam is chosen before the walk starts. An online cost model (ms per unit of efSearch,
 and the time the rescue and tag side take after it, 90th percentiles of recent routes) predicts whether the full beam
-(:func:`~smoa.routing.index.vector.auto_ef_search`) fits in what is left of ``routing_latency_budget_ms``; if
-not, the walk uses the widest beam that fits (at least :data:`smoa.routing.costs.EF_MIN`) and the route is marked
-``degraded`` (less recall than the default; :mod:`smoa.routing.costs` holds both cost models). When encode +
-search still took the whole budget, HYBRID skips the tag side (cosine only) and HIERARCHICAL falls back to plain
-ANN; the route is marked ``degraded`` and counted.
+(:func:`~smoa.routing.index.vector.auto_ef_search`) fits in what is left of ``routing_latency_budget_ms``, less
+what recent plans under-predicted (their 99th percentile, measured to each route's end); if not, the walk uses the
+widest beam that fits (at least :data:`smoa.routing.costs.EF_MIN`) and the route is marked ``degraded`` (less
+recall than the default; :mod:`smoa.routing.costs` holds both cost models). HYBRID's tag side runs only when its
+measured cost and the steps after it fit what is left (else cosine only); HIERARCHICAL falls back to plain ANN
+when encode + search took the whole budget; either way the route is marked ``degraded`` and counted.
 
 Learning (issue 11, :mod:`smoa.routing.learner`): adapters have up to P keys (slot ids ``key << 4 | j`` in the
 vector index; an adapter scores its best key); keys are refitted on the adapters' examples as they arrive
