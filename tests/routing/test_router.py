@@ -403,16 +403,3 @@ def test_the_rescue_never_serves_a_changed_small_group_from_its_cache() -> None:
     router.add(np.array([mover]), (q / np.linalg.norm(q))[None, :].astype(np.float32), [(["island"], ["s"])], 4)
     top = router.route(text, strategy="semantic", k=3)
     assert top.adapter_ids[0] == f"ad_{mover:03d}" and top.routing_scores[0] == pytest.approx(1.0, abs=0.02)
-
-
-def test_same_key_answers_are_cached_until_the_index_changes() -> None:
-    """Whether the two best adapters have different keys is looked up once per pair; replacing a key answers anew."""
-    router = make()
-    v = router.key_vectors(0)
-    router.add(np.array([9]), v, [(["medical"], ["twin"])], generation=2)  # adapter 9: the very key of adapter 0
-    cos = {0: 0.9, 9: 0.9, 2: 0.1}
-    assert not router._separable(cos) and router._pairs == {(0, 9): False}
-    assert not router._separable(cos)  # from the cache
-    other = router.key_vectors(3)
-    router.add(np.array([9]), other, [(["medical"], ["twin"])], generation=3)  # adapter 9 now holds another key
-    assert router._separable(cos) and router._pairs == {(0, 9): True}

@@ -71,7 +71,6 @@ adaptation retrains at the next refit.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import io
 import logging
 import threading
@@ -122,7 +121,6 @@ RESCUE_MEMBERS = 1024  # ... and the next nearest while all the rescued groups h
 SMALL_GROUP_LIMIT = 256
 RESCUE_CACHE_ROWS = 4096  # decoded key rows of rescued small groups kept (6 MB), dropped on any index change
 SAME_KEY_COS = 0.995  # two keys this close are the same key to any encoder (Router._separable)
-SEPARABLE_CACHE = 65_536  # adapter pairs whose answer _separable keeps until the vector index changes
 SAME_KEY_MARGIN = float(np.sqrt(2 - 2 * SAME_KEY_COS))  # |q.a - q.b| <= |a - b|: the best keys of a wider lead differ
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
 ADAPTED_MARGIN_FACTOR = 2.0  # ... times this once the query encoder is learned: it is then far better than the fast
@@ -243,8 +241,6 @@ class Router:
         self._rescue_at: tuple = ()  # the index / groups versions the rescue cache holds
         self._rescue_rows = 0
         self._tag_end: float | None = None  # perf_counter at the end of this route's tag side (WalkCost.tail_done)
-        self._pairs: dict[tuple[int, int], bool] = {}  # adapter pair -> whether their keys differ (_separable)
-        self._pairs_at: tuple = ()  # the vector index version those answers hold for
         self._weak: dict[int, tuple] = {}  # learned adapter -> (its learned entry, weakest examples, their levels)
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
@@ -1129,24 +1125,13 @@ class Router:
     def _separable(self, cos: Mapping[int, float]) -> bool:
         """Whether the two best adapters have different keys (identical keys: no encoder can tell them apart,
         so a low margin between them is no reason to escalate nor a loss of quality)."""
-        top = heapq.nlargest(2, cos, key=cos.__getitem__)
+        top = sorted(cos, key=lambda key: -cos[key])[:2]
         if len(top) < 2:
             return False
-        at = (id(self._vectors), self._vectors.version, self._max_p)
-        if at != self._pairs_at:  # any change of the index may change an answer
-            self._pairs.clear()
-            self._pairs_at = at
-        pair = (min(top), max(top))
-        known = self._pairs.get(pair)
-        if known is None:  # the same confusable pairs come back route after route: look each up once
-            found, vecs = self._vectors.vectors_of(slots_of(np.asarray(top, np.int64), self._max_p))
-            own = owner_of(found)
-            a, b = vecs[own == top[0]], vecs[own == top[1]]
-            known = not (len(a) and len(b) and float((a @ b.T).max()) > SAME_KEY_COS)
-            if len(self._pairs) >= SEPARABLE_CACHE:
-                self._pairs.clear()
-            self._pairs[pair] = known
-        return known
+        found, vecs = self._vectors.vectors_of(slots_of(np.asarray(top, np.int64), self._max_p))
+        own = owner_of(found)
+        a, b = vecs[own == top[0]], vecs[own == top[1]]
+        return not (len(a) and len(b) and float((a @ b.T).max()) > SAME_KEY_COS)
 
     def _over_budget(self, t0: float) -> bool:
         return (time.perf_counter() - t0) * 1e3 > self.config.routing_latency_budget_ms
