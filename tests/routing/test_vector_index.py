@@ -174,3 +174,15 @@ def test_large_hnsw_arrays_are_backed_by_huge_pages_and_search_the_same(monkeypa
     first = dict(index._advised)
     index.add(np.arange(3000, 4000), x[3000:])  # grew by a third: advised again
     assert index._advised["codes"][1] == 4000 * 32 and index._advised != first
+
+
+def test_a_loaded_hnsw_index_is_advised_too(tmp_path: Path, monkeypatch) -> None:
+    import smoa.routing.index.vector as vector_mod
+
+    monkeypatch.setattr(vector_mod, "HUGE_PAGE_MIN_BYTES", 0)
+    x = clustered(3000, dim=32)
+    index = VectorIndex.build(32, np.arange(3000), x, IndexParams(exact_threshold=1000))
+    index.save(tmp_path)
+    loaded = VectorIndex.load(tmp_path, 32, IndexParams(exact_threshold=1000))
+    assert loaded.kind == "hnsw-sq8" and set(loaded._advised) == {"codes", "links"}
+    assert loaded._advised["codes"][1] == 3000 * 32
