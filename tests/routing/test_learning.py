@@ -449,6 +449,27 @@ def test_the_beam_planner_reads_the_same_percentiles_as_numpy() -> None:
     assert per_ef * 192 > left - after and cost.beam(left, 192) == want and cost.beam(1e9, 192) is None
 
 
+def test_a_cost_window_keeps_its_samples_sorted_through_evictions_and_edits() -> None:
+    """A :class:`~smoa.routing.costs.Window` reads the same percentiles as ``np.percentile`` over its last ``size``
+    samples, after evictions, repeated values and edits of the newest sample (what the planner reads per route)."""
+    from smoa.routing.costs import Window
+
+    rng = np.random.default_rng(1)
+    win = Window(16)
+    assert win.percentile(90) == 0.0 and len(win) == 0
+    shadow: list[float] = []
+    for i in range(200):
+        x = float(rng.choice([0.25, 0.5, rng.exponential()]))  # ties exercise the bisect on removal
+        win.append(x)
+        shadow = (shadow + [x])[-16:]
+        if i % 7 == 0:
+            win.add_to_last(0.125)
+            shadow[-1] += 0.125
+        assert list(win) == shadow and win[-1] == shadow[-1]
+        for q in (0, 50, 90, 99, 100):
+            assert win.percentile(q) == pytest.approx(float(np.percentile(shadow, q)), abs=1e-12)
+
+
 def test_the_beam_planner_holds_back_what_its_plans_under_predicted() -> None:
     """Each beam plan is checked when the route's search side ends; once the plans ran 0.3 ms over (a walk's fixed
     part, Python, jitter), 0.3 ms of the budget is held back and the beam narrows to fit; plans that ran early are

@@ -36,6 +36,8 @@ below it with MiniLM) and the confidence a fixed logistic of the best score.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,8 +71,8 @@ class Calibration:
     def confidence(self, best: float, margin: float) -> float:
         """Calibrated probability that the best adapter is right (``best``: top score, ``margin``: top - second)."""
         a, b, c = self.coef
-        z = a * best + b * margin + c
-        return float(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))))
+        z = min(50.0, max(-50.0, a * best + b * margin + c))
+        return 1.0 / (1.0 + math.exp(-z))
 
 
 @dataclass

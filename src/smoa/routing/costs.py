@@ -8,18 +8,20 @@ cheapest path that fits *before* it starts, instead of noticing afterwards that 
   small-group rescue, HYBRID's tag side) cost, and picks the widest beam that fits what is left of a budget (less
   what its recent plans under-predicted); it also says whether the tag side still fits.
 
-Both are plain state guarded by the GIL (deques of floats, appended from the route threads); a lost race costs at
-most one sample.
+Both are plain state. The router reads and updates them under its own lock (a route is computed under it);
+only :meth:`EncoderCost.probe`'s background thread writes outside it, to a deque, where a lost race costs at most
+one sample.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -104,12 +106,12 @@ class WalkCost:
     """
 
     def __init__(self) -> None:
-        self.per_ef: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)
-        self.after: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)
-        self.error: deque[float] = deque(maxlen=PLAN_ERROR_SAMPLES)
+        self.per_ef = Window(SEARCH_COST_SAMPLES)
+        self.after = Window(SEARCH_COST_SAMPLES)
+        self.error = Window(PLAN_ERROR_SAMPLES)
         self._plan: tuple[float, float] | None = None  # (perf_counter at the plan, planned ms)
-        self.tag: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # ms of HYBRID's tag side
-        self.tail: deque[float] = deque(maxlen=SEARCH_COST_SAMPLES)  # ms from a tag side's end to the route's end
+        self.tag = Window(SEARCH_COST_SAMPLES)  # ms of HYBRID's tag side
+        self.tail = Window(SEARCH_COST_SAMPLES)  # ms from a tag side's end to the route's end
         self._refused = 0  # tag sides refused since the last one that ran (tag_fits)
 
     def record(self, walk_ms: float, beam: int, after_ms: float) -> None:
@@ -119,7 +121,7 @@ class WalkCost:
     def add_after(self, ms: float) -> None:
         """Charge ``ms`` more to the latest walk's post-walk steps (the tag side runs after the search returned)."""
         if self.after:
-            self.after[-1] += ms
+            self.after.add_to_last(ms)
 
     def beam(self, left_ms: float, full: int) -> int | None:
         """The beam that fits ``left_ms``, or ``None`` for the ``full`` beam (it fits, no budget, or fewer than 8
@@ -129,7 +131,7 @@ class WalkCost:
         self._plan = None
         if not math.isfinite(left_ms) or len(self.per_ef) < 8:
             return None
-        per_ef, after = _percentile(self.per_ef, WALK_COST_PERCENTILE), _percentile(self.after, WALK_COST_PERCENTILE)
+        per_ef, after = self.per_ef.percentile(WALK_COST_PERCENTILE), self.after.percentile(WALK_COST_PERCENTILE)
         left = left_ms - after - self.slack()
         ef = None if per_ef * full <= left else int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
         self._plan = (time.perf_counter(), per_ef * (ef or full) + after)
@@ -160,14 +162,14 @@ class WalkCost:
         each), 0 until 8 of both were measured."""
         if len(self.tag) < 8 or len(self.tail) < 8:
             return 0.0
-        return _percentile(self.tag, WALK_COST_PERCENTILE) + _percentile(self.tail, WALK_COST_PERCENTILE)
+        return self.tag.percentile(WALK_COST_PERCENTILE) + self.tail.percentile(WALK_COST_PERCENTILE)
 
     def slack(self) -> float:
         """Milliseconds held back from a budget: what recent plans under-predicted (:data:`PLAN_ERROR_PERCENTILE`),
         0 until :data:`PLAN_ERROR_MIN_SAMPLES` plans were checked, never negative."""
         if len(self.error) < PLAN_ERROR_MIN_SAMPLES:
             return 0.0
-        return max(0.0, _percentile(self.error, PLAN_ERROR_PERCENTILE))
+        return max(0.0, self.error.percentile(PLAN_ERROR_PERCENTILE))
 
     def settle(self) -> None:
         """The route ended: learn the pending plan's error (no-op without one)."""
@@ -179,10 +181,58 @@ class WalkCost:
                 self.error.append(actual - planned)
 
 
+class Window:
+    """The last ``size`` samples (ms, finite), kept in arrival order and sorted at once: a route reads four
+    percentiles and appends three samples, so sorting them on each read (~3 us each, plus the Python around it)
+    cost ~30 us of a 1M-key route at a 1 ms budget; an insertion into the sorted copy is one ``bisect`` and a
+    memmove of at most ``size`` pointers. Not thread-safe: the router updates it under its lock."""
+
+    __slots__ = ("_recent", "_sorted")
+
+    def __init__(self, size: int) -> None:
+        self._recent: deque[float] = deque(maxlen=size)
+        self._sorted: list[float] = []
+
+    def append(self, x: float) -> None:
+        x = float(x)
+        if len(self._recent) == self._recent.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self._recent[0])]
+        self._recent.append(x)
+        bisect.insort(self._sorted, x)
+
+    def extend(self, xs: Iterable[float]) -> None:
+        for x in xs:
+            self.append(x)
+
+    def add_to_last(self, ms: float) -> None:
+        """Add ``ms`` to the newest sample."""
+        last = self._recent[-1]
+        del self._sorted[bisect.bisect_left(self._sorted, last)]
+        self._recent[-1] = last + ms
+        bisect.insort(self._sorted, last + ms)
+
+    def percentile(self, q: float) -> float:
+        """``np.percentile(samples, q)`` (linear interpolation), 0 without samples."""
+        return _interpolate(self._sorted, q)
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._recent)
+
+    def __getitem__(self, i: int) -> float:
+        return self._recent[i]
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
-    """``np.percentile(values, q)`` (linear interpolation) of a few dozen floats in plain Python: numpy's costs
-    ~25 us per call, a tenth of a 1M-key route's budget at 1 ms, where sorting 64 floats costs ~3 us."""
-    xs = sorted(values)
+    """``np.percentile(values, q)`` (linear interpolation) of a few dozen floats in plain Python (numpy's costs
+    ~25 us per call)."""
+    return _interpolate(sorted(values), q)
+
+
+def _interpolate(xs: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of the sorted ``xs`` (linear interpolation), 0 when empty."""
     if not xs:
         return 0.0
     at = (len(xs) - 1) * q / 100.0
@@ -191,4 +241,4 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (at - lo)
 
 
-__all__ = ["EncoderCost", "WalkCost"]
+__all__ = ["EncoderCost", "WalkCost", "Window"]

@@ -29,6 +29,11 @@ def softmax_weights(scores: Sequence[float], temperature: float) -> list[float]:
     """``softmax(scores / temperature)`` as plain floats summing to 1 (empty in, empty out)."""
     if not len(scores):
         return []
+    if len(scores) <= 16:  # a route's k: plain floats (numpy's call overhead is most of the cost here)
+        top = max(scores)
+        z = [math.exp((s - top) / temperature) for s in scores]
+        total = math.fsum(z)
+        return [v / total for v in z]
     z = np.asarray(scores, np.float64) / temperature
     z = np.exp(z - z.max())
     return (z / z.sum()).tolist()

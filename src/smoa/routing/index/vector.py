@@ -114,6 +114,7 @@ class VectorIndex:
         self._sorted = True  # ids[:_n] strictly increasing
         self._dead = 0
         self._selector_cache: tuple[np.ndarray, object] | None = None
+        self._hnsw_params: dict[int, object] = {}  # efSearch -> faiss.SearchParametersHNSW (no selector), reused
         self._view: tuple[np.ndarray, int, np.ndarray] | None = None  # (argsort, upto, sorted ids) when unsorted
         self.version = 0  # bumped by every change of content (callers key caches of decoded vectors on it)
         self._advised: dict[str, tuple[int, int]] = {}  # HNSW array -> (address, bytes) last advised (_advise)
@@ -343,10 +344,17 @@ class VectorIndex:
         if self.kind == "flat":
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
         else:
-            params = faiss.SearchParametersHNSW(efSearch=max(ef_search or self.ef_search, k))
-            if sel is not None:
-                params.sel = sel
+            ef = max(ef_search or self.ef_search, k)
+            params = self._hnsw_params.get(ef) if sel is None else None
+            if params is None:  # built through faiss' Python wrappers: ~15 us, a tenth of a narrow 1M-key walk
+                params = faiss.SearchParametersHNSW(efSearch=ef)
+                if sel is not None:
+                    params.sel = sel
+                elif len(self._hnsw_params) < 64:
+                    self._hnsw_params[ef] = params
         scores, pos = self._index.search(q, k, params=params)
+        if pos.min() >= 0:  # every slot filled (the usual case): no padding to mask
+            return scores, self._ids[pos].astype(np.int64)
         keys = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1).astype(np.int64)
         scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
         return scores, keys
