@@ -22,6 +22,7 @@ from smoa.routing.calibrate import (
     calibrate,
 )
 from smoa.routing.encoders.hashing import HashEncoder
+from smoa.routing.encoders.onnx_int8 import OnnxInt8Encoder
 from smoa.routing.learner import (
     KeyLearner,
     initial_keys,
@@ -342,6 +343,31 @@ def test_one_slow_cold_start_does_not_forbid_escalating_for_good(monkeypatch: py
         time.sleep(0.05)
     later = router.route("bread stock four", strategy="semantic")
     assert later.escalated and not later.degraded
+
+
+def test_a_cpu_bound_encoders_probe_is_timed_on_its_threads_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background probe shares the GIL with the routes in flight: on the wall clock it also counted the time it
+    waited for them (a busy 1M-key router: 6-10 ms for a 4-5 ms encoder, and a 10 ms budget never escalated). A
+    ``cpu_bound`` encoder is timed on the probe thread's CPU clock (a wait costs it nothing, here a sleep); any
+    other encoder (a GPU, a remote service) keeps the wall clock."""
+    import time
+
+    monkeypatch.setattr(costs_mod, "COST_PROBE_INTERVAL_S", 0.0)
+
+    def waits(texts: list[str]) -> None:
+        time.sleep(0.03)
+
+    for cpu_clock in (True, False):
+        cost = costs_mod.EncoderCost(base_ms=100.0)
+        cost.probe(waits, 40, cpu_clock=cpu_clock)
+        deadline = time.monotonic() + 10.0
+        while not cost.samples[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cost.samples[0], "the probe did not run"
+        assert (cost.predict(40) < 10.0) if cpu_clock else (30.0 <= cost.predict(40) < 100.0)
+    for enc in (OnnxInt8Encoder(threads=1), HashEncoder()):
+        assert enc.cpu_bound
+    assert not OnnxInt8Encoder(threads=2).cpu_bound
 
 
 # ---------------------------------------------------------------------------------------------- persistence

@@ -271,6 +271,7 @@ class AdaptedEncoder:
         self.base = base
         self.name = f"{base}+q{self.version}"
         self.threads = threads or encoder_threads()
+        self.cpu_bound = self.threads == 1  # its cost is the calling thread's CPU time (costs.EncoderCost.probe)
         with _threads(1):
             bb = _Backbone()
             bb.handle.set_mixtures([(weights, 1.0)])

@@ -66,11 +66,17 @@ class EncoderCost:
             long_.append(max(0.0, (ms - self.terms[0]) / (chars - 64)))
             self.terms[1] = float(np.median(long_))
 
-    def probe(self, encode: Callable[[Sequence[str]], object], chars: int) -> None:
+    def probe(self, encode: Callable[[Sequence[str]], object], chars: int, cpu_clock: bool = False) -> None:
         """Re-measure ``encode`` on a filler text of ``chars`` characters in a background thread (at most once per
         :data:`COST_PROBE_INTERVAL_S`): the model only learns from escalations, so one slow sample (a cold start, a
         burst of load) would otherwise forbid escalating for good. ``encode`` must bypass any embedding cache (the
-        filler must not be cached). A long text's per-character cost is measured against a base measured first."""
+        filler must not be cached). A long text's per-character cost is measured against a base measured first.
+
+        ``cpu_clock``: time the probe on its thread's CPU clock, for an encoder that computes on the calling thread
+        alone (``cpu_bound``). The probe shares the GIL with routes in flight; on the wall clock it measured their
+        Python as well (a busy 1M-key router: 6-10 ms for a 4-5 ms encoder), which then refused every escalation at
+        a 10 ms budget. An encoder that waits on something else (a GPU, a remote service) keeps the wall clock."""
+        clock = time.thread_time if cpu_clock else time.perf_counter
         now = time.monotonic()
         if now - self._probe_at < COST_PROBE_INTERVAL_S:
             return
@@ -83,9 +89,9 @@ class EncoderCost:
                     encode([filler])  # warm-up, not timed
                     best = math.inf
                     for _ in range(COST_PROBE_RUNS):  # the least disturbed run: this thread shares the GIL with routes
-                        t = time.perf_counter()
+                        t = clock()
                         encode([filler])
-                        best = min(best, (time.perf_counter() - t) * 1e3)
+                        best = min(best, (clock() - t) * 1e3)
                     self.learn(n, best)
             except Exception as exc:  # noqa: BLE001 -- a failed probe leaves the model as it was
                 logger.debug("smoa routing: cost probe failed (%s)", exc)

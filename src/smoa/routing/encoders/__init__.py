@@ -30,7 +30,12 @@ DEFAULT_ENCODER = "minilm-int8"
 
 @runtime_checkable
 class Encoder(Protocol):
-    """What the router needs from a text encoder."""
+    """What the router needs from a text encoder.
+
+    Optional: ``cpu_bound = True`` says the encoder computes on the calling thread alone, so the latency budget's
+    cost model may time it on that thread's CPU clock (:meth:`smoa.routing.costs.EncoderCost.probe`); without it
+    (a GPU, a remote service, several threads) it is timed on the wall clock.
+    """
 
     name: str
     dim: int

@@ -18,6 +18,7 @@ class HashEncoder:
     """Hashing encoder of dimension ``dim``."""
 
     name = "hash"
+    cpu_bound = True
 
     def __init__(self, dim: int = 384) -> None:
         self.dim = dim

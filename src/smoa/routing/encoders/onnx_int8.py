@@ -47,6 +47,8 @@ class OnnxInt8Encoder:
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or encoder_threads()
+        # computes on the calling thread alone: its cost is that thread's CPU time (costs.EncoderCost.probe)
+        self.cpu_bound = opts.intra_op_num_threads == 1
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(minilm_int8_onnx()), opts, providers=["CPUExecutionProvider"])

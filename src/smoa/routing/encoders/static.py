@@ -86,6 +86,7 @@ class StaticEncoder:
     """Mean of distilled token vectors (microseconds per query); built on first use, then loaded from disk."""
 
     name = "static"
+    cpu_bound = True  # a table lookup on the calling thread (costs.EncoderCost.probe)
 
     def __init__(self, path: Path | None = None) -> None:
         from model2vec import StaticModel
