@@ -84,6 +84,8 @@ def test_tag_index_matches_reference_under_random_changes(seed: int) -> None:
             assert idx.score(terms) == pytest.approx(ref.score(terms))
             probe = rng.integers(0, 90, 12).tolist()
             assert idx.score_keys(terms, probe) == pytest.approx(ref.score(terms, probe))
+            every = idx.score(terms)  # score_keys reads the combinations, score the postings: the same floats
+            assert idx.score_keys(terms, probe) == {k: every.get(k, 0.0) for k in probe}
             full = ref.score(terms)
             best = sorted(full, key=lambda k: (-full[k], k))[:5]
             assert list(idx.score(terms, limit=5)) == (best if len(full) > 5 else list(idx.score(terms)))

@@ -1098,8 +1098,11 @@ class Router:
                 self._counts["fast"] += 1
                 # a refused escalation must not rest on a stale (e.g. warm-up) cost; not through the embedding
                 # cache (the filler must not be cached)
+                # on its thread's CPU clock unless the query LoRA is training beside the routes: then an escalation
+                # really waits for that thread too (GIL), as the wall clock says
                 inner = getattr(self.query_encoder, "inner", self.query_encoder)
-                self._main_cost.probe(inner.encode, len(text), cpu_clock=bool(getattr(inner, "cpu_bound", False)))
+                cpu_clock = bool(getattr(inner, "cpu_bound", False)) and not self._adapt_lock.locked()
+                self._main_cost.probe(inner.encode, len(text), cpu_clock=cpu_clock)
                 # degraded: unsure even by the base margin (between it and the wider one the fast answer is
                 # usually right: escalating there is worth it when the budget allows, not a loss when it does not)
                 return scores, cos, degraded or factor == 1.0 or self._unsure(best, margin, separable, thr, 1.0), False
