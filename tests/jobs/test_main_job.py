@@ -111,3 +111,30 @@ def test_main_job_full_recovers_90_percent() -> None:
     res = run_main_job(progress=False)
     assert res["config"]["library_size"] == 5005 + 5 * res["config"]["prototypes"]
     assert res["recovered"] >= 0.9, format_table(res)
+
+
+def test_main_job_refuses_a_bad_per_domain_before_loading_anything() -> None:
+    """``per_domain`` is a positive int or None (every held-out article, balanced across topics)."""
+    from smoa.jobs.main_job import run_main_job
+
+    for bad in (0, -3, 2.5, True, "20"):
+        with pytest.raises(ValueError, match="per_domain"):
+            run_main_job(per_domain=bad, progress=False)  # type: ignore[arg-type]
+
+
+@needs_shipped
+def test_the_default_evaluation_takes_every_held_out_article_balanced_across_topics() -> None:
+    from smoa.data.bbc import BBC_TOPICS, bbc_news
+    from smoa.jobs.main_job import held_out_texts
+
+    class Words:  # a whitespace "tokenizer": head_tokens only calls it and decodes
+        def __call__(self, text, **_):
+            return {"input_ids": text.split()}
+
+        def decode(self, ids, **_):
+            return " ".join(ids)
+
+    smallest = min(len(bbc_news("held_out", [d])) for d in BBC_TOPICS)
+    texts = held_out_texts(list(BBC_TOPICS), None, Words(), 16)
+    assert smallest == 69 and len(texts) == 5 * smallest
+    assert {d: sum(t.domain == d for t in texts) for d in BBC_TOPICS} == dict.fromkeys(BBC_TOPICS, smallest)
