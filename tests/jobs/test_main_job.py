@@ -122,7 +122,6 @@ def test_main_job_refuses_a_bad_per_domain_before_loading_anything() -> None:
             run_main_job(per_domain=bad, progress=False)  # type: ignore[arg-type]
 
 
-@needs_shipped
 def test_the_default_evaluation_takes_every_held_out_article_balanced_across_topics() -> None:
     from smoa.data.bbc import BBC_TOPICS, bbc_news
     from smoa.jobs.main_job import held_out_texts
