@@ -370,6 +370,27 @@ def test_a_cpu_bound_encoders_probe_is_timed_on_its_threads_cpu_clock(monkeypatc
     assert not OnnxInt8Encoder(threads=2).cpu_bound
 
 
+def test_the_probe_keeps_the_wall_clock_while_the_query_lora_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused escalation probes a ``cpu_bound`` main encoder on the CPU clock, except while the query LoRA trains
+    beside the routes: an escalation then really waits for that thread (the GIL), as the wall clock says."""
+    monkeypatch.setattr(costs_mod, "COST_PROBE_INTERVAL_S", 0.0)
+    names: dict[int, str] = {}
+    config = SMoAConfig(encoder="hash", enable_caching=False, routing_latency_budget_ms=20.0, embedding_cache_size=0,
+                        routing_threshold=-1.0)  # fmt: skip
+    router = Router(config, None, lambda ks: [names.get(k, "") for k in ks], encoder=HashEncoder(),
+                    fast_encoder=HashEncoder())  # fmt: skip
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)  # every fast answer is unsure
+    router._main_cost.terms[:] = [300.0, 0.0]  # the main encoder never fits: each route probes it
+    clocks: list[bool] = []
+    monkeypatch.setattr(router._main_cost, "probe", lambda encode, chars, cpu_clock=False: clocks.append(cpu_clock))
+    router.route("bread stock one", strategy="semantic")
+    with router._adapt_lock:  # as adapt() holds it while the LoRA trains
+        router.route("bread stock two", strategy="semantic")
+    router.route("bread stock three", strategy="semantic")
+    assert clocks == [True, False, True]
+
+
 # ---------------------------------------------------------------------------------------------- persistence
 def test_learned_state_persists_and_a_corrupt_file_is_refused(tmp_path: Path) -> None:
     names: dict[int, str] = {}
@@ -457,15 +478,14 @@ def test_the_encoder_cost_model_learns_per_character_cost_only_from_long_texts()
 
 def test_the_beam_planner_reads_the_same_percentiles_as_numpy() -> None:
     """The walk-cost model's percentiles (plain Python, once per route) equal ``np.percentile`` (linear)."""
-    from collections import deque
-
-    from smoa.routing.costs import SEARCH_COST_SAMPLES, WalkCost, _percentile
+    from smoa.routing.costs import SEARCH_COST_SAMPLES, WalkCost, Window
 
     rng = np.random.default_rng(0)
     for n in (1, 2, 7, 63, SEARCH_COST_SAMPLES):
-        values = deque(rng.exponential(size=n).tolist(), maxlen=SEARCH_COST_SAMPLES)
+        values = Window(SEARCH_COST_SAMPLES)
+        values.extend(rng.exponential(size=n).tolist())
         for q in (0, 50, 90, 99, 100):
-            assert _percentile(values, q) == pytest.approx(float(np.percentile(values, q)), abs=1e-12)
+            assert values.percentile(q) == pytest.approx(float(np.percentile(list(values), q)), abs=1e-12)
     cost = WalkCost()
     for walk, after in zip(rng.uniform(0.6, 1.0, 64), rng.uniform(0.1, 0.2, 64)):  # 192 units do not fit 1 ms
         cost.record(float(walk), 100, float(after))

@@ -231,12 +231,6 @@ class Window:
         return self._recent[i]
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    """``np.percentile(values, q)`` (linear interpolation) of a few dozen floats in plain Python (numpy's costs
-    ~25 us per call)."""
-    return _interpolate(sorted(values), q)
-
-
 def _interpolate(xs: Sequence[float], q: float) -> float:
     """The ``q``-th percentile of the sorted ``xs`` (linear interpolation), 0 when empty."""
     if not xs:

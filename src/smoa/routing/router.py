@@ -237,7 +237,7 @@ class Router:
         self._pending: OrderedDict[bytes, tuple] = OrderedDict()  # encode_keys output -> its embeddings
         self._main_cost = EncoderCost()  # predicted main-encoder ms per text (the budget's escalation decision)
         self._walk_cost = WalkCost()  # HNSW ms per efSearch unit and the steps after a walk (the budget's beam)
-        self._rescue: OrderedDict[str | tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # group(s) ->
+        self._rescue: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # groups -> rows
         self._rescue_at: tuple = ()  # the index / groups versions the rescue cache holds
         self._rescue_rows = 0
         self._tag_end: float | None = None  # perf_counter at the end of this route's tag side (WalkCost.tail_done)
@@ -1323,17 +1323,16 @@ class Router:
         if at != self._rescue_at:
             self._rescue.clear()
             self._rescue_at, self._rescue_rows = at, 0
-        key: tuple[str, ...] | str = names[0] if len(names) == 1 else names
-        hit = self._rescue.get(key)
+        hit = self._rescue.get(names)
         if hit is not None:
-            self._rescue.move_to_end(key)
+            self._rescue.move_to_end(names)
             return hit
         if len(names) > 1:
             parts = [self._group_vectors((g,)) for g in names]
             hit = np.concatenate([f for f, _ in parts]), np.concatenate([v for _, v in parts])
         else:
             hit = self._vectors.vectors_of(slots_of(self._groups.members(names[0]), self._max_p))
-        self._rescue[key] = hit
+        self._rescue[names] = hit
         self._rescue_rows += len(hit[0])
         while self._rescue_rows > RESCUE_CACHE_ROWS and len(self._rescue) > 1:
             _, (old, _) = self._rescue.popitem(last=False)

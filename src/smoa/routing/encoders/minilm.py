@@ -19,7 +19,6 @@ class MiniLMEncoder:
 
         self.model = SentenceTransformer(str(minilm_dir()), device=device)
         self.model.max_seq_length = MAX_TOKENS
-        self.cpu_bound = False  # torch's intra-op threads (or a GPU) do the work: time it on the wall clock
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Encode ``texts`` ``[n]`` -> float32 ``[n, 384]``, unit norm."""
