@@ -93,7 +93,9 @@ def test_router_adapts_off_its_lock_persists_and_refuses_a_corrupt_file(tmp_path
     served, stop = [], threading.Event()
 
     def serve() -> None:  # routes keep being answered while the LoRA trains
-        while not stop.is_set():
+        while not stop.wait(0.001):  # up to ~1,000 routes a second: back to back (a Python loop that never lets go of
+            # the GIL) the work that stays in this process (building the adapted encoder, refitting the keys) takes
+            # minutes: benchmarks/bench_adapt_load.py measures that case
             t = time.perf_counter()
             router.route(val[len(served) % len(val)][0])
             served.append(time.perf_counter() - t)
@@ -161,3 +163,49 @@ def test_truncated_or_foreign_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / qa.ADAPTED_FILE).unlink()
     with pytest.raises(qa.AdaptedEncoderError, match="unreadable"):
         qa.load_adapted(tmp_path, version, "minilm-int8")
+
+
+def test_the_training_child_gives_the_factors_of_this_thread_bit_for_bit(monkeypatch) -> None:
+    monkeypatch.setattr(qa, "MIN_STEPS", 0)  # knobs set here reach the child (it trains 3 steps, not 100)
+    by, _, _ = clinc_or_skip(per_intent=16, intents=4)
+    texts = [t for i in sorted(by) for t in by[i]]
+    labels = [j for j, i in enumerate(sorted(by)) for _ in by[i]]
+    here, h_here = qa.train_query_lora(texts, labels, epochs=3.0, in_subprocess=False)
+    child, h_child = qa.train_query_lora(texts, labels, epochs=3.0, in_subprocess=True)
+    assert h_child.steps == h_here.steps == 3 and not h_child.stopped, (h_here, h_child)
+    assert child.to_bytes() == here.to_bytes()
+    assert h_child.final_loss == h_here.final_loss
+
+
+def test_a_stopped_training_child_is_killed_and_reports_stopped() -> None:
+    by, _, _ = clinc_or_skip(per_intent=16, intents=4)
+    texts = [t for i in sorted(by) for t in by[i]]
+    labels = [j for j, i in enumerate(sorted(by)) for _ in by[i]]
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()  # the child is still importing torch or training its 100 steps
+    t = time.perf_counter()
+    weights, hist = qa.train_query_lora(texts, labels, epochs=50.0, stop=stop)
+    assert weights is None and hist.stopped and hist.steps == 0, hist
+    assert time.perf_counter() - t < 10.0
+
+
+def test_a_failing_training_child_raises_with_its_output(monkeypatch) -> None:
+    monkeypatch.setattr(qa, "_CHILD_MAIN", "import sys; sys.exit('no training here')")
+    with pytest.raises(RuntimeError, match=r"exit 1\): no training here"):
+        qa.train_query_lora(["a b", "c d"], [0, 1], epochs=1.0)
+
+
+def test_without_a_child_process_it_trains_in_this_thread(monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
+    import subprocess
+
+    def refuse(*a, **k):
+        raise PermissionError("no processes in this sandbox")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(qa, "MIN_STEPS", 0)
+    by, _, _ = clinc_or_skip(per_intent=8, intents=3)
+    texts = [t for i in sorted(by) for t in by[i]]
+    labels = [j for j, i in enumerate(sorted(by)) for _ in by[i]]
+    with caplog.at_level("WARNING", logger="smoa.routing.adapt"):
+        weights, hist = qa.train_query_lora(texts, labels, epochs=2.0)
+    assert weights is not None and hist.steps == 1 and "training in this thread" in caplog.text

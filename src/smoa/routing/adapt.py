@@ -10,6 +10,11 @@ schedule (its ``train_adapter_weights`` is a causal-LM loop; this objective is a
     h_x ──layers S..5 with LoRA (rank 8 on q, k, v, attention out, FFN in/out)──► mean pool ──► e(x), unit
     loss = cross-entropy over adapters of  cos(e(x), w_a) / tau      (NormFace; w_a trained too, from centroids)
 
+The training runs in a child interpreter (:func:`train_query_lora`, ``in_subprocess``): in the serving process it
+would share the GIL with the routes. Torch hands the GIL back at every operator, and a thread that wants it back
+waits up to Python's switch interval (5 ms) while another runs Python: under a steady stream of routes the
+training ran several times slower and a route could wait for a training step (``docs/bench_routing.md``).
+
 Inference: the factors are merged into the fp32 weights (:meth:`MixtureHandle.merge`) and the linears run as
 int8 (``torch.ao.quantization.quantize_dynamic``): an :class:`AdaptedEncoder` costs what the base int8 encoder
 costs per query. Its ``name`` carries the version (a content hash of the factors), so every embedding cached
@@ -56,6 +61,7 @@ MIN_STEPS = 100  # a small library (the main job's 5 topics x 128 stored example
 MAX_EPOCHS = 16.0  # ... but never more passes than this over its examples (a tiny library over-fits)
 MAX_TOKENS = 64  # routing queries are short; training examples are cut here (inference keeps 256)
 MIN_ADAPTERS = 2
+IN_SUBPROCESS = True  # train in a child interpreter (train_query_lora): neither it nor the routes wait for the GIL
 FORMAT = "smoa-query-lora-v1"
 ADAPTED_FILE = "query_lora.safetensors"
 
@@ -172,12 +178,100 @@ def train_query_lora(
     seed: int = 0,
     threads: int = 1,
     stop: threading.Event | None = None,
-):  # -> tuple[LoraWeights, AdaptHistory]
+    in_subprocess: bool | None = None,
+):  # -> tuple[LoraWeights | None, AdaptHistory]
     """Train the query LoRA on example ``texts`` labelled by adapter (``labels``, ints) (module docstring).
 
     The result does not depend on the order of the examples (they are sorted by text and the adapters
-    relabelled by their first example before training). ``stop`` set: return early (``history.stopped``).
+    relabelled by their first example before training). ``stop`` set: return ``(None, history)`` early
+    (``history.stopped``).
+
+    ``in_subprocess`` (default :data:`IN_SUBPROCESS`): train in a child interpreter (:func:`_train_in_child`), so
+    that the training and the routes served meanwhile do not take the GIL from each other; the same factors as
+    in this thread, bit for bit. Where no child can be started (``OSError``), it trains in this thread.
     """
+    if IN_SUBPROCESS if in_subprocess is None else in_subprocess:
+        try:
+            return _train_in_child(texts, labels, epochs, seed, threads, stop)
+        except _NoChild as exc:
+            logger.warning("smoa routing: no child process for the query LoRA (%s): training in this thread", exc)
+    return _train_here(texts, labels, epochs, seed, threads, stop)
+
+
+class _NoChild(OSError):
+    """The training child could not be started."""
+
+
+def _train_in_child(
+    texts: Sequence[str], labels: Sequence[int], epochs: float, seed: int, threads: int, stop: threading.Event | None
+):  # -> tuple[LoraWeights | None, AdaptHistory]
+    """:func:`_train_here` in a fresh ``python`` (not a fork: torch and the caller's threads do not survive one;
+    not ``multiprocessing``: its spawn re-runs the caller's ``__main__``). Request and result go through files in
+    a private temporary directory: the request as JSON (texts, labels, the training knobs of this module as they
+    are now), the factors back as safetensors, read by the strict reader (:meth:`LoraWeights.from_bytes`). ``stop``
+    set: the child is killed. A child that fails raises ``RuntimeError`` with the end of its output."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from smoa.adapter.weights import LoraWeights
+
+    with tempfile.TemporaryDirectory(prefix="smoa-qlora-") as tmp:
+        out = Path(tmp)
+        request = {"texts": list(texts), "labels": [int(x) for x in labels], "epochs": float(epochs), "seed": int(seed),
+                   "threads": int(threads), "knobs": {k: globals()[k] for k in _CHILD_KNOBS}}  # fmt: skip
+        (out / "request.json").write_text(json.dumps(request))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # fmt: skip
+        with (out / "log.txt").open("wb") as log:
+            try:
+                child = subprocess.Popen([sys.executable, "-c", _CHILD_MAIN, tmp], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            except OSError as exc:
+                raise _NoChild(f"{type(exc).__name__}: {exc}") from None
+            try:
+                while True:
+                    try:
+                        rc = child.wait(timeout=0.1)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if stop is not None and stop.is_set():
+                            child.kill()
+                            child.wait()
+                            return None, AdaptHistory(examples=len(texts), adapters=len(set(labels)), stopped=True)
+            finally:
+                if child.poll() is None:  # this thread was interrupted: the child must not outlive the request
+                    child.kill()
+                    child.wait()
+        if rc != 0 or not (out / "weights.safetensors").is_file():
+            tail = (out / "log.txt").read_bytes()[-2000:].decode("utf-8", "replace")
+            raise RuntimeError(f"query-LoRA training process failed (exit {rc}): {tail}")
+        history = AdaptHistory(**json.loads((out / "history.json").read_text()))
+        weights = LoraWeights.from_bytes((out / "weights.safetensors").read_bytes(), name="query LoRA from its trainer")
+    return weights, history
+
+
+_CHILD_KNOBS = ("MIN_STEPS", "MAX_EPOCHS", "BATCH", "LR", "KEY_LR", "TEMPERATURE", "MAX_TOKENS")
+_CHILD_MAIN = "import sys; from smoa.routing.adapt import _child_main; _child_main(sys.argv[1])"
+
+
+def _child_main(directory: str) -> None:
+    """The training child's entry point (:func:`_train_in_child`)."""
+    out = Path(directory)
+    request = json.loads((out / "request.json").read_text())
+    globals().update({k: request["knobs"][k] for k in _CHILD_KNOBS})
+    weights, history = _train_here(request["texts"], request["labels"], request["epochs"], request["seed"],
+                                   request["threads"], None)  # fmt: skip
+    tmp = out / "weights.tmp"
+    tmp.write_bytes(weights.to_bytes())
+    (out / "history.json").write_text(json.dumps(history.__dict__))
+    tmp.replace(out / "weights.safetensors")
+
+
+def _train_here(
+    texts: Sequence[str], labels: Sequence[int], epochs: float, seed: int, threads: int, stop: threading.Event | None
+):  # -> tuple[LoraWeights | None, AdaptHistory]
+    """:func:`train_query_lora` in this thread."""
     import torch
 
     from smoa.adapter.weights import init_lora
@@ -217,7 +311,8 @@ def train_query_lora(
             for step, idx in enumerate(batch_order(len(texts), BATCH, steps, gen)):
                 if stop is not None and stop.is_set():
                     history.stopped = True
-                    break
+                    history.seconds = time.perf_counter() - t0
+                    return None, history
                 f = lr_at(step, steps, 1.0, warm)
                 opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = LR * f, KEY_LR * f
                 hs, mask = _pad(states, idx)

@@ -1,0 +1,93 @@
+"""Does training the query LoRA in the background slow the routes served meanwhile, or get starved by them?
+
+The router learns a query encoder (:mod:`smoa.routing.adapt`) off its lock while routes go on. Inside the serving
+process the two would share the GIL: torch hands it back at every operator, and a thread that wants it back waits
+up to Python's switch interval (5 ms) while another runs Python. Side by side in one run, the same training
+(``train_query_lora``: CLINC150 train texts of ``--intents`` intents, ``--per-intent`` each, the defaults' epochs
+and step floor) in this process's thread (``in_subprocess=False``, the design before) and in a child interpreter
+(``in_subprocess=True``, the default), each once alone and once while a thread serves routes back to back (CLINC150
+val texts through a router over the same intents, the default encoder, route cache off).
+
+Columns: training seconds (wall), routes served during it, route latency p50 / p99 / max (wall, ms), and the
+same routes' latency with no training beside them.
+
+Run: ``python benchmarks/bench_adapt_load.py`` (~5 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+
+from smoa.config import SMoAConfig
+from smoa.data.clinc import clinc150
+from smoa.routing import adapt as qa
+from smoa.routing.router import KeyEntry, Router, RoutingText
+
+
+def library(intents: int, per_intent: int) -> tuple[Router, list[str], list[int], list[str]]:
+    train, val = clinc150("train"), clinc150("val")
+    names = sorted({e.intent for e in train})[:intents]
+    by = {i: [e.text for e in train if e.intent == i][:per_intent] for i in names}
+    domain = {e.intent: e.domain for e in train}
+    router = Router(SMoAConfig(enable_caching=False), None, lambda ks: [names[k - 1] for k in ks])
+    for j, intent in enumerate(names):
+        it = RoutingText([domain[intent]], [intent], "", by[intent])
+        router.apply([KeyEntry(j + 1, router.encode_keys([it])[0], it.domain_tags, it.skill_tags)], [], j + 1)
+    texts = [t for i in names for t in by[i]]
+    labels = [j for j, i in enumerate(names) for _ in by[i]]
+    return router, texts, labels, [e.text for e in val if e.intent in by]
+
+
+def serve(router: Router, queries: list[str], stop: threading.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        router.route(queries[len(out) % len(queries)])
+        out.append((time.perf_counter() - t) * 1e3)
+
+
+def pct(xs: list[float]) -> str:
+    return f"{np.percentile(xs, 50):.2f} / {np.percentile(xs, 99):.2f} / {max(xs):.1f}" if xs else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--intents", type=int, default=20)
+    ap.add_argument("--per-intent", type=int, default=50)
+    args = ap.parse_args(argv)
+    router, texts, labels, queries = library(args.intents, args.per_intent)
+    router.wait_fast_path(300)
+    for q in queries[:50]:  # warm up
+        router.route(q)
+    idle: list[float] = []
+    stop = threading.Event()
+    timer = threading.Timer(10.0, stop.set)
+    timer.start()
+    serve(router, queries, stop, idle)
+    print(f"{len(texts)} example texts of {args.intents} adapters; routes alone for 10 s: {len(idle)} served, "
+          f"p50 / p99 / max {pct(idle)} ms\n")  # fmt: skip
+    print("| training | beside it | training s | routes served | route p50 / p99 / max ms |")
+    print("|---|---|---|---|---|")
+    for where, child in (("this process's thread", False), ("child process (default)", True)):
+        for load in (False, True):
+            served: list[float] = []
+            stop = threading.Event()
+            th = threading.Thread(target=serve, args=(router, queries, stop, served)) if load else None
+            if th is not None:
+                th.start()
+            t = time.perf_counter()
+            _, hist = qa.train_query_lora(texts, labels, in_subprocess=child)
+            secs = time.perf_counter() - t
+            stop.set()
+            if th is not None:
+                th.join()
+            print(f"| {where} | {'routes back to back' if load else 'nothing'} | {secs:.1f} | "
+                  f"{len(served) if load else '-'} | {pct(served)} |", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
