@@ -10,10 +10,11 @@ schedule (its ``train_adapter_weights`` is a causal-LM loop; this objective is a
     h_x ──layers S..5 with LoRA (rank 8 on q, k, v, attention out, FFN in/out)──► mean pool ──► e(x), unit
     loss = cross-entropy over adapters of  cos(e(x), w_a) / tau      (NormFace; w_a trained too, from centroids)
 
-The training runs in a child interpreter (:func:`train_query_lora`, ``in_subprocess``): in the serving process it
-would share the GIL with the routes. Torch hands the GIL back at every operator, and a thread that wants it back
-waits up to Python's switch interval (5 ms) while another runs Python: under a steady stream of routes the
-training ran several times slower and a route could wait for a training step (``docs/bench_routing.md``).
+The training runs in a child interpreter at a lower CPU priority (:func:`train_query_lora`, ``in_subprocess``): in
+the serving process it would share the GIL with the routes (a thread that wants it back waits up to Python's switch
+interval, 5 ms, while another runs Python). With routes served back to back beside it, a training in a thread of
+the serving process took 1.3x as long as alone and raised the routes' p99 from 0.41 to 0.56 ms; in the child it
+takes as long as alone and the p99 barely moves (``benchmarks/bench_adapt_load.py``, ``docs/bench_routing.md``).
 
 Inference: the factors are merged into the fp32 weights (:meth:`MixtureHandle.merge`) and the linears run as
 int8 (``torch.ao.quantization.quantize_dynamic``): an :class:`AdaptedEncoder` costs what the base int8 encoder
@@ -251,12 +252,15 @@ def _train_in_child(
     return weights, history
 
 
+CHILD_NICE = 10  # the routes' process first: a child at the same priority on a busy core delayed routes ~100 ms
 _CHILD_KNOBS = ("MIN_STEPS", "MAX_EPOCHS", "BATCH", "LR", "KEY_LR", "TEMPERATURE", "MAX_TOKENS")
 _CHILD_MAIN = "import sys; from smoa.routing.adapt import _child_main; _child_main(sys.argv[1])"
 
 
 def _child_main(directory: str) -> None:
-    """The training child's entry point (:func:`_train_in_child`)."""
+    """The training child's entry point (:func:`_train_in_child`), at a lower CPU priority (:data:`CHILD_NICE`)."""
+    if hasattr(os, "nice"):
+        os.nice(CHILD_NICE)
     out = Path(directory)
     request = json.loads((out / "request.json").read_text())
     globals().update({k: request["knobs"][k] for k in _CHILD_KNOBS})
