@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             if th is not None:
                 th.start()
             t = time.perf_counter()
-            _, hist = qa.train_query_lora(texts, labels, in_subprocess=child)
+            qa.train_query_lora(texts, labels, in_subprocess=child)
             secs = time.perf_counter() - t
             stop.set()
             if th is not None:

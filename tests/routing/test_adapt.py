@@ -94,8 +94,8 @@ def test_router_adapts_off_its_lock_persists_and_refuses_a_corrupt_file(tmp_path
 
     def serve() -> None:  # routes keep being answered while the LoRA trains
         while not stop.wait(0.001):  # up to ~1,000 routes a second: back to back (a Python loop that never lets go of
-            # the GIL) the work that stays in this process (building the adapted encoder, refitting the keys) takes
-            # minutes: benchmarks/bench_adapt_load.py measures that case
+            # the GIL) the work that stays in this process (building the adapted encoder, refitting the keys) took
+            # minutes (docs/bench_routing.md, "Training the query LoRA beside the routes")
             t = time.perf_counter()
             router.route(val[len(served) % len(val)][0])
             served.append(time.perf_counter() - t)
