@@ -1098,8 +1098,8 @@ class Router:
                 self._counts["fast"] += 1
                 # a refused escalation must not rest on a stale (e.g. warm-up) cost; not through the embedding
                 # cache (the filler must not be cached)
-                # on its thread's CPU clock unless the query LoRA is training beside the routes: then an escalation
-                # really waits for that thread too (GIL), as the wall clock says
+                # on its thread's CPU clock unless an adaptation runs beside the routes: its steps in this process
+                # share the GIL and its training child a core, so an escalation really waits, as the wall clock says
                 inner = getattr(self.query_encoder, "inner", self.query_encoder)
                 cpu_clock = bool(getattr(inner, "cpu_bound", False)) and not self._adapt_lock.locked()
                 self._main_cost.probe(inner.encode, len(text), cpu_clock=cpu_clock)
