@@ -186,3 +186,79 @@ def test_a_loaded_hnsw_index_is_advised_too(tmp_path: Path, monkeypatch) -> None
     loaded = VectorIndex.load(tmp_path, 32, IndexParams(exact_threshold=1000))
     assert loaded.kind == "hnsw-sq8" and set(loaded._advised) == {"codes", "links"}
     assert loaded._advised["codes"][1] == 3000 * 32
+
+
+def test_hnsw_walks_byte_codes_and_scores_the_float_query_on_their_decoded_vectors() -> None:
+    """The graph is walked on one affine 8-bit code of every dimension (query coded too); the scores returned are
+    the float query's inner products with the decoded keys, which faiss' own exact search over those decoded keys
+    (an independent reference) ranks the same way at a wide beam."""
+    import faiss
+
+    from smoa.routing.index.vector import ByteCodec
+
+    x = clustered(3000)
+    idx = VectorIndex.build(64, np.arange(3000) * 2, x, IndexParams(exact_threshold=1000))
+    assert idx.kind == "hnsw-sq8" and isinstance(idx._codec, ByteCodec)
+    keys, decoded = idx.items()
+    assert np.abs(decoded - x).max() <= 0.5 / idx._codec.scale + 1e-6  # one rounding step of the shared range
+    np.testing.assert_array_equal(idx._codec.encode(decoded), idx._codec.encode(x))
+    ref = faiss.IndexFlatIP(64)
+    ref.add(decoded)
+    q = clustered(100, seed=7)
+    want_s, want_p = ref.search(q, 5)
+    got_s, got_k = idx.search(q, 5, ef_search=512)
+    hit = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got_k, keys[want_p])])
+    assert hit >= 0.95, hit  # the query is coded too: 0.968 here (the per-dimension codes: 0.982 against x)
+    same = got_k == keys[want_p]
+    np.testing.assert_allclose(got_s[same], want_s[same], rtol=1e-5, atol=1e-6)
+    assert np.all(np.diff(got_s, axis=1) <= 0)  # best first
+    for row in range(3):  # every returned score is the inner product with that key's decoded vector
+        np.testing.assert_allclose(got_s[row], decoded[got_k[row] // 2] @ q[row], rtol=1e-5, atol=1e-6)
+
+
+def test_compaction_keeps_the_byte_codes() -> None:
+    x = clustered(3000)
+    idx = VectorIndex.build(64, np.arange(3000), x, IndexParams(exact_threshold=1000))
+    codec = idx._codec
+    _, before = idx.vectors_of(np.arange(1000, 3000))
+    idx.remove(np.arange(1000))  # a third dead: compacted
+    assert idx._dead == 0 and idx._codec == codec
+    keys, after = idx.items()
+    assert keys.tolist() == list(range(1000, 3000))
+    np.testing.assert_array_equal(after, before)
+
+
+def test_an_index_saved_with_per_dimension_codes_still_loads_and_searches_as_before(tmp_path: Path) -> None:
+    """Files written before the byte codes (faiss QT_8bit, inner product, no codec.npy) are searched as they were."""
+    import faiss
+
+    x = clustered(2000)
+    old = faiss.IndexHNSWSQ(64, faiss.ScalarQuantizer.QT_8bit, 16, faiss.METRIC_INNER_PRODUCT)
+    old.hnsw.efConstruction = 128
+    old.train(x)
+    old.add(x)
+    faiss.write_index(old, str(tmp_path / "vectors.faiss"))
+    np.save(tmp_path / "ids.npy", np.arange(2000, dtype=np.int64) + 7)
+    np.save(tmp_path / "alive.npy", np.ones(2000, bool))
+    idx = VectorIndex.load(tmp_path, 64, IndexParams(exact_threshold=500, ef_search=64))
+    assert idx.kind == "hnsw-sq8" and idx._codec is None
+    q = clustered(20, seed=3)
+    want_s, want_p = old.search(q, 5, params=faiss.SearchParametersHNSW(efSearch=64))
+    got_s, got_k = idx.search(q, 5)
+    np.testing.assert_array_equal(got_k, want_p + 7)
+    np.testing.assert_array_equal(got_s, want_s)
+    idx.compact()  # its next rebuild moves it to byte codes
+    assert idx._codec is not None and len(idx) == 2000
+
+
+def test_a_byte_coded_index_without_its_codec_is_refused(tmp_path: Path) -> None:
+    from smoa.routing.index.vector import CODEC_FILE
+
+    idx = VectorIndex.build(64, np.arange(1500), clustered(1500), IndexParams(exact_threshold=500))
+    assert CODEC_FILE in idx.save(tmp_path)
+    np.save(tmp_path / CODEC_FILE, np.array([0.0, -1.0]))
+    with pytest.raises(ValueError, match="scale=-1.0"):
+        VectorIndex.load(tmp_path, 64, IndexParams(exact_threshold=500))
+    (tmp_path / CODEC_FILE).unlink()
+    with pytest.raises(OSError):
+        VectorIndex.load(tmp_path, 64, IndexParams(exact_threshold=500))
