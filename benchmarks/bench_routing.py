@@ -35,8 +35,9 @@ escalated to MiniLM and marked ``degraded``.
 
 Run: ``python benchmarks/bench_routing.py`` (~15 min) or ``--quick`` (1K and 10K only, ~1 min). The index
 comparison at 100K (``--compare``, on by default in the full run) is the measurement behind the index choice:
-flat SQ8, IVF-SQ8, IVF-PQ 4-bit fast-scan re-scored on SQ8 codes, and HNSW-SQ8 at two efConstruction values
-(``--sizes 1000 --compare 1000000``: the same at 1M, ~15 min).
+flat SQ8, IVF-SQ8, IVF-PQ 4-bit fast-scan re-scored on SQ8 codes, HNSW-SQ8 (per-dimension codes, float inner
+product) at two efConstruction values, and smoa's own index (one code range for every dimension, walked in integer
+L2) (``--sizes 1000 --compare 1000000``: the same at 1M, ~15 min).
 """
 
 from __future__ import annotations
@@ -304,6 +305,15 @@ def compare_indexes(pool: Pool, n: int, rng: np.random.Generator) -> list[tuple[
             h.hnsw.efSearch = ef
             rows.append(timed(h, f"HNSW-SQ8 M16 efConstruction {efc}, efSearch {ef}", b))
         del h
+    # smoa's own index as the router walks it: one 8-bit range for every dimension, integer L2, re-scored in float
+    t = time.perf_counter()
+    v = VectorIndex.build(DIM, np.arange(n), keys)
+    b = time.perf_counter() - t
+    for ef in (32, 64, 128) if n < 1_000_000 else (64, 128, 192):
+        walk = type("Walk", (), {"search": lambda self, q, k, params=None, ef=ef: v.search(q, k, ef_search=ef)})()
+        rows.append(timed(walk, f"VectorIndex (HNSW M16 efConstruction 128, one-range 8-bit codes, integer L2, "
+                                f"re-scored), efSearch {ef}", b))  # fmt: skip
+    del v
     return rows
 
 
