@@ -1294,8 +1294,8 @@ class Router:
 
     def _exact_scores(self, keys: np.ndarray, q: np.ndarray) -> dict[int, float]:
         """``max_j cos(q, key_j)`` of each adapter in ``keys`` (all its vectors scored exactly)."""
-        found, vecs = self._vectors.vectors_of(slots_of(np.asarray(keys, np.int64), self._max_p))
-        return _max_by_owner(found, vecs @ q)
+        found, sims = self._vectors.scores_of(slots_of(np.asarray(keys, np.int64), self._max_p), q)
+        return _max_by_owner(found, sims)
 
     def _small_group_scores(self, q: np.ndarray, limit: int) -> dict[int, float]:
         """Exact ``cos(q, key)`` of the members of the small groups nearest to ``q`` (module docstring): the adapters
