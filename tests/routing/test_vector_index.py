@@ -263,3 +263,34 @@ def test_a_byte_coded_index_without_its_codec_is_refused(tmp_path: Path) -> None
     (tmp_path / CODEC_FILE).unlink()
     with pytest.raises(OSError):
         VectorIndex.load(tmp_path, 64, IndexParams(exact_threshold=500))
+
+
+@pytest.mark.parametrize("threshold", [10_000, 500])
+def test_scores_of_is_the_inner_product_with_the_stored_vectors(threshold: int) -> None:
+    x = clustered(1500)
+    idx = VectorIndex.build(64, np.arange(1500) * 5, x, IndexParams(exact_threshold=threshold))
+    q = clustered(1, seed=9)[0]
+    ask = np.array([10, 25, 7, 995, 1_000_000])  # 7 and 1,000,000 are not keys
+    found, sims = idx.scores_of(ask, q)
+    want_keys, vecs = idx.vectors_of(ask)
+    np.testing.assert_array_equal(found, want_keys)
+    assert sorted(found.tolist()) == [10, 25, 995]
+    np.testing.assert_allclose(sims, vecs @ q, rtol=1e-5, atol=1e-6)
+
+
+def test_the_byte_codes_view_follows_the_codes_as_the_index_grows() -> None:
+    """Searches read faiss' code array in place; an insert may move that array, and the scores after it must still
+    be those of the stored vectors (a stale view would read freed memory)."""
+    x = clustered(12_000)
+    idx = VectorIndex.build(64, np.arange(2000), x[:2000], IndexParams(exact_threshold=500))
+    q = x[100:101]
+    idx.search(q, 5)
+    view = idx._codes()
+    for start in range(2000, 12_000, 2500):  # grows the faiss vector several times over
+        idx.add(np.arange(start, start + 2500), x[start : start + 2500])
+        scores, keys = idx.search(q, 8, ef_search=128)
+        found, vecs = idx.vectors_of(keys[0])  # in position order
+        want = dict(zip(found.tolist(), (vecs @ q[0]).tolist()))
+        np.testing.assert_allclose(scores[0], [want[k] for k in keys[0].tolist()], rtol=1e-5, atol=1e-6)
+        assert keys[0, 0] == 100
+    assert idx._codes().shape == (12_000, 64) and idx._codes() is not view
