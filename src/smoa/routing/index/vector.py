@@ -13,8 +13,9 @@ dimension (:class:`ByteCodec`, its range learned from the keys the graph is buil
 between two codes is ``scale**2`` times the one between the vectors, up to rounding, and for unit vectors L2
 order is inner-product order. faiss then compares the 384 bytes of a key with the query's 384 bytes in integer
 arithmetic, where per-dimension 8-bit codes (``QT_8bit``) had every byte decoded to a float first. On 1M real
-keys this took the walk at efSearch 192 from 0.59 / 1.04 ms (p50 / p99) to 0.39 / 0.64 ms at the same recall@5
-(0.962 vs 0.963), and the build from ~400 to 173 s (``docs/bench_routing.md``). The returned candidates are
+keys (``bench_routing.py --sizes 1000,1000000``) the router's walk at efSearch 192 went from 0.64 / 1.09 ms
+(p50 / p99, recall@5 0.962) to 0.49 / 0.77 ms (0.958), and the build from 346 to 225 s; raw faiss on one graph of
+each kind: 0.59 / 1.04 -> 0.39 / 0.64 ms (``docs/bench_routing.md``). The returned candidates are
 re-scored against the float query on their decoded codes, so scores stay inner products of the float query with
 the stored keys, as before (only the rounding of the keys changed). An index saved with per-dimension codes (no ``codec.npy``) is still read and searched as it
 was; it moves to byte codes at its next rebuild (compaction).
