@@ -17,8 +17,8 @@ keys (``bench_routing.py --sizes 1000,1000000``) the router's walk at efSearch 1
 (p50 / p99, recall@5 0.962) to 0.49 / 0.77 ms (0.958), and the build from 346 to 225 s; raw faiss on one graph of
 each kind: 0.59 / 1.04 -> 0.39 / 0.64 ms (``docs/bench_routing.md``). The returned candidates are
 re-scored against the float query on their decoded codes, so scores stay inner products of the float query with
-the stored keys, as before (only the rounding of the keys changed). An index saved with per-dimension codes (no ``codec.npy``) is still read and searched as it
-was; it moves to byte codes at its next rebuild (compaction).
+the stored keys, as before (only the rounding of the keys changed). An index saved with per-dimension codes (no
+``codec.npy``) is still read and searched as it was; it moves to byte codes at its next rebuild (compaction).
 
 A removal only clears ``alive[p]`` (HNSW cannot delete); searches skip dead positions through a faiss
 ``IDSelectorBitmap``, and the index is compacted (rebuilt from its own stored vectors) once a quarter of its
@@ -31,8 +31,9 @@ thread): IVF-SQ8 (2,048 k-means lists) needs 64 probes for recall@5 0.952 (p99 0
 0.972 at efSearch 64 (p99 0.20 ms); efConstruction 128 rather than 40 buys 3-4 points of recall at equal
 efSearch. Real sentence embeddings need ~200 of 384 principal directions for 90 % of their variance, so coarse
 partitions cut many true neighbours apart. A bigger graph needs a wider beam for the same recall, hence
-:func:`auto_ef_search` (192 at 1M keys: recall@5 0.954 as first measured, 0.962 on byte codes). The graph's blind spot, a small group of keys apart from
-the rest that no edge leads into, is covered by the router, which scores small groups near the query exhaustively.
+:func:`auto_ef_search` (192 at 1M keys: recall@5 0.954 as first measured, 0.954-0.958 on byte codes). The graph's
+blind spot, a small group of keys apart from the rest that no edge leads into, is covered by the router, which
+scores small groups near the query exhaustively.
 """
 
 from __future__ import annotations
@@ -217,8 +218,8 @@ class VectorIndex:
             self._advise()
 
     def _codes(self) -> np.ndarray:
-        """The byte codes as a uint8 ``[n, d]`` numpy view of faiss' own array (no copy). Reset by every change of
-        the faiss index (:meth:`_changed`): an insert may move the array."""
+        """The byte codes as a uint8 ``[n, d]`` numpy view of faiss' own array (no copy). Dropped wherever faiss'
+        index changes (:meth:`add`, :meth:`_rebuild`): an insert may move the array."""
         if self._code_view is None:
             import faiss
 
@@ -455,10 +456,9 @@ class VectorIndex:
             s[ok] = codec.inner(self._codes()[row[ok]], q[0])
             order = np.argsort(-s, kind="stable")
             return s[order][None, :], row[order][None, :]
-        else:
-            r, c = np.nonzero(pos >= 0)
-            s = np.full(pos.shape, -np.inf, np.float32)
-            s[r, c] = np.einsum("ij,ij->i", self._reconstruct_positions(pos[r, c]), q[r])
+        r, c = np.nonzero(pos >= 0)
+        s = np.full(pos.shape, -np.inf, np.float32)
+        s[r, c] = np.einsum("ij,ij->i", self._reconstruct_positions(pos[r, c]), q[r])
         order = np.argsort(-s, axis=1, kind="stable")
         return np.take_along_axis(s, order, 1), np.take_along_axis(pos, order, 1)
 
