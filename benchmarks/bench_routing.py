@@ -593,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     enc_lat = encode_latency(encoders)
     print("encode one sentence (ms p50 / p99):", ", ".join(f"{k} {v[0]:.3f} / {v[1]:.3f}" for k, v in enc_lat.items()))
     p = IndexParams()
-    print(f"\nexact below {p.exact_threshold:,} keys, else HNSW over one-range 8-bit codes (integer L2) M={p.hnsw_m} efConstruction={p.ef_construction} "
-          f"efSearch={args.ef or 'auto (48 at 10K, x2 per decade)'}; k=5, {N_QUERIES} queries, one query thread\n")
+    print(f"\nexact below {p.exact_threshold:,} keys, else HNSW over one-range 8-bit codes (integer L2) M={p.hnsw_m} "
+          f"efConstruction={p.ef_construction} efSearch={args.ef or 'auto (48 at 10K, x2 per decade)'}; k=5, {N_QUERIES} queries, one query thread\n")
     head = ("| adapters | index | build s | B/adapter index | B/adapter tags | B/adapter groups | RSS B/adapter | "
             "search p50/p99 ms | "
             "brute p50/p99 ms | brute/search p99 | search+fuse p50/p99 ms | "
