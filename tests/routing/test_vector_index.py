@@ -294,3 +294,15 @@ def test_the_byte_codes_view_follows_the_codes_as_the_index_grows() -> None:
         np.testing.assert_allclose(scores[0], [want[k] for k in keys[0].tolist()], rtol=1e-5, atol=1e-6)
         assert keys[0, 0] == 100
     assert idx._codes().shape == (12_000, 64) and idx._codes() is not view
+
+
+def test_a_non_finite_vector_is_refused_before_anything_changes() -> None:
+    x = clustered(1500)
+    idx = VectorIndex.build(64, np.arange(1500), x, IndexParams(exact_threshold=500))
+    bad = x[:2].copy()
+    bad[1, 7] = np.nan
+    with pytest.raises(ValueError, match="row 1, column 7"):
+        idx.add(np.array([3, 5000]), bad)  # key 3 exists: it must not be dropped by the refused replacement
+    assert len(idx) == 1500 and idx.search(x[3:4], 1)[1][0, 0] == 3
+    with pytest.raises(ValueError, match="finite"):
+        VectorIndex.build(64, np.arange(2), np.full((2, 64), np.inf, np.float32))

@@ -74,8 +74,6 @@ class ByteCodec:
         (+-0.26 against extremes of -0.32 / 0.30) gave steps a fifth finer, but would cut a key whose weight sits
         on a few dimensions (a hashed or hand-made key) by more than its neighbours differ."""
         lo, hi = float(np.min(x)), float(np.max(x))
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError("`vectors` hold a non-finite value")
         return cls(lo, 255.0 / (hi - lo) if hi > lo else 1.0)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
@@ -147,6 +145,9 @@ def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] != dim:
         raise ValueError(f"`vectors` must have shape [n, {dim}], got {tuple(np.shape(vectors))}")
+    if not np.isfinite(x).all():  # before any change: a NaN would code to an arbitrary byte
+        bad = np.argwhere(~np.isfinite(x))[0].tolist()
+        raise ValueError(f"`vectors` must be finite, got {x[bad[0], bad[1]]} at row {bad[0]}, column {bad[1]}")
     return x
 
 
