@@ -60,7 +60,7 @@ class EncoderCost:
         short, long_ = self.samples
         if chars < LONG_TEXT_CHARS:
             short.append(max(0.0, ms - self.terms[1] * max(0, chars - 64)))
-            self.terms[0] = float(statistics.median(short))  # numpy's: ~15 us a route on 16 floats
+            self.terms[0] = float(statistics.median(short))  # numpy's: ~10 us on 16 floats, this ~0.4 us
         else:
             long_.append(max(0.0, (ms - self.terms[0]) / (chars - 64)))
             self.terms[1] = float(statistics.median(long_))

@@ -15,7 +15,7 @@ order is inner-product order. faiss then compares the 384 bytes of a key with th
 arithmetic, where per-dimension 8-bit codes (``QT_8bit``) had every byte decoded to a float first. On 1M real
 keys (``bench_routing.py --sizes 1000,1000000``) the router's walk at efSearch 192 went from 0.64 / 1.09 ms
 (p50 / p99, recall@5 0.962) to 0.49 / 0.77 ms (0.958), and the build from 346 to 225 s; raw faiss on one graph of
-each kind: 0.59 / 1.04 -> 0.39 / 0.64 ms (``docs/bench_routing.md``). The returned candidates are
+each kind (a scratch harness): 0.59 / 1.04 -> 0.39 / 0.64 ms (``docs/bench_routing.md``). The returned candidates are
 re-scored against the float query on their decoded codes, so scores stay inner products of the float query with
 the stored keys, as before (only the rounding of the keys changed). An index saved with per-dimension codes (no
 ``codec.npy``) is still read and searched as it was; it moves to byte codes at its next rebuild (compaction).
@@ -43,8 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from smoa.routing.index.keymap import sorted_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +143,14 @@ def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] != dim:
         raise ValueError(f"`vectors` must have shape [n, {dim}], got {tuple(np.shape(vectors))}")
-    if not np.isfinite(x).all():  # before any change: a NaN would code to an arbitrary byte
+    return x
+
+
+def _stored_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """:func:`_as_matrix` for vectors to store: finite, checked before any change (a NaN would code to an arbitrary
+    byte). Queries skip the check: they come from the encoders, and a route should not pay for it."""
+    x = _as_matrix(vectors, dim)
+    if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0].tolist()
         raise ValueError(f"`vectors` must be finite, got {x[bad[0], bad[1]]} at row {bad[0]}, column {bad[1]}")
     return x
@@ -191,7 +196,7 @@ class VectorIndex:
     def build(cls, dim: int, keys: np.ndarray, vectors: np.ndarray, params: IndexParams | None = None) -> VectorIndex:
         """A new index holding ``keys`` ``[n]`` -> ``vectors`` ``[n, dim]`` (kind chosen by size)."""
         out = cls(dim, params)
-        out._rebuild(np.asarray(keys, dtype=np.int64), _as_matrix(vectors, dim))
+        out._rebuild(np.asarray(keys, dtype=np.int64), _stored_matrix(vectors, dim))
         return out
 
     def _rebuild(self, keys: np.ndarray, vectors: np.ndarray, codec: ByteCodec | None = None) -> None:
@@ -269,7 +274,7 @@ class VectorIndex:
         if ids.dtype == np.int32:  # same dtype on both sides, or numpy would copy ids to compare (O(n))
             keys = np.where((keys >= 0) & (keys < 2**31), keys, -1).astype(np.int32)
         if self._sorted:
-            pos = sorted_lookup(ids, keys)
+            pos = np.searchsorted(ids, keys)
             inside = pos < len(ids)
             pos = pos[inside][ids[pos[inside]] == keys[inside]]
             return np.unique(pos[alive[pos]])
@@ -298,7 +303,7 @@ class VectorIndex:
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or replace ``keys`` ``[n]`` with ``vectors`` ``[n, dim]`` (unit norm expected)."""
         keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-        x = _as_matrix(vectors, self.dim)
+        x = _stored_matrix(vectors, self.dim)
         if len(keys) != len(x):
             raise ValueError(f"`keys` ({len(keys)}) and `vectors` ({len(x)}) differ in length")
         if not len(keys):
