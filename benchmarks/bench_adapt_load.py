@@ -13,6 +13,12 @@ Columns: training seconds (wall), routes served during it, route latency p50 / p
 routes took over 10 ms; first, the same routes with no training beside them.
 
 Run: ``python benchmarks/bench_adapt_load.py`` (~6 min on 2 cores).
+
+``--whole``: the whole adaptation instead (``Router.adapt``: train, encode the library's examples with the new
+encoder, refit the keys, swap), beside routes back to back, with the examples encoded in the training child (the
+default) and in this process (the design before), side by side; the training itself is cut to ``--whole-steps``
+steps (the part after it is what differs). ``python benchmarks/bench_adapt_load.py --whole --intents 150
+--per-intent 100`` (all of CLINC150 train, 15,000 texts; ~5 min).
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--intents", type=int, default=20)
     ap.add_argument("--per-intent", type=int, default=50)
+    ap.add_argument("--whole", action="store_true", help="Router.adapt beside routes: examples encoded in the child vs here")
+    ap.add_argument("--whole-steps", type=int, default=10, help="training steps of each --whole adaptation")
     args = ap.parse_args(argv)
     router, texts, labels, queries = library(args.intents, args.per_intent)
     router.wait_fast_path(300)
@@ -74,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     serve(router, queries, stop, idle)
     print(f"{len(texts)} example texts of {args.intents} adapters; routes alone for 10 s: {len(idle)} served, "
           f"p50 / p99 / max {pct(idle)} ms, {over(idle)} over 10 ms\n")  # fmt: skip
+    if args.whole:
+        return whole(router, queries, args.whole_steps)
     print("| training | beside it | training s | routes served | route p50 / p99 / max ms | routes > 10 ms |")
     print("|---|---|---|---|---|---|")
     default = qa.CHILD_NICE
@@ -97,6 +107,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {where} | {'routes back to back' if load else 'nothing'} | {secs:.1f} | "
               f"{len(served) if load else '-'} | {pct(served)} | {over(served)} |", flush=True)  # fmt: skip
     qa.CHILD_NICE = default
+    return 0
+
+
+def whole(router: Router, queries: list[str], steps: int) -> int:
+    """``--whole`` (module docstring): one ``Router.adapt`` per row, routes served back to back beside it."""
+    real = qa.adapt_encoder
+
+    def here(texts, labels, encode=(), *a, **kw):  # the design before: the child trains, this process encodes
+        return real(texts, labels, (), *a, **kw)
+
+    qa.MIN_STEPS, epochs = steps, 1e-9  # a training knob: it reaches the child with the request
+    router.adapt(epochs=epochs)  # not timed: each row then swaps one learned encoder for another (a cold cache each)
+    print("| examples encoded in | adapt s (train s) | routes served | route p50 / p99 / max ms | routes > 10 ms |")
+    print("|---|---|---|---|---|")
+    for where, fn in (("the training child (default)", real), ("this process (before)", here)):
+        qa.adapt_encoder = fn
+        served: list[float] = []
+        stop = threading.Event()
+        th = threading.Thread(target=serve, args=(router, queries, stop, served))
+        th.start()
+        t = time.perf_counter()
+        report = router.adapt(epochs=epochs)
+        secs = time.perf_counter() - t
+        stop.set()
+        th.join()
+        train = report["adapt_seconds"] if report else float("nan")
+        print(f"| {where} | {secs:.1f} ({train:.1f}) | {len(served)} | {pct(served)} | {over(served)} |", flush=True)
+    qa.adapt_encoder = real
     return 0
 
 

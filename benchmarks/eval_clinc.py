@@ -367,7 +367,7 @@ def memo_adaptation() -> dict:
 
     from smoa.routing import adapt as qa
 
-    real, memo, log = qa.train_query_lora, {}, {}
+    real, memo, log = qa.adapt_encoder, {}, {}
 
     def cached(texts, labels, epochs=qa.EPOCHS, **kw):
         groups: dict[int, list[str]] = {}
@@ -382,7 +382,8 @@ def memo_adaptation() -> dict:
             memo[key] = (LoraWeights.from_bytes(path.with_suffix(".safetensors").read_bytes()), hist)
             print(f"  (query LoRA from the benchmark's cache, trained earlier: {hist})", flush=True)
         if key not in memo:
-            memo[key] = real(texts, labels, epochs, **kw)
+            done = real(texts, labels, (), epochs, **kw)
+            memo[key] = (done.weights, done.history)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.with_suffix(".safetensors").write_bytes(memo[key][0].to_bytes())
             path.with_suffix(".json").write_text(json.dumps(memo[key][1].__dict__))
@@ -390,7 +391,12 @@ def memo_adaptation() -> dict:
         log[key] = memo[key][1]
         return memo[key]
 
+    def cached_adapt(texts, labels, encode=(), epochs=qa.EPOCHS, stop=None, **kw):  # the router's entry point
+        weights, hist = cached(texts, labels, epochs, stop=stop)
+        return qa.Adapted(weights, hist)  # no embeddings: the router encodes its examples itself
+
     qa.train_query_lora = cached
+    qa.adapt_encoder = cached_adapt
     return log
 
 

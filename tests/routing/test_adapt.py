@@ -100,6 +100,17 @@ def test_router_adapts_off_its_lock_persists_and_refuses_a_corrupt_file(tmp_path
             router.route(val[len(served) % len(val)][0])
             served.append(time.perf_counter() - t)
 
+    from smoa.routing.encoders import CachedEncoder
+
+    batches = []  # example batches the adapted encoder encodes in this process (the child encodes them)
+    encode_batch = CachedEncoder.encode_batch
+
+    def spy(self, texts):
+        if isinstance(self.inner, qa.AdaptedEncoder):
+            batches.append(len(texts))
+        return encode_batch(self, texts)
+
+    monkeypatch.setattr(CachedEncoder, "encode_batch", spy)
     thread = threading.Thread(target=serve)
     thread.start()
     try:
@@ -108,6 +119,9 @@ def test_router_adapts_off_its_lock_persists_and_refuses_a_corrupt_file(tmp_path
         stop.set()
         thread.join()
     assert report["adopted"] == 1.0 and report["adapt_seconds"] > 0 and len(served) >= 10, (report, len(served))
+    assert batches == [], batches  # the examples came back encoded from the training child
+    st0 = router._learner.stored[1]  # ... as this process' adapted encoder encodes them, bit for bit
+    assert np.array_equal(st0.examples, router.query_encoder.encode_batch(list(st0.texts)).astype(st0.examples.dtype))
     assert max(served) < report["adapt_seconds"] / 2  # no route waited for the training
     st = router.statistics()
     assert st["adaptations"] == 1 and st["query_encoder"].startswith("minilm-int8+q"), st
@@ -175,6 +189,35 @@ def test_the_training_child_gives_the_factors_of_this_thread_bit_for_bit(monkeyp
     assert h_child.steps == h_here.steps == 3 and not h_child.stopped, (h_here, h_child)
     assert child.to_bytes() == here.to_bytes()
     assert h_child.final_loss == h_here.final_loss
+
+
+def test_the_training_child_encodes_the_groups_as_this_process_would_bit_for_bit(monkeypatch, tmp_path: Path) -> None:
+    """``adapt_encoder``'s child embeds each group as one ``encode_batch`` call of a fresh adapted encoder here
+    would (int8 dynamic quantisation scales per batch: the groups are kept as given); a bad embeddings file from a
+    child is refused, never unpickled."""
+    from smoa.routing.encoders import CachedEncoder
+
+    monkeypatch.setattr(qa, "MIN_STEPS", 0)
+    by, _, _ = clinc_or_skip(per_intent=8, intents=3)
+    texts = [t for i in sorted(by) for t in by[i]]
+    labels = [j for j, i in enumerate(sorted(by)) for _ in by[i]]
+    groups = [by[i] for i in sorted(by)] + [["a routing text"], texts[:3] + ["a much longer text " * 20]]
+    done = qa.adapt_encoder(texts, labels, groups, epochs=2.0, in_subprocess=True)
+    assert done.weights is not None and done.vectors is not None and len(done.vectors) == len(groups)
+    here = CachedEncoder(qa.AdaptedEncoder(done.weights), max_size=0)
+    for g, v in zip(groups, done.vectors):
+        assert v.dtype == np.float32 and np.array_equal(v, here.encode_batch(g))
+    assert not np.array_equal(done.vectors[-1][:3], here.encode_batch(texts[:3]))  # the batch matters
+    assert qa.adapt_encoder(texts, labels, groups, epochs=2.0, in_subprocess=False).vectors is None  # caller encodes
+
+    bad = tmp_path / "embeddings.npy"
+    for x in (np.zeros((4, 384), np.float64), np.zeros((3, 384), np.float32), np.full((4, 384), np.nan, np.float32)):
+        np.save(bad, x)
+        with pytest.raises(RuntimeError, match="expected float32"):
+            qa._read_vectors(bad, [1, 3])
+    np.save(bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(RuntimeError, match="unreadable"):
+        qa._read_vectors(bad, [1])
 
 
 def test_a_stopped_training_child_is_killed_and_reports_stopped() -> None:

@@ -172,6 +172,17 @@ class AdaptHistory:
     stopped: bool = False
 
 
+@dataclass
+class Adapted:
+    """What :func:`adapt_encoder` returns: the factors (``None``: stopped), the training's history, and the
+    ``encode`` groups' embeddings by the adapted encoder (``None`` where they were not computed: the caller
+    encodes them itself)."""
+
+    weights: object  # LoraWeights | None
+    history: AdaptHistory
+    vectors: list[np.ndarray] | None = None
+
+
 def train_query_lora(
     texts: Sequence[str],
     labels: Sequence[int],
@@ -191,12 +202,44 @@ def train_query_lora(
     that the training and the routes served meanwhile do not take the GIL from each other; the same factors as
     in this thread, bit for bit. Where no child can be started (``OSError``), it trains in this thread.
     """
+    out = adapt_encoder(texts, labels, (), epochs, seed, threads, stop, in_subprocess)
+    return out.weights, out.history
+
+
+def adapt_encoder(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    encode: Sequence[Sequence[str]] = (),
+    epochs: float = EPOCHS,
+    seed: int = 0,
+    threads: int = 1,
+    stop: threading.Event | None = None,
+    in_subprocess: bool | None = None,
+    base: str = "minilm-int8",
+    encode_threads: int | None = None,
+) -> Adapted:
+    """:func:`train_query_lora`, then each group of texts in ``encode`` embedded by the adapted encoder
+    (:class:`AdaptedEncoder` of ``base``, ``encode_threads`` intra-op threads), one
+    :meth:`~smoa.routing.encoders.CachedEncoder.encode_batch` call per group: the vectors a router's fresh
+    :class:`AdaptedEncoder` gives for the same call, bit for bit (int8 dynamic quantisation scales activations per
+    batch, so a group's batch is kept as the caller would make it).
+
+    In the training child the encoding runs there too: re-encoding a library's examples (CLINC150: 15,000 texts,
+    ~25 s) in the serving process raised the routes' p99 from 0.73 to 1.09 ms and their max from 3 to 24 ms
+    (``docs/bench_routing.md``). Without a child (``in_subprocess`` false, or none can be started),
+    ``vectors`` is ``None`` and the caller encodes.
+    """
+    from smoa.routing.encoders._paths import encoder_threads
+
+    groups = [list(g) for g in encode]
     if IN_SUBPROCESS if in_subprocess is None else in_subprocess:
         try:
-            return _train_in_child(texts, labels, epochs, seed, threads, stop)
+            return _train_in_child(texts, labels, epochs, seed, threads, stop, groups, base,
+                                   encode_threads or encoder_threads())  # fmt: skip
         except _NoChild as exc:
             logger.warning("smoa routing: no child process for the query LoRA (%s): training in this thread", exc)
-    return _train_here(texts, labels, epochs, seed, threads, stop)
+    weights, history = _train_here(texts, labels, epochs, seed, threads, stop)
+    return Adapted(weights, history)
 
 
 class _NoChild(OSError):
@@ -204,13 +247,16 @@ class _NoChild(OSError):
 
 
 def _train_in_child(
-    texts: Sequence[str], labels: Sequence[int], epochs: float, seed: int, threads: int, stop: threading.Event | None
-):  # -> tuple[LoraWeights | None, AdaptHistory]
+    texts: Sequence[str], labels: Sequence[int], epochs: float, seed: int, threads: int, stop: threading.Event | None,
+    encode: list[list[str]], base: str, encode_threads: int,
+) -> Adapted:
     """:func:`_train_here` in a fresh ``python`` (not a fork: torch and the caller's threads do not survive one;
-    not ``multiprocessing``: its spawn re-runs the caller's ``__main__``). Request and result go through files in
-    a private temporary directory: the request as JSON (texts, labels, the training knobs of this module as they
-    are now), the factors back as safetensors, read by the strict reader (:meth:`LoraWeights.from_bytes`). ``stop``
-    set: the child is killed. A child that fails raises ``RuntimeError`` with the end of its output."""
+    not ``multiprocessing``: its spawn re-runs the caller's ``__main__``), then the ``encode`` groups embedded
+    there (:func:`adapt_encoder`). Request and result go through files in a private temporary directory: the
+    request as JSON (texts, labels, groups, the training knobs of this module as they are now), the factors back as
+    safetensors, read by the strict reader (:meth:`LoraWeights.from_bytes`), the embeddings as one float32 ``.npy``
+    (no pickle), checked for shape and finiteness. ``stop`` set: the child is killed. A child that fails raises
+    ``RuntimeError`` with the end of its output."""
     import subprocess
     import sys
     import tempfile
@@ -220,7 +266,8 @@ def _train_in_child(
     with tempfile.TemporaryDirectory(prefix="smoa-qlora-") as tmp:
         out = Path(tmp)
         request = {"texts": list(texts), "labels": [int(x) for x in labels], "epochs": float(epochs), "seed": int(seed),
-                   "threads": int(threads), "knobs": {k: globals()[k] for k in _CHILD_KNOBS}}  # fmt: skip
+                   "threads": int(threads), "knobs": {k: globals()[k] for k in _CHILD_KNOBS},
+                   "encode": encode, "base": base, "encode_threads": int(encode_threads)}  # fmt: skip
         (out / "request.json").write_text(json.dumps(request))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # fmt: skip
@@ -239,7 +286,7 @@ def _train_in_child(
                         if stop is not None and stop.is_set():
                             child.kill()
                             child.wait()
-                            return None, AdaptHistory(examples=len(texts), adapters=len(set(labels)), stopped=True)
+                            return Adapted(None, AdaptHistory(examples=len(texts), adapters=len(set(labels)), stopped=True))
             finally:
                 if child.poll() is None:  # this thread was interrupted: the child must not outlive the request
                     child.kill()
@@ -249,7 +296,21 @@ def _train_in_child(
             raise RuntimeError(f"query-LoRA training process failed (exit {rc}): {tail}")
         history = AdaptHistory(**json.loads((out / "history.json").read_text()))
         weights = LoraWeights.from_bytes((out / "weights.safetensors").read_bytes(), name="query LoRA from its trainer")
-    return weights, history
+        vectors = _read_vectors(out / "embeddings.npy", [len(g) for g in encode]) if encode else None
+    return Adapted(weights, history, vectors)
+
+
+def _read_vectors(path: Path, sizes: list[int]) -> list[np.ndarray]:
+    """The child's embeddings split into groups of ``sizes``; ``RuntimeError`` unless float32 ``[sum(sizes), 384]``
+    and finite (never unpickled)."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"query-LoRA training process gave unreadable embeddings ({type(exc).__name__}: {exc})") from None
+    if x.dtype != np.float32 or x.shape != (sum(sizes), AdaptedEncoder.dim) or not np.isfinite(x).all():
+        raise RuntimeError(f"query-LoRA training process gave embeddings {x.dtype} {x.shape}, expected float32 "
+                           f"({sum(sizes)}, {AdaptedEncoder.dim}), finite")  # fmt: skip
+    return np.split(x, np.cumsum(sizes)[:-1])
 
 
 CHILD_NICE = 10  # the scheduler favours the routes' process (bench_adapt_load.py: the same as nice 0 on 2 idle cores)
@@ -266,6 +327,14 @@ def _child_main(directory: str) -> None:
         os.nice(CHILD_NICE)
     weights, history = _train_here(request["texts"], request["labels"], request["epochs"], request["seed"],
                                    request["threads"], None)  # fmt: skip
+    if request["encode"]:  # before the factors: their file is what the parent waits for
+        from smoa.routing.encoders import CachedEncoder
+
+        enc = CachedEncoder(AdaptedEncoder(weights, request["base"], request["encode_threads"]), max_size=0)
+        vecs = [enc.encode_batch(g) for g in request["encode"]]
+        with (out / "embeddings.tmp").open("wb") as f:
+            np.save(f, np.concatenate(vecs).astype(np.float32))
+        (out / "embeddings.tmp").replace(out / "embeddings.npy")
     tmp = out / "weights.tmp"
     tmp.write_bytes(weights.to_bytes())
     (out / "history.json").write_text(json.dumps(history.__dict__))
@@ -452,5 +521,5 @@ def load_adapted(directory: Path, version: str, base: str):  # -> LoraWeights
     return weights
 
 
-__all__ = ["ADAPTED_FILE", "AdaptHistory", "AdaptedEncoder", "AdaptedEncoderError", "load_adapted", "save_adapted",
+__all__ = ["ADAPTED_FILE", "AdaptHistory", "Adapted", "AdaptedEncoder", "adapt_encoder", "AdaptedEncoderError", "load_adapted", "save_adapted",
            "target_modules", "train_query_lora", "version_of"]  # fmt: skip

@@ -103,6 +103,7 @@ from smoa.routing.learner import (
     initial_keys,
     owner_of,
     slots_of,
+    yield_gil,
 )  # fmt: skip
 from smoa.routing.costs import EncoderCost, WalkCost
 from smoa.routing.route import Route
@@ -142,6 +143,7 @@ LEARNED_TAG_WEIGHT = 0.05  # the choice for adapters with learned keys unless th
 # semantic 94.9 %; the main job's BBC routing: 95 % at 0.05 and 0.1, 94 % at 0)
 TAG_TUNE_EXAMPLES = 2000  # example texts the choice is made on (a deterministic subsample beyond)
 TAG_TUNE_MIN = 50
+TAG_TUNE_CHUNK = 8  # example routes per hold of the router's lock (64: a route waited ~120 ms for one chunk)
 TAG_TUNE_GAIN = 0.02  # another weight must route this share (and >= 5) more of them right than LEARNED_TAG_WEIGHT
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
 DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
@@ -625,11 +627,16 @@ class Router:
             texts, labels = self._adapt_data()
             if len(set(labels)) < ADAPT_MIN_ADAPTERS:
                 return None
-            weights, hist = qa.train_query_lora(texts, labels, qa.EPOCHS if epochs is None else epochs, stop=stop)
+            groups = self._reencode_groups(set(labels))
+            done = qa.adapt_encoder(texts, labels, groups, qa.EPOCHS if epochs is None else epochs, stop=stop,
+                                    base=self.encoder.name)  # fmt: skip
+            weights, hist = done.weights, done.history
             if hist.stopped:
                 return None
             enc = CachedEncoder(qa.AdaptedEncoder(weights, self.encoder.name), self.config.embedding_cache_size)
-            fresh = self._reencoded(enc, set(labels))
+            enc.inner.encode(["warm up"])  # a model's first forward pays one-off set-up: here, not in a route
+            known = {} if done.vectors is None else dict(zip(map(tuple, groups), done.vectors))
+            fresh = self._reencoded(enc, set(labels), known)
             fresh.adapted_version = enc.inner.version
             fresh.encoder_seen = set(labels)
             keys, evidence = self._fit_fresh(fresh)
@@ -660,8 +667,27 @@ class Router:
         finally:
             self._adapt_lock.release()
 
-    def _reencoded(self, enc: CachedEncoder, keys: set[int]) -> KeyLearner:
-        """A new learner holding ``keys``' (and the negatives') texts encoded by ``enc`` (outside the lock)."""
+    def _reencode_groups(self, keys: set[int]) -> list[list[str]]:
+        """The text batches :meth:`_reencoded` will encode for ``keys`` as the library stands now (each adapter's
+        routing text, its example texts; the negatives): the training child encodes them (:func:`adapt_encoder
+        <smoa.routing.adapt.adapt_encoder>`), so that the serving process does not."""
+        with self._lock:
+            lrn = self._learner
+            groups = [g for k in sorted(keys) if k in lrn.stored for g in ([lrn.stored[k].routing], list(lrn.stored[k].texts))]
+            return groups + ([list(lrn.negative_texts)] if lrn.negative_texts else [])
+
+    def _reencoded(
+        self, enc: CachedEncoder, keys: set[int], known: Mapping[tuple[str, ...], np.ndarray] | None = None
+    ) -> KeyLearner:
+        """A new learner holding ``keys``' (and the negatives') texts encoded by ``enc`` (outside the lock); a batch
+        found in ``known`` (the training child's embeddings of :meth:`_reencode_groups`) is not encoded again: an
+        adapter whose texts changed meanwhile is."""
+        known = known or {}
+
+        def batch(texts: list[str]) -> np.ndarray:
+            vecs = known.get(tuple(texts))
+            return enc.encode_batch(texts) if vecs is None else vecs
+
         with self._lock:
             old = self._learner
             snap = {k: old.stored[k] for k in keys if k in old.stored}
@@ -669,11 +695,11 @@ class Router:
             neg_fast = old.negatives_fast
         fresh = KeyLearner(self.dim, old.max_keys)
         for k, st in sorted(snap.items()):
-            tv, ev = enc.encode_batch([st.routing])[0], enc.encode_batch(list(st.texts))
+            tv, ev = batch([st.routing])[0], batch(list(st.texts))
             fresh.remember(k, tv, ev, st.text_fast, st.examples_fast, st.texts, st.routing)
             fresh.initial[k] = (old.initial[k][0], initial_keys(tv, ev, ADAPTED_KEYS))
         fresh.negative_texts = negs
-        fresh.negatives = enc.encode_batch(negs).astype(np.float16) if negs else np.zeros((0, self.dim), np.float16)
+        fresh.negatives = batch(negs).astype(np.float16) if negs else np.zeros((0, self.dim), np.float16)
         fresh.negatives_fast = neg_fast
         fresh.changed_examples = 0
         return fresh
@@ -1268,9 +1294,9 @@ class Router:
                 return
         rows = rows[:: -(-len(rows) // TAG_TUNE_EXAMPLES)]
         wins = np.zeros(len(TAG_WEIGHTS))
-        for start in range(0, len(rows), 64):  # the lock is taken per chunk: routes go on in between
+        for start in range(0, len(rows), TAG_TUNE_CHUNK):  # the lock is taken per chunk: routes go on in between
             with self._lock:
-                for k, st, i in rows[start : start + 64]:
+                for k, st, i in rows[start : start + TAG_TUNE_CHUNK]:
                     terms = self._tags.match_text(st.texts[i])
                     if not terms:
                         continue
@@ -1280,6 +1306,7 @@ class Router:
                     for j, lam in enumerate(TAG_WEIGHTS):
                         fused = fuse(cos, tag, lam)
                         wins[j] += max(fused, key=lambda key: (fused[key], -key)) == k
+            yield_gil()  # a route waiting for the lock gets it now (a lock released and retaken at once stays here)
         base = TAG_WEIGHTS.index(LEARNED_TAG_WEIGHT)
         best = int(np.argmax(wins))
         if wins[best] - wins[base] < max(5.0, TAG_TUNE_GAIN * len(rows)):  # no clear evidence: the learned default
