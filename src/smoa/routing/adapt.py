@@ -15,6 +15,8 @@ the serving process it would share the GIL with the routes (a thread that wants 
 interval, 5 ms, while another runs Python). With routes served back to back beside it, a training in a thread of
 the serving process took 1.3x as long as alone and raised the routes' p99 from 0.45 to 0.55 ms; in the child it
 takes about as long as alone and the p99 does not move (``benchmarks/bench_adapt_load.py``, ``docs/bench_routing.md``).
+The child then encodes the library's examples with the new encoder too (:func:`adapt_encoder`), so the serving
+process only builds the encoder, refits the keys and swaps.
 
 Inference: the factors are merged into the fp32 weights (:meth:`MixtureHandle.merge`) and the linears run as
 int8 (``torch.ao.quantization.quantize_dynamic``): an :class:`AdaptedEncoder` costs what the base int8 encoder
