@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--intents", type=int, default=20)
     ap.add_argument("--per-intent", type=int, default=50)
-    ap.add_argument("--whole", action="store_true", help="Router.adapt beside routes: examples encoded in the child vs here")
+    ap.add_argument("--whole", action="store_true",
+                    help="Router.adapt beside routes: examples encoded in the child vs here")
     ap.add_argument("--whole-steps", type=int, default=10, help="training steps of each --whole adaptation")
     args = ap.parse_args(argv)
     router, texts, labels, queries = library(args.intents, args.per_intent)

@@ -288,7 +288,8 @@ def _train_in_child(
                         if stop is not None and stop.is_set():
                             child.kill()
                             child.wait()
-                            return Adapted(None, AdaptHistory(examples=len(texts), adapters=len(set(labels)), stopped=True))
+                            stopped = AdaptHistory(examples=len(texts), adapters=len(set(labels)), stopped=True)
+                            return Adapted(None, stopped)
             finally:
                 if child.poll() is None:  # this thread was interrupted: the child must not outlive the request
                     child.kill()
@@ -308,7 +309,9 @@ def _read_vectors(path: Path, sizes: list[int]) -> list[np.ndarray]:
     try:
         x = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise RuntimeError(f"query-LoRA training process gave unreadable embeddings ({type(exc).__name__}: {exc})") from None
+        raise RuntimeError(
+            f"query-LoRA training process gave unreadable embeddings ({type(exc).__name__}: {exc})"
+        ) from None
     if x.dtype != np.float32 or x.shape != (sum(sizes), AdaptedEncoder.dim) or not np.isfinite(x).all():
         raise RuntimeError(f"query-LoRA training process gave embeddings {x.dtype} {x.shape}, expected float32 "
                            f"({sum(sizes)}, {AdaptedEncoder.dim}), finite")  # fmt: skip
@@ -523,5 +526,5 @@ def load_adapted(directory: Path, version: str, base: str):  # -> LoraWeights
     return weights
 
 
-__all__ = ["ADAPTED_FILE", "AdaptHistory", "Adapted", "AdaptedEncoder", "adapt_encoder", "AdaptedEncoderError", "load_adapted", "save_adapted",
-           "target_modules", "train_query_lora", "version_of"]  # fmt: skip
+__all__ = ["ADAPTED_FILE", "AdaptHistory", "Adapted", "AdaptedEncoder", "AdaptedEncoderError", "adapt_encoder",
+           "load_adapted", "save_adapted", "target_modules", "train_query_lora", "version_of"]  # fmt: skip

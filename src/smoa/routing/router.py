@@ -673,7 +673,8 @@ class Router:
         <smoa.routing.adapt.adapt_encoder>`), so that the serving process does not."""
         with self._lock:
             lrn = self._learner
-            groups = [g for k in sorted(keys) if k in lrn.stored for g in ([lrn.stored[k].routing], list(lrn.stored[k].texts))]
+            stored = [lrn.stored[k] for k in sorted(keys) if k in lrn.stored]
+            groups = [g for st in stored for g in ([st.routing], list(st.texts))]
             return groups + ([list(lrn.negative_texts)] if lrn.negative_texts else [])
 
     def _reencoded(
