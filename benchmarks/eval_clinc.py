@@ -395,7 +395,6 @@ def memo_adaptation() -> dict:
         weights, hist = cached(texts, labels, epochs, stop=stop)
         return qa.Adapted(weights, hist)  # no embeddings: the router encodes its examples itself
 
-    qa.train_query_lora = cached
     qa.adapt_encoder = cached_adapt
     return log
 

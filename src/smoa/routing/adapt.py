@@ -227,8 +227,8 @@ def adapt_encoder(
     batch, so a group's batch is kept as the caller would make it).
 
     In the training child the encoding runs there too: re-encoding a library's examples (CLINC150: 15,000 texts,
-    ~25 s) in the serving process raised the routes' p99 from 0.73 to 1.09 ms and their max from 3 to 24 ms
-    (``docs/bench_routing.md``). Without a child (``in_subprocess`` false, or none can be started),
+    ~25 s) in the serving process made the whole adaptation 15-30 s longer and the routes' p99 beside it 0.08-0.14
+    ms higher (``benchmarks/bench_adapt_load.py --whole``, ``docs/bench_routing.md``). Without a child (``in_subprocess`` false, or none can be started),
     ``vectors`` is ``None`` and the caller encodes.
     """
     from smoa.routing.encoders._paths import encoder_threads

@@ -182,7 +182,7 @@ def yield_gil() -> None:
     """Hand the GIL to a thread waiting for it (a route), if any, between the steps of a loop that runs beside the
     routes: such a loop otherwise keeps it for up to Python's switch interval (5 ms) at a time. A route that started
     at an adaptation's swap took 148 ms beside the fast path's projection tuning; with the yields, the slowest routes
-    there took 24-68 ms (``docs/bench_routing.md``). Costs ~1 us when nobody waits."""
+    there took 24-68 ms (a scratch timeline, ``docs/bench_routing.md``). Costs ~1 us when nobody waits."""
     time.sleep(0)
 
 

@@ -98,6 +98,7 @@ from smoa.routing.learner import (
     NEIGHBOURS,
     REFIT_EPOCHS,
     KeyLearner,
+    Stored,
     digest,
     held_out_mask,
     initial_keys,
@@ -143,7 +144,7 @@ LEARNED_TAG_WEIGHT = 0.05  # the choice for adapters with learned keys unless th
 # semantic 94.9 %; the main job's BBC routing: 95 % at 0.05 and 0.1, 94 % at 0)
 TAG_TUNE_EXAMPLES = 2000  # example texts the choice is made on (a deterministic subsample beyond)
 TAG_TUNE_MIN = 50
-TAG_TUNE_CHUNK = 8  # example routes per hold of the router's lock (64: a route waited ~120 ms for one chunk)
+TAG_TUNE_CHUNK = 8  # example routes per hold of the router's lock (64: a route waited ~120 ms, scratch timeline)
 TAG_TUNE_GAIN = 0.02  # another weight must route this share (and >= 5) more of them right than LEARNED_TAG_WEIGHT
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
 DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
@@ -673,8 +674,7 @@ class Router:
         <smoa.routing.adapt.adapt_encoder>`), so that the serving process does not."""
         with self._lock:
             lrn = self._learner
-            stored = [lrn.stored[k] for k in sorted(keys) if k in lrn.stored]
-            groups = [g for st in stored for g in ([st.routing], list(st.texts))]
+            groups = [g for k in sorted(keys) if k in lrn.stored for g in _text_batches(lrn.stored[k])]
             return groups + ([list(lrn.negative_texts)] if lrn.negative_texts else [])
 
     def _reencoded(
@@ -696,7 +696,8 @@ class Router:
             neg_fast = old.negatives_fast
         fresh = KeyLearner(self.dim, old.max_keys)
         for k, st in sorted(snap.items()):
-            tv, ev = batch([st.routing])[0], batch(list(st.texts))
+            routing, texts = _text_batches(st)
+            tv, ev = batch(routing)[0], batch(texts)
             fresh.remember(k, tv, ev, st.text_fast, st.examples_fast, st.texts, st.routing)
             fresh.initial[k] = (old.initial[k][0], initial_keys(tv, ev, ADAPTED_KEYS))
             yield_gil()  # ~10 ms of small numpy steps per adapter (its k-means): routes wait less for the GIL
@@ -1489,6 +1490,12 @@ def _nearest_rivals(sims: np.ndarray, slots: np.ndarray, trainable: Sequence[int
     order = np.argsort(-flat_s, kind="stable")
     _, first = np.unique(flat_i[order], return_index=True)
     return flat_i[order][np.sort(first)][:cap]
+
+
+def _text_batches(st: Stored) -> tuple[list[str], list[str]]:
+    """The two batches an adapter's texts are encoded in when the query encoder changes: its routing text alone,
+    its example texts (:meth:`Router._reencoded`; the training child encodes the same ones, ``_reencode_groups``)."""
+    return [st.routing], list(st.texts)
 
 
 def _first_vector(entry: KeyEntry, dim: int) -> np.ndarray:
