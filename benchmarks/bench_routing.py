@@ -20,6 +20,9 @@ faiss ``omp_set_num_threads(1)``); the index is built with all cores.
 * ``search+fuse``: :meth:`Router.route` (HYBRID, route cache off) with the query embedding already known; each
   measure walks every query once, in a pass of its own (a query walked again at once finds its part of the graph in
   the caches: before 2026-12-06 17:00 UTC search+fuse timed each query's third walk in a row);
+  on ``--clock cpu`` with HYBRID's side thread off (thread CPU time cannot see it);
+* ``search+fuse wall: one thread / side thread / auto``: the same routes on the wall clock with
+  ``routing_parallel_side`` False, True and "auto" (the default), side by side (:func:`side_ab`);
 * ``e2e <enc>``: encoding a real sentence with ``<enc>`` + ``search+fuse``, timed together;
 * ``recall@5``: overlap of the router's SEMANTIC top-5 with the exact top-5 over the float32 keys;
 * ``B/adapter``: the vector index's own accounting (faiss codes + graph + id arrays), the tag index's and the
@@ -202,6 +205,8 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
     for i in range(20):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)
     search, brute, fuse, got = [], [], [], []
+    # thread CPU time cannot see HYBRID's side thread (smoa.routing.side): on that clock the routes run on one thread
+    router.config.routing_parallel_side = "auto" if clock is not time.thread_time else False
     # one pass per measure, each a stream of different queries, as a router serves them: a query walked again
     # right after its first walk finds its part of the graph in the caches (at 1M: search+fuse p50 / p99 0.73 /
     # 1.13 ms on the third walk of each query, 0.94 / 1.36 ms on the first, scratch harness of 2026-12-06)
@@ -216,6 +221,8 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
     for i in range(N_QUERIES):
         got.append([int(a[3:]) for a in router.route(texts[i], strategy="semantic", k=5).adapter_ids])
     out["search"], out["fuse"] = pct(search), pct(fuse)
+    out["side"] = side_ab(router, texts)
+    router.config.routing_parallel_side = "auto" if clock is not time.thread_time else False  # e2e: as search+fuse
     out["recall"] = recall(np.array(got), exact)
     for name, enc in encoders.items():
         e2e = []
@@ -245,6 +252,30 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
     out["brute"] = pct(brute)
     del router
     return out
+
+
+SIDE_MODES = (False, True, "auto")  # routing_parallel_side: one thread, always beside the walk, measured (default)
+
+
+def side_ab(router: Router, texts: list[str]) -> dict:
+    """search+fuse (wall time) per ``routing_parallel_side`` mode (HYBRID's side thread, :mod:`smoa.routing.side`),
+    side by side: three passes over the queries' two halves, each mode serving each half once (a query walked
+    again finds part of its graph in the caches, so no mode gets only first walks). "auto" starts from a fresh
+    :class:`~smoa.routing.costs.SideChoice` (a new router's)."""
+    from smoa.routing.costs import SideChoice
+
+    half = len(texts) // 2
+    lat: dict = {m: [] for m in SIDE_MODES}
+    router._side_choice = SideChoice()
+    for rep in range(3):
+        for h in (0, 1):
+            mode = SIDE_MODES[(h + rep) % 3]
+            router.config.routing_parallel_side = mode
+            for i in range(h * half, (h + 1) * half):
+                t = time.perf_counter()
+                router.route(texts[i], strategy="hybrid", k=5)
+                lat[mode].append((time.perf_counter() - t) * 1e3)
+    return {m: pct(v) for m, v in lat.items()}
 
 
 class _AtEf:
@@ -481,9 +512,11 @@ def budget_router(n: int, rng: np.random.Generator, kind: str = "random") -> tup
     return router, intents
 
 
-def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator, kinds: list[str]) -> list[dict]:
+def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator, kinds: list[str],
+                 sides: tuple = ("auto",)) -> list[dict]:
     """Budget -> in-scope top-1 / OOS recall / p50 / p99 (end to end, encoding included) / share escalated, per
-    library size and distractor kind (sizes up to 1,000 have no distractors beyond 850 random ones)."""
+    library size and distractor kind (sizes up to 1,000 have no distractors beyond 850 random ones), and per
+    ``routing_parallel_side`` in ``sides`` (HYBRID's side thread, :mod:`smoa.routing.side`)."""
     from smoa.data.clinc import clinc150
 
     val = clinc150("val")
@@ -495,8 +528,9 @@ def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator, kinds: 
         t = time.perf_counter()
         router, _ = budget_router(n, rng, kind)
         build = time.perf_counter() - t
-        for budget in BUDGETS:
+        for budget, side in [(b, sd) for b in BUDGETS for sd in sides]:
             router.config.routing_latency_budget_ms = budget
+            router.config.routing_parallel_side = side
             router.encoder._cache.clear()  # every query is encoded for real (by the base and the learned encoder)
             router.query_encoder._cache.clear()
             before = dict(router.statistics())
@@ -515,14 +549,14 @@ def budget_table(sizes: list[int], n_val: int, rng: np.random.Generator, kinds: 
                 empty_oos.append(not r.adapter_ids)
             st = router.statistics()
             q = st["queries"] - before["queries"]
-            rows.append({"n": n, "kind": kind, "budget": budget, "top1": 100 * np.mean(hits), "oos": 100 * np.mean(empty_oos),
+            rows.append({"n": n, "kind": kind, "budget": budget, "side": side, "top1": 100 * np.mean(hits), "oos": 100 * np.mean(empty_oos),
                          "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                          "sf50": float(np.percentile(sf, 50)), "sf99": float(np.percentile(sf, 99)),
                          "escalated": 100 * (st["escalated"] - before["escalated"]) / q,
                          "degraded": 100 * (st["degraded"] - before["degraded"]) / q, "build": build,
                          "threshold": st["threshold"]})  # fmt: skip
             r = rows[-1]
-            print(f"| {n:,} | {kind} | {budget:g} | {r['top1']:.1f} | {r['oos']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | "
+            print(f"| {n:,} | {kind} | {budget:g} | {side} | {r['top1']:.1f} | {r['oos']:.1f} | {r['p50']:.3f} | {r['p99']:.3f} | "
                   f"{r['sf50']:.3f} / {r['sf99']:.3f} | {r['escalated']:.1f} | {r['degraded']:.1f} |", flush=True)
         del router
     return rows
@@ -535,9 +569,9 @@ def plot_budgets(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for n, kind in sorted({(r["n"], r["kind"]) for r in rows}):
-        rs = [r for r in rows if (r["n"], r["kind"]) == (n, kind)]
-        lib = f"{n:,}" if n <= 1000 else f"{n:,} {kind}"
+    for n, kind, side in sorted({(r["n"], r["kind"], r["side"]) for r in rows}, key=str):
+        rs = [r for r in rows if (r["n"], r["kind"], r["side"]) == (n, kind, side)]
+        lib = (f"{n:,}" if n <= 1000 else f"{n:,} {kind}") + ("" if side == "auto" else f" side={side}")
         a.plot([r["budget"] for r in rs], [r["top1"] for r in rs], "o-", label=f"top-1, {lib} adapters")
         a.plot([r["budget"] for r in rs], [r["oos"] for r in rs], "s--", label=f"OOS recall, {lib}")
         b.plot([r["budget"] for r in rs], [r["p50"] for r in rs], "o-", label=f"p50, {lib}")
@@ -563,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-distractors", default="random,realistic",
                     help="distractor kinds of the budget table's libraries over 1,000 adapters (random, realistic)")
     ap.add_argument("--budget-queries", type=int, default=3000, help="CLINC150 val queries per budget row (3,000: all of val)")
+    ap.add_argument("--budget-side", choices=("auto", "on", "off", "all"), default="auto",
+                    help="HYBRID's side thread (routing_parallel_side) in the budget table: auto (the default), on, "
+                         "off, or all three side by side per budget")
     ap.add_argument("--budget-plot", default=str(ROOT / "docs" / "bench_routing_budget.png"))
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="latency clock: wall time, or the query thread's CPU time (a loaded, shared box: time spent "
@@ -576,11 +613,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [1000, 10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(0)
     if args.budgets:
-        print("| adapters | distractors | budget ms | top-1 % | OOS recall % | p50 ms | p99 ms | "
+        sides = {"auto": ("auto",), "on": (True,), "off": (False,), "all": SIDE_MODES}[args.budget_side]
+        if clock is time.thread_time and sides != (False,):
+            ap.error("--clock cpu cannot see HYBRID's side thread: use --budget-side off, or the wall clock")
+        print("| adapters | distractors | budget ms | side thread | top-1 % | OOS recall % | p50 ms | p99 ms | "
               "search+fuse p50 / p99 ms (wall) | escalated % | degraded % |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         kinds = args.budget_distractors.split(",")
-        rows = budget_table([int(x) for x in args.budgets.split(",")], args.budget_queries, rng, kinds)
+        rows = budget_table([int(x) for x in args.budgets.split(",")], args.budget_queries, rng, kinds, sides)
         plot_budgets(rows, Path(args.budget_plot))
         print(f"plot: {args.budget_plot}")
         return 0
@@ -607,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ("| adapters | index | build s | B/adapter index | B/adapter tags | B/adapter groups | RSS B/adapter | "
             "search p50/p99 ms | "
             "brute p50/p99 ms | brute/search p99 | search+fuse p50/p99 ms | "
+            "search+fuse wall p50/p99 ms: one thread / side thread / auto | "
             + " | ".join(f"e2e {e} p50/p99 ms" for e in encoders) + " | recall@5 |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -618,7 +659,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {n:,} | {r['kind']} | {r['build_s']:.1f} | {r['bytes_per']:.0f} | {r['tag_bytes_per']:.0f} | "
               f"{r['group_bytes_per']:.0f} | {r['rss_per']:.0f} | {r['search'][0]:.3f} / {r['search'][1]:.3f} | "
               f"{r['brute'][0]:.3f} / {r['brute'][1]:.3f} | {r['brute'][1] / r['search'][1]:.1f}x | "
-              f"{r['fuse'][0]:.3f} / {r['fuse'][1]:.3f} | {e2e} | {r['recall']:.3f} |", flush=True)
+              f"{r['fuse'][0]:.3f} / {r['fuse'][1]:.3f} | "
+              + " ; ".join(f"{a:.3f} / {b:.3f}" for a, b in r["side"].values()) + f" | {e2e} | {r['recall']:.3f} |",
+              flush=True)
     for r in results:
         if "sweep" in r:
             print(f"\nefSearch sweep at {r['n']:,} (index search only, {N_QUERIES} queries)\n")
@@ -628,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) > 1:
         first, last = results[0], results[-1]
         print(f"\ngrowth {first['n']:,} -> {last['n']:,} (p99): search+fuse {last['fuse'][1] / first['fuse'][1]:.2f}x, "
+              + "".join(f"search+fuse wall {name} {last['side'][m][1] / first['side'][m][1]:.2f}x, "
+                        for m, name in zip(SIDE_MODES, ("one thread", "side thread", "auto")))
               + ", ".join(f"{k} {last[k][1] / first[k][1]:.2f}x" for k in first if k.startswith("e2e"))
               + f", index search {last['search'][1] / first['search'][1]:.2f}x")
         plot(results, Path(args.plot))

@@ -128,6 +128,9 @@ class SMoAConfig:
     routing_temperature: float = 0.05
     routing_keys_per_adapter: int = 4  # P: most routing keys (k-means prototypes of its examples) per adapter
     routing_adapt_encoder: bool = True  # MiniLM encoders: optimize_library() trains a query LoRA (smoa.routing.adapt)
+    # HYBRID over an HNSW index: the walk-free steps on a helper thread beside the walk (smoa.routing.side); "auto":
+    # when the router measures it faster (smoa.routing.costs.SideChoice), True: always, False: never
+    routing_parallel_side: bool | str = "auto"
     route_cache_size: int = 10_000
     embedding_cache_size: int = 10_000
     # --- optimisation details
@@ -154,6 +157,10 @@ class SMoAConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__})")
+        if not isinstance(self.routing_parallel_side, bool) and not (
+            isinstance(self.routing_parallel_side, str) and self.routing_parallel_side == "auto"
+        ):
+            raise ConfigError(f"`routing_parallel_side` must be True, False or 'auto', got {self.routing_parallel_side!r}")
         if self.storage_path is not None:
             self.storage_path = _check_storage_path(self.storage_path)
         if self.weights_path is not None:  # an object store URL (issue 13); the backend checks the rest at open

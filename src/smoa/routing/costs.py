@@ -4,6 +4,8 @@ cheapest path that fits *before* it starts, instead of noticing afterwards that 
 * :class:`EncoderCost` predicts what the main (int8 MiniLM) encoder costs on a text: ``base + per_char * (chars -
   64)``, both terms medians of recent samples, re-measured in the background when a refused escalation might
   rest on a stale figure.
+* :class:`SideChoice` says whether HYBRID's walk-free steps run beside the walk on the side thread
+  (:mod:`smoa.routing.side`) or after it, whichever recently took less time.
 * :class:`WalkCost` predicts what an HNSW walk costs per unit of efSearch and what the steps after it (the
   small-group rescue, HYBRID's tag side) cost, and picks the widest beam that fits what is left of a budget (less
   what its recent plans under-predicted); it also says whether the tag side still fits.
@@ -37,6 +39,9 @@ PLAN_ERROR_SAMPLES = 128  # recent (actual - planned) ms from a beam's plan to t
 PLAN_ERROR_PERCENTILE = 99  # ... held back from the budget: a budget bounds the tail of routes, not their median
 PLAN_ERROR_MIN_SAMPLES = 16
 TAG_EXPLORE_EVERY = 128  # a tag side refused this many times runs once anyway: its cost model stays current
+SIDE_SAMPLES = 64  # recent HYBRID walk-and-tag phases (ms) per mode, serial and beside the walk (SideChoice)
+SIDE_MIN_SAMPLES = 8  # each mode runs until it has this many; then the faster one, the other now and then
+SIDE_EXPLORE_EVERY = 128  # ... once per this many routes (under 1 %: the p99 is the chosen mode's)
 
 
 class EncoderCost:
@@ -184,6 +189,34 @@ class WalkCost:
             actual = (time.perf_counter() - start) * 1e3
             if actual < 1e3:  # a plan left by a route that failed before its end says nothing
                 self.error.append(actual - planned)
+
+
+class SideChoice:
+    """Whether a HYBRID route over an HNSW index runs its walk-free steps beside the walk (``True``) or after it.
+
+    The gain depends on the walk's length and on what a hand-over costs on this machine. On the 2-vCPU KVM box of
+    ``docs/bench_routing.md`` waking the side thread took ~0.12 ms: beside a 1M-key walk (~0.45 ms) the side ran
+    free, beside a 10K-key walk (~0.08 ms) the route waited for it and was ~0.25 ms slower. So the router times
+    both: the phase from the walk's start to the fused scores (wall ms on the route's thread), one window per
+    mode. Each mode runs until it has :data:`SIDE_MIN_SAMPLES`; then the one with the lower median, and the
+    other once per :data:`SIDE_EXPLORE_EVERY` routes so its window follows the machine's load and the index's
+    growth. Both modes give the same scores, float for float: only the time differs.
+    """
+
+    def __init__(self) -> None:
+        self.ms = {False: Window(SIDE_SAMPLES), True: Window(SIDE_SAMPLES)}
+        self._routes = 0
+
+    def pick(self) -> bool:
+        self._routes += 1
+        after, beside = self.ms[False], self.ms[True]
+        if len(after) < SIDE_MIN_SAMPLES or len(beside) < SIDE_MIN_SAMPLES:
+            return len(beside) <= len(after)
+        best = beside.percentile(50) < after.percentile(50)
+        return (not best) if self._routes % SIDE_EXPLORE_EVERY == 0 else best
+
+    def record(self, beside: bool, ms: float) -> None:
+        self.ms[beside].append(ms)
 
 
 class Window:

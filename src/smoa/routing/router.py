@@ -75,6 +75,7 @@ import io
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -106,8 +107,9 @@ from smoa.routing.learner import (
     slots_of,
     yield_gil,
 )  # fmt: skip
-from smoa.routing.costs import EncoderCost, WalkCost
+from smoa.routing.costs import EncoderCost, SideChoice, WalkCost
 from smoa.routing.route import Route
+from smoa.routing.side import SideThread, usable_cpus
 from smoa.routing.strategies import METADATA_TAG_WEIGHT, TEXT_TAG_WEIGHT, fuse, select_top, softmax_weights
 from smoa.textcheck import validate_query_text
 
@@ -240,10 +242,16 @@ class Router:
         self._pending: OrderedDict[bytes, tuple] = OrderedDict()  # encode_keys output -> its embeddings
         self._main_cost = EncoderCost()  # predicted main-encoder ms per text (the budget's escalation decision)
         self._walk_cost = WalkCost()  # HNSW ms per efSearch unit and the steps after a walk (the budget's beam)
+        self._side_choice = SideChoice()  # HYBRID's walk-free steps beside the walk or after it (routing_parallel_side)
         self._rescue: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # groups -> rows
         self._rescue_at: tuple = ()  # the index / groups versions the rescue cache holds
         self._rescue_rows = 0
         self._tag_end: float | None = None  # perf_counter at the end of this route's tag side (WalkCost.tail_done)
+        # the walk-free steps of a route beside its HNSW walk (smoa.routing.side, while ``routing_parallel_side``);
+        # its thread starts at the first such route; one core would only interleave them
+        self._side = SideThread() if usable_cpus() >= 2 else None
+        if self._side is not None:
+            weakref.finalize(self, self._side.close)
         self._weak: dict[int, tuple] = {}  # learned adapter -> (its learned entry, weakest examples, their levels)
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
@@ -1195,6 +1203,12 @@ class Router:
         walk = self._vectors.kind != "flat" and not (allowed is not None and len(allowed) <= EXACT_GROUP_LIMIT)
         ef = self._budget_ef(t0) if walk else None
         degraded |= ef is not None
+        # HYBRID's walk-free steps may run beside an unrestricted walk (SEMANTIC's, the rescue alone at ~20 us, costs
+        # less than the hand-over); whether they do is measured per route (SideChoice), so both modes are timed
+        timed = walk and allowed is None and strat is RoutingStrategy.HYBRID and self._side is not None
+        if timed and self._beside():
+            return self._beside_walk(q, text, terms, n_cand, ef, timings, t0, degraded)
+        t_phase = time.perf_counter()
         if allowed is not None and len(allowed) <= EXACT_GROUP_LIMIT:
             # few members: score them exactly (a filtered HNSW walk can miss a small, remote group)
             cos = self._exact_scores(allowed, q)
@@ -1204,6 +1218,16 @@ class Router:
         timings["search"] += (t_walk - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
             return cos, cos, degraded
+        out = self._tag_after_walk(q, text, terms, cos, n_cand, walk, timings, t0, degraded)
+        if timed:
+            self._side_choice.record(False, (time.perf_counter() - t_phase) * 1e3)
+        return out
+
+    def _tag_after_walk(
+        self, q: np.ndarray, text: str, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int, walk: bool,
+        timings: dict[str, float], t0: float, degraded: bool,
+    ) -> tuple[dict[int, float], dict[int, float], bool]:
+        """HYBRID's tag side after the search, on this thread: the scores fused with the cosines ``cos``."""
         t = time.perf_counter()
         lam = METADATA_TAG_WEIGHT if terms else self.text_tag_weight
         terms = terms or self._tags.match_text(text)
@@ -1221,6 +1245,69 @@ class Router:
         self._walk_cost.tag_done(ms)
         if walk:
             self._walk_cost.add_after(ms)
+        return scores, cos, degraded
+
+    def _beside(self) -> bool:
+        """Whether this HYBRID route runs its walk-free steps beside the walk (:meth:`_beside_walk`), as
+        ``routing_parallel_side`` says (read per route, so it can be switched on a live router): ``"auto"``: the
+        mode :class:`~smoa.routing.costs.SideChoice` measured faster."""
+        mode = getattr(self.config, "routing_parallel_side", "auto")
+        if isinstance(mode, bool):
+            return mode
+        return self._side_choice.pick()
+
+    def _beside_walk(
+        self, q: np.ndarray, text: str, terms: list[tuple[str, int]], n_cand: int, ef: int | None,
+        timings: dict[str, float], t0: float, degraded: bool,
+    ) -> tuple[dict[int, float], dict[int, float], bool]:
+        """HYBRID's :meth:`_semantic_side` over an unrestricted HNSW walk, with the steps that do not need the walk's
+        result on the side thread (:mod:`smoa.routing.side`) while this thread walks (faiss releases the GIL): the
+        small-group rescue, the query's words, the adapters holding its rarest terms (scored exactly) and the tag
+        scores of both. After the walk only the walk's own candidates are tag-scored. The scores are those of the
+        serial path (:meth:`_search_cos` then :meth:`_tag_side`), float for float."""
+        lam = METADATA_TAG_WEIGHT if terms else self.text_tag_weight
+        k = n_cand * min(self._max_p, 4) if ef is None else min(n_cand * min(self._max_p, 4), ef)
+
+        def side() -> tuple[dict[int, float], list[tuple[str, int]], dict[int, float], dict[int, float]]:
+            rescue = self._small_group_scores(q, k)
+            use = terms or self._tags.match_text(text)
+            if not use:
+                return rescue, use, {}, {}
+            rare = self._rare_candidates(q, use, n_cand, rescue)
+            return rescue, use, rare, self._tags.score_keys(use, [*rescue, *rare])
+
+        t = time.perf_counter()
+        pending = self._side.start(side)  # type: ignore[union-attr]
+        try:
+            sims, slots = self._vectors.search(q[None, :], k, ef_search=ef)
+        finally:
+            pending.wait()  # the side reads the index: it must end before this route can release the lock
+        t_walk = time.perf_counter()
+        rescue, use, rare, tag = pending.result()
+        cos = _max_by_owner(slots[0], sims[0])
+        cos.update(rescue)
+        t_end = time.perf_counter()
+        self._walk_cost.record((t_walk - t) * 1e3, max(k, ef or self._vectors.ef_search), (t_end - t_walk) * 1e3)
+        timings["search"] += (t_end - t) * 1e3
+        if not use:
+            self._side_choice.record(True, (t_end - t) * 1e3)
+            return cos, cos, degraded
+        if not self._tag_side_fits(t0):
+            timings["fuse"] += (time.perf_counter() - t_end) * 1e3
+            self._side_choice.record(True, (time.perf_counter() - t) * 1e3)
+            return cos, cos, True
+        for key, score in rare.items():  # an adapter the walk found keeps the walk's score, as in _tag_side
+            cos.setdefault(key, score)
+        rest = [key for key in cos if key not in tag]
+        if rest:
+            tag.update(self._tags.score_keys(use, rest))
+        scores = fuse(cos, {key: tag[key] for key in cos}, lam)
+        self._tag_end = time.perf_counter()
+        ms = (self._tag_end - t_end) * 1e3
+        timings["fuse"] += ms
+        self._walk_cost.tag_done(ms)
+        self._walk_cost.add_after(ms)
+        self._side_choice.record(True, (self._tag_end - t) * 1e3)
         return scores, cos, degraded
 
     def _tag_side_fits(self, t0: float) -> bool:
@@ -1257,17 +1344,24 @@ class Router:
     def _tag_side(self, q: np.ndarray, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int) -> dict[int, float]:
         """HYBRID's tag scores of the candidates in ``cos``, which first gains (scored exactly against ``q``) the
         adapters holding the query's rarest terms (at most ``TAG_SCAN_LIMIT`` postings scanned)."""
+        cos.update(self._rare_candidates(q, terms, n_cand, cos))
+        return self._tags.score_keys(terms, cos)  # one pass over every candidate (the numpy cost is per term)
+
+    def _rare_candidates(
+        self, q: np.ndarray, terms: list[tuple[str, int]], n_cand: int, known: Mapping[int, float]
+    ) -> dict[int, float]:
+        """HYBRID's tag-side candidates not in ``known``, scored exactly against ``q``: the ``n_cand`` best adapters
+        holding the query's rarest terms (at most ``TAG_SCAN_LIMIT`` postings scanned)."""
         rare, budget = [], TAG_SCAN_LIMIT
         for term in sorted(terms, key=lambda tf: self._tags.posting_total([tf])):
             budget -= self._tags.posting_total([term])
             if budget < 0:
                 break
             rare.append(term)
-        if rare:  # tag-side candidates: the adapters holding the query's rarest tags (bounded scan)
-            extra = [key for key in self._tags.score(rare, limit=n_cand) if key not in cos]
-            if extra:
-                cos.update(self._exact_scores(np.asarray(extra, np.int64), q))
-        return self._tags.score_keys(terms, cos)  # one pass over every candidate (the numpy cost is per term)
+        if not rare:
+            return {}
+        extra = [key for key in self._tags.score(rare, limit=n_cand) if key not in known]
+        return self._exact_scores(np.asarray(extra, np.int64), q) if extra else {}
 
     @property
     def text_tag_weight(self) -> float:
