@@ -179,7 +179,8 @@ def rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ one size
-def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef: int | None, sweep: bool) -> dict:
+def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef: int | None, sweep: bool,
+               side_rounds: int = 4) -> dict:
     import faiss
 
     keys, tags = pool.keys(n, rng)
@@ -221,7 +222,7 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
     for i in range(N_QUERIES):
         got.append([int(a[3:]) for a in router.route(texts[i], strategy="semantic", k=5).adapter_ids])
     out["search"], out["fuse"] = pct(search), pct(fuse)
-    out["side"] = side_ab(router, texts)
+    out["side"] = side_ab(router, texts, side_rounds)
     router.config.routing_parallel_side = "auto" if clock is not time.thread_time else False  # e2e: as search+fuse
     out["recall"] = recall(np.array(got), exact)
     for name, enc in encoders.items():
@@ -257,17 +258,18 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
 SIDE_MODES = (False, True, "auto")  # routing_parallel_side: one thread, always beside the walk, measured (default)
 
 
-def side_ab(router: Router, texts: list[str]) -> dict:
+def side_ab(router: Router, texts: list[str], rounds: int) -> dict:
     """search+fuse (wall time) per ``routing_parallel_side`` mode (HYBRID's side thread, :mod:`smoa.routing.side`),
-    side by side: three passes over the queries' two halves, each mode serving each half once (a query walked
-    again finds part of its graph in the caches, so no mode gets only first walks). "auto" starts from a fresh
+    side by side: per round, three passes over the queries' two halves, each mode serving each half once (a query
+    walked again finds part of its graph in the caches, so no mode gets only first walks); ``rounds`` rounds (one
+    gives 500 routes per mode: a p99 of 5 samples, noisy on a shared box). "auto" starts from a fresh
     :class:`~smoa.routing.costs.SideChoice` (a new router's)."""
     from smoa.routing.costs import SideChoice
 
     half = len(texts) // 2
     lat: dict = {m: [] for m in SIDE_MODES}
     router._side_choice = SideChoice()
-    for rep in range(3):
+    for rep in range(3 * rounds):
         for h in (0, 1):
             mode = SIDE_MODES[(h + rep) % 3]
             router.config.routing_parallel_side = mode
@@ -597,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-distractors", default="random,realistic",
                     help="distractor kinds of the budget table's libraries over 1,000 adapters (random, realistic)")
     ap.add_argument("--budget-queries", type=int, default=3000, help="CLINC150 val queries per budget row (3,000: all of val)")
+    ap.add_argument("--side-rounds", type=int, default=4,
+                    help="rounds of the side-thread comparison per size (each: 500 routes per routing_parallel_side mode)")
     ap.add_argument("--budget-side", choices=("auto", "on", "off", "all"), default="auto",
                     help="HYBRID's side thread (routing_parallel_side) in the budget table: auto (the default), on, "
                          "off, or all three side by side per budget")
@@ -653,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * (head.count("|") - 1))
     results = []
     for n in sizes:
-        r = bench_size(n, pool, rng, encoders, args.ef, sweep=not args.quick and n >= 100_000)
+        r = bench_size(n, pool, rng, encoders, args.ef, sweep=not args.quick and n >= 100_000, side_rounds=args.side_rounds)
         results.append(r)
         e2e = " | ".join(f"{r[f'e2e {e}'][0]:.3f} / {r[f'e2e {e}'][1]:.3f}" for e in encoders)
         print(f"| {n:,} | {r['kind']} | {r['build_s']:.1f} | {r['bytes_per']:.0f} | {r['tag_bytes_per']:.0f} | "

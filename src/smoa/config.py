@@ -128,8 +128,8 @@ class SMoAConfig:
     routing_temperature: float = 0.05
     routing_keys_per_adapter: int = 4  # P: most routing keys (k-means prototypes of its examples) per adapter
     routing_adapt_encoder: bool = True  # MiniLM encoders: optimize_library() trains a query LoRA (smoa.routing.adapt)
-    # HYBRID over an HNSW index: the walk-free steps on a helper thread beside the walk (smoa.routing.side); "auto":
-    # when the router measures it faster (smoa.routing.costs.SideChoice), True: always, False: never
+    # HYBRID over an HNSW index, full beam: the walk-free steps on a helper thread beside the walk (smoa.routing.side);
+    # "auto": when the router measures it faster (smoa.routing.costs.SideChoice), True: always, False: never
     routing_parallel_side: bool | str = "auto"
     route_cache_size: int = 10_000
     embedding_cache_size: int = 10_000
