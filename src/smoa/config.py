@@ -72,15 +72,22 @@ class RoutingStrategy(str, enum.Enum):
 
 
 
+@functools.lru_cache(maxsize=None)
+def _by_text(enum_cls: Any) -> dict[str, Any]:
+    """``enum_cls``' members by value and by lower-case name (a route coerces its strategy: a dict read, not a loop)."""
+    out = {m.name.lower(): m for m in enum_cls}
+    out.update({m.value: m for m in enum_cls if isinstance(m.value, str)})
+    return out
+
+
 def coerce_enum(enum_cls: Any, value: Any, field_name: str) -> Any:
     """Return ``value`` as a member of ``enum_cls``; accept members, values and names (any case)."""
     if isinstance(value, enum_cls):
         return value
     if isinstance(value, str):
-        key = value.strip().lower()
-        for member in enum_cls:
-            if key in (member.value, member.name.lower()):
-                return member
+        member = _by_text(enum_cls).get(value.strip().lower())
+        if member is not None:
+            return member
     allowed = ", ".join(repr(m.value) for m in enum_cls)
     raise ConfigError(f"`{field_name}` must be one of {allowed} (or {enum_cls.__name__}), got {value!r}")
 

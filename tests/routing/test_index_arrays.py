@@ -167,11 +167,15 @@ def test_groups_match_reference_under_random_changes(seed: int) -> None:
     assert all(back.members(n).tolist() == sorted(ref.members[n]) for n in names)
 
 
-def test_keymap_matches_dict() -> None:
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("stride", [1, 3, 1000])
+def test_keymap_matches_dict(stride: int) -> None:
+    """Against a dict under random changes; ``stride`` spreads the keys: at 1 the base moves between dense and
+    sorted as the live keys thin out and fill in, at 3 and 1000 it stays sorted."""
+    rng = np.random.default_rng(stride)
     km, ref = KeyMap(), {}
+    dense_seen = sorted_seen = False
     for step in range(20_000):
-        op, k = rng.random(), int(rng.integers(0, 6000))
+        op, k = rng.random(), int(rng.integers(0, 6000)) * stride
         if op < 0.5:
             v = int(rng.integers(0, 100))
             km.set(k, v)
@@ -179,23 +183,43 @@ def test_keymap_matches_dict() -> None:
         elif op < 0.8:
             assert km.pop(k) == ref.pop(k, MISSING)
         elif op < 0.81:
-            new = np.setdiff1d(rng.integers(6000, 9000, 50), np.fromiter(ref, np.int64))
+            new = np.setdiff1d(rng.integers(6000, 9000, 50) * stride, np.fromiter(ref, np.int64))
             new = np.unique(new)
             km.set_new(new, np.arange(len(new)))
             ref.update(zip(new.tolist(), range(len(new))))
         elif op < 0.82:
-            gone = rng.integers(0, 9000, 40)
+            gone = rng.integers(0, 9000, 40) * stride
             km.pop_many(gone)
             for g in gone.tolist():
                 ref.pop(g, None)
         else:
             assert km.get(k) == ref.get(k, MISSING)
-        if step % 2000 == 0:
-            probe = rng.integers(0, 9000, 300)
+        if step % 500 == 0:
+            probe = np.concatenate([rng.integers(0, 9000, 300) * stride, [-5, 10**12]])
             assert km.get_many(probe).tolist() == [ref.get(int(p), MISSING) for p in probe]
             assert len(km) == len(ref)
+            dense_seen |= km._dense is not None
+            sorted_seen |= km._dense is None and km._base_n > 0
     keys, vals = km.items()
     assert dict(zip(keys.tolist(), vals.tolist())) == ref
+    assert keys.tolist() == sorted(ref)
+    assert sorted_seen and dense_seen == (stride == 1)  # stride 1: the base went dense and back as keys came and went
+
+
+def test_dense_keys_are_read_directly_and_cost_no_more_than_sorted() -> None:
+    """Catalog-like keys (1..n, a few gaps) make the base one values-by-key array: 4 B per possible key, never
+    more than the sorted layout's 8 B per key; negative or sparse keys keep the sorted layout."""
+    km = KeyMap()
+    keys = np.setdiff1d(np.arange(1, 100_001), np.arange(7, 100_001, 10))  # 90 % of 1..100K
+    km.set_new(keys, keys % 1000)
+    assert km._dense is not None and km.nbytes() <= 8 * len(keys)
+    probe = np.array([1, 7, 8, 100_000, 100_001, -3])
+    assert km.get_many(probe).tolist() == [1, MISSING, 8, 0, MISSING, MISSING]
+    assert km.get(17) == MISSING and km.get(18) == 18
+    for odd in (np.array([-1, 0, 1]), np.array([5, 10**7])):
+        other = KeyMap()
+        other.set_new(odd, np.arange(len(odd)))
+        assert other._dense is None and other.get_many(odd).tolist() == list(range(len(odd)))
 
 
 def test_arrays_are_compact_at_scale() -> None:

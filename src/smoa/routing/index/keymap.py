@@ -4,10 +4,17 @@ Layout::
 
     base   keys int32 [n] sorted, values int32 [n]     the bulk, looked up by binary search (keys int64 once
                                                        one does not fit an int32)
+        or values int32 [max key + 1] by key           when the keys are dense (catalog ids: 1..n with few
+                                                       gaps): one read per lookup, 4 B per possible key
     delta  dict key -> value (-1: removed from base)   recent changes, folded into base past 1/16 of its size
 
 A lookup reads the delta first, then the base; a bulk insert of new keys goes straight into the base
 (one sort). Folding costs O(n) numpy work every ``n / 16`` changes, so a change costs O(1) amortised.
+
+The dense base exists for the route's cold lookups: after a 1M-key HNSW walk, a binary search over 4 MB of keys
+missed the caches at every level (~40 us for the ~30 candidates of a route, twice per HYBRID route); reading
+``values[key]`` misses once per key. It is chosen whenever the keys span less than :data:`DENSE_SPAN` times
+their count (plus :data:`DENSE_SLACK`), so it never holds more than the sorted layout's 8 B per key.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import numpy as np
 
 MISSING = -1
 _I32 = 2**31
+DENSE_SPAN = 2  # a dense base spans at most this many slots (4 B each) per key: never above the sorted 8 B
+DENSE_SLACK = 1024
 
 
 def fits32(keys: np.ndarray) -> bool:
@@ -41,8 +50,10 @@ class KeyMap:
     """``int64 key -> int32 value >= 0`` (module docstring); absent keys read as :data:`MISSING`."""
 
     def __init__(self) -> None:
-        self._keys = np.zeros(0, np.int32)  # int64 once a key does not fit
+        self._keys = np.zeros(0, np.int32)  # int64 once a key does not fit; empty while the base is dense
         self._vals = np.zeros(0, np.int32)
+        self._dense: np.ndarray | None = None  # values by key (MISSING where absent), when the keys are dense
+        self._base_n = 0  # keys in the base
         self._delta: dict[int, int] = {}
         self._len = 0
 
@@ -53,6 +64,8 @@ class KeyMap:
         return self.get(key) != MISSING
 
     def _base_get(self, key: int) -> int:
+        if self._dense is not None:
+            return int(self._dense[key]) if 0 <= key < len(self._dense) else MISSING
         if self._keys.dtype == np.int32 and not 0 <= key < _I32:
             return MISSING
         i = int(np.searchsorted(self._keys, self._keys.dtype.type(key)))  # same dtype: no copy of keys
@@ -66,12 +79,21 @@ class KeyMap:
     def get_many(self, keys: np.ndarray) -> np.ndarray:
         """int32 values of ``keys`` ``[m]`` (:data:`MISSING` where absent)."""
         keys = np.asarray(keys, np.int64).reshape(-1)
-        out = np.full(len(keys), MISSING, np.int32)
-        if len(self._keys):
-            q = key_array(keys, self._keys)
-            i = np.minimum(np.searchsorted(self._keys, q), len(self._keys) - 1)
-            hit = self._keys[i] == q
-            out[hit] = self._vals[i[hit]]
+        if self._dense is not None:
+            n = len(self._dense)
+            if len(keys) and 0 <= int(keys.min()) and int(keys.max()) < n:  # the usual case: no mask
+                out = self._dense[keys]
+            else:
+                out = np.full(len(keys), MISSING, np.int32)
+                ok = (keys >= 0) & (keys < n)
+                out[ok] = self._dense[keys[ok]]
+        else:
+            out = np.full(len(keys), MISSING, np.int32)
+            if len(self._keys):
+                q = key_array(keys, self._keys)
+                i = np.minimum(np.searchsorted(self._keys, q), len(self._keys) - 1)
+                hit = self._keys[i] == q
+                out[hit] = self._vals[i[hit]]
         if self._delta:
             rows = range(len(keys)) if len(keys) <= 64 else np.flatnonzero(
                 np.isin(keys, np.fromiter(self._delta.keys(), np.int64, len(self._delta)))).tolist()
@@ -109,9 +131,10 @@ class KeyMap:
         if not len(keys):
             return
         self._fold()
-        keep = ~np.isin(self._keys, keys)
-        self._len -= int(len(self._keys) - keep.sum())
-        self._keys, self._vals = self._keys[keep], self._vals[keep]
+        base_k, base_v = self._base_items()
+        keep = ~np.isin(base_k, keys)
+        self._len -= int(len(base_k) - keep.sum())
+        self._set_base(base_k[keep], base_v[keep])
 
     def set_new(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Bulk insert of keys that are absent (the caller checked) and distinct: one sort into the base."""
@@ -119,19 +142,38 @@ class KeyMap:
         if not len(keys):
             return
         self._fold()
-        k = np.concatenate([self._keys, keys])
-        v = np.concatenate([self._vals, np.asarray(values, np.int32).reshape(-1)])
+        base_k, base_v = self._base_items()
+        k = np.concatenate([base_k, keys])
+        v = np.concatenate([base_v, np.asarray(values, np.int32).reshape(-1)])
         order = np.argsort(k, kind="stable")
-        self._keys, self._vals = narrow(k[order]), v[order]
+        self._set_base(k[order], v[order])
         self._len += len(keys)
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(keys int64 [n] sorted, values int32 [n])``."""
+        """``(keys [n] sorted (int32 while they fit, else int64), values int32 [n])``."""
         self._fold()
-        return self._keys, self._vals
+        return self._base_items()
+
+    def _base_items(self) -> tuple[np.ndarray, np.ndarray]:
+        """The base as sorted ``(keys, values)``."""
+        if self._dense is None:
+            return self._keys, self._vals
+        keys = np.flatnonzero(self._dense != MISSING)
+        return narrow(keys), self._dense[keys]
+
+    def _set_base(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        """Make sorted, distinct ``keys`` with their ``vals`` the base: dense when they span little."""
+        self._base_n = len(keys)
+        vals = np.asarray(vals, np.int32)
+        if len(keys) and int(keys[0]) >= 0 and int(keys[-1]) < min(_I32, DENSE_SPAN * len(keys) + DENSE_SLACK):
+            dense = np.full(int(keys[-1]) + 1, MISSING, np.int32)
+            dense[keys] = vals
+            self._dense, self._keys, self._vals = dense, np.zeros(0, np.int32), np.zeros(0, np.int32)
+        else:
+            self._dense, self._keys, self._vals = None, narrow(np.asarray(keys)), vals
 
     def _maybe_fold(self) -> None:
-        if len(self._delta) > max(4096, len(self._keys) // 16):
+        if len(self._delta) > max(4096, self._base_n // 16):
             self._fold()
 
     def _fold(self) -> None:
@@ -139,17 +181,19 @@ class KeyMap:
             return
         dk = np.fromiter(self._delta.keys(), np.int64, len(self._delta))
         dv = np.fromiter(self._delta.values(), np.int64, len(self._delta))
-        keep = ~np.isin(self._keys, dk)
+        base_k, base_v = self._base_items()
+        keep = ~np.isin(base_k, dk)
         live = dv >= 0
-        k = np.concatenate([self._keys[keep], dk[live]])
-        v = np.concatenate([self._vals[keep], dv[live].astype(np.int32)])
+        k = np.concatenate([base_k[keep], dk[live]])
+        v = np.concatenate([base_v[keep], dv[live].astype(np.int32)])
         order = np.argsort(k, kind="stable")
-        self._keys, self._vals = narrow(k[order]), v[order]
+        self._set_base(k[order], v[order])
         self._delta = {}
 
     def nbytes(self) -> int:
         """Bytes held (arrays, plus ~100 B per pending delta entry)."""
-        return int(self._keys.nbytes + self._vals.nbytes + 100 * len(self._delta))
+        base = self._dense.nbytes if self._dense is not None else self._keys.nbytes + self._vals.nbytes
+        return int(base + 100 * len(self._delta))
 
 
 def sorted_insert(keys: np.ndarray, new: np.ndarray) -> np.ndarray:
