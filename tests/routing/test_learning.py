@@ -345,30 +345,6 @@ def test_one_slow_cold_start_does_not_forbid_escalating_for_good(monkeypatch: py
     assert later.escalated and not later.degraded
 
 
-def test_a_pessimistic_cost_model_explores_an_escalation_on_the_routes_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model stuck above a budget it would fit (its samples taken beside busy routes) refuses every escalation;
-    one refusal in ESCALATE_EXPLORE_EVERY escalates anyway when the prediction is within twice what is left, the
-    route's own timing corrects the model, and the routes after it escalate. A prediction far past the budget is
-    never explored."""
-    monkeypatch.setattr(costs_mod, "ESCALATE_EXPLORE_EVERY", 4)
-    monkeypatch.setattr(costs_mod, "COST_PROBE_INTERVAL_S", 1e9)  # no background probe: the route's thread alone
-    router, _ = fast_router(budget=20.0)
-    monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)  # every fast answer is unsure
-    cost = router._main_cost
-    cost.terms[:] = [30.0, 0.0]  # predicted 30 ms against ~20 left: refused, but within 2x
-    cost.samples[0].extend([30.0] * 3)
-    routes = [router.route(f"bread stock {i}", strategy="semantic") for i in range(16)]
-    # the 4th refusal explores; each explored escalation adds the hash encoder's true cost (well under 1 ms) to
-    # the model, and once those samples hold the median, every unsure route escalates
-    escalated = [i for i, r in enumerate(routes) if r.escalated]
-    assert escalated[:2] == [3, 7] and escalated[-4:] == [12, 13, 14, 15]
-    assert all(r.degraded != r.escalated for r in routes)
-    assert cost.predict(len("bread stock 99")) < 20.0
-    assert all(router.route(f"bread stock after {i}", strategy="semantic").escalated for i in range(3))
-    far = costs_mod.EncoderCost(base_ms=100.0)
-    assert not any(far.explore(100.0, 20.0) for _ in range(20))  # 5x what is left: never
-
-
 def test_a_cpu_bound_encoders_probe_is_timed_on_its_threads_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """The background probe shares the GIL with the routes in flight: on the wall clock it also counted the time it
     waited for them (a busy 1M-key router: 6-10 ms for a 4-5 ms encoder, and a 10 ms budget never escalated). A

@@ -39,8 +39,6 @@ PLAN_ERROR_SAMPLES = 128  # recent (actual - planned) ms from a beam's plan to t
 PLAN_ERROR_PERCENTILE = 99  # ... held back from the budget: a budget bounds the tail of routes, not their median
 PLAN_ERROR_MIN_SAMPLES = 16
 TAG_EXPLORE_EVERY = 128  # a tag side refused this many times runs once anyway: its cost model stays current
-ESCALATE_EXPLORE_EVERY = 128  # a refused escalation this many times in a row runs once anyway (EncoderCost.explore)
-ESCALATE_EXPLORE_FACTOR = 2.0  # ... when the main encoder's predicted cost is at most this many times what is left
 SIDE_SAMPLES = 64  # recent HYBRID walk-and-tag phases (ms) per mode, serial and beside the walk (SideChoice)
 SIDE_MIN_SAMPLES = 8  # each mode runs until it has this many; then the faster one, the other now and then
 SIDE_EXPLORE_EVERY = 512  # ... once per this many routes (1 in 128 moved a 1M-key p99 by 0.1 ms: 0.8 % slower routes)
@@ -53,7 +51,6 @@ class EncoderCost:
         self.terms = [base_ms, per_char_ms]
         self.samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
         self._probe_at = -math.inf  # monotonic time of the last background probe
-        self._refused = 0  # escalations refused since the last one explored (explore)
 
     def predict(self, chars: int) -> float:
         base, per_char = self.terms
@@ -72,26 +69,6 @@ class EncoderCost:
         else:
             long_.append(max(0.0, (ms - self.terms[0]) / (chars - 64)))
             self.terms[1] = float(statistics.median(long_))
-
-    def explore(self, predicted_ms: float, left_ms: float) -> bool:
-        """Whether a refused escalation runs anyway, on the route's thread, where the model's samples come from.
-
-        The background probe (:meth:`probe`) runs beside the routes, so it measures a busier machine than an
-        escalation sees. On the 2-vCPU box of ``docs/bench_routing.md`` the learned query encoder took 5.7 ms
-        (thread CPU) alone and 10.4 ms beside a stream of routes. A 10 ms budget then refused every escalation
-        for a whole run (top-1 92.7 % where it escalated 30.7 % of routes to 96.4 % in another).
-
-        So one refusal in :data:`ESCALATE_EXPLORE_EVERY` escalates, but only when the prediction is at most
-        :data:`ESCALATE_EXPLORE_FACTOR` times what is left. That is under 1 % of routes, so a budget's p99 holds. A
-        prediction far past the budget (a 2 ms budget against a ~5 ms encoder) is never explored.
-        """
-        if not (left_ms > 0 and predicted_ms <= ESCALATE_EXPLORE_FACTOR * left_ms):
-            return False
-        self._refused += 1
-        if self._refused < ESCALATE_EXPLORE_EVERY:
-            return False
-        self._refused = 0
-        return True
 
     def probe(self, encode: Callable[[Sequence[str]], object], chars: int, cpu_clock: bool = False) -> None:
         """Re-measure ``encode`` on a filler text of ``chars`` characters in a background thread (at most once per

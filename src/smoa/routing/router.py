@@ -1131,8 +1131,7 @@ class Router:
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
             spent = (time.perf_counter() - t0) * 1e3
-            predicted = self._main_cost.predict(len(text))
-            if spent + predicted > budget and not self._main_cost.explore(predicted, budget - spent):
+            if spent + self._main_cost.predict(len(text)) > budget:
                 self._counts["fast"] += 1
                 # a refused escalation must not rest on a stale (e.g. warm-up) cost; not through the embedding
                 # cache (the filler must not be cached)
