@@ -18,7 +18,6 @@ one sample.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import math
 import statistics
@@ -26,14 +25,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
 COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / per character)
 LONG_TEXT_CHARS = 128  # texts from this length on teach the main encoder's per-character cost
 COST_PROBE_RUNS = 3  # timed encodes per probe (the fastest counts)
-COST_PROBE_HELD_RUNS = 2  # ... while holding the router's lock (undisturbed runs; each one holds routes up)
 COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
 SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
 EF_MIN = 16  # the narrowest beam a tight budget may choose
@@ -42,7 +39,6 @@ PLAN_ERROR_SAMPLES = 128  # recent (actual - planned) ms from a beam's plan to t
 PLAN_ERROR_PERCENTILE = 99  # ... held back from the budget: a budget bounds the tail of routes, not their median
 PLAN_ERROR_MIN_SAMPLES = 16
 TAG_EXPLORE_EVERY = 128  # a tag side refused this many times runs once anyway: its cost model stays current
-PROBE_HOLD_FACTOR = 2.0  # a probe holds the router's lock when the prediction is within this many times the budget
 SIDE_SAMPLES = 64  # recent HYBRID walk-and-tag phases (ms) per mode, serial and beside the walk (SideChoice)
 SIDE_MIN_SAMPLES = 8  # each mode runs until it has this many; then the faster one, the other now and then
 SIDE_EXPLORE_EVERY = 512  # ... once per this many routes (1 in 128 moved a 1M-key p99 by 0.1 ms: 0.8 % slower routes)
@@ -74,8 +70,7 @@ class EncoderCost:
             long_.append(max(0.0, (ms - self.terms[0]) / (chars - 64)))
             self.terms[1] = float(statistics.median(long_))
 
-    def probe(self, encode: Callable[[Sequence[str]], object], chars: int, cpu_clock: bool = False,
-              hold: Any = None) -> None:
+    def probe(self, encode: Callable[[Sequence[str]], object], chars: int, cpu_clock: bool = False) -> None:
         """Re-measure ``encode`` on a filler text of ``chars`` characters in a background thread (at most once per
         :data:`COST_PROBE_INTERVAL_S`): the model only learns from escalations, so one slow sample (a cold start, a
         burst of load) would otherwise forbid escalating for good. ``encode`` must bypass any embedding cache (the
@@ -84,14 +79,7 @@ class EncoderCost:
         ``cpu_clock``: time the probe on its thread's CPU clock, for an encoder that computes on the calling thread
         alone (``cpu_bound``). The probe shares the GIL with routes in flight; on the wall clock it measured their
         Python as well (a busy 1M-key router: 6-10 ms for a 4-5 ms encoder), which then refused every escalation at
-        a 10 ms budget. An encoder that waits on something else (a GPU, a remote service) keeps the wall clock.
-
-        ``hold``: a lock (the router's) held for the timed runs only, so no route runs beside them. Even on the CPU
-        clock, a probe beside a stream of routes measured a busier machine than an escalation sees: the learned
-        query encoder took 5.7 ms alone and 10.4 ms beside routes (thread CPU time; the two vCPUs of this box
-        share more than the GIL), and a 10 ms budget refused every escalation for a whole run
-        (``docs/bench_routing.md``). The warm-up runs before the lock is taken: a first call after a pause took up
-        to 46 ms."""
+        a 10 ms budget. An encoder that waits on something else (a GPU, a remote service) keeps the wall clock."""
         clock = time.thread_time if cpu_clock else time.perf_counter
         now = time.monotonic()
         if now - self._probe_at < COST_PROBE_INTERVAL_S:
@@ -104,11 +92,10 @@ class EncoderCost:
                     filler = ("route this query " * (n // 17 + 1))[:n]
                     encode([filler])  # warm-up, not timed
                     best = math.inf
-                    with hold if hold is not None else contextlib.nullcontext():
-                        for _ in range(COST_PROBE_RUNS if hold is None else COST_PROBE_HELD_RUNS):
-                            t = clock()
-                            encode([filler])
-                            best = min(best, (clock() - t) * 1e3)
+                    for _ in range(COST_PROBE_RUNS):  # the least disturbed run: this thread shares the GIL with routes
+                        t = clock()
+                        encode([filler])
+                        best = min(best, (clock() - t) * 1e3)
                     self.learn(n, best)
             except Exception as exc:  # noqa: BLE001 -- a failed probe leaves the model as it was
                 logger.debug("smoa routing: cost probe failed (%s)", exc)

@@ -107,7 +107,7 @@ from smoa.routing.learner import (
     slots_of,
     yield_gil,
 )  # fmt: skip
-from smoa.routing.costs import PROBE_HOLD_FACTOR, EncoderCost, SideChoice, WalkCost
+from smoa.routing.costs import EncoderCost, SideChoice, WalkCost
 from smoa.routing.route import Route
 from smoa.routing.side import SideThread, usable_cpus
 from smoa.routing.strategies import METADATA_TAG_WEIGHT, TEXT_TAG_WEIGHT, fuse, select_top, softmax_weights
@@ -1139,11 +1139,7 @@ class Router:
                 # share the GIL and its training child a core, so an escalation really waits, as the wall clock says
                 inner = getattr(self.query_encoder, "inner", self.query_encoder)
                 cpu_clock = bool(getattr(inner, "cpu_bound", False)) and not self._adapt_lock.locked()
-                # near the budget, the probe's timed runs hold the route lock (no route beside them: a busy box
-                # measured 10.4 ms for a 5.7 ms encoder); far past it (a cold start), a rough figure will do and
-                # routes are not held up (a 1 ms budget against a ~5 ms encoder would stall one every 5 s)
-                near = self._main_cost.predict(len(text)) <= PROBE_HOLD_FACTOR * budget
-                self._main_cost.probe(inner.encode, len(text), cpu_clock=cpu_clock, hold=self._lock if near else None)
+                self._main_cost.probe(inner.encode, len(text), cpu_clock=cpu_clock)
                 # degraded: unsure even by the base margin (between it and the wider one the fast answer is
                 # usually right: escalating there is worth it when the budget allows, not a loss when it does not)
                 return scores, cos, degraded or factor == 1.0 or self._unsure(best, margin, separable, thr, 1.0), False
