@@ -39,6 +39,13 @@ recall than the default; :mod:`smoa.routing.costs` holds both cost models). HYBR
 measured cost and the steps after it fit what is left (else cosine only); HIERARCHICAL falls back to plain ANN
 when encode + search took the whole budget; either way the route is marked ``degraded`` and counted.
 
+Side thread (:mod:`smoa.routing.side`, ``routing_parallel_side``): over an HNSW index at the full beam, HYBRID's
+steps that do not need the walk's result (the rescue, the query's words, the rarest terms' adapters scored exactly,
+their tag scores) run on a helper thread while the route's thread walks (faiss releases the GIL); the scores are
+the serial path's. ``"auto"`` (default) takes whichever mode :class:`~smoa.routing.costs.SideChoice` measured
+faster: at 1M keys the side thread (search+fuse p50 / p99 0.84 / 1.26 against 1.00 / 1.49 ms one-threaded), at
+10K keys one thread (a short walk leaves the hand-over exposed).
+
 Learning (issue 11, :mod:`smoa.routing.learner`): adapters have up to P keys (slot ids ``key << 4 | j`` in the
 vector index; an adapter scores its best key); keys are refitted on the adapters' examples as they arrive
 (:meth:`Router.apply`) and in full by :meth:`Router.refit`. ``routing_threshold="auto"`` gates a route on its best
@@ -1208,7 +1215,7 @@ class Router:
         # budget, p50 0.85 against 0.62 ms); whether they do is measured (SideChoice), so both modes are timed
         timed = walk and ef is None and allowed is None and strat is RoutingStrategy.HYBRID and self._side is not None
         if timed and self._beside():
-            return self._beside_walk(q, text, terms, n_cand, ef, timings, t0, degraded)
+            return self._beside_walk(q, text, terms, n_cand, timings, t0, degraded)
         t_phase = time.perf_counter()
         if allowed is not None and len(allowed) <= EXACT_GROUP_LIMIT:
             # few members: score them exactly (a filtered HNSW walk can miss a small, remote group)
@@ -1258,16 +1265,16 @@ class Router:
         return self._side_choice.pick()
 
     def _beside_walk(
-        self, q: np.ndarray, text: str, terms: list[tuple[str, int]], n_cand: int, ef: int | None,
-        timings: dict[str, float], t0: float, degraded: bool,
+        self, q: np.ndarray, text: str, terms: list[tuple[str, int]], n_cand: int, timings: dict[str, float],
+        t0: float, degraded: bool,
     ) -> tuple[dict[int, float], dict[int, float], bool]:
-        """HYBRID's :meth:`_semantic_side` over an unrestricted HNSW walk, with the steps that do not need the walk's
+        """HYBRID's :meth:`_semantic_side` over an unrestricted full-beam HNSW walk, with the steps that do not need the walk's
         result on the side thread (:mod:`smoa.routing.side`) while this thread walks (faiss releases the GIL): the
         small-group rescue, the query's words, the adapters holding its rarest terms (scored exactly) and the tag
         scores of both. After the walk only the walk's own candidates are tag-scored. The scores are those of the
         serial path (:meth:`_search_cos` then :meth:`_tag_side`), float for float."""
         lam = METADATA_TAG_WEIGHT if terms else self.text_tag_weight
-        k = n_cand * min(self._max_p, 4) if ef is None else min(n_cand * min(self._max_p, 4), ef)
+        k = n_cand * min(self._max_p, 4)  # as _search_cos asks at the full beam
 
         def side() -> tuple[dict[int, float], list[tuple[str, int]], dict[int, float], dict[int, float]]:
             rescue = self._small_group_scores(q, k)
@@ -1280,7 +1287,7 @@ class Router:
         t = time.perf_counter()
         pending = self._side.start(side)  # type: ignore[union-attr]
         try:
-            sims, slots = self._vectors.search(q[None, :], k, ef_search=ef)
+            sims, slots = self._vectors.search(q[None, :], k)
             t_walk = time.perf_counter()  # the walk's cost (the beam's model) without the wait for the side
         finally:
             pending.wait()  # the side reads the index: it must end before this route can release the lock
@@ -1288,7 +1295,7 @@ class Router:
         cos = _max_by_owner(slots[0], sims[0])
         cos.update(rescue)
         t_end = time.perf_counter()
-        self._walk_cost.record((t_walk - t) * 1e3, max(k, ef or self._vectors.ef_search), (t_end - t_walk) * 1e3)
+        self._walk_cost.record((t_walk - t) * 1e3, max(k, self._vectors.ef_search), (t_end - t_walk) * 1e3)
         timings["search"] += (t_end - t) * 1e3
         if not use:
             self._side_choice.record(True, (t_end - t) * 1e3)
