@@ -345,34 +345,6 @@ def test_one_slow_cold_start_does_not_forbid_escalating_for_good(monkeypatch: py
     assert later.escalated and not later.degraded
 
 
-def test_a_burst_of_escalations_finds_the_warm_cost_a_refusing_model_never_sees(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model stuck just over the budget (its samples from a cold encoder) refuses every escalation; after
-    ESCALATE_BURST_FIRST refusals within 2x of what is left, the next ESCALATE_BURST unsure routes escalate, the
-    model learns from all but the first ESCALATE_BURST_COLD of them, and the routes after the burst escalate on
-    their own. Each burst doubles the wait for the next; a prediction far past the budget never bursts."""
-    monkeypatch.setattr(costs_mod, "ESCALATE_BURST_FIRST", 4)
-    monkeypatch.setattr(costs_mod, "ESCALATE_BURST", 4)
-    monkeypatch.setattr(costs_mod, "ESCALATE_BURST_COLD", 1)
-    router, _ = fast_router(budget=20.0)
-    monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)  # every fast answer is unsure
-    cost = router._main_cost
-    cost._probe_at = float("inf")  # no background probe: the route's thread alone
-    cost.terms[:] = [30.0, 0.0]  # predicted 30 ms against ~20 left: refused, but within 2x
-    cost.samples[0].extend([30.0] * 2)
-    learned = []
-    real_learn = cost.learn
-    monkeypatch.setattr(cost, "learn", lambda chars, ms: learned.append(ms) or real_learn(chars, ms))
-    routes = [router.route(f"bread stock {i}", strategy="semantic") for i in range(12)]
-    # 4 refusals, then a burst of 4 (the first not learned: the hash encoder's 3 warm samples outvote the 2 stale
-    # ones), then every unsure route escalates on its own
-    assert [r.escalated for r in routes] == [False] * 3 + [True] * 9
-    assert all(r.degraded != r.escalated for r in routes)
-    assert len(learned) == 8 and max(learned) < 20.0 and cost.predict(12) < 20.0
-    assert cost._every == 8  # the next burst would wait twice as long
-    far = costs_mod.EncoderCost(base_ms=100.0)
-    assert not any(far.explore(100.0, 20.0) for _ in range(50))  # 5x what is left: never
-
-
 def test_a_cpu_bound_encoders_probe_is_timed_on_its_threads_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """The background probe shares the GIL with the routes in flight: on the wall clock it also counted the time it
     waited for them (a busy 1M-key router: 6-10 ms for a 4-5 ms encoder, and a 10 ms budget never escalated). A

@@ -39,11 +39,6 @@ PLAN_ERROR_SAMPLES = 128  # recent (actual - planned) ms from a beam's plan to t
 PLAN_ERROR_PERCENTILE = 99  # ... held back from the budget: a budget bounds the tail of routes, not their median
 PLAN_ERROR_MIN_SAMPLES = 16
 TAG_EXPLORE_EVERY = 128  # a tag side refused this many times runs once anyway: its cost model stays current
-ESCALATE_BURST = 16  # escalations in a row that a burst runs against a refusing model (EncoderCost.explore) ...
-ESCALATE_BURST_COLD = 8  # ... the first of which are not learned (the encoder is cold after a pause)
-ESCALATE_BURST_FIRST = 256  # refusals within ESCALATE_BURST_FACTOR of the budget before the first burst, ...
-ESCALATE_BURST_MAX = 8192  # ... doubled after each burst up to this many
-ESCALATE_BURST_FACTOR = 2.0
 SIDE_SAMPLES = 64  # recent HYBRID walk-and-tag phases (ms) per mode, serial and beside the walk (SideChoice)
 SIDE_MIN_SAMPLES = 8  # each mode runs until it has this many; then the faster one, the other now and then
 SIDE_EXPLORE_EVERY = 512  # ... once per this many routes (1 in 128 moved a 1M-key p99 by 0.1 ms: 0.8 % slower routes)
@@ -56,10 +51,6 @@ class EncoderCost:
         self.terms = [base_ms, per_char_ms]
         self.samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
         self._probe_at = -math.inf  # monotonic time of the last background probe
-        self._refused = 0  # refusals near the budget since the last burst (explore)
-        self._every = ESCALATE_BURST_FIRST  # ... that start the next burst
-        self._burst = 0  # escalations left in the running burst
-        self._cold = 0  # ... of which not learned
 
     def predict(self, chars: int) -> float:
         base, per_char = self.terms
@@ -78,42 +69,6 @@ class EncoderCost:
         else:
             long_.append(max(0.0, (ms - self.terms[0]) / (chars - 64)))
             self.terms[1] = float(statistics.median(long_))
-
-    def explore(self, predicted_ms: float, left_ms: float) -> bool:
-        """Whether a refused escalation runs anyway, as part of a burst of :data:`ESCALATE_BURST` in a row.
-
-        On the 2-vCPU box of ``docs/bench_routing.md`` the learned query encoder costs ~6 ms when used often and
-        9-11 ms when used rarely (its working set goes cold between escalations; 18-46 ms for the first call
-        after a pause). So at a 10 ms budget the router had two steady states: escalating often (every
-        escalation fits) or never (the rare cold ones do not, nor does the background probe's figure taken beside
-        the routes). One run escalated 30.7 % of routes (top-1 96.4 %), the next none (92.7 %).
-
-        A burst commits to the warm state for a while. After :data:`ESCALATE_BURST_FIRST` refusals whose
-        prediction is within :data:`ESCALATE_BURST_FACTOR` times what is left, the next :data:`ESCALATE_BURST`
-        unsure routes escalate. The model learns from all but the first :data:`ESCALATE_BURST_COLD`
-        (:meth:`learn_route`). If the warm cost fits, the routes after the burst escalate on their own and stay
-        warm. If not, the burst's routes overran their budget, and the next burst waits twice as many refusals,
-        up to :data:`ESCALATE_BURST_MAX` (16 of 8,192 refused routes). A prediction far past the budget (2 ms
-        against ~6) never bursts.
-        """
-        if self._burst > 0:
-            self._burst -= 1
-            return True
-        if not (left_ms > 0 and predicted_ms <= ESCALATE_BURST_FACTOR * left_ms):
-            return False
-        self._refused += 1
-        if self._refused < self._every:
-            return False
-        self._refused, self._burst, self._cold = 0, ESCALATE_BURST - 1, ESCALATE_BURST_COLD
-        self._every = min(2 * self._every, ESCALATE_BURST_MAX)
-        return True
-
-    def learn_route(self, chars: int, ms: float) -> None:
-        """:meth:`learn` an escalation timed on the route's thread, except the cold start of a burst."""
-        if self._cold > 0:
-            self._cold -= 1
-            return
-        self.learn(chars, ms)
 
     def probe(self, encode: Callable[[Sequence[str]], object], chars: int, cpu_clock: bool = False) -> None:
         """Re-measure ``encode`` on a filler text of ``chars`` characters in a background thread (at most once per

@@ -1138,8 +1138,7 @@ class Router:
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
             spent = (time.perf_counter() - t0) * 1e3
-            predicted = self._main_cost.predict(len(text))
-            if spent + predicted > budget and not self._main_cost.explore(predicted, budget - spent):
+            if spent + self._main_cost.predict(len(text)) > budget:
                 self._counts["fast"] += 1
                 # a refused escalation must not rest on a stale (e.g. warm-up) cost; not through the embedding
                 # cache (the filler must not be cached)
@@ -1154,7 +1153,7 @@ class Router:
         t = time.perf_counter()
         q = self.query_encoder.encode([text])[0]  # [dim]
         ms = (time.perf_counter() - t) * 1e3
-        self._main_cost.learn_route(len(text), ms)
+        self._main_cost.learn(len(text), ms)
         timings["encode"] += ms
         scores, cos, degraded = self._semantic_side(q, text, terms, strat, k, timings, t0)
         return scores, cos, degraded, projected is not None
