@@ -207,7 +207,8 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
         router.route(texts[i], strategy="hybrid", k=5)
     search, brute, fuse, got = [], [], [], []
     # thread CPU time cannot see HYBRID's side thread (smoa.routing.side): on that clock the routes run on one thread
-    router.config.routing_parallel_side = "auto" if clock is not time.thread_time else False
+    side_mode = "auto" if clock is not time.thread_time else False
+    router.config.routing_parallel_side = side_mode
     # one pass per measure, each a stream of different queries, as a router serves them: a query walked again
     # right after its first walk finds its part of the graph in the caches (at 1M: search+fuse p50 / p99 0.73 /
     # 1.13 ms on the third walk of each query, 0.94 / 1.36 ms on the first, scratch harness of 2026-12-06)
@@ -223,7 +224,7 @@ def bench_size(n: int, pool: Pool, rng: np.random.Generator, encoders: dict, ef:
         got.append([int(a[3:]) for a in router.route(texts[i], strategy="semantic", k=5).adapter_ids])
     out["search"], out["fuse"] = pct(search), pct(fuse)
     out["side"] = side_ab(router, texts, side_rounds)
-    router.config.routing_parallel_side = "auto" if clock is not time.thread_time else False  # e2e: as search+fuse
+    router.config.routing_parallel_side = side_mode  # e2e: as search+fuse
     out["recall"] = recall(np.array(got), exact)
     for name, enc in encoders.items():
         e2e = []

@@ -44,7 +44,8 @@ steps that do not need the walk's result (the rescue, the query's words, the rar
 their tag scores) run on a helper thread while the route's thread walks (faiss releases the GIL); the scores are
 the serial path's. ``"auto"`` (default) takes whichever mode :class:`~smoa.routing.costs.SideChoice` measured
 faster: at 1M keys the side thread (search+fuse p50 / p99 0.84 / 1.26 against 1.00 / 1.49 ms one-threaded), at
-10K keys one thread (a short walk leaves the hand-over exposed).
+10K keys one thread (a short walk leaves the hand-over exposed); ``benchmarks/bench_routing.py --sizes``,
+``docs/bench_routing.md``.
 
 Learning (issue 11, :mod:`smoa.routing.learner`): adapters have up to P keys (slot ids ``key << 4 | j`` in the
 vector index; an adapter scores its best key); keys are refitted on the adapters' examples as they arrive

@@ -38,7 +38,6 @@ scores small groups near the query exhaustively.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -100,13 +99,12 @@ class IndexParams:
     ef_search: int | None = None  # None: auto_ef_search(live keys)
 
 
-@functools.lru_cache(maxsize=256)
 def auto_ef_search(n: int) -> int:
     """HNSW beam width for ``n`` live keys: 48 at 10K, doubled per decade (96 at 100K, 192 at 1M), <= 256.
 
     A graph over more keys needs a wider beam for the same recall; measured on real MiniLM embeddings
-    (``docs/bench_routing.md``) this keeps recall@5 at ~0.95 or more up to 1M keys. (Cached: a route asks three
-    times, and numpy's scalar maths cost ~2 us a call.)
+    (``docs/bench_routing.md``) this keeps recall@5 at ~0.95 or more up to 1M keys. (``math``, not numpy: a route asks
+    three times, and numpy's scalar maths cost ~2 us a call.)
     """
     ef = HNSW_EF_SEARCH_BASE * 2.0 ** (math.log10(max(n, 10_000)) - 4.0)
     return int(min(HNSW_EF_SEARCH_MAX, 16 * round(ef / 16)))
@@ -461,12 +459,9 @@ class VectorIndex:
         none, scored ``-inf``), best first per row (the walk ranked them on the query's own byte codes)."""
         if len(q) == 1:  # a route: one query, no index arithmetic; q . (c / scale + lo) without decoding c
             row, codec = pos[0], self._codec
-            if row.min() >= 0:  # every slot filled (the usual case): no mask
-                s = codec.inner(self._codes()[row], q[0])
-            else:
-                ok = row >= 0
-                s = np.full(len(row), -np.inf, np.float32)
-                s[ok] = codec.inner(self._codes()[row[ok]], q[0])
+            ok = row >= 0
+            s = np.full(len(row), -np.inf, np.float32)
+            s[ok] = codec.inner(self._codes()[row[ok]], q[0])
             order = np.argsort(-s, kind="stable")
             return s[order][None, :], row[order][None, :]
         r, c = np.nonzero(pos >= 0)
