@@ -18,9 +18,14 @@ takes about as long as alone and the p99 does not move (``benchmarks/bench_adapt
 The child then encodes the library's examples with the new encoder too (:func:`adapt_encoder`), so the serving
 process only builds the encoder, refits the keys and swaps.
 
-Inference: the factors are merged into the fp32 weights (:meth:`MixtureHandle.merge`) and the linears run as
-int8 (``torch.ao.quantization.quantize_dynamic``): an :class:`AdaptedEncoder` costs what the base int8 encoder
-costs per query. Its ``name`` carries the version (a content hash of the factors), so every embedding cached
+Inference: the factors are merged into the fp32 weights (:meth:`MixtureHandle.merge`), and those linears are
+stored in the base encoder's own int8 graph, quantised as it stores its weights (int8 per output column,
+:func:`~smoa.routing.encoders.onnx_int8.requantized_model`); onnxruntime runs it as it runs the base encoder, so
+an :class:`AdaptedEncoder` costs what the base int8 encoder costs per query, releases the GIL while it computes,
+and gives a text the same embedding whatever batch it is encoded in. Before, torch's dynamic int8 quantisation
+(``quantize_dynamic``) ran the merged model: its activations were scaled per batch, so the same text in another
+batch gave another vector, it was 0.944 in mean cosine from the fp32 model it approximates (this graph: 0.9996),
+and its keys and queries ranked CLINC150 val 0.5-0.6 points worse (``docs/bench_routing.md``). Its ``name`` carries the version (a content hash of the factors), so every embedding cached
 or persisted under one version is never mixed with another.
 
 Persistence (:func:`save_adapted` / :func:`load_adapted`): the factors as safetensors (smoa's strict writer and
@@ -65,7 +70,7 @@ MAX_EPOCHS = 16.0  # ... but never more passes than this over its examples (a ti
 MAX_TOKENS = 64  # routing queries are short; training examples are cut here (inference keeps 256)
 MIN_ADAPTERS = 2
 IN_SUBPROCESS = True  # train in a child interpreter (train_query_lora): neither it nor the routes wait for the GIL
-FORMAT = "smoa-query-lora-v1"
+FORMAT = "smoa-query-lora-v2"  # v1: run by torch dynamic int8 (other embeddings): refused, retrained
 ADAPTED_FILE = "query_lora.safetensors"
 
 
@@ -223,8 +228,7 @@ def adapt_encoder(
     """:func:`train_query_lora`, then each group of texts in ``encode`` embedded by the adapted encoder
     (:class:`AdaptedEncoder` of ``base``, ``encode_threads`` intra-op threads), one
     :meth:`~smoa.routing.encoders.CachedEncoder.encode_batch` call per group: the vectors a router's fresh
-    :class:`AdaptedEncoder` gives for the same call, bit for bit (int8 dynamic quantisation scales activations per
-    batch, so a group's batch is kept as the caller would make it).
+    :class:`AdaptedEncoder` gives for the same call, bit for bit (the same graph, weights and batches).
 
     In the training child the encoding runs there too: re-encoding a library's examples (CLINC150: 15,000 texts,
     ~25 s) in the serving process made the whole adaptation 15-30 s longer and the routes' p99 beside it 0.08-0.14
@@ -423,7 +427,8 @@ def version_of(data: bytes) -> str:
 
 
 class AdaptedEncoder:
-    """MiniLM with a query LoRA merged into its weights, linears int8 (dynamic quantisation); an :class:`Encoder`.
+    """MiniLM with a query LoRA merged into its weights, run as the base encoder runs (int8 weights, onnxruntime);
+    an :class:`Encoder` (module docstring, "Inference").
 
     Args:
         weights: the trained factors (:func:`train_query_lora`).
@@ -434,43 +439,27 @@ class AdaptedEncoder:
     dim = 384
 
     def __init__(self, weights, base: str = "minilm-int8", threads: int | None = None) -> None:
-        import torch
-
-        from smoa.routing.encoders._paths import encoder_threads
-        from smoa.routing.encoders.onnx_int8 import load_minilm_tokenizer
+        from smoa.routing.encoders.onnx_int8 import OnnxInt8Encoder, requantized_model
 
         self.weights = weights
         self.version = version_of(weights.to_bytes())
         self.base = base
         self.name = f"{base}+q{self.version}"
-        self.threads = threads or encoder_threads()
-        self.cpu_bound = self.threads == 1  # its cost is the calling thread's CPU time (costs.EncoderCost.probe)
         with _threads(1):
             bb = _Backbone()
+            layers = [bb.handle.layers[m].base_layer for m in target_modules()]
+            before = [layer.weight.detach().numpy().copy() for layer in layers]
             bb.handle.set_mixtures([(weights, 1.0)])
-            bb.handle.merge()  # W <- W + s B A in place; forwards no longer touch the factors
-            with warnings.catch_warnings():  # torch 2.x deprecates torch.ao in favour of torchao (not installed)
-                warnings.simplefilter("ignore")
-                self.model = torch.ao.quantization.quantize_dynamic(bb.model, {torch.nn.Linear}, dtype=torch.qint8)
-        self._handle = bb.handle  # keeps the merged state alive (its layers forward to the quantised linears)
-        self.tokenizer = load_minilm_tokenizer()
-        self._lock = threading.Lock()
+            bb.handle.merge()  # W <- W + s B A in place, as a training forward applies the factors
+            changes = [(old, layer.weight.detach().numpy()) for old, layer in zip(before, layers)]
+            model = requantized_model(changes)
+        self._session = OnnxInt8Encoder(threads, model=model)  # the fp32 backbone is not kept
+        self.threads = self._session.session.get_session_options().intra_op_num_threads
+        self.cpu_bound = self._session.cpu_bound  # its cost is the calling thread's CPU time (costs.EncoderCost.probe)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Encode ``texts`` ``[n]`` -> float32 ``[n, 384]``, unit norm (mean pool, as the base encoder)."""
-        import torch
-
-        if not len(texts):
-            return np.zeros((0, self.dim), np.float32)
-        out = []
-        with self._lock, _threads(self.threads), torch.inference_mode():
-            for s in range(0, len(texts), 64):
-                enc = self.tokenizer.encode_batch(list(texts[s : s + 64]))
-                ids = torch.tensor([e.ids for e in enc])
-                mask = torch.tensor([e.attention_mask for e in enc])
-                hs = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-                out.append(_pool(hs, mask).numpy())
-        return l2_normalize(np.concatenate(out))
+        return self._session.encode(list(texts))
 
 
 def save_adapted(directory: Path, weights, base: str, history: AdaptHistory | None = None) -> str:

@@ -7,6 +7,8 @@ mask -> L2 normalisation. Cosine to the fp32 model is >= 0.999 (checked in ``tes
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from smoa.routing.encoders._paths import MAX_TOKENS, encoder_threads, minilm_dir, minilm_int8_onnx
@@ -36,13 +38,54 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
 
 
+def requantized_model(changes: Sequence[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """The packaged int8 graph with some linear weights replaced, serialised (an ``InferenceSession`` input).
+
+    The graph stores each linear weight as int8 ``[in, out]`` with one fp32 scale per output column (``W = q *
+    scale``, symmetric). Each ``(old, new)`` pair of fp32 ``[out, in]`` weights (torch's layout) names the graph's
+    weight by ``old`` (the fp32 weight it was quantised from: it must dequantise to within half a step of it, so a
+    wrong or missing match raises ``ValueError`` rather than replacing another layer) and stores ``new`` in its
+    place, quantised the same way (:mod:`smoa.routing.adapt`: a query LoRA merged into MiniLM).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(minilm_int8_onnx()))
+    inits = {t.name: t for t in model.graph.initializer}
+    stored = {}  # base name -> (q [in, out] float32, scale [1, out])
+    for name in inits:
+        if name.endswith("_q") and name[:-2] + "_scale" in inits and len(inits[name].dims) == 2:
+            base = name[:-2]
+            stored[base] = (numpy_helper.to_array(inits[name]).astype(np.float32), numpy_helper.to_array(inits[base + "_scale"]))
+    used: set[str] = set()
+    for j, (old, new) in enumerate(changes):
+        old_t = np.asarray(old, np.float32).T
+        fits = [(float(np.max(np.abs(q * s - old_t) / s)), base) for base, (q, s) in stored.items()
+                if q.shape == old_t.shape and s.shape == (1, old_t.shape[1])]  # fmt: skip
+        err, base = min(fits, default=(np.inf, ""))
+        if err > 0.51 or base in used:
+            raise ValueError(f"changes[{j}]: no int8 weight of the graph matches this {tuple(old.shape)} weight "
+                             f"(closest: {base or 'none'}, {err:.2f} quantisation steps off)")  # fmt: skip
+        used.add(base)
+        w = np.asarray(new, np.float32).T  # [in, out]
+        if w.shape != old_t.shape or not np.isfinite(w).all():
+            raise ValueError(f"changes[{j}]: the new weight must be finite and shaped {tuple(old.shape)}")
+        scale = (np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-12) / 127.0).astype(np.float32)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        inits[base + "_q"].CopyFrom(numpy_helper.from_array(q, base + "_q"))
+        inits[base + "_scale"].CopyFrom(numpy_helper.from_array(scale, base + "_scale"))
+    return model.SerializeToString()
+
+
 class OnnxInt8Encoder:
-    """MiniLM int8 on onnxruntime; ``threads`` intra-op threads (default ``$SMOA_ENCODER_THREADS`` or 1)."""
+    """MiniLM int8 on onnxruntime; ``threads`` intra-op threads (default ``$SMOA_ENCODER_THREADS`` or 1);
+    ``model``: another serialised graph of the same inputs and outputs (:func:`requantized_model`) in place of the
+    packaged one."""
 
     name = "minilm-int8"
     dim = 384
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, model: bytes | None = None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -51,7 +94,8 @@ class OnnxInt8Encoder:
         self.cpu_bound = opts.intra_op_num_threads == 1
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(minilm_int8_onnx()), opts, providers=["CPUExecutionProvider"])
+        source = str(minilm_int8_onnx()) if model is None else model
+        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.tokenizer = load_minilm_tokenizer()
 
     def encode(self, texts: list[str]) -> np.ndarray:
