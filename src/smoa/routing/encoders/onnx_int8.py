@@ -104,12 +104,20 @@ class OnnxInt8Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         from smoa.routing.encoders import l2_normalize
 
-        chunks = []
-        for start in range(0, len(texts), 64):
-            enc = self.tokenizer.encode_batch(list(texts[start : start + 64]))
-            ids = np.asarray([e.ids for e in enc], dtype=np.int64)  # [n, t]
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for lo in range(0, len(texts), 1024):  # bounds the padded token arrays
+            enc = self.tokenizer.encode_batch(list(texts[lo : lo + 1024]))
+            ids = np.asarray([e.ids for e in enc], dtype=np.int64)  # [n, t], padded to the longest
             mask = np.asarray([e.attention_mask for e in enc], dtype=np.int64)  # [n, t]
-            feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-            (hidden,) = self.session.run(["last_hidden_state"], feeds)  # [n, t, 384]
-            chunks.append(mean_pool(hidden, mask))
-        return l2_normalize(np.concatenate(chunks, axis=0))
+            lengths = mask.sum(axis=1)
+            # batches of similar lengths, each cut to its longest: a text's vector does not depend on its batch
+            # (padding is masked out), so only the time does (CLINC150's train split: 2x less padding work)
+            order = np.argsort(lengths, kind="stable")
+            for start in range(0, len(order), 64):
+                rows = order[start : start + 64]
+                t = int(lengths[rows].max())
+                feeds = {"input_ids": ids[rows, :t], "attention_mask": mask[rows, :t],
+                         "token_type_ids": np.zeros((len(rows), t), np.int64)}  # fmt: skip
+                (hidden,) = self.session.run(["last_hidden_state"], feeds)  # [b, t, 384]
+                out[lo + rows] = mean_pool(hidden, mask[rows, :t])
+        return l2_normalize(out)
