@@ -81,9 +81,10 @@ def test_adaptation_separates_held_out_texts_better(monkeypatch) -> None:
 
 def test_the_adapted_encoder_is_the_merged_fp32_model_within_int8_rounding() -> None:
     """The learned query encoder against an independent reference: MiniLM in fp32 (transformers, no smoa code) with
-    ``W + alpha / r * B @ A`` written into each target linear by hand. The int8 graph the router runs must give the
-    same embeddings within the base int8 encoder's own rounding (>= 0.999 cosine, as ``test_encoders`` holds the
-    base to); torch's dynamic int8 path it replaced was 0.88 at worst on CLINC150 val (mean 0.944)."""
+    ``W + alpha / r * B @ A`` written into each target linear by hand. The block-int8 graph the router runs must give
+    the same embeddings within int8 rounding (>= 0.998 cosine for every text; the fp32-computing int8 graph is held
+    to 0.999 in ``test_encoders``); torch's dynamic int8 path it replaced was 0.76 at worst on CLINC150 val (mean
+    0.94, ``benchmarks/bench_query_encoder.py``)."""
     import torch
     from transformers import AutoModel
 
@@ -112,7 +113,7 @@ def test_the_adapted_encoder_is_the_merged_fp32_model_within_int8_rounding() -> 
         want = torch.nn.functional.normalize((hs * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=1).numpy()
     got = enc.encode(texts)
     cos = (got * want).sum(1)
-    assert cos.min() >= 0.999, cos
+    assert cos.min() >= 0.998, cos
     # the adaptation changed something: the base encoder is further from the reference than the adapted one
     from smoa.routing.encoders import get_encoder
 

@@ -19,13 +19,15 @@ The child then encodes the library's examples with the new encoder too (:func:`a
 process only builds the encoder, refits the keys and swaps.
 
 Inference: the factors are merged into the fp32 weights (:meth:`MixtureHandle.merge`), and those linears are
-stored in the base encoder's own int8 graph, quantised as it stores its weights (int8 per output column,
-:func:`~smoa.routing.encoders.onnx_int8.requantized_model`); onnxruntime runs it as it runs the base encoder, so
-an :class:`AdaptedEncoder` costs what the base int8 encoder costs per query, releases the GIL while it computes,
-and gives a text the same embedding whatever batch it is encoded in. Before, torch's dynamic int8 quantisation
-(``quantize_dynamic``) ran the merged model: its activations were scaled per batch, so the same text in another
-batch gave another vector, it was 0.944 in mean cosine from the fp32 model it approximates (this graph: 0.9996),
-and its keys and queries ranked CLINC150 val 0.5-0.6 points worse (``docs/bench_routing.md``). Its ``name`` carries the version (a content hash of the factors), so every embedding cached
+stored in the base encoder's own int8 graph (:func:`~smoa.routing.encoders.onnx_int8.requantized_model`), whose
+every linear then runs as onnxruntime's ``MatMulNBits``: 8-bit weights per block of 32 inputs, int8 products
+with each token's activations quantised per block (``block_int8``). So an :class:`AdaptedEncoder` releases the GIL
+while it computes, gives a text the same embedding whatever batch it is encoded in, and costs less per query than
+the base graph, which computes in fp32 over its int8-stored weights (``benchmarks/bench_query_encoder.py``).
+Before, torch's dynamic int8 quantisation (``quantize_dynamic``) ran the merged model: its activations were scaled
+per batch, so the same text in another batch gave another vector, it was 0.94 in mean cosine from the fp32 model
+it approximates (this graph: >= 0.999), and its keys and queries ranked CLINC150 val 0.5-0.6 points worse
+(``docs/bench_routing.md``). Its ``name`` carries the version (a content hash of the factors), so every embedding cached
 or persisted under one version is never mixed with another.
 
 Persistence (:func:`save_adapted` / :func:`load_adapted`): the factors as safetensors (smoa's strict writer and
@@ -70,7 +72,7 @@ MAX_EPOCHS = 16.0  # ... but never more passes than this over its examples (a ti
 MAX_TOKENS = 64  # routing queries are short; training examples are cut here (inference keeps 256)
 MIN_ADAPTERS = 2
 IN_SUBPROCESS = True  # train in a child interpreter (train_query_lora): neither it nor the routes wait for the GIL
-FORMAT = "smoa-query-lora-v2"  # v1: run by torch dynamic int8 (other embeddings): refused, retrained
+FORMAT = "smoa-query-lora-v3"  # v1: torch dynamic int8, v2: fp32 products (other embeddings): refused, retrained
 ADAPTED_FILE = "query_lora.safetensors"
 
 
@@ -434,11 +436,13 @@ class AdaptedEncoder:
         weights: the trained factors (:func:`train_query_lora`).
         base: name of the encoder the adaptation started from (recorded, and part of :attr:`name`).
         threads: intra-op threads per encode call (default ``$SMOA_ENCODER_THREADS`` or 1).
+        block_int8: every linear as ``MatMulNBits`` (module docstring); ``False``: the base graph's fp32 products
+            over int8-stored weights (slower per query; kept for ``benchmarks/bench_query_encoder.py``).
     """
 
     dim = 384
 
-    def __init__(self, weights, base: str = "minilm-int8", threads: int | None = None) -> None:
+    def __init__(self, weights, base: str = "minilm-int8", threads: int | None = None, block_int8: bool = True) -> None:
         from smoa.routing.encoders.onnx_int8 import OnnxInt8Encoder, requantized_model
 
         self.weights = weights
@@ -452,7 +456,7 @@ class AdaptedEncoder:
             bb.handle.set_mixtures([(weights, 1.0)])
             bb.handle.merge()  # W <- W + s B A in place, as a training forward applies the factors
             changes = [(old, layer.weight.detach().numpy()) for old, layer in zip(before, layers)]
-            model = requantized_model(changes)
+            model = requantized_model(changes, block_int8=block_int8)
         self._session = OnnxInt8Encoder(threads, model=model)  # the fp32 backbone is not kept
         self.threads = self._session.session.get_session_options().intra_op_num_threads
         self.cpu_bound = self._session.cpu_bound  # its cost is the calling thread's CPU time (costs.EncoderCost.probe)

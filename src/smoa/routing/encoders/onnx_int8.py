@@ -38,7 +38,7 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
 
 
-def requantized_model(changes: Sequence[tuple[np.ndarray, np.ndarray]]) -> bytes:
+def requantized_model(changes: Sequence[tuple[np.ndarray, np.ndarray]], block_int8: bool = False) -> bytes:
     """The packaged int8 graph with some linear weights replaced, serialised (an ``InferenceSession`` input).
 
     The graph stores each linear weight as int8 ``[in, out]`` with one fp32 scale per output column (``W = q *
@@ -46,6 +46,9 @@ def requantized_model(changes: Sequence[tuple[np.ndarray, np.ndarray]]) -> bytes
     weight by ``old`` (the fp32 weight it was quantised from: it must dequantise to within half a step of it, so a
     wrong or missing match raises ``ValueError`` rather than replacing another layer) and stores ``new`` in its
     place, quantised the same way (:mod:`smoa.routing.adapt`: a query LoRA merged into MiniLM).
+
+    ``block_int8``: every linear (the replaced ones and the others) then runs as onnxruntime's ``MatMulNBits``
+    (:func:`_block_int8`) instead of the graph's fp32 product over int8-stored weights.
     """
     import onnx
     from onnx import numpy_helper
@@ -74,7 +77,64 @@ def requantized_model(changes: Sequence[tuple[np.ndarray, np.ndarray]]) -> bytes
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
         inits[base + "_q"].CopyFrom(numpy_helper.from_array(q, base + "_q"))
         inits[base + "_scale"].CopyFrom(numpy_helper.from_array(scale, base + "_scale"))
+    if block_int8:
+        _block_int8(model)
     return model.SerializeToString()
+
+
+BLOCK = 32  # inputs per quantisation block of MatMulNBits (weights and, at accuracy level 4, activations)
+
+
+def _block_int8(model) -> None:  # model: onnx.ModelProto, changed in place
+    """Each ``MatMul`` over an int8-stored weight (``Cast`` -> ``Mul`` by the column scales) becomes one
+    ``com.microsoft.MatMulNBits``: the weight in 8 bits per block of :data:`BLOCK` inputs (symmetric, one scale per
+    block), products in int8 (``accuracy_level=4``: each row of activations quantised per block of :data:`BLOCK`,
+    so a token's result does not depend on the other tokens or texts of its batch). The fp32 graph reads ~42 MB of
+    folded fp32 weights per forward; this one ~11 MB: one query p50 2.9-3.1 against 4.0-4.5 ms on the 2-core box of
+    ``docs/bench_routing.md``, 0.9996 mean cosine to the fp32-computing graph (``benchmarks/bench_query_encoder.py``).
+    The ``Cast`` / ``Mul`` nodes and int8 weights it no longer reads are dropped."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    nodes, added = [], []
+    for node in graph.node:
+        mul = producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        cast = producer.get(mul.input[0]) if mul is not None and mul.op_type == "Mul" else None
+        if cast is None or cast.op_type != "Cast" or cast.input[0] not in inits or mul.input[1] not in inits:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[cast.input[0]]).astype(np.float32) * numpy_helper.to_array(inits[mul.input[1]])
+        k, n = w.shape  # [in, out]
+        blocks = -(-k // BLOCK)
+        wt = np.zeros((n, blocks * BLOCK), np.float32)
+        wt[:, :k] = w.T
+        wt = wt.reshape(n, blocks, BLOCK)
+        scale = np.maximum(np.abs(wt).max(axis=2), 1e-12) / 127.0  # [out, blocks]
+        q = (np.clip(np.rint(wt / scale[..., None]), -127, 127) + 128).astype(np.uint8)  # zero point 128 (the default)
+        name = cast.input[0] + "_nbits"
+        added += [numpy_helper.from_array(q, name), numpy_helper.from_array(scale.reshape(-1).astype(np.float32), name + "_scale")]
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], name, name + "_scale"], list(node.output),
+                                      name=node.name + "_nbits", domain="com.microsoft", K=k, N=n, bits=8,
+                                      block_size=BLOCK, accuracy_level=4))  # fmt: skip
+    graph.initializer.extend(added)
+    # drop what no node reads any more (the Cast / Mul chains and their int8 weights)
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for node in nodes for i in node.input} | outputs
+        keep = [node for node in nodes if any(o in read for o in node.output)]
+        if len(keep) == len(nodes):
+            break
+        nodes = keep
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {i for node in nodes for i in node.input}
+    live = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 class OnnxInt8Encoder:
