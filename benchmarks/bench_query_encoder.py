@@ -5,10 +5,10 @@ It is trained in fp32; what serves the queries is an int8 approximation. Side by
 (3,000) and the train examples (15,000, the keys), one thread:
 
 * ``base int8 (onnxruntime)``: the default encoder, the packaged int8 ONNX graph;
-* ``adapted, block int8`` (the router's, since 2026-12-07 00:55 UTC): the merged weights stored in that same graph
+* ``adapted, block int8`` (the router's, since 2026-12-07 00:45 UTC): the merged weights stored in that same graph
   (:func:`smoa.routing.encoders.onnx_int8.requantized_model`), every linear run as onnxruntime's ``MatMulNBits``
   (8-bit weights per block of 32 inputs, int8 products, each token's activations quantised per block);
-* ``adapted, int8-stored, fp32 products`` (the router's from 2026-12-06 23:45 UTC to 2026-12-07 00:55 UTC): the same
+* ``adapted, int8-stored, fp32 products`` (the router's from 2026-12-06 23:45 UTC to 2026-12-07 00:45 UTC): the same
   graph computing as the base one does, fp32 products over int8-per-column weights;
 * ``adapted, torch dynamic int8`` (the router's before): the merged fp32 model through
   ``torch.ao.quantization.quantize_dynamic`` (weights int8 per tensor, activations int8 scaled per batch),
