@@ -79,6 +79,17 @@ def test_adaptation_separates_held_out_texts_better(monkeypatch) -> None:
     assert acc1 >= acc0 - 0.02, (acc0, acc1)
 
 
+def _random_factors(seed: int, scale: float = 0.05) -> dict:
+    """Query-LoRA factors ``(A [r, d_in], B [d_out, r])`` for every target module, random (seeded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {m: (384, 384) if "attention" in m else (384, 1536) if "intermediate" in m else (1536, 384)
+              for m in qa.target_modules()}  # (d_in, d_out)  # fmt: skip
+    return {m: (torch.randn(qa.RANK, i, generator=g) * scale, torch.randn(o, qa.RANK, generator=g) * scale)
+            for m, (i, o) in shapes.items()}  # fmt: skip
+
+
 def test_the_adapted_encoder_is_the_merged_fp32_model_within_int8_rounding() -> None:
     """The learned query encoder against an independent reference: MiniLM in fp32 (transformers, no smoa code) with
     ``W + alpha / r * B @ A`` written into each target linear by hand. The block-int8 graph the router runs must give
@@ -92,11 +103,7 @@ def test_the_adapted_encoder_is_the_merged_fp32_model_within_int8_rounding() -> 
     from smoa.routing.encoders._paths import minilm_dir
     from smoa.routing.encoders.onnx_int8 import load_minilm_tokenizer
 
-    g = torch.Generator().manual_seed(0)
-    shapes = {m: (384, 384) if "attention" in m else (384, 1536) if "intermediate" in m else (1536, 384)
-              for m in qa.target_modules()}  # (d_in, d_out)  # fmt: skip
-    factors = {m: (torch.randn(qa.RANK, i, generator=g) * 0.05, torch.randn(o, qa.RANK, generator=g) * 0.05)
-               for m, (i, o) in shapes.items()}  # fmt: skip
+    factors = _random_factors(seed=0)
     weights = LoraWeights(factors=factors, alpha=qa.ALPHA, rank=qa.RANK)
     enc = qa.AdaptedEncoder(weights)
     ref = AutoModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False).eval()
@@ -121,6 +128,35 @@ def test_the_adapted_encoder_is_the_merged_fp32_model_within_int8_rounding() -> 
     assert base.max() < 0.995 and (cos > base).all(), (base, cos)
     one = np.concatenate([enc.encode([t]) for t in texts])  # one text at a time: the same vectors as in a batch
     np.testing.assert_allclose(one, got, atol=1e-6)
+
+
+def test_an_onnxruntime_without_the_block_int8_kernel_falls_back_to_fp32_products(monkeypatch, caplog) -> None:
+    """Where onnxruntime cannot run the block-int8 graph (no 8-bit ``MatMulNBits`` kernel on that platform, here a
+    node it refuses), the learned encoder is built on the int8-stored graph with fp32 products instead, with a
+    warning: the same vectors as asked for directly, not an adaptation that fails."""
+    import logging
+
+    from onnx import helper
+
+    from smoa.adapter.weights import LoraWeights
+    from smoa.routing.encoders import onnx_int8
+
+    real = onnx_int8._block_int8
+
+    def broken(model) -> None:
+        real(model)
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits":
+                node.attribute.append(helper.make_attribute("no_such_attribute", 1))
+                node.op_type = "NoSuchOp"
+
+    monkeypatch.setattr(onnx_int8, "_block_int8", broken)
+    weights = LoraWeights(factors=_random_factors(seed=1), alpha=qa.ALPHA, rank=qa.RANK)
+    with caplog.at_level(logging.WARNING, logger="smoa.routing.adapt"):
+        enc = qa.AdaptedEncoder(weights)
+    assert "block int8 query encoder refused" in caplog.text
+    texts = ["what is my account balance", "book a table for two"]
+    np.testing.assert_array_equal(enc.encode(texts), qa.AdaptedEncoder(weights, block_int8=False).encode(texts))
 
 
 def test_requantized_model_refuses_a_weight_the_graph_does_not_hold() -> None:

@@ -456,8 +456,15 @@ class AdaptedEncoder:
             bb.handle.set_mixtures([(weights, 1.0)])
             bb.handle.merge()  # W <- W + s B A in place, as a training forward applies the factors
             changes = [(old, layer.weight.detach().numpy()) for old, layer in zip(before, layers)]
-            model = requantized_model(changes, block_int8=block_int8)
-        self._session = OnnxInt8Encoder(threads, model=model)  # the fp32 backbone is not kept
+        try:
+            self._session = OnnxInt8Encoder(threads, model=requantized_model(changes, block_int8=block_int8))
+            self._session.encode(["warm up"])  # an onnxruntime without an 8-bit MatMulNBits kernel fails here
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime's errors have no common base but Exception
+            if not block_int8:
+                raise
+            logger.warning("smoa routing: block int8 query encoder refused by onnxruntime (%s: %s); using the "
+                           "int8-stored graph with fp32 products", type(exc).__name__, exc)  # fmt: skip
+            self._session = OnnxInt8Encoder(threads, model=requantized_model(changes))  # the fp32 backbone is not kept
         self.threads = self._session.session.get_session_options().intra_op_num_threads
         self.cpu_bound = self._session.cpu_bound  # its cost is the calling thread's CPU time (costs.EncoderCost.probe)
 
