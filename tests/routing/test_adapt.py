@@ -128,6 +128,11 @@ def test_the_adapted_encoder_is_the_merged_fp32_model_within_int8_rounding() -> 
     assert base.max() < 0.995 and (cos > base).all(), (base, cos)
     one = np.concatenate([enc.encode([t]) for t in texts])  # one text at a time: the same vectors as in a batch
     np.testing.assert_allclose(one, got, atol=1e-6)
+    # short texts take the block-int8 graph, the long one (past BLOCK_INT8_CHARS) the fp32 products
+    assert [len(t) > qa.BLOCK_INT8_CHARS for t in texts] == [False, False, False, True]
+    fp32 = qa.AdaptedEncoder(weights, block_int8=False).encode(texts)
+    np.testing.assert_array_equal(got[3], fp32[3])
+    assert not np.array_equal(got[:3], fp32[:3]) and ((got[:3] * fp32[:3]).sum(1) > 0.998).all()
 
 
 def test_an_onnxruntime_without_the_block_int8_kernel_falls_back_to_fp32_products(monkeypatch, caplog) -> None:

@@ -21,9 +21,11 @@ process only builds the encoder, refits the keys and swaps.
 Inference: the factors are merged into the fp32 weights (:meth:`MixtureHandle.merge`), and those linears are
 stored in the base encoder's own int8 graph (:func:`~smoa.routing.encoders.onnx_int8.requantized_model`), whose
 every linear then runs as onnxruntime's ``MatMulNBits``: 8-bit weights per block of 32 inputs, int8 products
-with each token's activations quantised per block (``block_int8``). So an :class:`AdaptedEncoder` releases the GIL
-while it computes, gives a text the same embedding whatever batch it is encoded in, and costs less per query than
-the base graph, which computes in fp32 over its int8-stored weights (``benchmarks/bench_query_encoder.py``).
+with each token's activations quantised per block (``block_int8``), for texts up to :data:`BLOCK_INT8_CHARS`
+characters; longer ones, where those products are slower, run through the same weights with fp32 products. So an
+:class:`AdaptedEncoder` releases the GIL while it computes, gives a text the same embedding whatever batch it is
+encoded in, and costs less per query than the base graph, which computes in fp32 over its int8-stored weights
+(``benchmarks/bench_query_encoder.py``).
 Before, torch's dynamic int8 quantisation (``quantize_dynamic``) ran the merged model: its activations were scaled
 per batch, so the same text in another batch gave another vector, it was 0.94 in mean cosine from the fp32 model
 it approximates (this graph: >= 0.999), and its keys and queries ranked CLINC150 val 0.5-0.6 points worse
@@ -55,6 +57,10 @@ from smoa.routing.encoders import l2_normalize
 
 logger = logging.getLogger(__name__)
 
+# the block-int8 graph (MatMulNBits, int8 products) is faster up to ~90 tokens and slower past them (one text,
+# 2-core box: 12 tokens 3.4 against 4.6 ms, 37: 9.9 against 11.5, 96: 24.8 against 23.6, 177: 53 against 48 ms):
+# texts up to this many characters (~60-80 tokens) take it, longer ones the fp32 products (AdaptedEncoder.encode)
+BLOCK_INT8_CHARS = 320
 SPLIT = 3  # layers below are frozen (their states are cached once per training); LoRA on layers SPLIT..5
 N_LAYERS = 6
 SUFFIXES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -436,8 +442,9 @@ class AdaptedEncoder:
         weights: the trained factors (:func:`train_query_lora`).
         base: name of the encoder the adaptation started from (recorded, and part of :attr:`name`).
         threads: intra-op threads per encode call (default ``$SMOA_ENCODER_THREADS`` or 1).
-        block_int8: every linear as ``MatMulNBits`` (module docstring); ``False``: the base graph's fp32 products
-            over int8-stored weights (slower per query; kept for ``benchmarks/bench_query_encoder.py``).
+        block_int8: texts up to :data:`BLOCK_INT8_CHARS` characters through a graph whose every linear is a
+            ``MatMulNBits`` (module docstring); ``False``: every text through the base graph's fp32 products over
+            int8-stored weights (slower per query; kept for ``benchmarks/bench_query_encoder.py``).
     """
 
     dim = 384
@@ -456,21 +463,32 @@ class AdaptedEncoder:
             bb.handle.set_mixtures([(weights, 1.0)])
             bb.handle.merge()  # W <- W + s B A in place, as a training forward applies the factors
             changes = [(old, layer.weight.detach().numpy()) for old, layer in zip(before, layers)]
-        try:
-            self._session = OnnxInt8Encoder(threads, model=requantized_model(changes, block_int8=block_int8))
-            self._session.encode(["warm up"])  # an onnxruntime without an 8-bit MatMulNBits kernel fails here
-        except Exception as exc:  # noqa: BLE001 -- onnxruntime's errors have no common base but Exception
-            if not block_int8:
-                raise
-            logger.warning("smoa routing: block int8 query encoder refused by onnxruntime (%s: %s); using the "
-                           "int8-stored graph with fp32 products", type(exc).__name__, exc)  # fmt: skip
-            self._session = OnnxInt8Encoder(threads, model=requantized_model(changes))  # the fp32 backbone is not kept
-        self.threads = self._session.session.get_session_options().intra_op_num_threads
-        self.cpu_bound = self._session.cpu_bound  # its cost is the calling thread's CPU time (costs.EncoderCost.probe)
+        self._long = OnnxInt8Encoder(threads, model=requantized_model(changes))  # the fp32 backbone is not kept
+        self._short = self._long
+        if block_int8:
+            try:
+                self._short = OnnxInt8Encoder(threads, model=requantized_model(changes, block_int8=True))
+                self._short.encode(["warm up"])  # an onnxruntime without an 8-bit MatMulNBits kernel fails here
+            except Exception as exc:  # noqa: BLE001 -- onnxruntime's errors have no common base but Exception
+                logger.warning("smoa routing: block int8 query encoder refused by onnxruntime (%s: %s); using the "
+                               "int8-stored graph with fp32 products", type(exc).__name__, exc)  # fmt: skip
+                self._short = self._long
+        self.threads = self._long.session.get_session_options().intra_op_num_threads
+        self.cpu_bound = self._long.cpu_bound  # its cost is the calling thread's CPU time (costs.EncoderCost.probe)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Encode ``texts`` ``[n]`` -> float32 ``[n, 384]``, unit norm (mean pool, as the base encoder)."""
-        return self._session.encode(list(texts))
+        """Encode ``texts`` ``[n]`` -> float32 ``[n, 384]``, unit norm (mean pool, as the base encoder). A text of
+        up to :data:`BLOCK_INT8_CHARS` characters goes through the block-int8 graph, a longer one through the fp32
+        products: which one is a function of the text alone, so its vector still does not depend on its batch."""
+        texts = list(texts)
+        if self._short is self._long or all(len(t) <= BLOCK_INT8_CHARS for t in texts):
+            return self._short.encode(texts)
+        long_ = np.fromiter((len(t) > BLOCK_INT8_CHARS for t in texts), bool, len(texts))
+        out = np.empty((len(texts), self.dim), np.float32)
+        for rows, session in ((np.flatnonzero(~long_), self._short), (np.flatnonzero(long_), self._long)):
+            if len(rows):
+                out[rows] = session.encode([texts[i] for i in rows])
+        return out
 
 
 def save_adapted(directory: Path, weights, base: str, history: AdaptHistory | None = None) -> str:
