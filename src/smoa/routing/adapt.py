@@ -450,7 +450,7 @@ class AdaptedEncoder:
     dim = 384
 
     def __init__(self, weights, base: str = "minilm-int8", threads: int | None = None, block_int8: bool = True) -> None:
-        from smoa.routing.encoders.onnx_int8 import OnnxInt8Encoder, requantized_model
+        from smoa.routing.encoders.onnx_int8 import OnnxInt8Encoder, block_int8_model, requantized_model
 
         self.weights = weights
         self.version = version_of(weights.to_bytes())
@@ -463,11 +463,12 @@ class AdaptedEncoder:
             bb.handle.set_mixtures([(weights, 1.0)])
             bb.handle.merge()  # W <- W + s B A in place, as a training forward applies the factors
             changes = [(old, layer.weight.detach().numpy()) for old, layer in zip(before, layers)]
-        self._long = OnnxInt8Encoder(threads, model=requantized_model(changes))  # the fp32 backbone is not kept
+        model = requantized_model(changes)
+        self._long = OnnxInt8Encoder(threads, model=model)  # the fp32 backbone is not kept
         self._short = self._long
         if block_int8:
             try:
-                self._short = OnnxInt8Encoder(threads, model=requantized_model(changes, block_int8=True))
+                self._short = OnnxInt8Encoder(threads, model=block_int8_model(model))
                 self._short.encode(["warm up"])  # an onnxruntime without an 8-bit MatMulNBits kernel fails here
             except Exception as exc:  # noqa: BLE001 -- onnxruntime's errors have no common base but Exception
                 logger.warning("smoa routing: block int8 query encoder refused by onnxruntime (%s: %s); using the "

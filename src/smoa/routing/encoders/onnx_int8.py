@@ -48,7 +48,7 @@ def requantized_model(changes: Sequence[tuple[np.ndarray, np.ndarray]], block_in
     place, quantised the same way (:mod:`smoa.routing.adapt`: a query LoRA merged into MiniLM).
 
     ``block_int8``: every linear (the replaced ones and the others) then runs as onnxruntime's ``MatMulNBits``
-    (:func:`_block_int8`) instead of the graph's fp32 product over int8-stored weights.
+    (:func:`block_int8_model`) instead of the graph's fp32 product over int8-stored weights.
     """
     import onnx
     from onnx import numpy_helper
@@ -82,6 +82,16 @@ def requantized_model(changes: Sequence[tuple[np.ndarray, np.ndarray]], block_in
     return model.SerializeToString()
 
 
+def block_int8_model(data: bytes) -> bytes:
+    """The serialised graph ``data`` (:func:`requantized_model`'s) with every linear as a ``MatMulNBits``
+    (:func:`_block_int8`): the same weights, int8 products."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    _block_int8(model)
+    return model.SerializeToString()
+
+
 BLOCK = 32  # inputs per quantisation block of MatMulNBits (weights and, at accuracy level 4, activations)
 
 
@@ -90,8 +100,9 @@ def _block_int8(model) -> None:  # model: onnx.ModelProto, changed in place
     ``com.microsoft.MatMulNBits``: the weight in 8 bits per block of :data:`BLOCK` inputs (symmetric, one scale per
     block), products in int8 (``accuracy_level=4``: each row of activations quantised per block of :data:`BLOCK`,
     so a token's result does not depend on the other tokens or texts of its batch). The fp32 graph reads ~42 MB of
-    folded fp32 weights per forward; this one ~11 MB: one query p50 2.9-3.1 against 4.0-4.5 ms on the 2-core box of
-    ``docs/bench_routing.md``, 0.9996 mean cosine to the fp32-computing graph (``benchmarks/bench_query_encoder.py``).
+    folded fp32 weights per forward; this one ~11 MB: one short query p50 2.9-3.5 against 4.0-4.5 ms on the 2-core box
+    of ``docs/bench_routing.md`` (slower past ~90 tokens), 0.9992 mean cosine to the fp32 model it approximates
+    (``benchmarks/bench_query_encoder.py``).
     The ``Cast`` / ``Mul`` nodes and int8 weights it no longer reads are dropped."""
     from onnx import helper, numpy_helper
 
