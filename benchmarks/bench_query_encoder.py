@@ -18,7 +18,8 @@ Columns: mean / min cosine of each query's embedding to the fp32 merged model's 
 each target weight by hand: ``W + alpha / r * B @ A``; for the base row, the fp32 MiniLM); top-1 on val of the
 nearest centroid and of the nearest example (keys = the train examples encoded by the same encoder); one query at a
 time p50 / p99 ms (rounds of 500 queries per encoder, rotating, after a warm-up); train examples encoded per
-second in batches. The query LoRA is the router's own: the defaults' router over the 150 intents, refitted as
+second in batches. A second table: one text at a time through the block-int8 graph alone and the fp32 products at
+four text lengths (what ``BLOCK_INT8_CHARS`` rests on). The query LoRA is the router's own: the defaults' router over the 150 intents, refitted as
 ``optimize_library()`` does (trained once, then read from the benchmark cache, as ``eval_clinc.py`` does).
 
 Run: ``python benchmarks/bench_query_encoder.py`` (~5 min on 2 cores, once the query LoRA is cached).
@@ -37,6 +38,22 @@ import eval_clinc
 from smoa.data.clinc import clinc150
 from smoa.routing import adapt as qa
 from smoa.routing.encoders import get_encoder, l2_normalize
+
+
+def _mean_pooled(model, tokenizer, texts: list[str]) -> np.ndarray:
+    """A transformers MiniLM's unit-norm mean-pooled embeddings of ``texts``, in batches of 64 (the training's
+    pooling, :func:`smoa.routing.adapt._pool`)."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(texts), 64):
+            enc = tokenizer.encode_batch(list(texts[s : s + 64]))
+            ids = torch.tensor([e.ids for e in enc])
+            mask = torch.tensor([e.attention_mask for e in enc])
+            hs = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            out.append(qa._pool(hs, mask).numpy())
+    return np.concatenate(out)
 
 
 class TorchDynamicInt8:
@@ -58,17 +75,8 @@ class TorchDynamicInt8:
         self.tokenizer = load_minilm_tokenizer()
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        out = []
-        with qa._threads(1), torch.inference_mode():
-            for s in range(0, len(texts), 64):
-                enc = self.tokenizer.encode_batch(list(texts[s : s + 64]))
-                ids = torch.tensor([e.ids for e in enc])
-                mask = torch.tensor([e.attention_mask for e in enc])
-                hs = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-                out.append(qa._pool(hs, mask).numpy())
-        return l2_normalize(np.concatenate(out))
+        with qa._threads(1):
+            return _mean_pooled(self.model, self.tokenizer, texts)
 
 
 class Fp32Reference:
@@ -78,11 +86,10 @@ class Fp32Reference:
     def __init__(self, weights=None) -> None:
         import torch
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         from smoa.routing.encoders._paths import minilm_dir
         from smoa.routing.encoders.onnx_int8 import load_minilm_tokenizer
-
-        from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected
         self.model = AutoModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False).eval()
@@ -93,17 +100,7 @@ class Fp32Reference:
         self.tokenizer = load_minilm_tokenizer()
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(texts), 64):
-                enc = self.tokenizer.encode_batch(list(texts[s : s + 64]))
-                ids = torch.tensor([e.ids for e in enc])
-                mask = torch.tensor([e.attention_mask for e in enc])
-                hs = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-                out.append(qa._pool(hs, mask).numpy())
-        return np.concatenate(out)
+        return _mean_pooled(self.model, self.tokenizer, texts)
 
 
 def router_weights():  # -> LoraWeights
@@ -137,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = enc.encode(tr_texts)
         per_s = len(tr_texts) / (time.perf_counter() - t)
         q = enc.encode(va_texts)
-        ref = l2_normalize(refs["base" if name.startswith("base") else "adapted"])
-        cos = (q * ref).sum(1)
+        cos = (q * refs["base" if name.startswith("base") else "adapted"]).sum(1)
         cents = l2_normalize(np.stack([keys[y_tr == c].mean(0) for c in range(len(intents))]))
         s = q @ keys.T
         nearest = np.stack([s[:, y_tr == c].max(1) for c in range(len(intents))], axis=1)
@@ -163,7 +159,29 @@ def main(argv: list[str] | None = None) -> int:
         p50, p99 = np.percentile(r["ms"], [50, 99])
         print(f"| {name} | {r['cos'][0]:.4f} / {r['cos'][1]:.4f} | {r['centroid']:.2f} | {r['nearest']:.2f} | "
               f"{p50:.2f} / {p99:.2f} | {r['per_s']:.0f} |")
+    by_length(encoders["adapted, block int8 (now)"]._short, encoders["adapted, int8-stored, fp32 products"], va_texts)
     return 0
+
+
+def by_length(block, fp32, texts: list[str], per_size: int = 60) -> None:
+    """One text at a time, the block-int8 graph alone against the fp32 products, at four lengths (val queries joined
+    by 1, 4, 10 and 20): where ``smoa.routing.adapt.BLOCK_INT8_CHARS`` draws the line between them."""
+    print("\n| val queries joined | tokens (mean) | characters (mean) | block int8 p50 ms | fp32 products p50 ms |\n"
+          "|---|---|---|---|---|")
+    for join in (1, 4, 10, 20):
+        group = [" ".join(texts[i : i + join]) for i in range(0, per_size * join, join)]
+        tokens = np.mean([len(block.tokenizer.encode(t).ids) for t in group])
+        ms = {}
+        for name, enc in (("block", block), ("fp32", fp32)):
+            for text in group[:5]:
+                enc.encode([text])
+            times = []
+            for text in group:
+                t = time.perf_counter()
+                enc.encode([text])
+                times.append((time.perf_counter() - t) * 1e3)
+            ms[name] = float(np.median(times))
+        print(f"| {join} | {tokens:.0f} | {np.mean([len(t) for t in group]):.0f} | {ms['block']:.2f} | {ms['fp32']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ encoded in, and costs less per query than the base graph, which computes in fp32
 (``benchmarks/bench_query_encoder.py``).
 Before, torch's dynamic int8 quantisation (``quantize_dynamic``) ran the merged model: its activations were scaled
 per batch, so the same text in another batch gave another vector, it was 0.94 in mean cosine from the fp32 model
-it approximates (this graph: >= 0.999), and its keys and queries ranked CLINC150 val 0.5-0.6 points worse
+it approximates (this graph: 0.9992), and its keys and queries ranked CLINC150 val 0.5-0.6 points worse
 (``docs/bench_routing.md``). Its ``name`` carries the version (a content hash of the factors), so every embedding cached
 or persisted under one version is never mixed with another.
 
@@ -56,9 +56,10 @@ from smoa.routing.encoders import l2_normalize
 
 logger = logging.getLogger(__name__)
 
-# the block-int8 graph (MatMulNBits, int8 products) is faster up to ~90 tokens and slower past them (one text,
-# 2-core box: 12 tokens 3.4 against 4.6 ms, 37: 9.9 against 11.5, 96: 24.8 against 23.6, 177: 53 against 48 ms):
-# texts up to this many characters (~60-80 tokens) take it, longer ones the fp32 products (AdaptedEncoder.encode)
+# the block-int8 graph (MatMulNBits, int8 products) is faster for short texts and slower for long ones (one text,
+# 2-core box, `benchmarks/bench_query_encoder.py`: 48 characters 3.2 against 5.2 ms, 168: 9.3 against 10.9, 430:
+# 23.3 against 22.1, 814: 47.8 against 43.7): texts up to this many characters take it, longer ones the fp32
+# products (AdaptedEncoder.encode)
 BLOCK_INT8_CHARS = 320
 SPLIT = 3  # layers below are frozen (their states are cached once per training); LoRA on layers SPLIT..5
 N_LAYERS = 6
