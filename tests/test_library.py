@@ -156,6 +156,30 @@ def test_cache_bounds_and_pins(tmp_path) -> None:
     lib.close()
 
 
+def test_a_cache_full_of_pins_still_serves_reads_and_refuses_one_pin_more(tmp_path) -> None:
+    """Pins may hold every slot: reads of other adapters still return their weights (uncached), and one pin more
+    is refused with CacheFullError before the catalog marks it pinned."""
+    from smoa import CacheFullError
+
+    lib = _lib(tmp_path, max_loaded_adapters=2)
+    ws = [_weights(i) for i in range(4)]
+    ids = [a.id for a in lib.create_many([AdapterSpec(weights=w) for w in ws])]
+    lib.pin(ids[0])
+    lib.pin(ids[1])
+    for _ in range(2):  # twice: not cached, so read again from the catalog, still the right weights
+        got = lib.get_weights(ids[2])
+        assert all(torch.equal(got[m][0], ws[2][m][0]) and torch.equal(got[m][1], ws[2][m][1]) for m in ws[2])
+    stats = lib.cache.statistics()
+    assert stats["uncached_loads"] == 2 and stats["loaded_adapters"] == 2
+    with pytest.raises(CacheFullError, match="pinned"):
+        lib.pin(ids[3])
+    assert not lib.get_adapter(ids[3]).pinned and not lib.cache.is_loaded(ids[3], 1)
+    lib.unpin(ids[1])
+    lib.pin(ids[3])  # a slot is free again
+    assert lib.get_adapter(ids[3]).pinned and lib.cache.is_loaded(ids[3], 1)
+    lib.close()
+
+
 def test_archive_and_restore(tmp_path) -> None:
     lib = _lib(tmp_path)
     a = lib.create(AdapterSpec(weights=_weights(1)))

@@ -386,10 +386,14 @@ class AdapterLibrary:
     def pin(self, adapter_id: str) -> None:
         """Protect from pruning and keep loaded in the cache."""
         adapter = self.get_adapter(adapter_id)
-        self.catalog.set_pinned(adapter.key, True)
-        if not adapter.is_composite:
-            self.get_weights(adapter.id)
-            self.cache.pin(adapter.id, adapter.version)
+        if not adapter.is_composite:  # loaded and pinned first: a full cache refuses before the catalog changes
+            data, stored = self._load_bytes(adapter.id, adapter.key)
+            self.cache.get(adapter.id, stored, lambda: data, lambda b: self._parse(adapter.id, b), pin=True)
+        try:
+            self.catalog.set_pinned(adapter.key, True)
+        except BaseException:
+            self.cache.unpin(adapter.id)
+            raise
 
     def unpin(self, adapter_id: str) -> None:
         adapter = self.get_adapter(adapter_id)

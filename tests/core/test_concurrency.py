@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smoa import AdapterNotFoundError, AdapterSpec, CompositionError, LoraWeights, SMoAConfig, SparseAdapterMixture
+from smoa import AdapterNotFoundError, AdapterSpec, CacheFullError, CompositionError, LoraWeights, SMoAConfig, SparseAdapterMixture
 from smoa.adapter.profile import BaseProfile
 
 from reliability.helpers import Oracle  # the dense reference shared with the reliability oracle test
@@ -171,7 +171,13 @@ class Workload:
                         self.reg.gone.pop(aid, None)
             else:
                 aid = rng.choice(live)
-                (self.smoa.pin_adapter_sync if rng.random() < 0.5 else self.smoa.unpin_adapter_sync)(aid)
+                if rng.random() < 0.5:
+                    try:
+                        self.smoa.pin_adapter_sync(aid)
+                    except CacheFullError:  # every slot of max_loaded_adapters pinned: refused, the catalog unchanged
+                        self._count("pin_refused")
+                else:
+                    self.smoa.unpin_adapter_sync(aid)
             self._count(op)
         except RACY:
             self._count("racy")

@@ -25,6 +25,7 @@ from typing import Any
 
 from smoa.adapter.weights import LoraWeights
 from smoa.cache.lru import LRUCache
+from smoa.errors import CacheFullError
 
 Key = tuple[str, int]
 
@@ -54,14 +55,22 @@ class AdapterCache:
         self._load_ms: list[float] = []
         self._loads = 0
         self._host_hits = 0
+        self._uncached = 0
 
     def get(self, adapter_id: str, version: int, load_bytes: Callable[[], bytes],
-            parse: Callable[[bytes], LoraWeights]) -> LoraWeights:  # fmt: skip
-        """Weights of ``(adapter_id, version)``: from a tier, or loaded, parsed and cached."""
+            parse: Callable[[bytes], LoraWeights], pin: bool = False) -> LoraWeights:  # fmt: skip
+        """Weights of ``(adapter_id, version)``: from a tier, or loaded, parsed and cached.
+
+        The cache speeds reads up and never refuses one: when pinned entries hold the whole device tier (or the
+        entry alone is over ``max_bytes``) the weights are returned uncached (counted in ``uncached_loads``).
+        With ``pin=True`` the entry is cached and pinned under one lock, or :class:`CacheFullError` is raised.
+        """
         key = (adapter_id, version)
         with self._lock:
             hit = self._device.get(key)
             if hit is not None:
+                if pin:
+                    self._device.pin(key)
                 return hit
             data = self._host.get(key) if self._host is not None else None
         t0 = time.perf_counter()
@@ -76,22 +85,29 @@ class AdapterCache:
                 self._host_hits += 1
                 assert self._host is not None
                 self._host.remove(key)
-            self._device.put(key, weights)
+            self._loads += 1
+            self._record_ms((time.perf_counter() - t0) * 1000.0)
+            try:
+                self._device.put(key, weights)
+            except CacheFullError:
+                if from_host:  # put the bytes back where they were
+                    assert self._host is not None
+                    self._host.put(key, data)
+                if pin:
+                    raise
+                self._uncached += 1
+                return weights
             self._versions.setdefault(adapter_id, set()).add(version)
             if self._host is not None:
                 self._raw[key] = data
-            self._loads += 1
-            self._record_ms((time.perf_counter() - t0) * 1000.0)
+            if pin:
+                self._device.pin(key)
         return weights
 
     def peek(self, adapter_id: str, version: int) -> LoraWeights | None:
         """The device-tier entry of ``(adapter_id, version)`` if cached (counted as a hit and touched), else None."""
         with self._lock:
             return self._device.get((adapter_id, version)) if (adapter_id, version) in self._device else None
-
-    def pin(self, adapter_id: str, version: int) -> None:
-        with self._lock:
-            self._device.pin((adapter_id, version))
 
     def unpin(self, adapter_id: str) -> None:
         with self._lock:
@@ -135,6 +151,7 @@ class AdapterCache:
                 "evictions": s.evictions,
                 "hit_rate": s.hit_rate,
                 "loads": self._loads,
+                "uncached_loads": self._uncached,
                 "load_ms_p50": _pct(ms, 50),
                 "load_ms_p99": _pct(ms, 99),
             }
