@@ -14,7 +14,7 @@ single leaf. Messages name the offending field in backticks and show the bad val
     ├── CorruptAdapterError                             stored bytes fail their checksum or do not parse
     ├── StorageError                (also OSError)      the database or a weight file could not be written/read
     ├── LibraryLockedError                              another process holds the library for writing
-    ├── CacheFullError                                  every cache entry is pinned, nothing can be evicted
+    ├── CacheFullError                                  pin refused: pinned entries hold every cache slot
     ├── CompositionError            (also ValueError)   composite adapter cycles, bad members, bad merge arguments
     └── UnsafeAdapterFileError      (also ValueError)   a foreign adapter file/directory is refused (all problems listed)
 """
@@ -70,7 +70,8 @@ class LibraryLockedError(SmoaError):
 
 
 class CacheFullError(SmoaError):
-    """Every entry of the cache is pinned; nothing can be evicted to make room."""
+    """A pin refused: pinned entries already hold every slot of the cache (reads of other adapters still work,
+    uncached)."""
 
 
 class CompositionError(SmoaError, ValueError):
