@@ -304,6 +304,81 @@ def test_learned_query_encoder_widens_the_escalation_margin_but_not_what_counts_
     assert not lost.escalated and lost.degraded
 
 
+class _StoppableEncoder(HashEncoder):
+    """The hash encoder's vectors after a real onnxruntime run of int8 MiniLM over ``tokens`` words (cancellable:
+    the run takes the router's RunOptions, so its deadline can stop it)."""
+
+    cancellable = True
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.minilm = OnnxInt8Encoder(threads=1)
+        self.words = "word " * tokens
+        self.runs = 0
+
+    def encode(self, texts: list[str], run_options: object = None) -> np.ndarray:
+        self.minilm.encode([self.words], run_options)
+        self.runs += 1
+        return super().encode(texts)
+
+
+def stoppable_router(budget: float, tokens: int) -> Router:
+    names: dict[int, str] = {}
+    config = SMoAConfig(encoder="hash", enable_caching=False, routing_latency_budget_ms=budget, embedding_cache_size=8,
+                        routing_threshold=-1.0)  # fmt: skip
+    main = _StoppableEncoder(tokens)
+    router = Router(config, None, lambda ks: [names.get(k, "") for k in ks], encoder=main, fast_encoder=HashEncoder())
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    return router
+
+
+def test_an_escalation_running_past_the_budget_is_stopped_and_keeps_the_fast_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cost model predicts the main encoder fits, but this run would take ~100 ms against a 30 ms budget: the
+    deadline stops it (onnxruntime's terminate flag), the route keeps the fast answer, marked degraded, and nothing
+    is cached for the text. The same encoder on a budget it fits escalates as before."""
+    router = stoppable_router(budget=30.0, tokens=500)
+    monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)  # every fast answer is unsure
+    router._main_cost.terms[:] = [1.0, 0.0]  # as if the encoder took 1 ms
+    monkeypatch.setattr(router._main_cost, "probe", lambda *args, **kw: None)  # no background re-measure
+    q = "bread stock"
+    router.config.routing_latency_budget_ms = 0.0
+    want = router.route(q, strategy="semantic").adapter_ids  # the fast answer (no time for the main encoder)
+    router.config.routing_latency_budget_ms = 30.0
+    runs = router.encoder.inner.runs
+    stopped = router.route(q, strategy="semantic")
+    assert stopped.degraded and not stopped.escalated and stopped.adapter_ids == want
+    assert router.statistics()["cancelled"] == 1 and router._watchdog.fired == 1
+    assert router.encoder.inner.runs == runs  # the run raised: it never returned a vector
+    assert router.encoder.peek(q) is None  # and nothing was cached for the text
+    assert router._main_cost.predict(len(q)) > 1.0  # the stopped run's time was learned (a lower bound)
+    router.config.routing_latency_budget_ms = 10_000.0
+    done = router.route(q, strategy="semantic")
+    assert done.escalated and not done.degraded and router.statistics()["cancelled"] == 1
+    assert router.encoder.peek(q) is not None
+
+
+def test_a_refused_escalation_runs_now_and_then_to_remeasure_the_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cold samples (300 ms) hold the median over a 50 ms budget; one refusal in ``COST_EXPLORE_EVERY`` runs the
+    encoder anyway under the deadline (the fastest recent sample fits), and its real cost is learned. An encoder
+    that no deadline can stop is never explored."""
+    router = stoppable_router(budget=50.0, tokens=8)
+    monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)
+    cost = router._main_cost
+    monkeypatch.setattr(cost, "probe", lambda *args, **kw: None)  # no background probe: exploration alone
+    cost.samples[0].extend([300.0, 300.0, 2.0])
+    cost.terms[:] = [300.0, 0.0]
+    escalated = [router.route(f"bread stock {i}", strategy="semantic").escalated for i in range(costs_mod.COST_EXPLORE_EVERY)]
+    assert escalated == [False] * (costs_mod.COST_EXPLORE_EVERY - 1) + [True]
+    assert len(cost.samples[0]) == 4 and cost.samples[0][-1] < 50.0 and router.statistics()["cancelled"] == 0
+
+    plain, _ = fast_router(budget=50.0)  # the hash encoder takes no RunOptions
+    plain._main_cost.samples[0].extend([300.0, 300.0, 2.0])
+    plain._main_cost.terms[:] = [300.0, 0.0]
+    assert not any(plain.route(f"bread stock {i}", strategy="semantic").escalated for i in range(40))
+
+
 class _ColdStartEncoder(HashEncoder):
     """A main encoder whose first call is slow (a cold start), then fast."""
 

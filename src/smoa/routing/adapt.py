@@ -49,6 +49,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -448,6 +449,7 @@ class AdaptedEncoder:
     """
 
     dim = 384
+    cancellable = True  # encode takes onnxruntime RunOptions (smoa.routing.deadline)
 
     def __init__(self, weights, base: str = "minilm-int8", threads: int | None = None, block_int8: bool = True) -> None:
         from smoa.routing.encoders.onnx_int8 import OnnxInt8Encoder, block_int8_model, requantized_model
@@ -477,18 +479,19 @@ class AdaptedEncoder:
         self.threads = self._long.session.get_session_options().intra_op_num_threads
         self.cpu_bound = self._long.cpu_bound  # its cost is the calling thread's CPU time (costs.EncoderCost.probe)
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], run_options: Any = None) -> np.ndarray:
         """Encode ``texts`` ``[n]`` -> float32 ``[n, 384]``, unit norm (mean pool, as the base encoder). A text of
         up to :data:`BLOCK_INT8_CHARS` characters goes through the block-int8 graph, a longer one through the fp32
-        products: which one is a function of the text alone, so its vector still does not depend on its batch."""
+        products: which one is a function of the text alone, so its vector still does not depend on its batch.
+        ``run_options``: onnxruntime ``RunOptions`` for every run (:mod:`smoa.routing.deadline`)."""
         texts = list(texts)
         if self._short is self._long or all(len(t) <= BLOCK_INT8_CHARS for t in texts):
-            return self._short.encode(texts)
+            return self._short.encode(texts, run_options)
         long_ = np.fromiter((len(t) > BLOCK_INT8_CHARS for t in texts), bool, len(texts))
         out = np.empty((len(texts), self.dim), np.float32)
         for rows, session in ((np.flatnonzero(~long_), self._short), (np.flatnonzero(long_), self._long)):
             if len(rows):
-                out[rows] = session.encode([texts[i] for i in rows])
+                out[rows] = session.encode([texts[i] for i in rows], run_options)
         return out
 
 

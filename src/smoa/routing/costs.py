@@ -3,7 +3,7 @@ cheapest path that fits *before* it starts, instead of noticing afterwards that 
 
 * :class:`EncoderCost` predicts what the main (int8 MiniLM) encoder costs on a text: ``base + per_char * (chars -
   64)``, both terms medians of recent samples, re-measured in the background when a refused escalation might
-  rest on a stale figure.
+  rest on a stale figure, and now and then by a refused escalation run anyway under its deadline (:meth:`explore`).
 * :class:`SideChoice` says whether HYBRID's walk-free steps run beside the walk on the side thread
   (:mod:`smoa.routing.side`) or after it, whichever recently took less time.
 * :class:`WalkCost` predicts what an HNSW walk costs per unit of efSearch and what the steps after it (the
@@ -32,6 +32,7 @@ COST_SAMPLES = 16  # recent main-encoder timings per cost term (short texts / pe
 LONG_TEXT_CHARS = 128  # texts from this length on teach the main encoder's per-character cost
 COST_PROBE_RUNS = 3  # timed encodes per probe (the fastest counts)
 COST_PROBE_INTERVAL_S = 5.0  # at most one background re-measure of the main encoder's cost per this many seconds
+COST_EXPLORE_EVERY = 16  # a refused escalation that could still end in time runs anyway once per this many refusals
 SEARCH_COST_SAMPLES = 64  # recent HNSW walks (ms per efSearch unit) and post-walk steps the beam choice uses
 EF_MIN = 16  # the narrowest beam a tight budget may choose
 WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile of recent costs)
@@ -51,10 +52,27 @@ class EncoderCost:
         self.terms = [base_ms, per_char_ms]
         self.samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
         self._probe_at = -math.inf  # monotonic time of the last background probe
+        self._refused = 0  # escalations refused since the last exploration (explore)
 
     def predict(self, chars: int) -> float:
         base, per_char = self.terms
         return base + per_char * max(0, chars - 64)
+
+    def explore(self, left_ms: float, chars: int) -> bool:
+        """Whether an escalation the prediction refuses runs anyway, under its deadline
+        (:mod:`smoa.routing.deadline`): once per :data:`COST_EXPLORE_EVERY` refusals, when ``left_ms`` covers the
+        fastest recent run. The model learns from the runs it allows, so a median raised by a few cold or
+        disturbed runs would otherwise refuse for good a budget the encoder fits (5 ms at 1K keys: three samples,
+        [5.04, 3.51, 4.87] ms, against 3.2 ms per query); the background probe (:meth:`probe`) measures beside
+        the routes and, on two cores, reads high. A run that misses the deadline is stopped, so the budget holds."""
+        self._refused += 1
+        if self._refused < COST_EXPLORE_EVERY:
+            return False
+        floor = min(self.samples[0], default=self.terms[0]) + self.terms[1] * max(0, chars - 64)
+        if left_ms < floor:
+            return False
+        self._refused = 0
+        return True
 
     def learn(self, chars: int, ms: float) -> None:
         """``base`` from texts under :data:`LONG_TEXT_CHARS` (less the per-character part past 64), ``per_char`` from

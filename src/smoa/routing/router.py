@@ -81,6 +81,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import threading
 import time
 import weakref
@@ -116,6 +117,7 @@ from smoa.routing.learner import (
     yield_gil,
 )  # fmt: skip
 from smoa.routing.costs import EncoderCost, SideChoice, WalkCost
+from smoa.routing.deadline import EncodeCancelled, Watchdog
 from smoa.routing.route import Route
 from smoa.routing.side import SideThread, usable_cpus
 from smoa.routing.strategies import METADATA_TAG_WEIGHT, TEXT_TAG_WEIGHT, fuse, select_top, softmax_weights
@@ -244,11 +246,14 @@ class Router:
         self._cache: OrderedDict[tuple, Route] = OrderedDict()
         self._latencies: deque[float] = deque(maxlen=10_000)
         self._counts = {"queries": 0, "cache_hits": 0, "cache_misses": 0, "degraded": 0, "truncated": 0,
-                        "escalated": 0, "fast": 0, "empty": 0}  # fmt: skip
+                        "escalated": 0, "fast": 0, "empty": 0, "cancelled": 0}  # fmt: skip
         self._learner = KeyLearner(self.dim, int(getattr(config, "routing_keys_per_adapter", 4)))
         self._max_p = 1  # most keys any adapter holds (bounds slot lookups)
         self._pending: OrderedDict[bytes, tuple] = OrderedDict()  # encode_keys output -> its embeddings
         self._main_cost = EncoderCost()  # predicted main-encoder ms per text (the budget's escalation decision)
+        self._main_ms = 0.0  # the last _encode_main's ms
+        self._watchdog = Watchdog()  # stops an escalation's encoder run at the budget's deadline
+        weakref.finalize(self, self._watchdog.close)
         self._walk_cost = WalkCost()  # HNSW ms per efSearch unit and the steps after a walk (the budget's beam)
         self._side_choice = SideChoice()  # HYBRID's walk-free steps beside the walk or after it (routing_parallel_side)
         self._rescue: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # groups -> rows
@@ -1112,9 +1117,11 @@ class Router:
         t0: float,
     ) -> tuple[dict[int, float], dict[int, float], bool, bool]:
         """Encode and score, cheapest path first: the static fast path (projected into the key space) answers
-        when its top-1 leads clearly; else the main encoder, if the latency budget predicts it fits. Returns
-        ``(scores, cosines, degraded, escalated)``; ``degraded``: the fast answer was unsure and the budget
-        forbade the main encoder (a real loss of quality)."""
+        when its top-1 leads clearly; else the main encoder, if the latency budget predicts it fits with the search
+        after it (or, now and then, to re-measure it: :meth:`EncoderCost.explore`), stopped at the budget's
+        deadline if it runs late (:mod:`smoa.routing.deadline`). Returns ``(scores, cosines, degraded,
+        escalated)``; ``degraded``: the fast answer was unsure and the budget forbade or stopped the main encoder
+        (a real loss of quality)."""
         budget = self.config.routing_latency_budget_ms
         fast = self._fast
         projected = None
@@ -1128,7 +1135,9 @@ class Router:
                 scores, cos, degraded = self._semantic_side(cached, text, terms, strat, k, timings, t0)
                 return scores, cos, degraded, False
         if projected is not None:
+            t_side = time.perf_counter()
             scores, cos, degraded = self._semantic_side(projected, text, terms, strat, k, timings, t0)
+            side_ms = (time.perf_counter() - t_side) * 1e3  # what the escalated route's own search will take, about
             best, margin = _best_margin(cos)
             thr = self._learner.calibration.threshold if isinstance(self.config.routing_threshold, str) else None
             factor = ADAPTED_MARGIN_FACTOR if self._adapted is not None else 1.0
@@ -1139,25 +1148,51 @@ class Router:
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
             spent = (time.perf_counter() - t0) * 1e3
-            if spent + self._main_cost.predict(len(text)) > budget:
+            left = budget - spent - side_ms  # for the main encoder, the search after it held back
+            fits = self._main_cost.predict(len(text)) <= left or (  # explored only where a deadline can stop it
+                self.query_encoder.cancellable and self._main_cost.explore(left, len(text)))
+            q = self._encode_main(text, t0 + (budget - side_ms) / 1e3) if fits else None
+            if q is None:  # refused, or stopped at its deadline (smoa.routing.deadline)
                 self._counts["fast"] += 1
-                # a refused escalation must not rest on a stale (e.g. warm-up) cost; not through the embedding
-                # cache (the filler must not be cached)
-                # on its thread's CPU clock unless an adaptation runs beside the routes: its steps in this process
-                # share the GIL and its training child a core, so an escalation really waits, as the wall clock says
-                inner = getattr(self.query_encoder, "inner", self.query_encoder)
-                cpu_clock = bool(getattr(inner, "cpu_bound", False)) and not self._adapt_lock.locked()
-                self._main_cost.probe(inner.encode, len(text), cpu_clock=cpu_clock)
+                if not fits:
+                    # a refused escalation must not rest on a stale (e.g. warm-up) cost; not through the embedding
+                    # cache (the filler must not be cached); on its thread's CPU clock unless an adaptation runs
+                    # beside the routes: its steps in this process share the GIL and its training child a core, so
+                    # an escalation really waits, as the wall clock says
+                    inner = getattr(self.query_encoder, "inner", self.query_encoder)
+                    cpu_clock = bool(getattr(inner, "cpu_bound", False)) and not self._adapt_lock.locked()
+                    self._main_cost.probe(inner.encode, len(text), cpu_clock=cpu_clock)
+                else:
+                    timings["encode"] += self._main_ms
                 # degraded: unsure even by the base margin (between it and the wider one the fast answer is
                 # usually right: escalating there is worth it when the budget allows, not a loss when it does not)
                 return scores, cos, degraded or factor == 1.0 or self._unsure(best, margin, separable, thr, 1.0), False
-        t = time.perf_counter()
-        q = self.query_encoder.encode([text])[0]  # [dim]
-        ms = (time.perf_counter() - t) * 1e3
-        self._main_cost.learn(len(text), ms)
-        timings["encode"] += ms
+        else:
+            q = self._encode_main(text, math.inf)
+        timings["encode"] += self._main_ms
+        assert q is not None  # only a finite deadline stops the encoder
         scores, cos, degraded = self._semantic_side(q, text, terms, strat, k, timings, t0)
         return scores, cos, degraded, projected is not None
+
+    def _encode_main(self, text: str, deadline: float) -> np.ndarray | None:
+        """The main (query) encoder's vector of ``text`` ``[dim]``, or ``None`` when its run was stopped at
+        ``deadline`` (``time.perf_counter()`` seconds; :mod:`smoa.routing.deadline`: a cancellable encoder and a
+        finite deadline only). Its cost is learned either way (a stopped run's, a lower bound, too); the ms spent
+        are left in ``self._main_ms``."""
+        enc = self.query_encoder
+        t = time.perf_counter()
+        try:
+            if math.isfinite(deadline) and enc.cancellable:
+                q = self._watchdog.run(lambda options: enc.encode([text], run_options=options), deadline)[0]
+            else:
+                q = enc.encode([text])[0]
+        except EncodeCancelled:
+            q = None
+            self._counts["cancelled"] += 1
+        self._main_ms = (time.perf_counter() - t) * 1e3
+        if self._main_ms > 0.05:  # a stopped run that never started (deadline passed) says nothing
+            self._main_cost.learn(len(text), self._main_ms)
+        return q
 
     def _margin_floor(self, factor: float) -> float:
         """The top-1 lead under which a fast answer is unsure at ``factor`` x :data:`CASCADE_MARGIN`."""
@@ -1579,12 +1614,13 @@ class Router:
         self._adapted = CachedEncoder(enc, self.config.embedding_cache_size)
 
     def close(self) -> None:
-        """Save, drop the route cache and stop the side thread (a later route starts it again)."""
+        """Save, drop the route cache and stop the side and deadline threads (a later route starts them again)."""
         self.save()
         with self._lock:
             self._cache.clear()
             if self._side is not None:
                 self._side.close()
+            self._watchdog.close()
 
 
 def _nearest_rivals(sims: np.ndarray, slots: np.ndarray, trainable: Sequence[int], cap: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -108,8 +108,14 @@ class CachedEncoder:
         self.hits = 0
         self.misses = 0
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Encode ``texts`` ``[n]`` -> float32 ``[n, dim]``, serving repeated texts from the cache."""
+    @property
+    def cancellable(self) -> bool:
+        """Whether ``encode`` takes onnxruntime ``RunOptions`` (:mod:`smoa.routing.deadline`)."""
+        return bool(getattr(self.inner, "cancellable", False))
+
+    def encode(self, texts: list[str], run_options: Any = None) -> np.ndarray:
+        """Encode ``texts`` ``[n]`` -> float32 ``[n, dim]``, serving repeated texts from the cache. ``run_options``
+        (a :attr:`cancellable` encoder only) goes to the encoder's runs; a stopped run caches nothing."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         missing: list[int] = []
         with self._lock:
@@ -123,7 +129,8 @@ class CachedEncoder:
             self.hits += len(texts) - len(missing)
             self.misses += len(missing)
         if missing:
-            fresh = self.inner.encode([texts[i] for i in missing])
+            todo = [texts[i] for i in missing]
+            fresh = self.inner.encode(todo) if run_options is None else self.inner.encode(todo, run_options)
             out[missing] = fresh
             if self.max_size > 0:
                 with self._lock:

@@ -8,6 +8,7 @@ mask -> L2 normalisation. Cosine to the fp32 model is >= 0.999 (checked in ``tes
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -155,6 +156,7 @@ class OnnxInt8Encoder:
 
     name = "minilm-int8"
     dim = 384
+    cancellable = True  # encode takes onnxruntime RunOptions (smoa.routing.deadline)
 
     def __init__(self, threads: int | None = None, model: bytes | None = None) -> None:
         import onnxruntime as ort
@@ -169,8 +171,9 @@ class OnnxInt8Encoder:
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.tokenizer = load_minilm_tokenizer()
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Encode ``texts`` ``[n]`` -> float32 ``[n, 384]``, unit norm."""
+    def encode(self, texts: list[str], run_options: Any = None) -> np.ndarray:
+        """Encode ``texts`` ``[n]`` -> float32 ``[n, 384]``, unit norm; ``run_options``: onnxruntime ``RunOptions``
+        for every run (a deadline may stop them, :mod:`smoa.routing.deadline`)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         from smoa.routing.encoders import l2_normalize
@@ -189,6 +192,6 @@ class OnnxInt8Encoder:
                 t = int(lengths[rows].max())
                 feeds = {"input_ids": ids[rows, :t], "attention_mask": mask[rows, :t],
                          "token_type_ids": np.zeros((len(rows), t), np.int64)}  # fmt: skip
-                (hidden,) = self.session.run(["last_hidden_state"], feeds)  # [b, t, 384]
+                (hidden,) = self.session.run(["last_hidden_state"], feeds, run_options)  # [b, t, 384]
                 out[lo + rows] = mean_pool(hidden, mask[rows, :t])
         return l2_normalize(out)
