@@ -367,16 +367,46 @@ def test_a_refused_escalation_runs_now_and_then_to_remeasure_the_encoder(monkeyp
     monkeypatch.setattr(router_mod, "CASCADE_MARGIN", 2.0)
     cost = router._main_cost
     monkeypatch.setattr(cost, "probe", lambda *args, **kw: None)  # no background probe: exploration alone
-    cost.samples[0].extend([300.0, 300.0, 2.0])
-    cost.terms[:] = [300.0, 0.0]
+    for ms in (300.0, 300.0, 2.0):  # two cold runs and a fast one, measured in routes
+        cost.learn(10, ms)
+    assert cost.predict(10) == 300.0
     escalated = [router.route(f"bread stock {i}", strategy="semantic").escalated for i in range(costs_mod.COST_EXPLORE_EVERY)]
     assert escalated == [False] * (costs_mod.COST_EXPLORE_EVERY - 1) + [True]
     assert len(cost.samples[0]) == 4 and cost.samples[0][-1] < 50.0 and router.statistics()["cancelled"] == 0
+    fresh = costs_mod.EncoderCost(base_ms=300.0)  # a probe's reading is no floor for exploring
+    fresh.learn(10, 1.0, probe=True)
+    fresh.learn(10, 300.0)
+    fresh.learn(10, 300.0)
+    assert not any(fresh.explore(40.0, 10) for _ in range(3 * costs_mod.COST_EXPLORE_EVERY))
+    fresh.learn(10, 2.0)  # one measured in a route
+    assert any(fresh.explore(40.0, 10) for _ in range(costs_mod.COST_EXPLORE_EVERY))
 
     plain, _ = fast_router(budget=50.0)  # the hash encoder takes no RunOptions
-    plain._main_cost.samples[0].extend([300.0, 300.0, 2.0])
-    plain._main_cost.terms[:] = [300.0, 0.0]
+    for ms in (300.0, 300.0, 2.0):
+        plain._main_cost.learn(10, ms)
     assert not any(plain.route(f"bread stock {i}", strategy="semantic").escalated for i in range(40))
+
+
+def test_the_deadline_holds_back_the_search_after_it_and_what_recent_plans_overran() -> None:
+    """An escalation's deadline leaves the route its search (``reserve_ms``) and, once 16 plans were checked at
+    the route's end, the 99th percentile of how far they overran (never negative)."""
+    import time
+
+    cost = costs_mod.EncoderCost()
+    end = time.perf_counter() + 1.0
+    assert cost.deadline(end, 2.0) == pytest.approx(end - 0.002) and cost.hold() == 0.0
+    cost.settle()  # this "route" ended ~1 s before its plan's end: a large negative overrun
+    assert len(cost.overrun) == 1 and cost.overrun[0] < -900.0
+    cost.settle()  # no plan pending: nothing learned
+    assert len(cost.overrun) == 1
+    cost.overrun.extend([-1.0] * 14)
+    assert cost.hold() == 0.0  # 15 samples: not yet
+    cost.overrun.extend([0.3] * 10 + [0.8])
+    want = float(np.percentile(list(cost.overrun), 99))
+    assert want > 0.3 and cost.hold() == pytest.approx(want)
+    assert cost.deadline(end, 2.0) == pytest.approx(end - (2.0 + want) / 1e3)
+    cost.overrun.extend([-5.0] * costs_mod.PLAN_ERROR_SAMPLES)  # routes that end early hold nothing back
+    assert cost.hold() == 0.0
 
 
 class _ColdStartEncoder(HashEncoder):

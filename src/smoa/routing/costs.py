@@ -53,28 +53,59 @@ class EncoderCost:
         self.samples: tuple[deque, deque] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
         self._probe_at = -math.inf  # monotonic time of the last background probe
         self._refused = 0  # escalations refused since the last exploration (explore)
+        self._on_routes: deque[float] = deque(maxlen=COST_SAMPLES)  # short-text base ms of runs that ended in routes
+        self._prior = base_ms
+        self.overrun = Window(PLAN_ERROR_SAMPLES)  # ms routes ran past their deadline plan (deadline)
+        self._plan: tuple[float, float] | None = None  # (deadline, reserve ms) of the route in flight
 
     def predict(self, chars: int) -> float:
         base, per_char = self.terms
         return base + per_char * max(0, chars - 64)
 
+    def deadline(self, end: float, reserve_ms: float) -> float:
+        """When (``time.perf_counter()`` seconds) the main encoder's run must stop for the route to end by ``end``:
+        ``reserve_ms`` (the search after it) held back, and what recent plans overran it by
+        (:data:`PLAN_ERROR_PERCENTILE` of :meth:`settle`'s samples, once there are :data:`PLAN_ERROR_MIN_SAMPLES`:
+        the watchdog's wake-up, the run's stop between graph nodes, a search slower than the fast path's)."""
+        at = end - (reserve_ms + self.hold()) / 1e3
+        self._plan = (at, reserve_ms)
+        return at
+
+    def hold(self) -> float:
+        """Milliseconds :meth:`deadline` holds back beyond the reserve, never negative."""
+        if len(self.overrun) < PLAN_ERROR_MIN_SAMPLES:
+            return 0.0
+        return max(0.0, self.overrun.percentile(PLAN_ERROR_PERCENTILE))
+
+    def settle(self) -> None:
+        """The route ended: learn how far past its deadline plan it ran (no-op without one)."""
+        if self._plan is not None:
+            at, reserve = self._plan
+            self._plan = None
+            over = (time.perf_counter() - at) * 1e3 - reserve
+            if over < 1e3:  # a plan left by a route that failed before its end says nothing
+                self.overrun.append(over)
+
     def explore(self, left_ms: float, chars: int) -> bool:
         """Whether an escalation the prediction refuses runs anyway, under its deadline
         (:mod:`smoa.routing.deadline`): once per :data:`COST_EXPLORE_EVERY` refusals, when ``left_ms`` covers the
-        fastest recent run. The model learns from the runs it allows, so a median raised by a few cold or
-        disturbed runs would otherwise refuse for good a budget the encoder fits (5 ms at 1K keys: three samples,
-        [5.04, 3.51, 4.87] ms, against 3.2 ms per query); the background probe (:meth:`probe`) measures beside
-        the routes and, on two cores, reads high. A run that misses the deadline is stopped, so the budget holds."""
+        fastest recent run that ended in a route (before any: the prior ``base_ms``). The model learns from the runs
+        it allows, so a median raised by a few cold or disturbed runs would otherwise refuse for good a budget the
+        encoder fits (5 ms at 1K keys: three samples, [5.04, 3.51, 4.87] ms, against 3.2 ms per query; or the first
+        two escalations of a process, cold, stopped at their deadline after 5.9 and 5.2 ms). Neither a stopped run
+        (``stopped``: a lower bound) nor the background probe (``probe``: it runs beside the routes and, on two
+        cores, can read high: 4.87 ms above, where the encoder took 3.2) sets that floor. A run that misses the
+        deadline is stopped, so the budget holds."""
         self._refused += 1
         if self._refused < COST_EXPLORE_EVERY:
             return False
-        floor = min(self.samples[0], default=self.terms[0]) + self.terms[1] * max(0, chars - 64)
+        floor = min(self._on_routes, default=self._prior) + self.terms[1] * max(0, chars - 64)
         if left_ms < floor:
             return False
         self._refused = 0
         return True
 
-    def learn(self, chars: int, ms: float) -> None:
+    def learn(self, chars: int, ms: float, probe: bool = False, stopped: bool = False) -> None:
         """``base`` from texts under :data:`LONG_TEXT_CHARS` (less the per-character part past 64), ``per_char`` from
         longer ones (medians of the last :data:`COST_SAMPLES` samples each: one cold start or burst of load does not
         move it). A text just past 64 characters says nothing of the per-character cost: dividing its excess over a
@@ -83,6 +114,8 @@ class EncoderCost:
         short, long_ = self.samples
         if chars < LONG_TEXT_CHARS:
             short.append(max(0.0, ms - self.terms[1] * max(0, chars - 64)))
+            if not (probe or stopped):
+                self._on_routes.append(short[-1])
             self.terms[0] = float(statistics.median(short))  # numpy's: ~10 us on 16 floats, this ~0.4 us
         else:
             long_.append(max(0.0, (ms - self.terms[0]) / (chars - 64)))
@@ -114,7 +147,7 @@ class EncoderCost:
                         t = clock()
                         encode([filler])
                         best = min(best, (clock() - t) * 1e3)
-                    self.learn(n, best)
+                    self.learn(n, best, probe=True)
             except Exception as exc:  # noqa: BLE001 -- a failed probe leaves the model as it was
                 logger.debug("smoa routing: cost probe failed (%s)", exc)
 

@@ -55,7 +55,10 @@ cosine against the threshold calibrated from held-out folds (:mod:`smoa.routing.
 (:meth:`Router._tune_tag_weight`: 0.05 once keys are learned, another when the examples clearly favour it).
 Cascade (MiniLM key spaces): the static encoder projected into the key space answers when
 its top-1 leads by ``CASCADE_MARGIN``; otherwise MiniLM re-scores if the online cost model says it fits in the
-remaining budget, else the fast answer stands and the route is ``degraded`` (a real loss of quality). The margin
+remaining budget with the search after it, else the fast answer stands and the route is ``degraded`` (a real loss
+of quality). An escalation still running at the budget's deadline is stopped (:mod:`smoa.routing.deadline`; counted
+``cancelled``) and the fast answer stands, ``degraded`` as above; one refused escalation in ``COST_EXPLORE_EVERY``
+runs anyway under that deadline, so the cost model re-measures the encoder on the routes themselves. The margin
 the fast path needs is at least ``CASCADE_MARGIN`` (``ADAPTED_MARGIN_FACTOR`` times it once the query encoder is
 learned; ``degraded`` still means unsure by ``CASCADE_MARGIN`` itself) and at least the one at which its
 projection routes the stored examples 99.5 % right (:func:`~smoa.routing.learner.sure_margin`, set at each refit).
@@ -1091,6 +1094,7 @@ class Router:
         self._counts["empty"] += not chosen
         route = self._finish(chosen, strat, timings, degraded, t0, confidence=conf, escalated=escalated)
         self._walk_cost.settle()  # the last beam plan's error, up to the route's end (WalkCost)
+        self._main_cost.settle()  # and the deadline plan's (EncoderCost.deadline)
         if self._tag_end is not None:
             self._walk_cost.tail_done((time.perf_counter() - self._tag_end) * 1e3)
             self._tag_end = None
@@ -1148,10 +1152,10 @@ class Router:
                 self._counts["fast"] += 1
                 return scores, cos, degraded, False
             spent = (time.perf_counter() - t0) * 1e3
-            left = budget - spent - side_ms  # for the main encoder, the search after it held back
+            left = budget - spent - side_ms - self._main_cost.hold()  # for the encoder (EncoderCost.deadline)
             fits = self._main_cost.predict(len(text)) <= left or (  # explored only where a deadline can stop it
                 self.query_encoder.cancellable and self._main_cost.explore(left, len(text)))
-            q = self._encode_main(text, t0 + (budget - side_ms) / 1e3) if fits else None
+            q = self._encode_main(text, self._main_cost.deadline(t0 + budget / 1e3, side_ms)) if fits else None
             if q is None:  # refused, or stopped at its deadline (smoa.routing.deadline)
                 self._counts["fast"] += 1
                 if not fits:
@@ -1191,7 +1195,7 @@ class Router:
             self._counts["cancelled"] += 1
         self._main_ms = (time.perf_counter() - t) * 1e3
         if self._main_ms > 0.05:  # a stopped run that never started (deadline passed) says nothing
-            self._main_cost.learn(len(text), self._main_ms)
+            self._main_cost.learn(len(text), self._main_ms, stopped=q is None)
         return q
 
     def _margin_floor(self, factor: float) -> float:
