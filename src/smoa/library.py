@@ -392,7 +392,8 @@ class AdapterLibrary:
         try:
             self.catalog.set_pinned(adapter.key, True)
         except BaseException:
-            self.cache.unpin(adapter.id)
+            if not adapter.pinned:  # as it was
+                self.cache.unpin(adapter.id)
             raise
 
     def unpin(self, adapter_id: str) -> None:

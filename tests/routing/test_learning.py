@@ -399,6 +399,9 @@ def test_the_deadline_holds_back_the_search_after_it_and_what_recent_plans_overr
     assert len(cost.overrun) == 1 and cost.overrun[0] < -900.0
     cost.settle()  # no plan pending: nothing learned
     assert len(cost.overrun) == 1
+    assert cost.deadline(float("inf"), 2.0) == float("inf")  # no budget: no plan either
+    cost.settle()
+    assert len(cost.overrun) == 1
     cost.overrun.extend([-1.0] * 14)
     assert cost.hold() == 0.0  # 15 samples: not yet
     cost.overrun.extend([0.3] * 10 + [0.8])

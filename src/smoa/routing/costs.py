@@ -67,6 +67,8 @@ class EncoderCost:
         ``reserve_ms`` (the search after it) held back, and what recent plans overran it by
         (:data:`PLAN_ERROR_PERCENTILE` of :meth:`settle`'s samples, once there are :data:`PLAN_ERROR_MIN_SAMPLES`:
         the watchdog's wake-up, the run's stop between graph nodes, a search slower than the fast path's)."""
+        if not math.isfinite(end):  # no budget: nothing to plan
+            return end
         at = end - (reserve_ms + self.hold()) / 1e3
         self._plan = (at, reserve_ms)
         return at
