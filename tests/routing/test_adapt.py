@@ -8,6 +8,7 @@ to the base encoder, rebuilds the index from the catalog, retrains at the next r
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -204,6 +205,9 @@ def test_router_adapts_off_its_lock_persists_and_refuses_a_corrupt_file(tmp_path
         return encode_batch(self, texts)
 
     monkeypatch.setattr(CachedEncoder, "encode_batch", spy)
+    built = []  # the encoder's graphs built in this process (the child builds them)
+    encoder_graphs = qa.encoder_graphs
+    monkeypatch.setattr(qa, "encoder_graphs", lambda *a, **kw: built.append(1) or encoder_graphs(*a, **kw))
     thread = threading.Thread(target=serve)
     thread.start()
     try:
@@ -213,6 +217,7 @@ def test_router_adapts_off_its_lock_persists_and_refuses_a_corrupt_file(tmp_path
         thread.join()
     assert report["adopted"] == 1.0 and report["adapt_seconds"] > 0 and len(served) >= 10, (report, len(served))
     assert batches == [], batches  # the examples came back encoded from the training child
+    assert built == [], built  # and the encoder's graphs built there
     st0 = router._learner.stored[1]  # ... as this process' adapted encoder encodes them, bit for bit
     assert np.array_equal(st0.examples, router.query_encoder.encode_batch(list(st0.texts)).astype(st0.examples.dtype))
     assert max(served) < report["adapt_seconds"] / 2  # no route waited for the training
@@ -296,12 +301,24 @@ def test_the_training_child_encodes_the_groups_as_this_process_would_bit_for_bit
     groups = [by[i] for i in sorted(by)] + [["a routing text"], texts[:3] + ["a much longer text " * 20]]
     done = qa.adapt_encoder(texts, labels, groups, epochs=2.0, in_subprocess=True)
     assert done.weights is not None and done.vectors is not None and len(done.vectors) == len(groups)
+    assert done.graphs is not None and done.graphs[1] is not None  # the encoder's two graphs, built there too
     here = CachedEncoder(qa.AdaptedEncoder(done.weights), max_size=0)
+    theirs = CachedEncoder(qa.AdaptedEncoder(done.weights, graphs=done.graphs), max_size=0)
     for g, v in zip(groups, done.vectors):
         assert v.dtype == np.float32 and np.array_equal(v, here.encode_batch(g))
+        assert np.array_equal(theirs.encode_batch(g), v)
     # a text's embedding does not depend on the batch it came in (torch's dynamic int8 scaled activations per batch)
     np.testing.assert_allclose(done.vectors[-1][:3], here.encode_batch(texts[:3]), atol=1e-6)
-    assert qa.adapt_encoder(texts, labels, groups, epochs=2.0, in_subprocess=False).vectors is None  # caller encodes
+    alone = qa.adapt_encoder(texts, labels, groups, epochs=2.0, in_subprocess=False)
+    assert alone.vectors is None and alone.graphs is None  # the caller encodes and builds
+
+    # graphs the child wrote for other factors are not used (the caller builds them)
+    for name, graph in zip(qa.GRAPH_FILES, done.graphs):
+        (tmp_path / name).write_bytes(graph)
+    (tmp_path / "graphs.json").write_text(json.dumps({"version": "0123456789abcdef"}))
+    assert qa._read_graphs(tmp_path, qa.version_of(done.weights.to_bytes())) is None
+    (tmp_path / "graphs.json").write_text(json.dumps({"version": qa.version_of(done.weights.to_bytes())}))
+    assert qa._read_graphs(tmp_path, qa.version_of(done.weights.to_bytes())) == done.graphs
 
     bad = tmp_path / "embeddings.npy"
     for x in (np.zeros((4, 384), np.float64), np.zeros((3, 384), np.float32), np.full((4, 384), np.nan, np.float32)):

@@ -190,13 +190,14 @@ class AdaptHistory:
 
 @dataclass
 class Adapted:
-    """What :func:`adapt_encoder` returns: the factors (``None``: stopped), the training's history, and the
+    """What :func:`adapt_encoder` returns: the factors (``None``: stopped), the training's history, the
     ``encode`` groups' embeddings by the adapted encoder (``None`` where they were not computed: the caller
-    encodes them itself)."""
+    encodes them itself) and the encoder's graphs (:func:`encoder_graphs`; ``None``: the caller builds them)."""
 
     weights: object  # LoraWeights | None
     history: AdaptHistory
     vectors: list[np.ndarray] | None = None
+    graphs: tuple[bytes, bytes | None] | None = None  # encoder_graphs(weights), built by the training child
 
 
 def train_query_lora(
@@ -313,7 +314,23 @@ def _train_in_child(
         history = AdaptHistory(**json.loads((out / "history.json").read_text()))
         weights = LoraWeights.from_bytes((out / "weights.safetensors").read_bytes(), name="query LoRA from its trainer")
         vectors = _read_vectors(out / "embeddings.npy", [len(g) for g in encode]) if encode else None
-    return Adapted(weights, history, vectors)
+        graphs = _read_graphs(out, version_of(weights.to_bytes()))
+    return Adapted(weights, history, vectors, graphs)
+
+
+def _read_graphs(out: Path, version: str) -> tuple[bytes, bytes | None] | None:
+    """The child's encoder graphs (:data:`GRAPH_FILES`) if it wrote them for the factors of ``version``, else
+    ``None`` (the caller builds them; a graph onnxruntime refuses is refused when its session is built)."""
+    try:
+        made_for = json.loads((out / "graphs.json").read_text()).get("version")
+        if made_for != version:
+            logger.warning("smoa routing: the training child's encoder graphs are for factors %r, not %r: "
+                           "building them here", made_for, version)  # fmt: skip
+            return None
+        long_, short = (out / GRAPH_FILES[0]).read_bytes(), out / GRAPH_FILES[1]
+        return long_, short.read_bytes() if short.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _read_vectors(path: Path, sizes: list[int]) -> list[np.ndarray]:
@@ -334,6 +351,7 @@ def _read_vectors(path: Path, sizes: list[int]) -> list[np.ndarray]:
 CHILD_NICE = 10  # the scheduler favours the routes' process (bench_adapt_load.py: the same as nice 0 on 2 idle cores)
 _CHILD_KNOBS = ("MIN_STEPS", "MAX_EPOCHS", "BATCH", "LR", "KEY_LR", "TEMPERATURE", "MAX_TOKENS", "CHILD_NICE")
 _CHILD_MAIN = "import sys; from smoa.routing.adapt import _child_main; _child_main(sys.argv[1])"
+GRAPH_FILES = ("encoder.onnx", "encoder_block_int8.onnx")  # the child's encoder_graphs, in that order
 
 
 def _child_main(directory: str) -> None:
@@ -345,10 +363,17 @@ def _child_main(directory: str) -> None:
         os.nice(CHILD_NICE)
     weights, history = _train_here(request["texts"], request["labels"], request["epochs"], request["seed"],
                                    request["threads"], None)  # fmt: skip
-    if request["encode"]:  # before the factors: their file is what the parent waits for
+    graphs = encoder_graphs(weights)  # before the factors: their file is what the parent checks for
+    for name, graph in zip(GRAPH_FILES, graphs):
+        if graph is not None:
+            (out / f"{name}.tmp").write_bytes(graph)
+            (out / f"{name}.tmp").replace(out / name)
+    (out / "graphs.json").write_text(json.dumps({"version": version_of(weights.to_bytes())}))
+    if request["encode"]:
         from smoa.routing.encoders import CachedEncoder
 
-        enc = CachedEncoder(AdaptedEncoder(weights, request["base"], request["encode_threads"]), max_size=0)
+        enc = CachedEncoder(AdaptedEncoder(weights, request["base"], request["encode_threads"], graphs=graphs),
+                            max_size=0)  # fmt: skip
         vecs = [enc.encode_batch(g) for g in request["encode"]]
         with (out / "embeddings.tmp").open("wb") as f:
             np.save(f, np.concatenate(vecs).astype(np.float32))
@@ -435,6 +460,23 @@ def version_of(data: bytes) -> str:
     return checksum(data)[:16]
 
 
+def encoder_graphs(weights, block_int8: bool = True) -> tuple[bytes, bytes | None]:
+    """The serialised onnxruntime graphs of MiniLM with the query LoRA ``weights`` merged in (module docstring,
+    "Inference"): the base int8 graph with the merged weights written in (fp32 products), and the same with every
+    linear in block int8 (``None`` unless ``block_int8``)."""
+    from smoa.routing.encoders.onnx_int8 import block_int8_model, requantized_model
+
+    with _threads(1):
+        bb = _Backbone()
+        layers = [bb.handle.layers[m].base_layer for m in target_modules()]
+        before = [layer.weight.detach().numpy().copy() for layer in layers]
+        bb.handle.set_mixtures([(weights, 1.0)])
+        bb.handle.merge()  # W <- W + s B A in place, as a training forward applies the factors
+        changes = [(old, layer.weight.detach().numpy()) for old, layer in zip(before, layers)]
+    model = requantized_model(changes)
+    return model, block_int8_model(model) if block_int8 else None
+
+
 class AdaptedEncoder:
     """MiniLM with a query LoRA merged into its weights, run as the base encoder runs (int8 weights, onnxruntime);
     an :class:`Encoder` (module docstring, "Inference").
@@ -446,31 +488,28 @@ class AdaptedEncoder:
         block_int8: texts up to :data:`BLOCK_INT8_CHARS` characters through a graph whose every linear is a
             ``MatMulNBits`` (module docstring); ``False``: every text through the base graph's fp32 products over
             int8-stored weights (slower per query; kept for ``benchmarks/bench_query_encoder.py``).
+        graphs: the two graphs :func:`encoder_graphs` built for ``weights`` elsewhere (the training child writes
+            them, so that the serving process does not build them: ~1 s of graph work, ~4 s with the imports of
+            the first build in a process); ``None``: built here.
     """
 
     dim = 384
     cancellable = True  # encode takes onnxruntime RunOptions (smoa.routing.deadline)
 
-    def __init__(self, weights, base: str = "minilm-int8", threads: int | None = None, block_int8: bool = True) -> None:
-        from smoa.routing.encoders.onnx_int8 import OnnxInt8Encoder, block_int8_model, requantized_model
+    def __init__(self, weights, base: str = "minilm-int8", threads: int | None = None, block_int8: bool = True,
+                 graphs: tuple[bytes, bytes | None] | None = None) -> None:  # fmt: skip
+        from smoa.routing.encoders.onnx_int8 import OnnxInt8Encoder
 
         self.weights = weights
         self.version = version_of(weights.to_bytes())
         self.base = base
         self.name = f"{base}+q{self.version}"
-        with _threads(1):
-            bb = _Backbone()
-            layers = [bb.handle.layers[m].base_layer for m in target_modules()]
-            before = [layer.weight.detach().numpy().copy() for layer in layers]
-            bb.handle.set_mixtures([(weights, 1.0)])
-            bb.handle.merge()  # W <- W + s B A in place, as a training forward applies the factors
-            changes = [(old, layer.weight.detach().numpy()) for old, layer in zip(before, layers)]
-        model = requantized_model(changes)
+        model, short = encoder_graphs(weights, block_int8) if graphs is None else graphs
         self._long = OnnxInt8Encoder(threads, model=model)  # the fp32 backbone is not kept
         self._short = self._long
-        if block_int8:
+        if block_int8 and short is not None:
             try:
-                self._short = OnnxInt8Encoder(threads, model=block_int8_model(model))
+                self._short = OnnxInt8Encoder(threads, model=short)
                 self._short.encode(["warm up"])  # an onnxruntime without an 8-bit MatMulNBits kernel fails here
             except Exception as exc:  # noqa: BLE001 -- onnxruntime's errors have no common base but Exception
                 logger.warning("smoa routing: block int8 query encoder refused by onnxruntime (%s: %s); using the "

@@ -658,7 +658,8 @@ class Router:
             weights, hist = done.weights, done.history
             if hist.stopped:
                 return None
-            enc = CachedEncoder(qa.AdaptedEncoder(weights, self.encoder.name), self.config.embedding_cache_size)
+            enc = CachedEncoder(qa.AdaptedEncoder(weights, self.encoder.name, graphs=done.graphs),
+                                self.config.embedding_cache_size)  # the child's graphs: no graph work here
             enc.inner.encode(["warm up"])  # a model's first forward pays one-off set-up: here, not in a route
             known = {} if done.vectors is None else dict(zip(map(tuple, groups), done.vectors))
             fresh = self._reencoded(enc, set(labels), known)
