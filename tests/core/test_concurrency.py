@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from smoa import AdapterNotFoundError, AdapterSpec, CacheFullError, CompositionError, LoraWeights, SMoAConfig, SparseAdapterMixture
+from smoa import (
+    AdapterNotFoundError,
+    AdapterSpec,
+    CacheFullError,
+    CompositionError,
+    LoraWeights,
+    SMoAConfig,
+    SparseAdapterMixture,
+)
 from smoa.adapter.profile import BaseProfile
 
 from reliability.helpers import Oracle  # the dense reference shared with the reliability oracle test
