@@ -396,19 +396,19 @@ def test_the_deadline_holds_back_the_search_after_it_and_what_recent_plans_overr
     end = time.perf_counter() + 1.0
     assert cost.deadline(end, 2.0) == pytest.approx(end - 0.002) and cost.hold() == 0.0
     cost.settle()  # this "route" ended ~1 s before its plan's end: a large negative overrun
-    assert len(cost.overrun) == 1 and cost.overrun[0] < -900.0
+    assert len(cost.overrun.samples) == 1 and cost.overrun.samples[0] < -900.0
     cost.settle()  # no plan pending: nothing learned
-    assert len(cost.overrun) == 1
+    assert len(cost.overrun.samples) == 1
     assert cost.deadline(float("inf"), 2.0) == float("inf")  # no budget: no plan either
     cost.settle()
-    assert len(cost.overrun) == 1
-    cost.overrun.extend([-1.0] * 14)
+    assert len(cost.overrun.samples) == 1
+    cost.overrun.samples.extend([-1.0] * 14)
     assert cost.hold() == 0.0  # 15 samples: not yet
-    cost.overrun.extend([0.3] * 10 + [0.8])
-    want = float(np.percentile(list(cost.overrun), 99))
+    cost.overrun.samples.extend([0.3] * 10 + [0.8])
+    want = float(np.percentile(list(cost.overrun.samples), 99))
     assert want > 0.3 and cost.hold() == pytest.approx(want)
     assert cost.deadline(end, 2.0) == pytest.approx(end - (2.0 + want) / 1e3)
-    cost.overrun.extend([-5.0] * costs_mod.PLAN_ERROR_SAMPLES)  # routes that end early hold nothing back
+    cost.overrun.samples.extend([-5.0] * costs_mod.PLAN_ERROR_SAMPLES)  # routes that end early hold nothing back
     assert cost.hold() == 0.0
 
 
@@ -636,8 +636,8 @@ def test_the_beam_planner_holds_back_what_its_plans_under_predicted() -> None:
     assert cost.beam(0.92, 192) == 160 and cost.slack() == 0.0  # (0.92 - 0.1) / 0.005 = 164 -> 160 (step 16)
     for _ in range(PLAN_ERROR_MIN_SAMPLES):
         cost.beam(0.92, 192)
-        start, planned = cost._plan
-        cost._plan = (start - (planned + 0.3) / 1e3, planned)  # this route took 0.3 ms more than planned
+        start, planned = cost.error._plan
+        cost.error.plan(start - (planned + 0.3) / 1e3, planned)  # this route took 0.3 ms more than planned
         cost.settle()
     assert cost.slack() == pytest.approx(0.3, abs=0.05)
     assert cost.beam(0.92, 192) == 96  # (0.92 - 0.1 - 0.3) / 0.005 = 104 -> 96

@@ -55,8 +55,7 @@ class EncoderCost:
         self._refused = 0  # escalations refused since the last exploration (explore)
         self._on_routes: deque[float] = deque(maxlen=COST_SAMPLES)  # short-text base ms of runs that ended in routes
         self._prior = base_ms
-        self.overrun = Window(PLAN_ERROR_SAMPLES)  # ms routes ran past their deadline plan (deadline)
-        self._plan: tuple[float, float] | None = None  # (deadline, reserve ms) of the route in flight
+        self.overrun = PlanError()  # ms routes ran past their deadline plan (deadline)
 
     def predict(self, chars: int) -> float:
         base, per_char = self.terms
@@ -70,23 +69,16 @@ class EncoderCost:
         if not math.isfinite(end):  # no budget: nothing to plan
             return end
         at = end - (reserve_ms + self.hold()) / 1e3
-        self._plan = (at, reserve_ms)
+        self.overrun.plan(at, reserve_ms)  # the route should end reserve_ms after the deadline
         return at
 
     def hold(self) -> float:
-        """Milliseconds :meth:`deadline` holds back beyond the reserve, never negative."""
-        if len(self.overrun) < PLAN_ERROR_MIN_SAMPLES:
-            return 0.0
-        return max(0.0, self.overrun.percentile(PLAN_ERROR_PERCENTILE))
+        """Milliseconds :meth:`deadline` holds back beyond the reserve (:meth:`PlanError.hold`)."""
+        return self.overrun.hold()
 
     def settle(self) -> None:
         """The route ended: learn how far past its deadline plan it ran (no-op without one)."""
-        if self._plan is not None:
-            at, reserve = self._plan
-            self._plan = None
-            over = (time.perf_counter() - at) * 1e3 - reserve
-            if over < 1e3:  # a plan left by a route that failed before its end says nothing
-                self.overrun.append(over)
+        self.overrun.settle()
 
     def explore(self, left_ms: float, chars: int) -> bool:
         """Whether an escalation the prediction refuses runs anyway, under its deadline
@@ -171,8 +163,7 @@ class WalkCost:
     def __init__(self) -> None:
         self.per_ef = Window(SEARCH_COST_SAMPLES)
         self.after = Window(SEARCH_COST_SAMPLES)
-        self.error = Window(PLAN_ERROR_SAMPLES)
-        self._plan: tuple[float, float] | None = None  # (perf_counter at the plan, planned ms)
+        self.error = PlanError()  # what beam plans under-predicted, to each route's end
         self.tag = Window(SEARCH_COST_SAMPLES)  # ms of HYBRID's tag side
         self.tail = Window(SEARCH_COST_SAMPLES)  # ms from a tag side's end to the route's end
         self._refused = 0  # tag sides refused since the last one that ran (tag_fits)
@@ -191,13 +182,13 @@ class WalkCost:
         walks measured): the widest multiple of 16 (>= :data:`EF_MIN`) whose predicted walk plus the post-walk
         steps (:data:`WALK_COST_PERCENTILE` of recent routes: a budget bounds the slow routes, not the typical one)
         ends within the budget."""
-        self._plan = None
+        self.error.drop()
         if not math.isfinite(left_ms) or len(self.per_ef) < 8:
             return None
         per_ef, after = self.per_ef.percentile(WALK_COST_PERCENTILE), self.after.percentile(WALK_COST_PERCENTILE)
         left = left_ms - after - self.slack()
         ef = None if per_ef * full <= left else int(min(full - 16, max(EF_MIN, 16 * (left / per_ef // 16))))
-        self._plan = (time.perf_counter(), per_ef * (ef or full) + after)
+        self.error.plan(time.perf_counter(), per_ef * (ef or full) + after)
         return ef
 
     def tag_done(self, ms: float) -> None:
@@ -228,11 +219,39 @@ class WalkCost:
         return self.tag.percentile(WALK_COST_PERCENTILE) + self.tail.percentile(WALK_COST_PERCENTILE)
 
     def slack(self) -> float:
-        """Milliseconds held back from a budget: what recent plans under-predicted (:data:`PLAN_ERROR_PERCENTILE`),
-        0 until :data:`PLAN_ERROR_MIN_SAMPLES` plans were checked, never negative."""
-        if len(self.error) < PLAN_ERROR_MIN_SAMPLES:
+        """Milliseconds held back from a budget: what recent plans under-predicted (:meth:`PlanError.hold`)."""
+        return self.error.hold()
+
+    def settle(self) -> None:
+        """The route ended: learn the pending plan's error (no-op without one)."""
+        self.error.settle()
+
+
+class PlanError:
+    """How far routes ran past their plans, for the beam's plan (:class:`WalkCost`) and the deadline's
+    (:class:`EncoderCost`): :meth:`plan` at the plan, :meth:`settle` at the route's end learns ``actual - planned``
+    ms; :meth:`hold` is what to hold back from the next budget. Not thread-safe: the router updates it under its
+    lock."""
+
+    __slots__ = ("samples", "_plan")
+
+    def __init__(self) -> None:
+        self.samples = Window(PLAN_ERROR_SAMPLES)
+        self._plan: tuple[float, float] | None = None  # (perf_counter at the plan, planned ms from then to the end)
+
+    def plan(self, start: float, planned_ms: float) -> None:
+        self._plan = (start, planned_ms)
+
+    def drop(self) -> None:
+        """Forget the pending plan (the route made none)."""
+        self._plan = None
+
+    def hold(self) -> float:
+        """:data:`PLAN_ERROR_PERCENTILE` of the last :data:`PLAN_ERROR_SAMPLES` errors, 0 until
+        :data:`PLAN_ERROR_MIN_SAMPLES` plans were checked, never negative."""
+        if len(self.samples) < PLAN_ERROR_MIN_SAMPLES:
             return 0.0
-        return max(0.0, self.error.percentile(PLAN_ERROR_PERCENTILE))
+        return max(0.0, self.samples.percentile(PLAN_ERROR_PERCENTILE))
 
     def settle(self) -> None:
         """The route ended: learn the pending plan's error (no-op without one)."""
@@ -241,7 +260,7 @@ class WalkCost:
             self._plan = None
             actual = (time.perf_counter() - start) * 1e3
             if actual < 1e3:  # a plan left by a route that failed before its end says nothing
-                self.error.append(actual - planned)
+                self.samples.append(actual - planned)
 
 
 class SideChoice:
@@ -326,4 +345,4 @@ def _interpolate(xs: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (at - lo)
 
 
-__all__ = ["EncoderCost", "WalkCost", "Window"]
+__all__ = ["EncoderCost", "PlanError", "WalkCost", "Window"]
