@@ -84,12 +84,11 @@ class EncoderCost:
         """Whether an escalation the prediction refuses runs anyway, under its deadline
         (:mod:`smoa.routing.deadline`): once per :data:`COST_EXPLORE_EVERY` refusals, when ``left_ms`` covers the
         fastest recent run that ended in a route (before any: the prior ``base_ms``). The model learns from the runs
-        it allows, so a median raised by a few cold or disturbed runs would otherwise refuse for good a budget the
-        encoder fits (5 ms at 1K keys: three samples, [5.04, 3.51, 4.87] ms, against 3.2 ms per query; or the first
-        two escalations of a process, cold, stopped at their deadline after 5.9 and 5.2 ms). Neither a stopped run
-        (``stopped``: a lower bound) nor the background probe (``probe``: it runs beside the routes and, on two
-        cores, can read high: 4.87 ms above, where the encoder took 3.2) sets that floor. A run that misses the
-        deadline is stopped, so the budget holds."""
+        it allows, so a median raised by a few cold or disturbed runs (a fresh or idle session's first queries are
+        slower: ``benchmarks/bench_deadline.py``) would otherwise refuse for good a budget the encoder fits. Neither
+        a stopped run (``stopped``: a lower bound) nor the background probe (``probe``: it runs beside the routes
+        and, on two cores, shares them) sets that floor. A run that misses the deadline is stopped, so the budget
+        holds."""
         self._refused += 1
         if self._refused < COST_EXPLORE_EVERY:
             return False

@@ -6,9 +6,9 @@ the encoder's tail is long on a shared machine (int8 MiniLM on 12 tokens: p50 3.
 ``benchmarks/bench_query_encoder.py``). Without a deadline a budget bounded the median escalation, not the slow
 ones: 10 ms budget, 1M keys, p99 10.1 ms. With one, a run still going at ``deadline`` is stopped through
 onnxruntime's ``RunOptions.terminate``, which the runtime checks between graph nodes, and raises
-:class:`EncodeCancelled`. Measured on a 40-token query (``docs/bench_routing.md``): the flag is set 0.10 ms after
-the deadline (p50; 0.25 ms p99) and the run returns 0.48 ms after it (0.99 ms p99); the router holds back what
-such stops overran (:meth:`~smoa.routing.costs.EncoderCost.deadline`).
+:class:`EncodeCancelled`. A stopped 40-token run returns 0.51 ms after its deadline at p50, 1.19 ms at p99
+(``benchmarks/bench_deadline.py``); the router holds back what such stops overran
+(:meth:`~smoa.routing.costs.EncoderCost.deadline`).
 
 One daemon thread serves every deadline of a router (routes are computed one at a time under its lock). Arming it
 wakes it once (a notify); disarming costs nothing: it wakes at the old deadline, finds nothing armed and sleeps.
