@@ -403,3 +403,19 @@ def test_the_rescue_never_serves_a_changed_small_group_from_its_cache() -> None:
     router.add(np.array([mover]), (q / np.linalg.norm(q))[None, :].astype(np.float32), [(["island"], ["s"])], 4)
     top = router.route(text, strategy="semantic", k=3)
     assert top.adapter_ids[0] == f"ad_{mover:03d}" and top.routing_scores[0] == pytest.approx(1.0, abs=0.02)
+
+
+def test_the_same_key_check_is_kept_per_pair_until_the_index_changes() -> None:
+    """Two adapters with the same key are not separable (no encoder can tell them apart); the answer is kept per
+    pair, and a change of either adapter's key is seen at once."""
+    router = make()
+    same = router.routing_keys([LIB[2]])
+    router.add(np.array([7]), same, [(LIB[2].domain_tags, LIB[2].skill_tags)], 2)  # a twin of adapter 2
+    cos = {2: 0.90, 7: 0.89, 3: 0.10}
+    assert router._separable(cos) is False
+    assert router._separable_memo == {(2, 7): False}
+    assert router._separable({7: 0.5, 2: 0.6}) is False  # the same pair, either order: from the memo
+    other = router.routing_keys([LIB[3]])
+    router.add(np.array([7]), other, [(LIB[3].domain_tags, LIB[3].skill_tags)], 3)  # adapter 7's key changes
+    assert router._separable(cos) is True
+    assert router._separable({2: 0.9}) is False  # one candidate: nothing to separate
