@@ -6,11 +6,10 @@ parts run cold: the walk reads a few hundred KB at random and evicts what the Py
 CPU caches, so each part costs several times what it costs in a loop of its own. This script builds the
 benchmark router of ``bench_routing.py --budgets`` (CLINC150's 150 intent adapters with their examples, plus
 "realistic" distractors up to ``--adapters``), routes CLINC150 val queries at the budget and times each part
-inside the routes, for three modes side by side (interleaved rounds; each mode routes queries it never saw, while
-the caches keep what earlier routes of any mode left, as in a router serving a stream of queries):
+inside the routes, for two modes side by side (interleaved rounds; each mode routes queries it never saw, while
+the caches keep what earlier routes of either mode left, as in a router serving a stream of queries):
 
 * ``now``            the code as it is;
-* ``no word cache``  the static encoder tokenizes each query with the tokenizer (no word -> ids cache);
 * ``no pair memo``   the same-key check (``Router._separable``) looks both adapters' keys up on every call.
 
     python benchmarks/bench_budget_path.py                      # 1,000,000 adapters (~7 min to build)
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_routing  # noqa: E402  (the budget table's router)
 import eval_clinc  # noqa: E402
 
-MODES = ("now", "no word cache", "no pair memo")
+MODES = ("now", "no pair memo")
 
 
 def timed_parts(router) -> dict[str, list[int]]:  # router: smoa.routing.router.Router
@@ -57,7 +56,7 @@ def timed_parts(router) -> dict[str, list[int]]:  # router: smoa.routing.router.
 
         setattr(obj, name, timed)
 
-    wrap(router._fast, "_tokens", "tokenize")
+    wrap(router._fast, "_tokens", "tokenize")  # the tokenizer (it releases the GIL: a refit beside runs then)
     wrap(router._fast, "encode", "static encode (incl. tokenize)")
     wrap(router._learner, "project", "projection")
     wrap(router._vectors, "search", "index search (walk + re-score)")
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapters", type=int, default=1_000_000)
     ap.add_argument("--budget", type=float, default=1.0, help="routing_latency_budget_ms")
     ap.add_argument("--queries", type=int, default=500, help="CLINC150 val queries per mode and round (distinct)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds x modes x queries <= 3,000 (the val split)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds x modes x queries <= 3,000 (the val split)")
     args = ap.parse_args(argv)
 
     from smoa.data.clinc import clinc150
@@ -89,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds * len(MODES) * args.queries > len(texts):
         ap.error(f"--rounds x {len(MODES)} x --queries must be <= {len(texts)}")
     samples = timed_parts(router)
-    enc, words = router._fast, router._fast._words
     plain_separable, memo = router._separable, router._separable_memo
 
     def forgetful_separable(cos):
@@ -102,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     parts: dict[str, dict[str, list[float]]] = {m: {} for m in MODES}
     for r in range(args.rounds):
         for i, mode in enumerate(MODES):
-            enc._words = None if mode == "no word cache" else words
             router._separable = forgetful_separable if mode == "no pair memo" else plain_separable
             router.encoder._cache.clear()  # every query encoded for real
             router.query_encoder._cache.clear()
@@ -116,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     if v:
                         parts[mode].setdefault(label, []).append(sum(v) / 1e3)
             router._separable_memo = memo  # what the other modes built stays
-    enc._words, router._separable = words, plain_separable
+    router._separable = plain_separable
     labels = sorted({label for m in MODES for label in parts[m]}, key=lambda s: -np.median(parts["now"].get(s, [0])))
     n = len(lat["now"])
     print(f"\n{args.adapters:,} adapters, budget {args.budget:g} ms, {n} routes per mode ({args.rounds} interleaved "

@@ -112,30 +112,3 @@ def test_static_encodes_one_text_exactly_as_a_batch() -> None:
     one = np.concatenate([enc.encode([t]) for t in texts])
     np.testing.assert_array_equal(one, batch)
     assert one.dtype == np.float32 and one.flags.c_contiguous
-
-
-def test_static_word_cache_gives_the_tokenizers_own_ids() -> None:
-    """The static encoder's word cache (a route's tokenisation) yields the very ids of the tokenizer on the whole
-    text, for CLINC150 val queries and for texts whose normalisation is not plain ASCII; it stays bounded."""
-    from smoa.data.clinc import clinc150
-    from smoa.routing.encoders import static as static_mod
-
-    enc = get_encoder("static")
-    assert enc._words is not None  # MiniLM's BERT tokenizer: word by word is exact
-    tok = enc.model.tokenizer
-    texts = [e.text for e in clinc150("val")[:600]] + [
-        "", " ", "a  b", "héllo,world", "Été À PARIS!!", "医学c++ ＣＵＤＡ", "tab\there", "ctrl\x00char\x1fs",
-        "x" * 300, "emoji 🙂 and [UNK] [CLS]", "don't stop-believing...", "ﬁne ﬂow", "\u3000wide space"]  # fmt: skip
-    for text in texts + texts:  # the second pass reads every word from the cache
-        assert enc._tokens(text) == tok.encode(text, add_special_tokens=False).ids, repr(text)
-    one = np.concatenate([enc.encode([t]) for t in texts])
-    np.testing.assert_array_equal(one, enc.encode(texts))
-    old = static_mod.WORD_CACHE_SIZE
-    static_mod.WORD_CACHE_SIZE = 64
-    enc._words.clear()
-    try:
-        for text in texts:
-            enc._tokens(text)
-            assert len(enc._words) <= 64
-    finally:
-        static_mod.WORD_CACHE_SIZE = old

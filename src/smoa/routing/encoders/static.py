@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 _VERSION = "static-minilm-v1"
 SIF_COEFFICIENT = 1e-4
-WORD_CACHE_SIZE = 32_768  # words -> token ids kept by a StaticEncoder (~200 B each; emptied when full)
 
 
 def token_embeddings(model_dir: Path, batch_size: int = 512) -> np.ndarray:
@@ -83,19 +82,6 @@ def distill(target: Path) -> None:
     tmp.replace(target / "embeddings.npy")
 
 
-def _word_compositional(tokenizer) -> bool:  # tokenizer: tokenizers.Tokenizer
-    """Whether ``tokenizer`` gives a text's ids as the concatenation of its space-separated words' ids: a BERT
-    normalizer (per character: clean-up, accents, case, spaces around CJK characters) or none, and a BERT or
-    whitespace pre-tokenizer (a space always ends a word). Then no token spans a space, and no normalisation
-    looks past one."""
-    from tokenizers import normalizers, pre_tokenizers
-
-    norm_ok = tokenizer.normalizer is None or isinstance(tokenizer.normalizer, normalizers.BertNormalizer)
-    pre_ok = isinstance(tokenizer.pre_tokenizer, (pre_tokenizers.BertPreTokenizer, pre_tokenizers.Whitespace,
-                                                  pre_tokenizers.WhitespaceSplit))  # fmt: skip
-    return norm_ok and pre_ok
-
-
 class StaticEncoder:
     """Mean of distilled token vectors (microseconds per query); built on first use, then loaded from disk."""
 
@@ -115,7 +101,6 @@ class StaticEncoder:
         self.model = StaticModel(vectors=vectors, tokenizer=tokenizer, normalize=True, max_length=MAX_TOKENS)
         self.dim = int(vectors.shape[1])
         self._zero = np.zeros(self.dim, dtype=np.float32)
-        self._words: dict[str, tuple[int, ...]] | None = {} if _word_compositional(tokenizer) else None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Encode ``texts`` ``[n]`` -> float32 ``[n, dim]``, unit norm (text without known tokens -> ``e_0``)."""
@@ -129,46 +114,13 @@ class StaticEncoder:
         return np.ascontiguousarray(out)
 
     def _tokens(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens), from the word cache where the tokenizer allows it
-        (:meth:`_words_tokens`)."""
-        if self._words is None:
-            return self._tokenize([text])[0]
-        return self._words_tokens(text)
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each of ``texts`` (no special tokens). ``encode_batch_fast`` skips the character offsets
-        that ``encode`` tracks and nothing here reads: 20 -> 16 us mean, 104 -> 38 us p99 on CLINC150 val; same
-        ids."""
+        """Token ids of ``text`` (no special tokens). ``encode_batch_fast`` skips the character offsets that
+        ``encode`` tracks and nothing here reads: 20 -> 16 us mean, 104 -> 38 us p99 on CLINC150 val; same ids."""
         tok = self.model.tokenizer
         fast = getattr(tok, "encode_batch_fast", None)
         if fast is None:  # tokenizers < 0.20
-            return [tok.encode(t, add_special_tokens=False).ids for t in texts]
-        return [e.ids for e in fast(texts, add_special_tokens=False)]
-
-    def _words_tokens(self, text: str) -> list[int]:
-        """Token ids of ``text`` as the concatenation of its space-separated words' ids, each word's kept in a
-        dict (:data:`WORD_CACHE_SIZE` words). The same ids as the tokenizer's (``_word_compositional``): a BERT
-        tokenizer splits at every space and its normalizer works character by character. Inside a route the
-        tokenizer's Rust code runs cold, after an index walk has emptied the CPU caches: 62 us p50 / 175-345 us p99
-        against 16 us in a loop; a dict lookup per word takes ~6 / 15 us (``benchmarks/bench_budget_path.py``)."""
-        words = text.split(" ")
-        cache = self._words
-        missing = [w for w in dict.fromkeys(words) if w not in cache]
-        new: dict[str, tuple[int, ...]] = {}
-        if missing:  # one tokenizer call for all of this text's new words
-            new = dict(zip(missing, map(tuple, self._tokenize(missing))))
-            if len(cache) + len(new) > WORD_CACHE_SIZE:
-                cache.clear()
-            cache.update(new)
-        ids: list[int] = []
-        for w in words:
-            got = cache.get(w)
-            if got is None:  # another thread emptied the cache meanwhile
-                got = new.get(w)
-                if got is None:
-                    got = tuple(self._tokenize([w])[0])
-            ids += got
-        return ids
+            return tok.encode(text, add_special_tokens=False).ids
+        return fast([text], add_special_tokens=False)[0].ids
 
     def _encode_one(self, text: str) -> np.ndarray:
         """:meth:`encode` of one text, the steps of ``StaticModel.encode`` (characters cut at ``max_length`` x the
