@@ -9,8 +9,9 @@ benchmark router of ``bench_routing.py --budgets`` (CLINC150's 150 intent adapte
 inside the routes, for two modes side by side (interleaved rounds; each mode routes queries it never saw, while
 the caches keep what earlier routes of either mode left, as in a router serving a stream of queries):
 
-* ``now``            the code as it is;
-* ``no pair memo``   the same-key check (``Router._separable``) looks both adapters' keys up on every call.
+* ``now``                  the code as it is;
+* ``rescue set uncached``  the rescue concatenates its groups' rows on every route (as when its cache was keyed by
+                           the order of the groups' cosines, which changes from query to query: before 2026-12-07).
 
     python benchmarks/bench_budget_path.py                      # 1,000,000 adapters (~7 min to build)
     python benchmarks/bench_budget_path.py --adapters 1000      # quick
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_routing  # noqa: E402  (the budget table's router)
 import eval_clinc  # noqa: E402
 
-MODES = ("now", "no pair memo")
+MODES = ("now", "rescue set uncached")
 
 
 def timed_parts(router) -> dict[str, list[int]]:  # router: smoa.routing.router.Router
@@ -88,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds * len(MODES) * args.queries > len(texts):
         ap.error(f"--rounds x {len(MODES)} x --queries must be <= {len(texts)}")
     samples = timed_parts(router)
-    plain_separable, memo = router._separable, router._separable_memo
+    plain_group_vectors = router._group_vectors
 
-    def forgetful_separable(cos):
-        router._separable_memo = {}
-        return plain_separable(cos)
+    def uncached_group_vectors(names):
+        if len(names) > 1:
+            router._rescue.pop(names, None)
+        return plain_group_vectors(names)
 
     for e in clinc150("oos_val"):  # warm-up (cost models, side choice) on queries no mode routes
         router.route(e.text)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parts: dict[str, dict[str, list[float]]] = {m: {} for m in MODES}
     for r in range(args.rounds):
         for i, mode in enumerate(MODES):
-            router._separable = forgetful_separable if mode == "no pair memo" else plain_separable
+            router._group_vectors = uncached_group_vectors if mode == "rescue set uncached" else plain_group_vectors
             router.encoder._cache.clear()  # every query encoded for real
             router.query_encoder._cache.clear()
             for text in texts[(r * len(MODES) + i) * args.queries :][: args.queries]:
@@ -112,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 for label, v in samples.items():
                     if v:
                         parts[mode].setdefault(label, []).append(sum(v) / 1e3)
-            router._separable_memo = memo  # what the other modes built stays
-    router._separable = plain_separable
+    router._group_vectors = plain_group_vectors
     labels = sorted({label for m in MODES for label in parts[m]}, key=lambda s: -np.median(parts["now"].get(s, [0])))
     n = len(lat["now"])
     print(f"\n{args.adapters:,} adapters, budget {args.budget:g} ms, {n} routes per mode ({args.rounds} interleaved "

@@ -328,6 +328,41 @@ def test_the_rescue_reaches_past_the_nearest_group_centroids_within_its_member_b
     assert route.adapter_ids[0] == ids_of([best])[0]
 
 
+
+def test_the_rescue_caches_one_entry_per_set_of_small_groups_whatever_their_order() -> None:
+    """Two queries that rank the same small groups in different orders rescue them from one cache entry (keyed
+    by the sorted group names), with the exact scores of their members."""
+    from smoa.routing.index import IndexParams
+
+    dim, rng = 64, np.random.default_rng(5)
+    groups = [np.eye(dim, dtype=np.float32)[[1 + 3 * g + j for j in range(3)]] * 0.8 for g in range(4)]
+    for g, rows in enumerate(groups):
+        rows[:, 0] = 0.6  # every small group near the queries' shared axis, each on axes of its own
+    bulk = rng.standard_normal((600, dim)).astype(np.float32)
+    bulk[:, 0] = -np.abs(bulk[:, 0]) * 3  # away from the queries
+    x = np.concatenate(groups + [bulk])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    tags = [([f"g{g}"], ["s"]) for g in range(len(groups)) for _ in range(3)] + [(["bulk"], ["s"])] * len(bulk)
+    config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
+    router = Router(config, None, ids_of, encoder=_PrimedDim(dim), params=IndexParams(exact_threshold=100, ef_search=16))
+    router.add(np.arange(len(x)), x.astype(np.float32), tags, generation=1)
+
+    def query(g: int) -> np.ndarray:  # nearest to group g's first member
+        v = np.zeros(dim, np.float32)
+        v[0], v[1 + 3 * g] = 0.8, 0.6
+        return v
+
+    orders = []
+    for g in (0, 3):
+        q = query(g)
+        orders.append([n for n, _ in router._groups.top_groups(q, 4, 256)])
+        got = router._small_group_scores(q, 8)
+        best = 3 * g
+        assert max(got, key=got.get) == best and got[best] == pytest.approx(float(x[best] @ q), abs=0.02)
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])  # same set, another order
+    multi = [names for names in router._rescue if len(names) > 1]
+    assert multi == [("g0", "g1", "g2", "g3")]
+
 class _PrimedDim:
     """An encoder of dimension ``dim`` for queries primed into the router's cache (never called)."""
 
@@ -403,19 +438,3 @@ def test_the_rescue_never_serves_a_changed_small_group_from_its_cache() -> None:
     router.add(np.array([mover]), (q / np.linalg.norm(q))[None, :].astype(np.float32), [(["island"], ["s"])], 4)
     top = router.route(text, strategy="semantic", k=3)
     assert top.adapter_ids[0] == f"ad_{mover:03d}" and top.routing_scores[0] == pytest.approx(1.0, abs=0.02)
-
-
-def test_the_same_key_check_is_kept_per_pair_until_the_index_changes() -> None:
-    """Two adapters with the same key are not separable (no encoder can tell them apart); the answer is kept per
-    pair, and a change of either adapter's key is seen at once."""
-    router = make()
-    same = router.routing_keys([LIB[2]])
-    router.add(np.array([7]), same, [(LIB[2].domain_tags, LIB[2].skill_tags)], 2)  # a twin of adapter 2
-    cos = {2: 0.90, 7: 0.89, 3: 0.10}
-    assert router._separable(cos) is False
-    assert router._separable_memo == {(2, 7): False}
-    assert router._separable({7: 0.5, 2: 0.6}) is False  # the same pair, either order: from the memo
-    other = router.routing_keys([LIB[3]])
-    router.add(np.array([7]), other, [(LIB[3].domain_tags, LIB[3].skill_tags)], 3)  # adapter 7's key changes
-    assert router._separable(cos) is True
-    assert router._separable({2: 0.9}) is False  # one candidate: nothing to separate

@@ -82,7 +82,6 @@ adaptation retrains at the next refit.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import io
 import logging
 import math
@@ -139,7 +138,6 @@ RESCUE_MEMBERS = 1024  # ... and the next nearest while all the rescued groups h
 SMALL_GROUP_LIMIT = 256
 RESCUE_CACHE_ROWS = 4096  # decoded key rows of rescued small groups kept (6 MB), dropped on any index change
 SAME_KEY_COS = 0.995  # two keys this close are the same key to any encoder (Router._separable)
-SEPARABLE_MEMO_PAIRS = 4096  # (adapter, adapter) -> have different keys, kept per index version (Router._separable)
 SAME_KEY_MARGIN = float(np.sqrt(2 - 2 * SAME_KEY_COS))  # |q.a - q.b| <= |a - b|: the best keys of a wider lead differ
 CASCADE_MARGIN = 0.08  # fast path answers when top-1 leads top-2 by this much (CLINC150 val: 12 % escalate)
 ADAPTED_MARGIN_FACTOR = 2.0  # ... times this once the query encoder is learned: it is then far better than the fast
@@ -264,8 +262,6 @@ class Router:
         self._rescue: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # groups -> rows
         self._rescue_at: tuple = ()  # the index / groups versions the rescue cache holds
         self._rescue_rows = 0
-        self._separable_memo: dict[tuple[int, int], bool] = {}  # pair of adapters -> separable (_separable)
-        self._separable_at: tuple = ()  # the index version the memo holds
         self._tag_end: float | None = None  # perf_counter at the end of this route's tag side (WalkCost.tail_done)
         # the walk-free steps of a route beside its HNSW walk (smoa.routing.side, while ``routing_parallel_side``);
         # its thread starts at the first such route; one core would only interleave them
@@ -1218,28 +1214,14 @@ class Router:
 
     def _separable(self, cos: Mapping[int, float]) -> bool:
         """Whether the two best adapters have different keys (identical keys: no encoder can tell them apart,
-        so a low margin between them is no reason to escalate nor a loss of quality). Kept per pair until the
-        index changes (:data:`SEPARABLE_MEMO_PAIRS` pairs): looking two adapters' keys up and decoding them took
-        ~0.2 ms of a 1M-key route (cold, after the walk), and the same close pairs come back query after query."""
-        top = heapq.nlargest(2, cos, key=cos.__getitem__)
+        so a low margin between them is no reason to escalate nor a loss of quality)."""
+        top = sorted(cos, key=lambda key: -cos[key])[:2]
         if len(top) < 2:
             return False
-        at = (id(self._vectors), self._vectors.version, self._max_p)
-        if at != self._separable_at:
-            self._separable_memo.clear()
-            self._separable_at = at
-        pair = (min(top), max(top))
-        hit = self._separable_memo.get(pair)
-        if hit is not None:
-            return hit
         found, vecs = self._vectors.vectors_of(slots_of(np.asarray(top, np.int64), self._max_p))
         own = owner_of(found)
         a, b = vecs[own == top[0]], vecs[own == top[1]]
-        out = not (len(a) and len(b) and float((a @ b.T).max()) > SAME_KEY_COS)
-        if len(self._separable_memo) >= SEPARABLE_MEMO_PAIRS:
-            self._separable_memo.clear()
-        self._separable_memo[pair] = out
-        return out
+        return not (len(a) and len(b) and float((a @ b.T).max()) > SAME_KEY_COS)
 
     def _over_budget(self, t0: float) -> bool:
         return (time.perf_counter() - t0) * 1e3 > self.config.routing_latency_budget_ms
