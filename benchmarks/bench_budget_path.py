@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     samples = timed_parts(router)
     plain_group_vectors = router._group_vectors
 
-    def uncached_group_vectors(names):
-        if len(names) > 1:
-            router._rescue.pop(names, None)
+    def uncached_group_vectors(names):  # each group's rows stay cached; their concatenation is made again
+        if len(names) > 1 and names in router._rescue:
+            router._rescue_rows -= len(router._rescue.pop(names)[0])
         return plain_group_vectors(names)
 
     for e in clinc150("oos_val"):  # warm-up (cost models, side choice) on queries no mode routes

@@ -115,7 +115,12 @@ class StaticEncoder:
 
     def _tokens(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens). ``encode_batch_fast`` skips the character offsets that
-        ``encode`` tracks and nothing here reads: 20 -> 16 us mean, 104 -> 38 us p99 on CLINC150 val; same ids."""
+        ``encode`` tracks and nothing here reads: 20 -> 16 us mean, 104 -> 38 us p99 on CLINC150 val; same ids.
+
+        The tokenizer releases the GIL while it runs. For a thread serving routes back to back that is where a
+        thread beside it (a key refit, an adaptation's steps) gets the GIL: a cache of words' ids that skipped the
+        call made a whole adaptation beside such routes take 192.7 s instead of 22.7 s (``docs/bench_routing.md``,
+        "The fast path under a tight budget")."""
         tok = self.model.tokenizer
         fast = getattr(tok, "encode_batch_fast", None)
         if fast is None:  # tokenizers < 0.20
