@@ -1,4 +1,4 @@
-"""Where does a route's time go under a tight latency budget, and what do the fast path's caches save?
+"""Where does a route's time go under a tight latency budget, and what does the rescue's cache save?
 
 At ``routing_latency_budget_ms=1.0`` a route takes the cascade's fast path: the static encoder, the projection into
 the key space, an HNSW walk narrowed to the budget, the small groups' rescue, the fusion and the selection. Its

@@ -328,7 +328,6 @@ def test_the_rescue_reaches_past_the_nearest_group_centroids_within_its_member_b
     assert route.adapter_ids[0] == ids_of([best])[0]
 
 
-
 def test_the_rescue_caches_one_entry_per_set_of_small_groups_whatever_their_order() -> None:
     """Two queries that rank the same small groups in different orders rescue them from one cache entry (keyed
     by the sorted group names), with the exact scores of their members."""
@@ -336,7 +335,7 @@ def test_the_rescue_caches_one_entry_per_set_of_small_groups_whatever_their_orde
 
     dim, rng = 64, np.random.default_rng(5)
     groups = [np.eye(dim, dtype=np.float32)[[1 + 3 * g + j for j in range(3)]] * 0.8 for g in range(4)]
-    for g, rows in enumerate(groups):
+    for rows in groups:
         rows[:, 0] = 0.6  # every small group near the queries' shared axis, each on axes of its own
     bulk = rng.standard_normal((600, dim)).astype(np.float32)
     bulk[:, 0] = -np.abs(bulk[:, 0]) * 3  # away from the queries
@@ -362,6 +361,7 @@ def test_the_rescue_caches_one_entry_per_set_of_small_groups_whatever_their_orde
     assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])  # same set, another order
     multi = [names for names in router._rescue if len(names) > 1]
     assert multi == [("g0", "g1", "g2", "g3")]
+
 
 class _PrimedDim:
     """An encoder of dimension ``dim`` for queries primed into the router's cache (never called)."""
