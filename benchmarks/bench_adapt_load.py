@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"child process at nice {default} (default)", True, default, True),
             ("child process at nice 0", True, 0, True)]  # fmt: skip
     for where, child, nice, load in runs:
-        qa.CHILD_NICE = nice  # a training knob: it reaches the child with the request
+        qa.CHILD_NICE = nice  # the training child is started at this nice
         served: list[float] = []
         stop = threading.Event()
         th = threading.Thread(target=serve, args=(router, queries, stop, served)) if load else None

@@ -343,8 +343,8 @@ def test_a_stopped_training_child_is_killed_and_reports_stopped() -> None:
 
 
 def test_a_failing_training_child_raises_with_its_output(monkeypatch) -> None:
-    monkeypatch.setattr(qa, "_CHILD_MAIN", "import sys; sys.exit('no training here')")
-    with pytest.raises(RuntimeError, match=r"exit 1\): no training here"):
+    monkeypatch.setattr(qa, "_CHILD_ENTRY", "sys:exit")  # exits 1, printing its argument (the request's directory)
+    with pytest.raises(RuntimeError, match=r"exit 1\): \S*smoa-qlora-"):
         qa.train_query_lora(["a b", "c d"], [0, 1], epochs=1.0)
 
 

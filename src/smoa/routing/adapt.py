@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from smoa.routing.child import CHILD_NICE, NoChild, child_failed, run_child
 from smoa.routing.encoders import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -252,29 +253,22 @@ def adapt_encoder(
         try:
             return _train_in_child(texts, labels, epochs, seed, threads, stop, groups, base,
                                    encode_threads or encoder_threads())  # fmt: skip
-        except _NoChild as exc:
+        except NoChild as exc:
             logger.warning("smoa routing: no child process for the query LoRA (%s): training in this thread", exc)
     weights, history = _train_here(texts, labels, epochs, seed, threads, stop)
     return Adapted(weights, history)
-
-
-class _NoChild(OSError):
-    """The training child could not be started."""
 
 
 def _train_in_child(
     texts: Sequence[str], labels: Sequence[int], epochs: float, seed: int, threads: int, stop: threading.Event | None,
     encode: list[list[str]], base: str, encode_threads: int,
 ) -> Adapted:
-    """:func:`_train_here` in a fresh ``python`` (not a fork: torch and the caller's threads do not survive one;
-    not ``multiprocessing``: its spawn re-runs the caller's ``__main__``), then the ``encode`` groups embedded
-    there (:func:`adapt_encoder`). Request and result go through files in a private temporary directory: the
-    request as JSON (texts, labels, groups, the training knobs of this module as they are now), the factors back as
-    safetensors, read by the strict reader (:meth:`LoraWeights.from_bytes`), the embeddings as one float32 ``.npy``
-    (no pickle), checked for shape and finiteness. ``stop`` set: the child is killed. A child that fails raises
-    ``RuntimeError`` with the end of its output."""
-    import subprocess
-    import sys
+    """:func:`_train_here` in a child interpreter (:func:`smoa.routing.child.run_child`), then the ``encode`` groups
+    embedded there (:func:`adapt_encoder`). The request as JSON (texts, labels, groups, the training knobs of this
+    module as they are now), the factors back as safetensors, read by the strict reader
+    (:meth:`LoraWeights.from_bytes`), the embeddings as one float32 ``.npy`` (no pickle), checked for shape and
+    finiteness. ``stop`` set: the child is killed. A child that fails raises ``RuntimeError`` with the end of its
+    output; one that cannot be started, :class:`~smoa.routing.child.NoChild`."""
     import tempfile
 
     from smoa.adapter.weights import LoraWeights
@@ -285,32 +279,11 @@ def _train_in_child(
                    "threads": int(threads), "knobs": {k: globals()[k] for k in _CHILD_KNOBS},
                    "encode": encode, "base": base, "encode_threads": int(encode_threads)}  # fmt: skip
         (out / "request.json").write_text(json.dumps(request))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # fmt: skip
-        with (out / "log.txt").open("wb") as log:
-            try:
-                child = subprocess.Popen([sys.executable, "-c", _CHILD_MAIN, tmp], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-            except OSError as exc:
-                raise _NoChild(f"{type(exc).__name__}: {exc}") from None
-            try:
-                while True:
-                    try:
-                        rc = child.wait(timeout=0.1)
-                        break
-                    except subprocess.TimeoutExpired:
-                        if stop is not None and stop.is_set():
-                            child.kill()
-                            child.wait()
-                            stopped = AdaptHistory(examples=len(texts), adapters=len(set(labels)), stopped=True)
-                            return Adapted(None, stopped)
-            finally:
-                if child.poll() is None:  # this thread was interrupted: the child must not outlive the request
-                    child.kill()
-                    child.wait()
+        rc = run_child(_CHILD_ENTRY, out, threads, stop, nice=CHILD_NICE)
+        if rc is None:
+            return Adapted(None, AdaptHistory(examples=len(texts), adapters=len(set(labels)), stopped=True))
         if rc != 0 or not (out / "weights.safetensors").is_file():
-            tail = (out / "log.txt").read_bytes()[-2000:].decode("utf-8", "replace")
-            raise RuntimeError(f"query-LoRA training process failed (exit {rc}): {tail}")
+            raise child_failed("query-LoRA training", out, rc)
         history = AdaptHistory(**json.loads((out / "history.json").read_text()))
         weights = LoraWeights.from_bytes((out / "weights.safetensors").read_bytes(), name="query LoRA from its trainer")
         vectors = _read_vectors(out / "embeddings.npy", [len(g) for g in encode]) if encode else None
@@ -348,19 +321,17 @@ def _read_vectors(path: Path, sizes: list[int]) -> list[np.ndarray]:
     return np.split(x, np.cumsum(sizes)[:-1])
 
 
-CHILD_NICE = 10  # the scheduler favours the routes' process (bench_adapt_load.py: the same as nice 0 on 2 idle cores)
-_CHILD_KNOBS = ("MIN_STEPS", "MAX_EPOCHS", "BATCH", "LR", "KEY_LR", "TEMPERATURE", "MAX_TOKENS", "CHILD_NICE")
-_CHILD_MAIN = "import sys; from smoa.routing.adapt import _child_main; _child_main(sys.argv[1])"
+CHILD_NICE = CHILD_NICE  # the training child's nice (smoa.routing.child): benchmarks set it here
+_CHILD_KNOBS = ("MIN_STEPS", "MAX_EPOCHS", "BATCH", "LR", "KEY_LR", "TEMPERATURE", "MAX_TOKENS")
+_CHILD_ENTRY = "smoa.routing.adapt:_child_main"
 GRAPH_FILES = ("encoder.onnx", "encoder_block_int8.onnx")  # the child's encoder_graphs, in that order
 
 
 def _child_main(directory: str) -> None:
-    """The training child's entry point (:func:`_train_in_child`), at a lower CPU priority (:data:`CHILD_NICE`)."""
+    """The training child's entry point (:func:`_train_in_child`; started at nice :data:`CHILD_NICE`)."""
     out = Path(directory)
     request = json.loads((out / "request.json").read_text())
     globals().update({k: request["knobs"][k] for k in _CHILD_KNOBS})
-    if hasattr(os, "nice") and CHILD_NICE:
-        os.nice(CHILD_NICE)
     weights, history = _train_here(request["texts"], request["labels"], request["epochs"], request["seed"],
                                    request["threads"], None)  # fmt: skip
     graphs = encoder_graphs(weights)  # before the factors: their file is what the parent checks for

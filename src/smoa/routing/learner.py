@@ -36,8 +36,10 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -176,6 +178,84 @@ def _fit_keys(init, owner, x, y, fixed, epochs, temperature, lr, seed) -> np.nda
             opt.step()
             yield_gil()
     return F.normalize(w.detach(), dim=1).numpy().astype(np.float32)
+
+
+class FitJob(NamedTuple):
+    """The arguments of one :func:`fit_keys` call (:func:`fit_keys_many`)."""
+
+    init: np.ndarray
+    owner: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    fixed: np.ndarray | None
+    epochs: int
+
+
+FIT_IN_CHILD = True  # the full refits of Router.refit (optimize_library, the background optimiser, an adaptation)
+_FIT_ENTRY = "smoa.routing.learner:_fit_child_main"
+_FIT_KNOBS = ("MIN_STEPS", "TEMPERATURE")
+_FIT_ARRAYS = ("init", "owner", "x", "y", "fixed")
+
+
+def fit_keys_many(jobs: Sequence[FitJob], in_child: bool = False) -> list[np.ndarray]:
+    """:func:`fit_keys` of each job, in this thread or (``in_child``) all of them in one child interpreter
+    (:mod:`smoa.routing.child`): the same keys bit for bit. Beside routes served back to back, a fit in this
+    process waits for the GIL after each of its thousands of torch operators (CLINC150, 20 intents x 50 examples:
+    263 s instead of ~1 s); the child pays ~1.5 s to start, on the other core. A child that cannot be started or
+    fails is logged and the jobs run here."""
+    if in_child and jobs:
+        from smoa.routing.child import NoChild
+
+        try:
+            return _fit_in_child(jobs)
+        except (NoChild, RuntimeError) as exc:
+            logger.warning("smoa routing: key fit in a child process failed (%s): fitting in this thread", exc)
+    return [fit_keys(j.init, j.owner, j.x, j.y, j.fixed, epochs=j.epochs) for j in jobs]
+
+
+def _fit_in_child(jobs: Sequence[FitJob]) -> list[np.ndarray]:
+    """:func:`fit_keys_many` in a child: the jobs' arrays as one ``.npz`` (never a pickle), the knobs of this module
+    as they are now as JSON; the keys back as one ``.npz``, each checked: float32, its job's ``init`` shape, finite."""
+    import json
+    import tempfile
+
+    from smoa.routing.child import child_failed, run_child
+
+    with tempfile.TemporaryDirectory(prefix="smoa-keyfit-") as tmp:
+        out = Path(tmp)
+        arrays = {f"{i}.{name}": np.ascontiguousarray(getattr(j, name))
+                  for i, j in enumerate(jobs) for name in _FIT_ARRAYS if getattr(j, name) is not None}  # fmt: skip
+        np.savez(out / "request.npz", **arrays)
+        request = {"epochs": [int(j.epochs) for j in jobs], "knobs": {k: globals()[k] for k in _FIT_KNOBS}}
+        (out / "request.json").write_text(json.dumps(request))
+        rc = run_child(_FIT_ENTRY, out)
+        if rc != 0 or not (out / "keys.npz").is_file():
+            raise child_failed("key fit", out, rc)
+        try:
+            with np.load(out / "keys.npz", allow_pickle=False) as got:
+                keys = [got[str(i)] for i in range(len(jobs))]
+        except (OSError, ValueError, KeyError) as exc:
+            raise RuntimeError(f"key fit process gave unreadable keys ({type(exc).__name__}: {exc})") from None
+    for j, k in zip(jobs, keys):
+        if k.dtype != np.float32 or k.shape != j.init.shape or not np.isfinite(k).all():
+            raise RuntimeError(f"key fit process gave keys {k.dtype} {k.shape}, expected float32 {j.init.shape}, finite")
+    return keys
+
+
+def _fit_child_main(directory: str) -> None:
+    """The key-fit child's entry point (:func:`_fit_in_child`; started at a lower CPU priority)."""
+    import json
+
+    out = Path(directory)
+    request = json.loads((out / "request.json").read_text())
+    globals().update({k: request["knobs"][k] for k in _FIT_KNOBS})
+    with np.load(out / "request.npz", allow_pickle=False) as data:
+        jobs = [FitJob(*(data[f"{i}.{n}"] if f"{i}.{n}" in data else None for n in _FIT_ARRAYS), epochs)
+                for i, epochs in enumerate(request["epochs"])]  # fmt: skip
+    keys = fit_keys_many(jobs)
+    with (out / "keys.tmp").open("wb") as f:
+        np.savez(f, **{str(i): k for i, k in enumerate(keys)})
+    (out / "keys.tmp").replace(out / "keys.npz")
 
 
 def yield_gil() -> None:
@@ -334,12 +414,15 @@ class KeyLearner:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, trainable: list[int], current: dict[int, np.ndarray], fixed: np.ndarray, epochs: int,
-            fixed_owner: np.ndarray | None = None) -> tuple[dict[int, np.ndarray], dict[int, Evidence]]:
+            fixed_owner: np.ndarray | None = None, in_child: bool = False
+            ) -> tuple[dict[int, np.ndarray], dict[int, Evidence]]:  # fmt: skip
         """Fit the keys of ``trainable`` adapters (current keys ``[P, d]`` each) against ``fixed`` keys ``[f, d]``.
 
         ``fixed_owner`` (adapter key of each fixed row): the fixed adapters that have examples contribute a sample
         of them, labelled with their fixed class, so that the trained keys are pushed out of their territory too
         (without it a new key grows over the examples of neighbours outside the trainable set).
+
+        ``in_child``: both folds' fits in a child interpreter (:func:`fit_keys_many`), the same keys bit for bit.
 
         Returns the new keys per adapter and the held-out evidence per adapter (two folds).
         """
@@ -376,12 +459,11 @@ class KeyLearner:
         # two half fits (each on one fold, scored on the other) cost one full fit; their mean is the new key
         total = np.zeros_like(init_m)
         evidence: dict[int, list[Evidence]] = {k: [] for k in trainable}
-        for f in (0, 1):
-            tr, te = fold != f, fold == f
-            if tr.sum() == 0:
-                continue
-            kf = fit_keys(init_m, owner_a, x[tr], y[tr], fixed, epochs=epochs)
+        folds_used = [f for f in (0, 1) if (fold != f).any()]
+        jobs = [FitJob(init_m, owner_a, x[fold != f], y[fold != f], fixed, epochs) for f in folds_used]
+        for f, kf in zip(folds_used, fit_keys_many(jobs, in_child)):
             total += kf
+            te = fold == f
             if te.sum() == 0:
                 continue
             sc = max_by_owner(x[te] @ kf.T, owner_a, len(trainable))

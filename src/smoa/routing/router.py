@@ -104,6 +104,7 @@ from smoa.routing.index.groups import row_sums
 from smoa.routing.index.store import load_indexes, save_indexes
 from smoa.routing.index.tags import query_terms_from_metadata
 from smoa.routing.keys import TEXT_WEIGHT, blend_keys, example_centroids, refine_keys, routing_text
+from smoa.routing import learner as learner_mod
 from smoa.routing.learner import (
     FIXED_NEIGHBOURS,
     LOCAL_EPOCHS,
@@ -571,7 +572,7 @@ class Router:
             got = self.adapt()
             if got is not None:
                 return got
-        return self.refit_keys()
+        return self.refit_keys(in_child=learner_mod.FIT_IN_CHILD)
 
     def _refit_due(self) -> bool:
         """Whether the adapters with examples grew by ``REFIT_GROWTH`` since the last full key refit (so that a
@@ -580,8 +581,11 @@ class Router:
             n = len(self._learner.with_examples())
         return n >= REFIT_MIN_ADAPTERS and n >= REFIT_GROWTH * self._refit_size
 
-    def refit_keys(self) -> dict[str, float]:
-        """The full key refit of :meth:`refit`, without training the query encoder."""
+    def refit_keys(self, in_child: bool = False) -> dict[str, float]:
+        """The full key refit of :meth:`refit`, without training the query encoder. ``in_child``: the fit runs in a
+        child interpreter (:func:`~smoa.routing.learner.fit_keys_many`): :meth:`refit` runs beside the routes, and
+        there a fit in this process waits for the GIL after each torch operator. A create's refit
+        (:meth:`apply`) stays here: it is part of the create, and most are small."""
         t = time.perf_counter()
         lrn = self._learner
         with self._lock:
@@ -591,7 +595,7 @@ class Router:
             _, fixed = self._neighbourhood(trainable)
             with self._lock:
                 start = {k: lrn.initial_keys_of(k) for k in trainable}
-            keys, evidence = lrn.fit(trainable, start, fixed, REFIT_EPOCHS)
+            keys, evidence = lrn.fit(trainable, start, fixed, REFIT_EPOCHS, in_child=in_child)
             self._install_learned(keys, evidence)
             with self._lock:
                 ks = [k for k in trainable if k in keys]
@@ -742,7 +746,7 @@ class Router:
         with self._lock:
             sims, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
             _, fixed = self._vectors.vectors_of(_nearest_rivals(sims, slots, trainable, MAX_FIXED))
-        return fresh.fit(trainable, start, fixed, REFIT_EPOCHS)
+        return fresh.fit(trainable, start, fixed, REFIT_EPOCHS, in_child=learner_mod.FIT_IN_CHILD)
 
     def _swap(self, enc: CachedEncoder, fresh: KeyLearner, keys: dict[int, np.ndarray], evidence: dict) -> None:
         """Install the new encoder, learner and keys at once (under the lock); adapters that arrived meanwhile are
