@@ -16,8 +16,9 @@ Run: ``python benchmarks/bench_adapt_load.py`` (~6 min on 2 cores).
 
 ``--whole``: the whole adaptation instead (``Router.adapt``: train, encode the library's examples with the new
 encoder, refit the keys, swap), beside routes back to back, side by side: examples encoded and the encoder's
-graphs built in the training child (the default); the graphs built in this process (before); the examples encoded
-in this process (before). A column gives the adapting thread's CPU seconds (what the serving process spends). The
+graphs built in the training child, the keys fitted in a child of their own (the default); the keys fitted in this
+process (before); the graphs built there too (before); the examples encoded there too (before). A column gives the
+adapting thread's CPU seconds (what the serving process spends), one the key fit's wall seconds. The
 training itself is cut to ``--whole-steps`` steps (the part after it is what differs). ``python benchmarks/bench_adapt_load.py --whole --intents 150
 --per-intent 100`` (all of CLINC150 train, 15,000 texts; ~5 min).
 """
@@ -34,6 +35,8 @@ import numpy as np
 from smoa.config import SMoAConfig
 from smoa.data.clinc import clinc150
 from smoa.routing import adapt as qa
+from smoa.routing import learner as learner_mod
+from smoa.routing.learner import KeyLearner
 from smoa.routing.router import KeyEntry, Router, RoutingText
 
 
@@ -115,24 +118,36 @@ def main(argv: list[str] | None = None) -> int:
 
 def whole(router: Router, queries: list[str], steps: int) -> int:
     """``--whole`` (module docstring): one ``Router.adapt`` per row, routes served back to back beside it."""
-    real = qa.adapt_encoder
+    real_adapt, real_fit = qa.adapt_encoder, KeyLearner.fit
+    fit_s: list[float] = []
 
     def here(texts, labels, encode=(), *a, **kw):  # the design before: the child trains, this process encodes
-        return real(texts, labels, (), *a, **kw)
+        return real_adapt(texts, labels, (), *a, **kw)
 
     def graphs_here(*a, **kw):  # the design before: this process builds the encoder's graphs
-        return dataclasses.replace(real(*a, **kw), graphs=None)
+        return dataclasses.replace(real_adapt(*a, **kw), graphs=None)
 
+    def timed_fit(self, *a, **kw):  # the key fit's wall time (in the child or here)
+        t = time.perf_counter()
+        try:
+            return real_fit(self, *a, **kw)
+        finally:
+            fit_s.append(time.perf_counter() - t)
+
+    KeyLearner.fit = timed_fit
     qa.MIN_STEPS, epochs = steps, 1e-9  # a training knob: it reaches the child with the request
     router.adapt(epochs=epochs)  # not timed: each row then swaps one learned encoder for another (a cold cache each)
-    print("| examples encoded, graphs built in | adapt s (train s) | adapting thread CPU s | routes served "
-          "| route p50 / p99 / max ms | routes > 10 ms |")
+    print("| examples encoded, graphs built, keys fitted in | adapt s (train s, key fit s) | adapting thread CPU s "
+          "| routes served | route p50 / p99 / max ms | routes > 10 ms |")
     print("|---|---|---|---|---|---|")
-    rows = (("the training child (default)", real), ("examples: the child; graphs: this process (before)", graphs_here),
-            ("this process (before)", here))  # fmt: skip
-    for where, fn in rows:
-        qa.adapt_encoder = fn
+    rows = (("the training child; keys: a child (default)", real_adapt, True),
+            ("the training child; keys: this process (before)", real_adapt, False),
+            ("examples: the child; graphs, keys: this process (before)", graphs_here, False),
+            ("examples, graphs, keys: this process (before)", here, False))  # fmt: skip
+    for where, fn, keys_in_child in rows:
+        qa.adapt_encoder, learner_mod.FIT_IN_CHILD = fn, keys_in_child
         served: list[float] = []
+        fit_s.clear()
         stop = threading.Event()
         th = threading.Thread(target=serve, args=(router, queries, stop, served))
         th.start()
@@ -142,9 +157,9 @@ def whole(router: Router, queries: list[str], steps: int) -> int:
         stop.set()
         th.join()
         train = report["adapt_seconds"] if report else float("nan")
-        print(f"| {where} | {secs:.1f} ({train:.1f}) | {cpu:.1f} | {len(served)} | {pct(served)} | {over(served)} |",
-              flush=True)  # fmt: skip
-    qa.adapt_encoder = real
+        print(f"| {where} | {secs:.1f} ({train:.1f}, {sum(fit_s):.1f}) | {cpu:.1f} | {len(served)} | {pct(served)} | "
+              f"{over(served)} |", flush=True)  # fmt: skip
+    qa.adapt_encoder, learner_mod.FIT_IN_CHILD, KeyLearner.fit = real_adapt, True, real_fit
     return 0
 
 

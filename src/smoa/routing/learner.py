@@ -16,9 +16,10 @@ class per adapter pooled over its keys by log-sum-exp)::
   sample of them (``FIXED_EXAMPLES``, at most ``FIXED_EXAMPLES_TOTAL`` in all) so that the refitted keys do not
   grow over its territory. Cost ~O(examples of the neighbourhood + fixed sample), 1-2 s on CPU at 150
   100-example adapters.
-* **refit** (:meth:`KeyLearner.refit`, called by ``optimize_library()`` and the background optimiser): the same
+* **refit** (``Router.refit``, called by ``optimize_library()`` and the background optimiser): the same
   fit over every adapter with examples at once, so the result no longer depends on the order in which the
-  adapters arrived (bulk and one-by-one libraries meet there), then the projection of the fast encoder.
+  adapters arrived (bulk and one-by-one libraries meet there), then the projection of the fast encoder. Its fit
+  runs in a child interpreter (:func:`fit_keys_many`, :mod:`smoa.routing.child`): it runs beside the routes.
 
 Every fit also runs two folds (keys fitted on one half of each adapter's examples, the other half scored) whose
 scores become the calibration evidence of :mod:`smoa.routing.calibrate` (threshold ``"auto"``, confidence).
