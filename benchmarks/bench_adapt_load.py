@@ -16,8 +16,9 @@ Run: ``python benchmarks/bench_adapt_load.py`` (~6 min on 2 cores).
 
 ``--whole``: the whole adaptation instead (``Router.adapt``: train, encode the library's examples with the new
 encoder, refit the keys, swap), beside routes back to back, side by side: examples encoded and the encoder's
-graphs built in the training child, the keys fitted in a child of their own (the default); the keys fitted in this
-process (before); the graphs built there too (before); the examples encoded there too (before). A column gives the
+graphs built in the training child, the keys fitted and the fast projection tuned in children of their own (the
+default); those two in this process (before); the graphs built there too (before); the examples encoded there too
+(before). A column gives the
 adapting thread's CPU seconds (what the serving process spends), one the key fit's wall seconds. The
 training itself is cut to ``--whole-steps`` steps (the part after it is what differs). ``python benchmarks/bench_adapt_load.py --whole --intents 150
 --per-intent 100`` (all of CLINC150 train, 15,000 texts; ~5 min).
@@ -137,13 +138,13 @@ def whole(router: Router, queries: list[str], steps: int) -> int:
     KeyLearner.fit = timed_fit
     qa.MIN_STEPS, epochs = steps, 1e-9  # a training knob: it reaches the child with the request
     router.adapt(epochs=epochs)  # not timed: each row then swaps one learned encoder for another (a cold cache each)
-    print("| examples encoded, graphs built, keys fitted in | adapt s (train s, key fit s) | adapting thread CPU s "
+    print("| examples encoded, graphs built, keys fitted, projection tuned in | adapt s (train s, key fit s) | adapting thread CPU s "
           "| routes served | route p50 / p99 / max ms | routes > 10 ms |")
     print("|---|---|---|---|---|---|")
-    rows = (("the training child; keys: a child (default)", real_adapt, True),
-            ("the training child; keys: this process (before)", real_adapt, False),
-            ("examples: the child; graphs, keys: this process (before)", graphs_here, False),
-            ("examples, graphs, keys: this process (before)", here, False))  # fmt: skip
+    rows = (("the training child; keys, projection: a child (default)", real_adapt, True),
+            ("the training child; keys, projection: this process (before)", real_adapt, False),
+            ("examples: the child; graphs, keys, projection: this process (before)", graphs_here, False),
+            ("examples, graphs, keys, projection: this process (before)", here, False))  # fmt: skip
     for where, fn, keys_in_child in rows:
         qa.adapt_encoder, learner_mod.FIT_IN_CHILD = fn, keys_in_child
         served: list[float] = []

@@ -1,6 +1,7 @@
-"""The key fits of a refit run in a child interpreter (smoa.routing.child, learner.fit_keys_many): the same keys as
-in this thread, bit for bit; a child that fails or gives bad keys is refused and the fit runs here; the refit of
-``Router.refit`` (optimize_library, the background optimiser) uses the child, a create's does not."""
+"""The key fits and the projection's tuning of a refit run in a child interpreter (smoa.routing.child,
+learner.fit_keys_many, KeyLearner.tune_projection): the same result as in this thread, bit for bit; a child that
+fails or gives bad arrays is refused and the work runs here; ``Router.refit`` (optimize_library, the background
+optimiser) uses the child, a create does not."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from smoa.routing import learner as learner_mod
 from smoa.routing.learner import FitJob, fit_keys_many
 
-from .test_learning import TOPICS, create, make
+from .test_learning import TOPICS, create, fast_router, make
 
 
 def _jobs(rng: np.random.Generator) -> list[FitJob]:
@@ -54,7 +55,7 @@ def test_bad_keys_from_the_child_are_refused_and_the_fit_runs_here(
             if {payload!r} == "none":
                 return  # exits 0 without its keys
             keys = np.full((8, 32), np.nan, np.float32) if {payload!r} == "nan" else np.zeros((3, 32), np.float32)
-            np.savez(Path(directory) / "keys.npz", **{{"0": keys}})
+            np.savez(Path(directory) / "result.npz", **{{"0": keys}})
     """))
     monkeypatch.syspath_prepend(str(tmp_path))  # the child's PYTHONPATH is this process's sys.path
     monkeypatch.setattr(learner_mod, "_FIT_ENTRY", "smoa_bad_fit:main")
@@ -82,6 +83,20 @@ def test_without_a_child_process_the_fit_runs_here(monkeypatch: pytest.MonkeyPat
     assert all(np.array_equal(a, b) for a, b in zip(got, fit_keys_many(jobs)))
 
 
+def test_the_projection_tuned_in_the_child_is_the_one_tuned_here_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    y = rng.integers(0, 5, 300)
+    keys = rng.standard_normal((10, 24)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    cols = np.repeat(np.arange(5), 2)
+    base = (rng.standard_normal((16, 24)) * 0.1).astype(np.float32)
+    here = learner_mod.tune_projection_weights(x, y, keys, cols, base, 2)
+    there = learner_mod._tune_in_child(x, y, keys, cols, base, 2)
+    assert np.array_equal(here[0], there[0]) and here[1] == there[1]
+    assert not np.allclose(here[0], base)  # tuned
+
+
 def test_the_refit_fits_in_a_child_and_a_create_in_this_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = learner_mod._fit_in_child
@@ -104,3 +119,23 @@ def test_the_refit_fits_in_a_child_and_a_create_in_this_thread(monkeypatch: pyte
     after = {k: router.key_vectors(k) for k in names}
     assert any(not np.array_equal(before[k], after[k]) for k in names)
     assert router.route("bake bread loaf oven").adapter_ids[0] == "bread"
+
+
+def test_the_refit_tunes_the_projection_in_a_child_as_it_would_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    tuned: list[int] = []
+    real = learner_mod._tune_in_child
+
+    def counted(*a):
+        tuned.append(len(a[0]))
+        return real(*a)
+
+    monkeypatch.setattr(learner_mod, "_tune_in_child", counted)
+    router, _ = fast_router(budget=1000.0)
+    router.refit()
+    assert len(tuned) == 1
+    there = (router._learner.projection.copy(), router._learner.cascade_margin)
+    monkeypatch.setattr(learner_mod, "FIT_IN_CHILD", False)
+    again, _ = fast_router(budget=1000.0)
+    again.refit()
+    assert len(tuned) == 1
+    assert np.array_equal(there[0], again._learner.projection) and there[1] == again._learner.cascade_margin

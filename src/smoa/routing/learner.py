@@ -18,8 +18,9 @@ class per adapter pooled over its keys by log-sum-exp)::
   100-example adapters.
 * **refit** (``Router.refit``, called by ``optimize_library()`` and the background optimiser): the same
   fit over every adapter with examples at once, so the result no longer depends on the order in which the
-  adapters arrived (bulk and one-by-one libraries meet there), then the projection of the fast encoder. Its fit
-  runs in a child interpreter (:func:`fit_keys_many`, :mod:`smoa.routing.child`): it runs beside the routes.
+  adapters arrived (bulk and one-by-one libraries meet there), then the projection of the fast encoder. Both run
+  in child interpreters (:func:`fit_keys_many`, :meth:`KeyLearner.tune_projection`, :mod:`smoa.routing.child`):
+  a refit runs beside the routes.
 
 Every fit also runs two folds (keys fitted on one half of each adapter's examples, the other half scored) whose
 scores become the calibration evidence of :mod:`smoa.routing.calibrate` (threshold ``"auto"``, confidence).
@@ -40,7 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -54,6 +55,7 @@ from smoa.routing.calibrate import (
 from smoa.routing.encoders import l2_normalize
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SLOT_BITS = 4
 MAX_KEYS = 1 << SLOT_BITS  # keys per adapter the slot ids can hold (16)
@@ -192,71 +194,131 @@ class FitJob(NamedTuple):
     epochs: int
 
 
-FIT_IN_CHILD = True  # the full refits of Router.refit (optimize_library, the background optimiser, an adaptation)
+FIT_IN_CHILD = True  # Router.refit's key fits and projection tuning (optimize_library, the background optimiser,
+# an adaptation) in child interpreters
 _FIT_ENTRY = "smoa.routing.learner:_fit_child_main"
-_FIT_KNOBS = ("MIN_STEPS", "TEMPERATURE")
+_TUNE_ENTRY = "smoa.routing.learner:_tune_child_main"
+_CHILD_KNOBS = ("MIN_STEPS", "TEMPERATURE")
 _FIT_ARRAYS = ("init", "owner", "x", "y", "fixed")
+
+
+def _child_or_here(what: str, in_child: bool, there: Callable[[], T], here: Callable[[], T]) -> T:
+    """``there()`` (work in a child interpreter) when ``in_child``; ``here()`` if not, or when the child could not
+    be started or failed (logged)."""
+    if in_child:
+        from smoa.routing.child import NoChild
+
+        try:
+            return there()
+        except (NoChild, RuntimeError) as exc:
+            logger.warning("smoa routing: %s in a child process failed (%s): in this thread instead", what, exc)
+    return here()
+
+
+def _knobs() -> dict:
+    return {k: globals()[k] for k in _CHILD_KNOBS}
+
+
+def _checked(what: str, got: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A child's array, if float32 of ``shape`` and finite; else ``RuntimeError``."""
+    if got.dtype != np.float32 or got.shape != shape or not np.isfinite(got).all():
+        raise RuntimeError(f"{what} process gave {got.dtype} {got.shape}, expected float32 {shape}, finite")
+    return got
 
 
 def fit_keys_many(jobs: Sequence[FitJob], in_child: bool = False) -> list[np.ndarray]:
     """:func:`fit_keys` of each job, in this thread or (``in_child``) all of them in one child interpreter
     (:mod:`smoa.routing.child`): the same keys bit for bit. Beside routes served back to back, a fit in this
-    process waits for the GIL after each of its thousands of torch operators (CLINC150, 20 intents x 50 examples:
-    263 s instead of ~1 s); the child pays ~1.5 s to start, on the other core. A child that cannot be started or
-    fails is logged and the jobs run here."""
-    if in_child and jobs:
-        from smoa.routing.child import NoChild
-
-        try:
-            return _fit_in_child(jobs)
-        except (NoChild, RuntimeError) as exc:
-            logger.warning("smoa routing: key fit in a child process failed (%s): fitting in this thread", exc)
-    return [fit_keys(j.init, j.owner, j.x, j.y, j.fixed, epochs=j.epochs) for j in jobs]
+    process waits for the GIL after each of its thousands of torch operators (once 263 s instead of ~2 s,
+    ``docs/bench_routing.md``); the child pays ~1.5 s to start, on the other core. A child that cannot be started
+    or fails is logged and the jobs run here."""
+    return _child_or_here("key fit", in_child and bool(jobs), lambda: _fit_in_child(jobs),
+                          lambda: [fit_keys(j.init, j.owner, j.x, j.y, j.fixed, epochs=j.epochs) for j in jobs])  # fmt: skip
 
 
 def _fit_in_child(jobs: Sequence[FitJob]) -> list[np.ndarray]:
-    """:func:`fit_keys_many` in a child: the jobs' arrays as one ``.npz`` (never a pickle), the knobs of this module
-    as they are now as JSON; the keys back as one ``.npz``, each checked: float32, its job's ``init`` shape, finite."""
-    import json
-    import tempfile
+    """:func:`fit_keys_many` in a child: the jobs' arrays and the knobs of this module as they are now; each job's
+    keys checked: float32, its ``init``'s shape, finite."""
+    from smoa.routing.child import call_arrays
 
-    from smoa.routing.child import child_failed, run_child
-
-    with tempfile.TemporaryDirectory(prefix="smoa-keyfit-") as tmp:
-        out = Path(tmp)
-        arrays = {f"{i}.{name}": np.ascontiguousarray(getattr(j, name))
-                  for i, j in enumerate(jobs) for name in _FIT_ARRAYS if getattr(j, name) is not None}  # fmt: skip
-        np.savez(out / "request.npz", **arrays)
-        request = {"epochs": [int(j.epochs) for j in jobs], "knobs": {k: globals()[k] for k in _FIT_KNOBS}}
-        (out / "request.json").write_text(json.dumps(request))
-        rc = run_child(_FIT_ENTRY, out)
-        if rc != 0 or not (out / "keys.npz").is_file():
-            raise child_failed("key fit", out, rc)
-        try:
-            with np.load(out / "keys.npz", allow_pickle=False) as got:
-                keys = [got[str(i)] for i in range(len(jobs))]
-        except (OSError, ValueError, KeyError) as exc:
-            raise RuntimeError(f"key fit process gave unreadable keys ({type(exc).__name__}: {exc})") from None
-    for j, k in zip(jobs, keys):
-        if k.dtype != np.float32 or k.shape != j.init.shape or not np.isfinite(k).all():
-            raise RuntimeError(f"key fit process gave keys {k.dtype} {k.shape}, expected float32 {j.init.shape}, finite")
-    return keys
+    arrays = {f"{i}.{name}": np.ascontiguousarray(getattr(j, name))
+              for i, j in enumerate(jobs) for name in _FIT_ARRAYS if getattr(j, name) is not None}  # fmt: skip
+    got = call_arrays(_FIT_ENTRY, "key fit", arrays, {"epochs": [int(j.epochs) for j in jobs], "knobs": _knobs()})
+    if set(got) != {str(i) for i in range(len(jobs))}:
+        raise RuntimeError(f"key fit process gave arrays {sorted(got)}, expected one per job ({len(jobs)})")
+    return [_checked("key fit", got[str(i)], j.init.shape) for i, j in enumerate(jobs)]
 
 
 def _fit_child_main(directory: str) -> None:
     """The key-fit child's entry point (:func:`_fit_in_child`; started at a lower CPU priority)."""
-    import json
+    from smoa.routing.child import read_request, write_result
 
-    out = Path(directory)
-    request = json.loads((out / "request.json").read_text())
-    globals().update({k: request["knobs"][k] for k in _FIT_KNOBS})
-    with np.load(out / "request.npz", allow_pickle=False) as data:
-        jobs = [FitJob(*(data[f"{i}.{n}"] if f"{i}.{n}" in data else None for n in _FIT_ARRAYS), epochs)
-                for i, epochs in enumerate(request["epochs"])]  # fmt: skip
-    keys = fit_keys_many(jobs)
-    with (out / "keys.tmp").open("wb") as f:
-        np.savez(f, **{str(i): k for i, k in enumerate(keys)})
-    (out / "keys.tmp").replace(out / "keys.npz")
+    data, params = read_request(directory)
+    globals().update({k: params["knobs"][k] for k in _CHILD_KNOBS})
+    jobs = [FitJob(*(data.get(f"{i}.{n}") for n in _FIT_ARRAYS), epochs) for i, epochs in enumerate(params["epochs"])]
+    write_result(directory, {str(i): k for i, k in enumerate(fit_keys_many(jobs))})
+
+
+def tune_projection_weights(x: np.ndarray, y: np.ndarray, keys: np.ndarray, cols: np.ndarray, base: np.ndarray,
+                            epochs: int = PROJECTION_EPOCHS) -> tuple[np.ndarray, float]:  # fmt: skip
+    """The fast projection fine-tuned from ``base`` (``[d_fast, d]``) by cross-entropy of the projected fast example
+    embeddings ``x`` (``[m, d_fast]``, adapter column ``y``) over ``keys`` (``[K, d]``, column ``cols``; an adapter
+    scores its best key, pooled by log-sum-exp), Adam, mini-batches of 256; and the fast path's sure margin
+    (:func:`sure_margin`) of the tuned projection on the same examples. One torch thread."""
+    with one_thread():
+        return _tune_projection_weights(x, y, keys, cols, base, epochs)
+
+
+def _tune_projection_weights(x, y, keys, cols, base, epochs) -> tuple[np.ndarray, float]:
+    import torch
+
+    F = torch.nn.functional
+    n = int(cols.max()) + 1
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+    kt = torch.from_numpy(np.ascontiguousarray(keys, np.float32))
+    pool = F.one_hot(torch.from_numpy(np.asarray(cols, np.int64)), n).float()
+    a = torch.nn.Parameter(torch.from_numpy(np.array(base, np.float32)))
+    opt = torch.optim.Adam([a], lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(xt), 256):
+            idx = perm[start : start + 256]
+            s = F.normalize(xt[idx] @ a, dim=1) @ kt.T / TEMPERATURE  # [b, K]
+            top = s.max(1, keepdim=True).values
+            s = torch.log(torch.exp(s - top) @ pool + 1e-30) + top
+            loss = F.cross_entropy(s, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            yield_gil()
+    with torch.no_grad():
+        s = (F.normalize(xt @ a, dim=1) @ kt.T).numpy()  # [m, K] projected examples vs keys
+    return a.detach().numpy().astype(np.float32), sure_margin(max_by_owner(s, np.asarray(cols), n), np.asarray(y))
+
+
+def _tune_in_child(x, y, keys, cols, base, epochs) -> tuple[np.ndarray, float]:
+    """:func:`tune_projection_weights` in a child interpreter; the projection checked (float32, ``base``'s shape,
+    finite) and the margin (finite)."""
+    from smoa.routing.child import call_arrays
+
+    arrays = {"x": x, "y": y, "keys": keys, "cols": cols, "base": base}
+    got = call_arrays(_TUNE_ENTRY, "projection tuning", arrays, {"epochs": int(epochs), "knobs": _knobs()})
+    if "projection" not in got or "margin" not in got:
+        raise RuntimeError(f"projection tuning process gave arrays {sorted(got)}, expected projection and margin")
+    margin = _checked("projection tuning", got["margin"].astype(np.float32), (1,))
+    return _checked("projection tuning", got["projection"], base.shape), float(margin[0])
+
+
+def _tune_child_main(directory: str) -> None:
+    """The projection-tuning child's entry point (:func:`_tune_in_child`; started at a lower CPU priority)."""
+    from smoa.routing.child import read_request, write_result
+
+    data, params = read_request(directory)
+    globals().update({k: params["knobs"][k] for k in _CHILD_KNOBS})
+    proj, margin = tune_projection_weights(data["x"], data["y"], data["keys"], data["cols"], data["base"],
+                                           params["epochs"])  # fmt: skip
+    write_result(directory, {"projection": proj, "margin": np.asarray([margin], np.float64)})
 
 
 def yield_gil() -> None:
@@ -486,10 +548,12 @@ class KeyLearner:
         self.calibration = calibrate(ev, nb, nm)
         return self.calibration
 
-    def tune_projection(self, keys: np.ndarray, owner: np.ndarray, epochs: int = PROJECTION_EPOCHS) -> None:
+    def tune_projection(self, keys: np.ndarray, owner: np.ndarray, epochs: int = PROJECTION_EPOCHS,
+                        in_child: bool = False) -> None:  # fmt: skip
         """Fine-tune the fast projection by cross-entropy of the projected fast example embeddings over ``keys``
-        (``[K, d]``, ``owner`` = adapter key of each row) — the static encoder learns the library's adapters."""
-        base = self._ridge()
+        (``[K, d]``, ``owner`` = adapter key of each row) — the static encoder learns the library's adapters
+        (:func:`tune_projection_weights`; ``in_child``: in a child interpreter, the same result bit for bit)."""
+        base = self._ridge() if self._tuned_projection else self.projection  # untuned: the ridge, solved once
         adapters = [k for k in self.with_examples() if self.stored[k].examples_fast is not None]
         if base is None or not adapters:
             return
@@ -498,43 +562,13 @@ class KeyLearner:
         ys = [np.full(len(self.stored[k].examples_fast), col[k]) for k in adapters if k in col]
         if not xs:
             return
-        with one_thread():
-            self._tune(np.concatenate(xs), np.concatenate(ys), keys, owner, col, base, epochs)
-
-    def _tune(self, xs: np.ndarray, ys: np.ndarray, keys: np.ndarray, owner: np.ndarray, col: dict, base: np.ndarray,
-              epochs: int, held: np.ndarray | None = None) -> None:
-        """Train the projection on the examples not ``held`` out; the fast path's margin is set on the held-out
-        ones when there are enough (the query encoder never saw them: honest evidence), else on all."""
-        held = np.zeros(len(xs), bool) if held is None or held.sum() < 100 else held
-        train_x, train_y = xs[~held], ys[~held]
-        import torch
-
-        F = torch.nn.functional
-        x, y = torch.from_numpy(train_x), torch.from_numpy(train_y.astype(np.int64))
-        kt = torch.from_numpy(np.ascontiguousarray(keys, np.float32))
-        pool = F.one_hot(torch.from_numpy(np.asarray([col[int(o)] for o in owner], np.int64)), len(col)).float()
-        a = torch.nn.Parameter(torch.from_numpy(base))
-        opt = torch.optim.Adam([a], lr=1e-3)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=gen)
-            for start in range(0, len(x), 256):
-                idx = perm[start : start + 256]
-                s = F.normalize(x[idx] @ a, dim=1) @ kt.T / TEMPERATURE  # [b, K]
-                top = s.max(1, keepdim=True).values
-                s = torch.log(torch.exp(s - top) @ pool + 1e-30) + top
-                loss = F.cross_entropy(s, y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                yield_gil()
-        self.projection = a.detach().numpy().astype(np.float32)
+        x, y = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+        keys = np.ascontiguousarray(keys, np.float32)
+        cols = np.asarray([col[int(o)] for o in owner], np.int64)
+        self.projection, self.cascade_margin = _child_or_here(
+            "projection tuning", in_child, lambda: _tune_in_child(x, y, keys, cols, base, epochs),
+            lambda: tune_projection_weights(x, y, keys, cols, base, epochs))  # fmt: skip
         self._tuned_projection = True
-        ex, ey = (xs[held], ys[held]) if held.any() else (xs, ys)
-        with torch.no_grad():
-            s = (F.normalize(torch.from_numpy(ex) @ a, dim=1) @ kt.T).numpy()  # [m, K] projected examples vs keys
-        cols = np.asarray([col[int(o)] for o in owner])
-        self.cascade_margin = sure_margin(max_by_owner(s, cols, len(col)), ey)
 
     def project(self, fast: np.ndarray) -> np.ndarray | None:
         """Fast-encoder rows ``[n, d]`` -> unit rows in the key space, or ``None`` when no projection exists yet."""

@@ -582,10 +582,10 @@ class Router:
         return n >= REFIT_MIN_ADAPTERS and n >= REFIT_GROWTH * self._refit_size
 
     def refit_keys(self, in_child: bool = False) -> dict[str, float]:
-        """The full key refit of :meth:`refit`, without training the query encoder. ``in_child``: the fit runs in a
-        child interpreter (:func:`~smoa.routing.learner.fit_keys_many`): :meth:`refit` runs beside the routes, and
-        there a fit in this process waits for the GIL after each torch operator. A create's refit
-        (:meth:`apply`) stays here: it is part of the create, and most are small."""
+        """The full key refit of :meth:`refit`, without training the query encoder. ``in_child``: the fit and the fast
+        projection's tuning run in child interpreters (:func:`~smoa.routing.learner.fit_keys_many`): :meth:`refit`
+        runs beside the routes, and there torch in this process waits for the GIL after each operator. A create's
+        refit (:meth:`apply`) stays here: it is part of the create, and most are small."""
         t = time.perf_counter()
         lrn = self._learner
         with self._lock:
@@ -601,7 +601,7 @@ class Router:
                 ks = [k for k in trainable if k in keys]
             if ks and self._fast is not None:
                 lrn.tune_projection(np.concatenate([keys[k] for k in ks]),
-                                    np.concatenate([[k] * len(keys[k]) for k in ks]))  # fmt: skip
+                                    np.concatenate([[k] * len(keys[k]) for k in ks]), in_child=in_child)  # fmt: skip
                 with self._lock:
                     self._cache.clear()
         self._tune_tag_weight()
@@ -669,6 +669,9 @@ class Router:
             fresh = self._reencoded(enc, set(labels), known)
             fresh.adapted_version = enc.inner.version
             fresh.encoder_seen = set(labels)
+            # the fast projection's ridge solved here: left stale, the first route after the swap solved it (90 ms
+            # beside the projection's own solve in this thread, both in multithreaded BLAS; a scratch timeline)
+            _ = fresh.projection
             keys, evidence = self._fit_fresh(fresh)
             new, old = _held_out_accuracy(evidence.values()), _held_out_accuracy(self._learner.evidence.values())
             if new is not None and old is not None and new < old:  # worse on held-out examples: keep the old one
@@ -686,7 +689,8 @@ class Router:
             if self._fast is not None:
                 ks = sorted(keys)
                 if ks:
-                    fresh.tune_projection(np.concatenate([keys[k] for k in ks]), np.concatenate([[k] * len(keys[k]) for k in ks]))
+                    fresh.tune_projection(np.concatenate([keys[k] for k in ks]), np.concatenate([[k] * len(keys[k]) for k in ks]),
+                                          in_child=learner_mod.FIT_IN_CHILD)  # fmt: skip
             with self._lock:
                 self._cache.clear()
                 self._dirty = True
