@@ -138,8 +138,8 @@ def whole(router: Router, queries: list[str], steps: int) -> int:
     KeyLearner.fit = timed_fit
     qa.MIN_STEPS, epochs = steps, 1e-9  # a training knob: it reaches the child with the request
     router.adapt(epochs=epochs)  # not timed: each row then swaps one learned encoder for another (a cold cache each)
-    print("| examples encoded, graphs built, keys fitted, projection tuned in | adapt s (train s, key fit s) | adapting thread CPU s "
-          "| routes served | route p50 / p99 / max ms | routes > 10 ms |")
+    print("| examples encoded, graphs built, keys fitted, projection tuned in | adapt s (train s, key fit s) "
+          "| adapting thread CPU s | routes served | route p50 / p99 / max ms | routes > 10 ms |")
     print("|---|---|---|---|---|---|")
     rows = (("the training child; keys, projection: a child (default)", real_adapt, True),
             ("the training child; keys, projection: this process (before)", real_adapt, False),

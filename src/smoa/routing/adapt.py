@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from smoa.routing.child import CHILD_NICE, NoChild, child_failed, run_child
+from smoa.routing.child import CHILD_NICE, NoChild, child_failed, run_child  # CHILD_NICE: benchmarks set it here
 from smoa.routing.encoders import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,6 @@ def _read_vectors(path: Path, sizes: list[int]) -> list[np.ndarray]:
     return np.split(x, np.cumsum(sizes)[:-1])
 
 
-CHILD_NICE = CHILD_NICE  # the training child's nice (smoa.routing.child): benchmarks set it here
 _CHILD_KNOBS = ("MIN_STEPS", "MAX_EPOCHS", "BATCH", "LR", "KEY_LR", "TEMPERATURE", "MAX_TOKENS")
 _CHILD_ENTRY = "smoa.routing.adapt:_child_main"
 GRAPH_FILES = ("encoder.onnx", "encoder_block_int8.onnx")  # the child's encoder_graphs, in that order

@@ -232,8 +232,10 @@ def fit_keys_many(jobs: Sequence[FitJob], in_child: bool = False) -> list[np.nda
     process waits for the GIL after each of its thousands of torch operators (once 263 s instead of ~2 s,
     ``docs/bench_routing.md``); the child pays ~1.5 s to start, on the other core. A child that cannot be started
     or fails is logged and the jobs run here."""
-    return _child_or_here("key fit", in_child and bool(jobs), lambda: _fit_in_child(jobs),
-                          lambda: [fit_keys(j.init, j.owner, j.x, j.y, j.fixed, epochs=j.epochs) for j in jobs])  # fmt: skip
+    def here() -> list[np.ndarray]:
+        return [fit_keys(j.init, j.owner, j.x, j.y, j.fixed, epochs=j.epochs) for j in jobs]
+
+    return _child_or_here("key fit", in_child and bool(jobs), lambda: _fit_in_child(jobs), here)
 
 
 def _fit_in_child(jobs: Sequence[FitJob]) -> list[np.ndarray]:
@@ -306,7 +308,10 @@ def _tune_in_child(x, y, keys, cols, base, epochs) -> tuple[np.ndarray, float]:
     got = call_arrays(_TUNE_ENTRY, "projection tuning", arrays, {"epochs": int(epochs), "knobs": _knobs()})
     if "projection" not in got or "margin" not in got:
         raise RuntimeError(f"projection tuning process gave arrays {sorted(got)}, expected projection and margin")
-    margin = _checked("projection tuning", got["margin"].astype(np.float32), (1,))
+    margin = got["margin"]
+    if margin.dtype != np.float64 or margin.shape != (1,) or not np.isfinite(margin).all():
+        raise RuntimeError(f"projection tuning process gave margin {margin.dtype} {margin.shape}, "
+                           "expected float64 (1,), finite")
     return _checked("projection tuning", got["projection"], base.shape), float(margin[0])
 
 

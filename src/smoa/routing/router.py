@@ -689,7 +689,8 @@ class Router:
             if self._fast is not None:
                 ks = sorted(keys)
                 if ks:
-                    fresh.tune_projection(np.concatenate([keys[k] for k in ks]), np.concatenate([[k] * len(keys[k]) for k in ks]),
+                    fresh.tune_projection(np.concatenate([keys[k] for k in ks]),
+                                          np.concatenate([[k] * len(keys[k]) for k in ks]),
                                           in_child=learner_mod.FIT_IN_CHILD)  # fmt: skip
             with self._lock:
                 self._cache.clear()
