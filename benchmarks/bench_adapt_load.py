@@ -18,9 +18,8 @@ Run: ``python benchmarks/bench_adapt_load.py`` (~6 min on 2 cores).
 encoder, refit the keys, swap), beside routes back to back, side by side: examples encoded and the encoder's
 graphs built in the training child, the keys fitted and the fast projection tuned in children of their own (the
 default); those two in this process (before); the graphs built there too (before); the examples encoded there too
-(before). A column gives the
-adapting thread's CPU seconds (what the serving process spends), one the key fit's wall seconds. The
-training itself is cut to ``--whole-steps`` steps (the part after it is what differs). ``python benchmarks/bench_adapt_load.py --whole --intents 150
+(before). A column gives the adapting thread's CPU seconds (what the serving process spends), one the key fit's
+wall seconds. The training itself is cut to ``--whole-steps`` steps (the part after it is what differs). ``python benchmarks/bench_adapt_load.py --whole --intents 150
 --per-intent 100`` (all of CLINC150 train, 15,000 texts; ~5 min).
 """
 

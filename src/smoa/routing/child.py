@@ -3,8 +3,9 @@
 Inside the serving process, a thread that runs torch beside routes served back to back waits for the GIL after
 each operator: torch hands it back while it computes, and takes it back only when the thread serving routes lets
 go of it, up to Python's switch interval (5 ms) later. A key fit runs thousands of small operators: beside routes
-(CLINC150's first 20 intents x 50 examples) one took **263 s** in a scratch run, against 2.2-4.1 s in others
-(``docs/bench_routing.md``). In a child it has its own interpreter and, on a second core, its own CPU.
+(CLINC150's first 20 intents x 50 examples) one took **263 s** in a scratch run of what is now
+``benchmarks/bench_adapt_timeline.py``, against 2.2-4.1 s in others (``docs/bench_routing.md``). In a child it has
+its own interpreter and, on a second core, its own CPU.
 
 The protocol (used by :mod:`smoa.routing.adapt`'s training child, :mod:`smoa.routing.learner`'s key fits and
 projection tuning)::

@@ -229,8 +229,8 @@ def _checked(what: str, got: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def fit_keys_many(jobs: Sequence[FitJob], in_child: bool = False) -> list[np.ndarray]:
     """:func:`fit_keys` of each job, in this thread or (``in_child``) all of them in one child interpreter
     (:mod:`smoa.routing.child`): the same keys bit for bit. Beside routes served back to back, a fit in this
-    process waits for the GIL after each of its thousands of torch operators (once 263 s instead of ~2 s,
-    ``docs/bench_routing.md``); the child pays ~1.5 s to start, on the other core. A child that cannot be started
+    process waits for the GIL after each of its thousands of torch operators (once 263 s instead of ~2 s in a
+    scratch run, ``docs/bench_routing.md``); the child pays ~1.5 s to start, on the other core. A child that cannot be started
     or fails is logged and the jobs run here."""
     def here() -> list[np.ndarray]:
         return [fit_keys(j.init, j.owner, j.x, j.y, j.fixed, epochs=j.epochs) for j in jobs]
