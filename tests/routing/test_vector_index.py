@@ -318,3 +318,73 @@ def test_a_non_finite_vector_is_refused_before_anything_changes() -> None:
     assert len(idx) == 1500 and idx.search(x[3:4], 1)[1][0, 0] == 3
     with pytest.raises(ValueError, match="finite"):
         VectorIndex.build(64, np.arange(2), np.full((2, 64), np.inf, np.float32))
+
+
+def _single_threaded_build(x: np.ndarray, keys: np.ndarray, params: IndexParams) -> VectorIndex:
+    """faiss inserts into its HNSW graph from several threads (the graph then depends on the schedule); one thread
+    builds the same graph every time."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return VectorIndex.build(x.shape[1], keys, x, params)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def test_the_locality_layout_changes_where_keys_sit_not_what_a_search_finds(tmp_path: Path) -> None:
+    """A big HNSW build lays its keys out by k-means clusters (near keys near each other in memory); the graph is
+    the same, so every search finds the same keys with the same scores as in build order, also after updates, a
+    compaction and a reload."""
+    from smoa.routing.index.vector import _locality_order
+
+    x = clustered(3000, dim=32, centers=40)
+    keys = np.arange(3000) * 2 + 7
+    plain = _single_threaded_build(x, keys, IndexParams(exact_threshold=1000, layout_min_keys=10**9, ef_search=48))
+    laid = _single_threaded_build(x, keys, IndexParams(exact_threshold=1000, layout_min_keys=1000, ef_search=48))
+    assert plain.kind == laid.kind == "hnsw-sq8"
+    np.testing.assert_array_equal(plain._ids[: plain._n], keys)  # build order
+    perm = _locality_order(x)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(3000))  # a permutation
+    np.testing.assert_array_equal(laid._ids[: laid._n], keys[perm])
+    # near keys sit near each other: a key's nearest neighbour is a few hundred positions away, not ~n/3
+    pos_of = np.empty(3000, np.int64)
+    pos_of[perm] = np.arange(3000)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    nn = sims.argmax(1)
+    assert np.median(np.abs(pos_of - pos_of[nn])) < 3000 / 20
+    assert np.median(np.abs(np.arange(3000) - nn)) > 3000 / 5
+
+    q = clustered(100, dim=32, centers=40, seed=5)
+
+    def same(a: VectorIndex, b: VectorIndex) -> None:
+        for x1, x2 in zip(a.search(q, 8), b.search(q, 8)):
+            np.testing.assert_array_equal(x1, x2)
+
+    same(plain, laid)
+    for index in (plain, laid):
+        assert index.remove(keys[:100]) == 100
+        index.add(np.arange(10_000, 10_050), clustered(50, dim=32, centers=40, seed=6))
+        index.add(keys[100:110], x[:10])  # replaced
+    same(plain, laid)
+    found, vecs = laid.vectors_of(keys[100:110])
+    order = np.argsort(found)
+    np.testing.assert_array_equal(found[order], keys[100:110])
+    np.testing.assert_allclose(vecs[order], x[:10], atol=0.02)  # the replacing vectors, through their byte codes
+    laid.save(tmp_path)
+    loaded = VectorIndex.load(tmp_path, 32, IndexParams(exact_threshold=1000, ef_search=48))
+    same(laid, loaded)
+
+
+def test_a_compaction_lays_the_keys_out_again() -> None:
+    x = clustered(2400, dim=32, centers=30)
+    index = VectorIndex.build(32, np.arange(2400), x, IndexParams(exact_threshold=1000, layout_min_keys=1000))
+    assert index.remove(np.arange(0, 2400, 2)) == 1200  # past a quarter dead: compacted
+    assert index._dead == 0 and len(index) == 1200 and index.kind == "hnsw-sq8"
+    kept = np.arange(1, 2400, 2)
+    live = index.live_ids()
+    assert sorted(live.tolist()) == kept.tolist() and not np.array_equal(live, kept)  # laid out, not in key order
+    _, got = index.search(x[kept[:50]], 1, ef_search=64)
+    assert np.mean(got[:, 0] == kept[:50]) >= 0.95

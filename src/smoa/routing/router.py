@@ -82,6 +82,7 @@ adaptation retrains at the next refit.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import io
 import logging
 import math
@@ -1224,7 +1225,7 @@ class Router:
     def _separable(self, cos: Mapping[int, float]) -> bool:
         """Whether the two best adapters have different keys (identical keys: no encoder can tell them apart,
         so a low margin between them is no reason to escalate nor a loss of quality)."""
-        top = sorted(cos, key=lambda key: -cos[key])[:2]
+        top = heapq.nlargest(2, cos, key=cos.__getitem__)  # ties: the first in cos, as a stable sort gives
         if len(top) < 2:
             return False
         found, vecs = self._vectors.vectors_of(slots_of(np.asarray(top, np.int64), self._max_p))
