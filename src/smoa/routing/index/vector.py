@@ -20,6 +20,10 @@ re-scored against the float query on their decoded codes, so scores stay inner p
 the stored keys, as before (only the rounding of the keys changed). An index saved with per-dimension codes (no
 ``codec.npy``) is still read and searched as it was; it moves to byte codes at its next rebuild (compaction).
 
+Positions are in insertion order, except that a build or compaction of :data:`LAYOUT_MIN_KEYS` keys or more lays
+them out by locality first (:func:`_locality_order`: near keys at near positions, so a walk's last, local steps
+read fewer scattered pages; the graph is the same). Keys added later are appended.
+
 A removal only clears ``alive[p]`` (HNSW cannot delete); searches skip dead positions through a faiss
 ``IDSelectorBitmap``, and the index is compacted (rebuilt from its own stored vectors) once a quarter of its
 positions are dead. Re-adding an existing key replaces it. Below ``exact_threshold`` live vectors the index is
