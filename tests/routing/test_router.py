@@ -438,3 +438,45 @@ def test_the_rescue_never_serves_a_changed_small_group_from_its_cache() -> None:
     router.add(np.array([mover]), (q / np.linalg.norm(q))[None, :].astype(np.float32), [(["island"], ["s"])], 4)
     top = router.route(text, strategy="semantic", k=3)
     assert top.adapter_ids[0] == f"ad_{mover:03d}" and top.routing_scores[0] == pytest.approx(1.0, abs=0.02)
+
+
+def test_refit_lays_out_an_index_grown_a_few_keys_at_a_time_unless_it_changed_meanwhile(monkeypatch) -> None:
+    """A library created in small steps past ``layout_min_keys`` is laid out by locality at the next refit
+    (``optimize_library()``, the background optimiser): the same routes after it, the layout persisted; a create
+    that lands while the copy is laid out wins (the copy is dropped)."""
+    from smoa.routing.index import IndexParams, VectorIndex
+
+    x, tags, queries = _island_library(n_big=1500)
+    config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
+    router = Router(config, None, ids_of, encoder=_PrimedDim(64),
+                    params=IndexParams(exact_threshold=100, ef_search=32, layout_min_keys=1000))  # fmt: skip
+    router.add(np.arange(400), x[:400], tags[:400], generation=1)  # HNSW, too small for a layout
+    for s in range(400, len(x), 100):
+        router.add(np.arange(s, min(s + 100, len(x))), x[s : s + 100], tags[s : s + 100], generation=2)
+    texts = [f"q{i}" for i in range(len(queries))]
+    router.encoder.prime(texts, queries)
+    before = [router.route(t, strategy="hybrid", k=3) for t in texts]
+    first = router._vectors
+    assert first.layout_due()
+    router.refit()  # no adapter has examples: only the layout
+    laid = router._vectors
+    assert laid is not first and laid._laid == len(x) and not laid.layout_due() and router._dirty
+    after = [router.route(t, strategy="hybrid", k=3) for t in texts]
+    assert [r.adapter_ids for r in after] == [r.adapter_ids for r in before]
+    assert [r.routing_scores for r in after] == [r.routing_scores for r in before]
+    assert not router.lay_out_index()  # nothing appended since
+
+    # a create lands while the copy is laid out: the index it went into stays
+    router.add(np.arange(5000, 5600), np.repeat(x[:1], 600, axis=0), [(["late"], ["s"])] * 600, generation=3)
+    assert router._vectors.layout_due()
+    real = VectorIndex.laid_out
+
+    def with_a_create(self, snapshot):
+        out = real(self, snapshot)
+        router.add(np.array([9000]), x[:1], [(["later"], ["s"])], generation=4)
+        return out
+
+    monkeypatch.setattr(VectorIndex, "laid_out", with_a_create)
+    current = router._vectors
+    assert not router.lay_out_index()
+    assert router._vectors is current and 9000 in set((current.live_ids() >> 4).tolist())

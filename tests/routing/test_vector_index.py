@@ -388,3 +388,40 @@ def test_a_compaction_lays_the_keys_out_again() -> None:
     assert sorted(live.tolist()) == kept.tolist() and not np.array_equal(live, kept)  # laid out, not in key order
     _, got = index.search(x[kept[:50]], 1, ef_search=64)
     assert np.mean(got[:, 0] == kept[:50]) >= 0.95
+
+
+def test_an_index_grown_a_few_keys_at_a_time_is_laid_out_from_a_snapshot(tmp_path: Path) -> None:
+    """Keys appended after the last build are laid out by :meth:`VectorIndex.laid_out` once they make over a quarter
+    of the index: a new index from a copy, the same graph, so the same results; the count persists."""
+    x = clustered(2000, dim=32, centers=40)
+    params = IndexParams(exact_threshold=500, layout_min_keys=1000, ef_search=48)
+    index = VectorIndex.build(32, np.arange(600), x[:600], params)  # HNSW, too small for a layout
+    assert index.kind == "hnsw-sq8" and index._laid == 0 and not index.layout_due()
+    for s in range(600, 2000, 100):
+        index.add(np.arange(s, s + 100), x[s : s + 100])
+    assert index.remove(np.arange(0, 40)) == 40
+    assert index.layout_due()
+    q = clustered(60, dim=32, centers=40, seed=7)
+    before = index.search(q, 8)
+    snapshot = index.layout_snapshot()
+    index_before = (index._ids[: index._n].copy(), index.version)
+    laid = index.laid_out(snapshot)
+    np.testing.assert_array_equal(index._ids[: index._n], index_before[0])  # the original is untouched
+    assert index.version == index_before[1]
+    assert laid is not index and laid._laid == laid._n == 2000 and len(laid) == 1960 and not laid.layout_due()
+    assert sorted(laid.live_ids().tolist()) == list(range(40, 2000))
+    assert not np.array_equal(laid.live_ids(), np.arange(40, 2000))  # moved
+    for a, b in zip(before, laid.search(q, 8)):
+        np.testing.assert_array_equal(a, b)
+    laid.add(np.arange(5000, 5100), clustered(100, dim=32, centers=40, seed=8))
+    assert not laid.layout_due()  # 100 of 2,100 appended since
+    laid.save(tmp_path)
+    loaded = VectorIndex.load(tmp_path, 32, params)
+    assert loaded._laid == 2000
+    for a, b in zip(laid.search(q, 8), loaded.search(q, 8)):
+        np.testing.assert_array_equal(a, b)
+    np.save(tmp_path / "layout.npy", np.array([5000], np.int64))
+    with pytest.raises(ValueError, match="layout.npy"):
+        VectorIndex.load(tmp_path, 32, params)
+    (tmp_path / "layout.npy").unlink()  # saved before the layout existed: none laid out
+    assert VectorIndex.load(tmp_path, 32, params)._laid == 0

@@ -569,11 +569,32 @@ class Router:
         """Full refit: every adapter with examples, from its initial keys (so arrival order does not matter),
         against the nearest keys of the others; then the fast projection and the calibration. Called by
         ``optimize_library()`` and the background optimiser; routes keep being served meanwhile."""
-        if self._should_adapt():
-            got = self.adapt()
-            if got is not None:
-                return got
-        return self.refit_keys(in_child=learner_mod.FIT_IN_CHILD)
+        got = self.adapt() if self._should_adapt() else None
+        if got is None:
+            got = self.refit_keys(in_child=learner_mod.FIT_IN_CHILD)
+        self.lay_out_index()
+        return got
+
+    def lay_out_index(self) -> bool:
+        """Lay the vector index out by locality (:func:`~smoa.routing.index.vector._locality_order`) when keys added
+        a few at a time since its last build or layout make over a quarter of it (:meth:`VectorIndex.layout_due`;
+        a bulk build or a compaction lays it out anyway). The index is copied under the lock (~1 s at 1M keys),
+        laid out without it (~15 s) and adopted only if it did not change meanwhile. Returns whether it was."""
+        with self._lock:
+            vectors = self._vectors
+            if not vectors.layout_due():
+                return False
+            snapshot = vectors.layout_snapshot()
+        t = time.perf_counter()
+        laid = vectors.laid_out(snapshot)
+        with self._lock:
+            if self._vectors is not vectors or vectors.version != snapshot[0]:
+                logger.info("smoa routing: the index changed while it was laid out; kept as it is")
+                return False
+            self._vectors = laid
+            self._dirty = True
+        logger.info("smoa routing: laid the index of %d keys out by locality in %.1f s", len(laid), time.perf_counter() - t)
+        return True
 
     def _refit_due(self) -> bool:
         """Whether the adapters with examples grew by ``REFIT_GROWTH`` since the last full key refit (so that a

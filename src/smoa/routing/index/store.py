@@ -2,10 +2,11 @@
 
 Files (each written to a temporary name, then renamed; ``meta.json`` last)::
 
-    vectors.faiss  ids.npy  alive.npy     the vector index (see :mod:`smoa.routing.index.vector`)
-    tags.npz                               the tag index (adapter keys, combo ids, combos) and the groups
-                                           (names, running sums, members in CSR form), all plain arrays
-    meta.json                              format, generation, encoder, dim, kind, sha256 of every file above
+    vectors.faiss  ids.npy  alive.npy  layout.npy   the vector index (see :mod:`smoa.routing.index.vector`)
+    tags.npz                                         the tag index (adapter keys, combo ids, combos) and the groups
+                                                     (names, running sums, members in CSR form), all plain arrays
+    meta.json                                        format, generation, encoder, dim, kind, sha256 of every file
+                                                     above
 
 :func:`load_indexes` raises :class:`StaleIndexError` when anything is missing, unreadable, fails its checksum or
 reflects another catalog generation / encoder; the router then rebuilds from the catalog with a warning.

@@ -22,7 +22,9 @@ the stored keys, as before (only the rounding of the keys changed). An index sav
 
 Positions are in insertion order, except that a build or compaction of :data:`LAYOUT_MIN_KEYS` keys or more lays
 them out by locality first (:func:`_locality_order`: near keys at near positions, so a walk's last, local steps
-read fewer scattered pages; the graph is the same). Keys added later are appended.
+read fewer scattered pages; the graph is the same). Keys added later are appended; once they make over a quarter
+of the index (:meth:`VectorIndex.layout_due`), the router lays a copy out at its next refit
+(:meth:`VectorIndex.laid_out`, ``Router.lay_out_index``).
 
 A removal only clears ``alive[p]`` (HNSW cannot delete); searches skip dead positions through a faiss
 ``IDSelectorBitmap``, and the index is compacted (rebuilt from its own stored vectors) once a quarter of its
@@ -44,6 +46,8 @@ from __future__ import annotations
 
 import logging
 import math
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +66,7 @@ LAYOUT_FINE = 16  # _locality_order: sub-clusters per cluster
 HUGE_PAGE_MIN_BYTES = 32 << 20  # HNSW arrays from this size on are backed by 2 MB pages (Linux; see _advise_huge)
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 CODEC_FILE = "codec.npy"
+LAYOUT_FILE = "layout.npy"  # how many positions (from the first) were laid out by locality
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,9 @@ def _chain(centroids: np.ndarray) -> np.ndarray:
     return np.asarray(order, np.int64)
 
 
-def _locality_order(x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A permutation of the rows of ``x`` ``[n, d]`` that puts near keys near each other in memory.
+def _locality_order(x: np.ndarray, seed: int = 0, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """A permutation of the rows of ``x`` ``[n, d]`` that puts near keys near each other in memory (``decode``: maps
+    rows of ``x``, e.g. byte codes, to float rows; read a chunk at a time).
 
     An HNSW walk spends most of its time waiting for the codes and links of the nodes it visits, read from RAM at
     random. Late in a walk those nodes are all near the query. In build order (the catalog's) they are scattered
@@ -158,16 +164,19 @@ def _locality_order(x: np.ndarray, seed: int = 0) -> np.ndarray:
     (``docs/bench_routing.md``). Only the layout changes: the graph and a search's results are the same."""
     import faiss
 
+    def rows(i: np.ndarray | slice) -> np.ndarray:
+        return np.ascontiguousarray(x[i] if decode is None else decode(x[i]), np.float32)
+
     n, d = x.shape
     n_coarse = max(2, int(round(math.sqrt(n))))
     rng = np.random.default_rng(seed)
-    sample = x[np.sort(rng.choice(n, min(n, 64 * n_coarse), replace=False))]
+    sample = rows(np.sort(rng.choice(n, min(n, 64 * n_coarse), replace=False)))
     km = faiss.Kmeans(d, n_coarse, niter=8, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1,
                        max_points_per_centroid=64)
-    km.train(np.ascontiguousarray(sample, np.float32))
+    km.train(sample)
     coarse = np.empty(n, np.int64)
     for s in range(0, n, 65_536):
-        coarse[s : s + 65_536] = km.index.search(np.ascontiguousarray(x[s : s + 65_536], np.float32), 1)[1][:, 0]
+        coarse[s : s + 65_536] = km.index.search(rows(slice(s, s + 65_536)), 1)[1][:, 0]
     rank = np.empty(n_coarse, np.int64)
     rank[_chain(km.centroids)] = np.arange(n_coarse)
     coarse = rank[coarse]
@@ -178,7 +187,7 @@ def _locality_order(x: np.ndarray, seed: int = 0) -> np.ndarray:
         members = by_cluster[bounds[c] : bounds[c + 1]]
         if len(members) < 4 * LAYOUT_FINE:
             continue
-        xc = np.ascontiguousarray(x[members], np.float32)
+        xc = rows(members)
         sub = faiss.Kmeans(d, LAYOUT_FINE, niter=8, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1)
         sub.train(xc)
         rank = np.empty(LAYOUT_FINE, np.int64)
@@ -248,6 +257,7 @@ class VectorIndex:
         # if any), reused until the selector changes (_forget_selector)
         self._search_params: dict[int, object] = {}
         self._view: tuple[np.ndarray, int, np.ndarray] | None = None  # (argsort, upto, sorted ids) when unsorted
+        self._laid = 0  # positions [0, _laid) were laid out by locality (_locality_order); later ones appended
         self.version = 0  # bumped by every change of content (callers key caches of decoded vectors on it)
         self._advised: dict[str, tuple[int, int]] = {}  # HNSW array -> (address, bytes) last advised (_advise)
         self._codec: ByteCodec | None = None  # HNSW byte codes' map; None: flat, or per-dimension codes (older files)
@@ -289,7 +299,7 @@ class VectorIndex:
             self._index, self.kind, self._codec = self._new_flat(), "flat", None
         self._ids = np.array(keys, dtype=_id_dtype(keys))
         self._alive = np.ones(len(keys), dtype=bool)
-        self._n, self._dead = len(keys), 0
+        self._n, self._dead, self._laid = len(keys), 0, 0
         self._sorted = bool(np.all(np.diff(self._ids) > 0))
         self._forget_selector()
         self._view = None
@@ -302,6 +312,7 @@ class VectorIndex:
                 self._index.permute_entries(perm)
                 self._ids = self._ids[perm]
                 self._sorted = False
+                self._laid = len(keys)
             self._advise()
 
     def _codes(self) -> np.ndarray:
@@ -425,6 +436,39 @@ class VectorIndex:
             self._dead += len(positions)
             self._forget_selector()
             self.version += 1
+
+    def layout_due(self) -> bool:
+        """Whether :meth:`laid_out` would pay: an HNSW index of ``layout_min_keys`` live keys or more of which over a
+        quarter of the positions were appended after its last layout (keys added a few at a time). Byte codes only:
+        an index saved with per-dimension codes moves to byte codes, laid out, at its next rebuild."""
+        return (self._codec is not None and len(self) >= self.params.layout_min_keys
+                and 4 * (self._n - self._laid) > self._n)
+
+    def layout_snapshot(self) -> tuple[int, object, np.ndarray, np.ndarray]:
+        """What :meth:`laid_out` works from: ``(version, a copy of the faiss index, ids, alive)``. A copy, so that the
+        caller may hold its lock for this step only (a copy of the faiss index: ~1 s at 1M keys) and lay the copy out without it."""
+        import faiss
+
+        return self.version, faiss.clone_index(self._index), self._ids[: self._n].copy(), self._alive[: self._n].copy()
+
+    def laid_out(self, snapshot: tuple[int, object, np.ndarray, np.ndarray]) -> VectorIndex:
+        """A new index: this one's ``snapshot`` (:meth:`layout_snapshot`) with its positions laid out by locality, the
+        same graph (~15 s at 1M keys, without any lock: it reads only the copy). The caller adopts it in place of this
+        one if nothing changed since the snapshot (``version``)."""
+        version, index, ids, alive = snapshot
+        import faiss
+
+        n = index.ntotal
+        codes = faiss.rev_swig_ptr(faiss.downcast_index(index.storage).codes.data(), n * self.dim).reshape(n, self.dim)
+        perm = _locality_order(codes, decode=self._codec.decode)
+        index.permute_entries(perm)
+        out = copy.copy(self)
+        out._index, out._ids, out._alive = index, ids[perm], alive[perm]
+        out._n, out._laid, out._sorted, out.version = n, n, False, version + 1
+        out._view = out._code_view = out._selector_cache = None
+        out._search_params, out._advised = {}, {}
+        out._advise()
+        return out
 
     def _reserve(self, n: int) -> None:
         if n > len(self._ids):
@@ -576,13 +620,15 @@ class VectorIndex:
         return int(index_bytes + self._ids.nbytes + self._alive.nbytes + view)
 
     def save(self, directory: Path) -> list[str]:
-        """Write ``vectors.faiss``, ``ids.npy``, ``alive.npy`` into ``directory``; returns the file names."""
+        """Write ``vectors.faiss``, ``ids.npy``, ``alive.npy``, ``layout.npy`` into ``directory``; returns the file
+        names."""
         import faiss
 
         faiss.write_index(self._index, str(directory / "vectors.faiss"))
         np.save(directory / "ids.npy", self._ids[: self._n].astype(np.int64))
         np.save(directory / "alive.npy", self._alive[: self._n])
-        names = ["vectors.faiss", "ids.npy", "alive.npy"]
+        np.save(directory / LAYOUT_FILE, np.array([self._laid], np.int64))
+        names = ["vectors.faiss", "ids.npy", "alive.npy", LAYOUT_FILE]
         if self._codec is not None:
             np.save(directory / CODEC_FILE, np.array([self._codec.lo, self._codec.scale], np.float64))
             names.append(CODEC_FILE)
@@ -610,5 +656,10 @@ class VectorIndex:
                 out._codec = ByteCodec(lo, scale)
         out._n, out._dead = len(ids), int((~out._alive).sum())
         out._sorted = bool(np.all(np.diff(ids) > 0))
+        if (directory / LAYOUT_FILE).is_file():  # saved before 2026-12-07: none laid out
+            laid = np.load(directory / LAYOUT_FILE, allow_pickle=False)
+            if laid.shape != (1,) or laid.dtype != np.int64 or not 0 <= int(laid[0]) <= out._n:
+                raise ValueError(f"{LAYOUT_FILE} holds a bad count: {laid!r} for {out._n} positions")
+            out._laid = int(laid[0])
         out._advise()
         return out
