@@ -593,7 +593,8 @@ class Router:
                 return False
             self._vectors = laid
             self._dirty = True
-        logger.info("smoa routing: laid the index of %d keys out by locality in %.1f s", len(laid), time.perf_counter() - t)
+        logger.info("smoa routing: laid the index of %d keys out by locality in %.1f s", len(laid),
+                    time.perf_counter() - t)
         return True
 
     def _refit_due(self) -> bool:

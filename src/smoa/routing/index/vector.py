@@ -44,9 +44,9 @@ scores small groups near the query exhaustively.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +150,9 @@ def _chain(centroids: np.ndarray) -> np.ndarray:
     return np.asarray(order, np.int64)
 
 
-def _locality_order(x: np.ndarray, seed: int = 0, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def _locality_order(
+    x: np.ndarray, seed: int = 0, decode: Callable[[np.ndarray], np.ndarray] | None = None
+) -> np.ndarray:
     """A permutation of the rows of ``x`` ``[n, d]`` that puts near keys near each other in memory (``decode``: maps
     rows of ``x``, e.g. byte codes, to float rows; read a chunk at a time).
 
@@ -159,9 +161,9 @@ def _locality_order(x: np.ndarray, seed: int = 0, decode: Callable[[np.ndarray],
     over the whole array; clustered, they share pages and DRAM rows, and the walk waits less (the reordering of
     Coleman et al., "Graph Reordering for Cache-Efficient Near Neighbor Search", 2022). Two levels of spherical
     k-means: ~sqrt(n) clusters (trained on a sample of 64 rows per cluster), then :data:`LAYOUT_FINE` sub-clusters in
-    each; clusters and sub-clusters follow a greedy nearest-next chain (:func:`_chain`). At 1M keys it takes ~20 s
-    on 2 cores, next to the graph's ~300 s, and the raw walk at efSearch 192 went from 0.49 to 0.42 ms p50
-    (``docs/bench_routing.md``). Only the layout changes: the graph and a search's results are the same."""
+    each; clusters and sub-clusters follow a greedy nearest-next chain (:func:`_chain`). At 1M keys it took 13 s of
+    a 237 s build on 2 cores, and the walk at efSearch 192 went from 0.500 / 0.879 to 0.365 / 0.711 ms (p50 / p99,
+    ``benchmarks/bench_layout.py``). Only the layout changes: the graph and a search's results are the same."""
     import faiss
 
     def rows(i: np.ndarray | slice) -> np.ndarray:
@@ -446,7 +448,7 @@ class VectorIndex:
 
     def layout_snapshot(self) -> tuple[int, object, np.ndarray, np.ndarray]:
         """What :meth:`laid_out` works from: ``(version, a copy of the faiss index, ids, alive)``. A copy, so that the
-        caller may hold its lock for this step only (a copy of the faiss index: ~1 s at 1M keys) and lay the copy out without it."""
+        caller may hold its lock for this step only (~1 s at 1M keys) and lay the copy out without it."""
         import faiss
 
         return self.version, faiss.clone_index(self._index), self._ids[: self._n].copy(), self._alive[: self._n].copy()
