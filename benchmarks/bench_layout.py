@@ -22,7 +22,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,17 +38,7 @@ import smoa.routing.index.vector as vector_mod  # noqa: E402
 
 def build_order_twin(index: VectorIndex) -> VectorIndex:
     """The same faiss graph with its positions back in build order (ids ``0..n-1`` were given in that order)."""
-    import faiss
-
-    twin = copy.copy(index)
-    undo = np.argsort(index._ids[: index._n].astype(np.int64))
-    twin._index = faiss.clone_index(index._index)
-    twin._index.permute_entries(undo)
-    twin._ids, twin._alive = index._ids[: index._n][undo].copy(), index._alive[: index._n][undo].copy()
-    twin._sorted, twin._view, twin._code_view = True, None, None
-    twin._search_params, twin._selector_cache, twin._advised = {}, None, {}
-    twin._advise()  # its arrays on 2 MB pages too, as the index's own
-    return twin
+    return index.permuted(index.layout_snapshot(), np.argsort(index._ids[: index._n].astype(np.int64)))
 
 
 def main(argv: list[str] | None = None) -> int:

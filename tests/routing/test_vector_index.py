@@ -411,6 +411,11 @@ def test_an_index_grown_a_few_keys_at_a_time_is_laid_out_from_a_snapshot(tmp_pat
     assert not np.array_equal(laid.live_ids(), np.arange(40, 2000))  # moved
     for a, b in zip(before, laid.search(q, 8)):
         np.testing.assert_array_equal(a, b)
+    back = laid.permuted(laid.layout_snapshot(), np.argsort(laid._ids[: laid._n]))  # key order again
+    assert back._sorted and back._laid == 0 and back.layout_due() and not laid._sorted
+    np.testing.assert_array_equal(back.live_ids(), np.arange(40, 2000))
+    for a, b in zip(before, back.search(q, 8)):
+        np.testing.assert_array_equal(a, b)
     laid.add(np.arange(5000, 5100), clustered(100, dim=32, centers=40, seed=8))
     assert not laid.layout_due()  # 100 of 2,100 appended since
     laid.save(tmp_path)

@@ -457,16 +457,25 @@ class VectorIndex:
         """A new index: this one's ``snapshot`` (:meth:`layout_snapshot`) with its positions laid out by locality, the
         same graph (~15 s at 1M keys, without any lock: it reads only the copy). The caller adopts it in place of this
         one if nothing changed since the snapshot (``version``)."""
-        version, index, ids, alive = snapshot
         import faiss
 
+        index = snapshot[1]
         n = index.ntotal
         codes = faiss.rev_swig_ptr(faiss.downcast_index(index.storage).codes.data(), n * self.dim).reshape(n, self.dim)
-        perm = _locality_order(codes, decode=self._codec.decode)
+        out = self.permuted(snapshot, _locality_order(codes, decode=self._codec.decode))
+        out._laid = n
+        return out
+
+    def permuted(self, snapshot: tuple[int, object, np.ndarray, np.ndarray], perm: np.ndarray) -> VectorIndex:
+        """A new index from ``snapshot`` (:meth:`layout_snapshot`, whose faiss copy it takes over) whose position ``j``
+        holds the snapshot's position ``perm[j]``: the same graph, the same search results (none counted as laid
+        out)."""
+        version, index, ids, alive = snapshot
         index.permute_entries(perm)
         out = copy.copy(self)
         out._index, out._ids, out._alive = index, ids[perm], alive[perm]
-        out._n, out._laid, out._sorted, out.version = n, n, False, version + 1
+        out._n, out._laid, out.version = index.ntotal, 0, version + 1
+        out._sorted = bool(np.all(np.diff(out._ids) > 0))
         out._view = out._code_view = out._selector_cache = None
         out._search_params, out._advised = {}, {}
         out._advise()
