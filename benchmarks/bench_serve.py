@@ -73,7 +73,7 @@ def prompts(n: int, offset: int = 0) -> list[str]:
 
 # -- the server side ---------------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, library: Path, max_batch: int) -> None:
+    def __init__(self, library: Path, max_batch: int, **config: Any) -> None:
         import uvicorn
 
         from smoa.serve import ServeConfig, build_app
@@ -83,7 +83,7 @@ class Server:
 
         self.port = free_port()
         cfg = ServeConfig(library=library, encoder="hash", max_batch=max_batch, max_queue=1024,
-                          per_client_cap=max_batch)  # every client has the same address: no per-client cap
+                          per_client_cap=max_batch, **config)  # every client has the same address: no per-client cap
         self.app = build_app(cfg)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -778,7 +778,12 @@ class Router:
 
     def _swap(self, enc: CachedEncoder, fresh: KeyLearner, keys: dict[int, np.ndarray], evidence: dict) -> None:
         """Install the new encoder, learner and keys at once (under the lock); adapters that arrived meanwhile are
-        encoded in the new space here, the ones removed meanwhile are left out."""
+        encoded in the new space here, the ones removed meanwhile are left out.
+
+        The replaced encoder and learner are released after the lock: freeing an encoder's two onnxruntime
+        sessions took ~24 ms under it, which a route arriving at the swap waited for (``bench_adapt_timeline.py``).
+        """
+        retired = self._adapted
         with self._lock:
             old = self._learner
             for k in [k for k in fresh.stored if k not in old.stored]:
@@ -796,6 +801,7 @@ class Router:
             self._adapted = enc
             self._install_learned(keys, evidence)
             self._pending.clear()  # embeddings stashed for the old space
+        del retired, old  # the last references, if no route holds them: freed here, off the lock
 
     def _rebase(self, lrn: KeyLearner) -> KeyLearner | None:
         """The learner's texts re-encoded by the base encoder (its learned encoder was refused), or ``None`` when

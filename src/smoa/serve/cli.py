@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="JSON body cap (default 1 MiB)")
     p.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024, help="upload cap (default 256 MiB)")
     p.add_argument("--cache-bytes", type=int, default=None, help="weight cache budget (SMoAConfig.cache_max_bytes)")
+    p.add_argument("--no-freeze-gc", dest="freeze_gc", action="store_false",
+                   help="keep the loaded objects in Python's full garbage collections (default: frozen once loaded)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve: an affinity ingress + model replicas")
     p.add_argument("--replicas", type=int, default=2, help="model replicas with --ray (default 2)")
@@ -58,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         admin_keys=keys_from_env(args.admin_key, "SMOA_ADMIN_KEY"), max_batch=args.max_batch,
         max_queue=args.max_queue, per_client_cap=args.per_client_cap, max_tokens_cap=args.max_tokens, max_body_bytes=args.max_body_bytes,
         max_upload_bytes=args.max_upload_bytes, dtype=args.dtype, device=args.device, encoder=args.encoder,
-        smoa_overrides=overrides,
+        smoa_overrides=overrides, freeze_gc=getattr(args, "freeze_gc", True),
     )  # fmt: skip
 
 

@@ -44,6 +44,9 @@ class ServeConfig:
         encoder: routing encoder (``None``: the library's default).
         smoa_overrides: extra :class:`~smoa.SMoAConfig` fields for the library.
         drain_timeout_s: how long SIGTERM waits for in-flight requests.
+        freeze_gc: once loaded, move every live object into the garbage collector's permanent generation
+            (``gc.freeze``), so that Python's full collections no longer walk the ~470K objects of torch, the model
+            and the library (~220 ms stalls; ``benchmarks/bench_gc.py``); undone when the server closes.
     """
 
     library: str | Path = ""
@@ -70,6 +73,7 @@ class ServeConfig:
     encoder: str | None = None
     smoa_overrides: dict[str, Any] = field(default_factory=dict)
     drain_timeout_s: float = 30.0
+    freeze_gc: bool = True
 
     def __post_init__(self) -> None:
         if not str(self.library):
@@ -86,6 +90,8 @@ class ServeConfig:
             raise ConfigError(f"`port` must be in 0..65535, got {self.port!r}")
         if self.per_client_cap < 0:
             raise ConfigError(f"`per_client_cap` must be >= 0, got {self.per_client_cap!r}")
+        if not isinstance(self.freeze_gc, bool):
+            raise ConfigError(f"`freeze_gc` must be a bool, got {self.freeze_gc!r}")
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise ConfigError(f"`dtype` must be float32, float16, bfloat16 or float64, got {self.dtype!r}")
         self.api_keys = _clean_keys(self.api_keys, "api_keys")
