@@ -362,3 +362,34 @@ def test_without_a_child_process_it_trains_in_this_thread(monkeypatch, caplog: p
     with caplog.at_level("WARNING", logger="smoa.routing.adapt"):
         weights, hist = qa.train_query_lora(texts, labels, epochs=2.0)
     assert weights is not None and hist.steps == 1 and "training in this thread" in caplog.text
+
+
+def test_release_frees_a_replaced_encoder_unless_still_in_use() -> None:
+    import gc
+    import weakref
+
+    from smoa.adapter.weights import LoraWeights
+    from smoa.routing.encoders import CachedEncoder
+
+    weights = LoraWeights(factors=_random_factors(seed=3), alpha=qa.ALPHA, rank=qa.RANK)
+    texts = ["what is my account balance", "a much longer text about a hold on my checking account " * 8]
+    holder = [CachedEncoder(qa.AdaptedEncoder(weights), 16)]
+    want = holder[0].encode(texts)
+    gc.collect()  # transformers' loading leaves a cycle through the constructor's frame (collected at once when on)
+    gc.disable()  # only reference counts free it here: the check is that release drops the last ones
+    try:
+        parts = [weakref.ref(holder[0]), weakref.ref(holder[0].inner), weakref.ref(holder[0].inner._long),
+                 weakref.ref(holder[0].inner._short)]  # fmt: skip
+        assert parts[2]() is not parts[3]()  # two graphs: the block int8 one and the fp32 products
+        qa.release(holder)
+        assert holder == [] and all(p() is None for p in parts)
+
+        # one still in use (a route's escalation encoding with it): left whole, and it still encodes
+        holder = [CachedEncoder(qa.AdaptedEncoder(weights), 16)]
+        user = holder[0]
+        gc.collect()
+        qa.release(holder)
+        assert holder == [] and user.inner._long.session is not None
+        np.testing.assert_array_equal(user.encode(texts), want)
+    finally:
+        gc.enable()

@@ -44,6 +44,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -504,6 +505,35 @@ class AdaptedEncoder:
         return out
 
 
+def release(holder: list) -> None:
+    """Free a replaced query encoder (the one item of ``holder``, a :class:`CachedEncoder
+    <smoa.routing.encoders.CachedEncoder>` of an :class:`AdaptedEncoder`) a part at a time, handing the GIL to a
+    waiting route between the parts.
+
+    Freed at once, its two onnxruntime sessions and two tokenizers (~4 ms each, with the GIL held) stalled every
+    route for ~16-25 ms after an adaptation's swap (``benchmarks/bench_adapt_timeline.py``). A part still held
+    elsewhere (an escalation of a route still encoding with it) is left whole: it goes with its last user.
+    """
+    from smoa.routing.learner import yield_gil
+
+    cached = holder.pop()
+    inner = getattr(cached, "inner", None)
+    if not isinstance(inner, AdaptedEncoder) or sys.getrefcount(cached) > 2:  # 2: this name and the call's argument
+        return
+    del cached  # its embedding cache; ``inner`` is now held by this frame and whoever else uses it
+    if sys.getrefcount(inner) > 2:
+        return
+    graphs = [inner.__dict__.pop("_short"), inner.__dict__.pop("_long")]
+    while graphs:
+        graph = graphs.pop()
+        if graph in graphs or sys.getrefcount(graph) > 2:  # the same graph twice, or in use: dropped whole
+            continue
+        for part in ("session", "tokenizer"):
+            graph.__dict__.pop(part, None)
+            yield_gil()
+        del graph
+
+
 def save_adapted(directory: Path, weights, base: str, history: AdaptHistory | None = None) -> str:
     """Write the factors and their sidecar into ``directory`` atomically; returns the version."""
     data = weights.to_bytes()
@@ -557,5 +587,5 @@ def load_adapted(directory: Path, version: str, base: str):  # -> LoraWeights
     return weights
 
 
-__all__ = ["ADAPTED_FILE", "AdaptHistory", "Adapted", "AdaptedEncoder", "AdaptedEncoderError", "adapt_encoder",
+__all__ = ["ADAPTED_FILE", "AdaptHistory", "Adapted", "AdaptedEncoder", "AdaptedEncoderError", "adapt_encoder", "release",
            "load_adapted", "save_adapted", "target_modules", "train_query_lora", "version_of"]  # fmt: skip

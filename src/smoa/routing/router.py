@@ -780,10 +780,13 @@ class Router:
         """Install the new encoder, learner and keys at once (under the lock); adapters that arrived meanwhile are
         encoded in the new space here, the ones removed meanwhile are left out.
 
-        The replaced encoder and learner are released after the lock: freeing an encoder's two onnxruntime
-        sessions took ~24 ms under it, which a route arriving at the swap waited for (``bench_adapt_timeline.py``).
+        The replaced encoder and learner are released after the lock, the encoder a part at a time
+        (:func:`smoa.routing.adapt.release`): freed at once under the lock, its onnxruntime sessions and tokenizers
+        held it ~24 ms, which a route arriving at the swap waited for (``bench_adapt_timeline.py``).
         """
-        retired = self._adapted
+        from smoa.routing import adapt as qa
+
+        retired = [] if self._adapted is None else [self._adapted]
         with self._lock:
             old = self._learner
             for k in [k for k in fresh.stored if k not in old.stored]:
@@ -801,7 +804,9 @@ class Router:
             self._adapted = enc
             self._install_learned(keys, evidence)
             self._pending.clear()  # embeddings stashed for the old space
-        del retired, old  # the last references, if no route holds them: freed here, off the lock
+        del old  # the last reference: freed here, off the lock
+        if retired:
+            qa.release(retired)
 
     def _rebase(self, lrn: KeyLearner) -> KeyLearner | None:
         """The learner's texts re-encoded by the base encoder (its learned encoder was refused), or ``None`` when
