@@ -121,7 +121,13 @@ def main() -> None:
     model, _ = load_default_base_model()
     weights = bench_serve.make_adapters(model, 24, 4)
     del model
-    library = Path(tempfile.mkdtemp(prefix="smoa-bench-gc-")) / "library"
+    with tempfile.TemporaryDirectory(prefix="smoa-bench-gc-") as tmp:
+        rows = run_modes(Path(tmp) / "library", weights, args)
+    report(rows, args)
+
+
+def run_modes(library: Path, weights: list[Any], args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Every mode once per round, each in its own interpreter; their results by mode."""
     bench_serve.build_library(library, weights)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in MODES}
     for r in range(args.rounds):
@@ -134,7 +140,10 @@ def main() -> None:
                 raise SystemExit(f"{name} run failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
             rows[name].append(json.loads(lines[-1][7:]))
             print(f"round {r + 1}: {name} done", flush=True)
+    return rows
 
+
+def report(rows: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
     print(f"\n{args.rounds} round(s); {args.clients} clients x {args.requests} completions of {args.tokens} tokens "
           f"each, one client routing every {PROBE_GAP_S * 1e3:.0f} ms\n")  # fmt: skip

@@ -62,3 +62,32 @@ def test_replicas_must_be_positive() -> None:
 
     with pytest.raises(ConfigError, match="`replicas`"):
         RayOptions(replicas=0)
+
+
+def test_snapshots_of_replicas_that_are_gone_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica killed outright leaves its library copy behind; the next snapshot on the machine removes it."""
+    import tempfile
+
+    from smoa.serve import ray as smoa_ray
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"smoa-replica-{gone.pid}-x1y2z3"
+    (dead / "library").mkdir(parents=True)
+    (dead / "library" / "catalog.db").write_bytes(b"x" * 100)
+    alive = tmp_path / f"smoa-replica-{os.getpid()}-a1b2c3"
+    (alive / "library").mkdir(parents=True)
+    unnamed = tmp_path / "smoa-replica-12345678"  # no process id in the name: not ours to judge
+    unnamed.mkdir()
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "catalog.db").write_text("catalog")
+    (source / "LOCK").write_text("held")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    copy = Path(smoa_ray._snapshot(str(source)))
+
+    assert not dead.exists() and alive.is_dir() and unnamed.is_dir()
+    assert copy.parent.parent == tmp_path and copy.parent.name.startswith(f"smoa-replica-{os.getpid()}-")
+    assert (copy / "catalog.db").read_text() == "catalog" and not (copy / "LOCK").exists()
+    assert smoa_ray.sweep_snapshots(tmp_path) == []  # this process runs: its copies stay

@@ -51,6 +51,7 @@ import random
 import shutil
 import tempfile
 import time
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -174,12 +175,43 @@ def is_shared_library(location: str | None) -> bool:
     return location is not None and location.startswith(SHARED_SCHEMES)
 
 
+SNAPSHOT_PREFIX = "smoa-replica-"  # + "<pid>-<random>": a replica's copy of a local library, in the temp dir
+
+
 def _snapshot(location: str) -> str:
-    """Copy a local library directory (without its lock) to a private temp dir; returns the copy's path."""
-    target = Path(tempfile.mkdtemp(prefix="smoa-replica-")) / "library"
+    """Copy a local library directory (without its lock) to a private temp dir named after this process; returns
+    the copy's path. The copies of replicas whose process is gone are removed first (:func:`sweep_snapshots`)."""
+    sweep_snapshots()
+    target = Path(tempfile.mkdtemp(prefix=f"{SNAPSHOT_PREFIX}{os.getpid()}-")) / "library"
     if Path(location).is_dir():  # else (`--create` of a new library): each replica starts its own, empty
         shutil.copytree(location, target, ignore=shutil.ignore_patterns("LOCK"))
     return str(target)
+
+
+def sweep_snapshots(root: str | Path | None = None) -> list[Path]:
+    """Remove the library copies (:func:`_snapshot`) of replica processes that no longer run; returns them.
+
+    A replica removes its own copy when Ray shuts it down gracefully (``__del__``) or its interpreter exits; one
+    killed outright (``serve.shutdown`` past its grace period, a crash) cannot, so the next replica started on
+    the machine does. A copy whose process runs, or whose name carries no process id, is left alone.
+    """
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(SNAPSHOT_PREFIX + "*"):
+        pid, sep, _ = path.name[len(SNAPSHOT_PREFIX) :].partition("-")
+        if sep and pid.isdigit() and not _process_runs(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _load_factory(path: str) -> Any:
@@ -314,6 +346,8 @@ class SmoaModelReplica:
         location = _library_of(config)
         self.snapshot = options.replicas > 1 and location is not None and not is_shared_library(location)
         self.config = _with_library(config, _snapshot(location)) if self.snapshot and location else config
+        if self.snapshot:  # removed at the interpreter's exit too, if Ray does not call __del__
+            weakref.finalize(self, shutil.rmtree, Path(_library_of(self.config) or "").parent, True)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.app = _load_factory(options.app_factory)(self.config)
         self.lifespan = Lifespan(self.app)
