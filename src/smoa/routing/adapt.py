@@ -510,9 +510,11 @@ def release(holder: list) -> None:
     <smoa.routing.encoders.CachedEncoder>` of an :class:`AdaptedEncoder`) a part at a time, handing the GIL to a
     waiting route between the parts.
 
-    Freed at once, its two onnxruntime sessions and two tokenizers (~4 ms each, with the GIL held) stalled every
-    route for ~16-25 ms after an adaptation's swap (``benchmarks/bench_adapt_timeline.py``). A part still held
-    elsewhere (an escalation of a route still encoding with it) is left whole: it goes with its last user.
+    Freed at once, its two onnxruntime sessions (~4 ms each, with the GIL held) and, before the tokenizer was
+    shared (:func:`~smoa.routing.encoders.onnx_int8.shared_minilm_tokenizer`), two tokenizers (~3.5 ms each)
+    stalled every route for ~16-25 ms after an adaptation's swap (``benchmarks/bench_adapt_timeline.py``). A part
+    still held elsewhere (an escalation of a route still encoding with it) is left whole: it goes with its last
+    user.
     """
     from smoa.routing.learner import yield_gil
 
