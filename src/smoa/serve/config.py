@@ -45,8 +45,8 @@ class ServeConfig:
         smoa_overrides: extra :class:`~smoa.SMoAConfig` fields for the library.
         drain_timeout_s: how long SIGTERM waits for in-flight requests.
         freeze_gc: once loaded, move every live object into the garbage collector's permanent generation
-            (``gc.freeze``), so that Python's full collections no longer walk the ~470K objects of torch, the model
-            and the library (~220 ms stalls; ``benchmarks/bench_gc.py``); undone when the server closes.
+            (``gc.freeze``), so that Python's full collections no longer walk the ~460K objects of torch, the model
+            and the library (stalls of up to ~290 ms; ``benchmarks/bench_gc.py``); undone when the server closes.
     """
 
     library: str | Path = ""

@@ -183,9 +183,9 @@ class SmoaServing:
 
     def _freeze_loaded(self) -> None:
         """Move every object alive after loading (torch's and transformers' modules, the model, the library:
-        ~470K tracked objects) into the collector's permanent generation. Python's full collections then skip
-        them: in a loaded server one took ~220 ms with the GIL held, a stall of every request, and one came every
-        ~30 s under load; frozen, ~10 ms (``benchmarks/bench_gc.py``). Undone at :meth:`close`."""
+        ~460K tracked objects) into the collector's permanent generation. Python's full collections then skip
+        them: under load one came every ~25 s and took up to ~290 ms with the GIL held, a stall of every request;
+        frozen, up to ~40 ms (``benchmarks/bench_gc.py``). Undone at :meth:`close`."""
         gc.collect()  # what is garbage already is not frozen
         gc.freeze()
         self._frozen = True
