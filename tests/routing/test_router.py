@@ -480,3 +480,39 @@ def test_refit_lays_out_an_index_grown_a_few_keys_at_a_time_unless_it_changed_me
     current = router._vectors
     assert not router.lay_out_index()
     assert router._vectors is current and 9000 in set((current.live_ids() >> 4).tolist())
+
+
+@pytest.mark.parametrize("cap", [1024, 40])
+def test_rivals_searched_a_few_rows_per_lock_hold_are_those_of_one_search(monkeypatch, cap) -> None:
+    """A refit's rivals (the nearest keys of adapters it does not refit) are searched a few probe rows per hold of
+    the router's lock, so that routes go on between the blocks. Merged, the blocks give what one search of every row
+    gave: the same keys in the same order, ties included (keys with the same vector, probe rows repeated); ``cap``
+    40 binds inside each block."""
+    from smoa.routing import router as router_mod
+    from smoa.routing.index import IndexParams
+    from smoa.routing.learner import FIXED_NEIGHBOURS, owner_of
+
+    x, tags, queries = _island_library(n_big=1500)
+    router = Router(SMoAConfig(encoder="hash"), None, ids_of, encoder=_PrimedDim(64),
+                    params=IndexParams(exact_threshold=100, ef_search=64))  # fmt: skip
+    router.add(np.arange(len(x)), x, tags, generation=1)
+    router.add(np.arange(5000, 5100), x[:100], tags[:100], generation=2)  # twins: equal similarities
+    rng = np.random.default_rng(1)
+    probe = np.concatenate([queries, x[rng.integers(0, 200, 150)], queries[:20]])
+    trainable = list(range(0, len(x), 7))
+
+    # one search of every row, the rivals taken as before the blocks (an independent statement of the rule)
+    sims, slots = router._vectors.search(probe, min(FIXED_NEIGHBOURS, len(router._vectors)))
+    ok = (slots >= 0) & ~np.isin(owner_of(slots), trainable)
+    flat_s, flat_i = sims[ok], slots[ok]
+    order = np.argsort(-flat_s, kind="stable")
+    _, first = np.unique(flat_i[order], return_index=True)
+    want_found, want_vecs = router._vectors.vectors_of(flat_i[order][np.sort(first)][:cap])
+    assert len(want_found) == min(cap, len(np.unique(flat_i)))
+
+    monkeypatch.setattr(router_mod, "MAX_FIXED", cap)
+    for rows in (7, 64, len(probe)):
+        monkeypatch.setattr(router_mod, "RIVAL_ROWS", rows)
+        found, vecs = router._rivals(probe, trainable)
+        np.testing.assert_array_equal(found, want_found)
+        np.testing.assert_array_equal(vecs, want_vecs)

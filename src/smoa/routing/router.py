@@ -164,6 +164,7 @@ TAG_TUNE_MIN = 50
 TAG_TUNE_CHUNK = 8  # example routes per hold of the router's lock (64: a route waited ~120 ms, scratch timeline)
 TAG_TUNE_GAIN = 0.02  # another weight must route this share (and >= 5) more of them right than LEARNED_TAG_WEIGHT
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
+RIVAL_ROWS = 16  # probe rows searched for rivals per hold of the router's lock (Router._rivals; ~9 ms at 200K keys)
 DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
 DISTURB_EXAMPLES = 8  # weakest stored examples per learned adapter a rival is checked on
 DISTURB_MARGIN = 0.05  # a rival within this of the adapter's own score on one of them triggers a refit
@@ -274,7 +275,6 @@ class Router:
         self._fast: Encoder | None = None
         self._fast_error: str | None = None
         self._fast_ready = threading.Event()
-        self._fixed_owner = np.zeros(0, np.int64)
         if fast_encoder is not None:
             self._fast = fast_encoder
             self._fast_ready.set()
@@ -532,37 +532,53 @@ class Router:
             return n
 
     # ------------------------------------------------------------------ learning (module smoa.routing.learner)
-    def _neighbourhood(self, new: list[int]) -> tuple[list[int], np.ndarray]:
-        """Trainable adapters (``new`` + nearest adapters with examples) and fixed neighbour keys ``[f, dim]``."""
+    def _neighbourhood(self, new: list[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Trainable adapters (``new`` + nearest adapters with examples), fixed neighbour keys ``[f, dim]`` and their
+        adapters ``[f]``."""
         lrn = self._learner
         with self._lock:
             ex_keys = lrn.with_examples()
             if not ex_keys:
-                return [], np.zeros((0, self.dim), np.float32)
+                return [], np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
             means = np.stack([_means([lrn.current_keys(k)])[0] for k in ex_keys])  # [E, dim]
             new_set = {k for k in new if k in lrn.stored and len(lrn.stored[k].examples)}
             if not new_set:
-                return [], np.zeros((0, self.dim), np.float32)
+                return [], np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
             q = np.stack([_means([lrn.current_keys(k)])[0] for k in sorted(new_set)])
             near = np.argsort(-(q @ means.T), axis=1)[:, : NEIGHBOURS + 1]
             trainable = sorted(new_set | {ex_keys[i] for i in near.reshape(-1)})
             # rivals near the learned keys and near the prototypes (where the adapters' examples are)
             probe = np.concatenate([lrn.current_keys(k) for k in trainable] + [lrn.initial_keys_of(k) for k in trainable])
-            sims, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
-            # the nearest keys outside the trainable set are fixed classes (their adapters are not refitted now)
-            found, fixed = self._vectors.vectors_of(_nearest_rivals(sims, slots, trainable, MAX_FIXED))
-            self._fixed_owner = owner_of(found)
-            return trainable, fixed
+        # the nearest keys outside the trainable set are fixed classes (their adapters are not refitted now)
+        found, fixed = self._rivals(probe, trainable)
+        return trainable, fixed, owner_of(found)
+
+    def _rivals(self, probe: np.ndarray, trainable: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(slot ids [f], vectors [f, dim])`` of the :data:`MAX_FIXED` indexed keys nearest to the ``probe`` rows
+        whose adapters are not ``trainable`` (:func:`_nearest_rivals`). Searched :data:`RIVAL_ROWS` rows per hold of
+        the lock: one search of a full refit's probe (two rows per key of every adapter with examples) held it for
+        the whole search, and every route waited."""
+        best_slots, best_sims = [], []
+        for lo in range(0, len(probe), RIVAL_ROWS):
+            with self._lock:
+                sims, slots = self._vectors.search(probe[lo : lo + RIVAL_ROWS], min(FIXED_NEIGHBOURS, len(self._vectors)))
+            got, near = _nearest_rivals(sims, slots, trainable, MAX_FIXED)
+            best_slots.append(got)
+            best_sims.append(near)
+            yield_gil()
+        chosen, _ = _nearest_rivals(np.concatenate(best_sims)[None, :], np.concatenate(best_slots)[None, :], (), MAX_FIXED)
+        with self._lock:  # a key removed since its block was searched is left out, as by one search then
+            return self._vectors.vectors_of(chosen)
 
     def _local_update(self, new: list[int]) -> None:
         """Refit the keys of ``new`` adapters and their neighbourhood (runs outside the lock; routes go on)."""
-        trainable, fixed = self._neighbourhood(new)
+        trainable, fixed, fixed_owner = self._neighbourhood(new)
         if not trainable:
             return
         lrn = self._learner
         with self._lock:
             start = {k: lrn.initial_keys_of(k) if k in new else lrn.current_keys(k) for k in trainable}
-        keys, evidence = lrn.fit(trainable, start, fixed, LOCAL_EPOCHS, fixed_owner=self._fixed_owner)
+        keys, evidence = lrn.fit(trainable, start, fixed, LOCAL_EPOCHS, fixed_owner=fixed_owner)
         self._install_learned(keys, evidence)
 
     def refit(self) -> dict[str, float]:
@@ -615,7 +631,7 @@ class Router:
             trainable = lrn.with_examples()
             self._refit_size = len(trainable)
         if trainable:
-            _, fixed = self._neighbourhood(trainable)
+            _, fixed, _ = self._neighbourhood(trainable)
             with self._lock:
                 start = {k: lrn.initial_keys_of(k) for k in trainable}
             keys, evidence = lrn.fit(trainable, start, fixed, REFIT_EPOCHS, in_child=in_child)
@@ -770,10 +786,7 @@ class Router:
         if not trainable:
             return {}, {}
         start = {k: fresh.initial_keys_of(k) for k in trainable}
-        probe = np.concatenate(list(start.values()))
-        with self._lock:
-            sims, slots = self._vectors.search(probe, min(FIXED_NEIGHBOURS, len(self._vectors)))
-            _, fixed = self._vectors.vectors_of(_nearest_rivals(sims, slots, trainable, MAX_FIXED))
+        _, fixed = self._rivals(np.concatenate(list(start.values())), trainable)
         return fresh.fit(trainable, start, fixed, REFIT_EPOCHS, in_child=learner_mod.FIT_IN_CHILD)
 
     def _swap(self, enc: CachedEncoder, fresh: KeyLearner, keys: dict[int, np.ndarray], evidence: dict) -> None:
@@ -1674,14 +1687,20 @@ class Router:
             self._watchdog.close()
 
 
-def _nearest_rivals(sims: np.ndarray, slots: np.ndarray, trainable: Sequence[int], cap: int) -> np.ndarray:
-    """Slot ids of the ``cap`` most similar keys in a search result (``sims``/``slots`` ``[q, k]``) whose adapters
-    are not ``trainable``, each once, most similar first."""
+def _nearest_rivals(sims: np.ndarray, slots: np.ndarray, trainable: Sequence[int], cap: int
+                    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Slot ids ``[<= cap]`` of the ``cap`` most similar keys in a search result (``sims``/``slots`` ``[q, k]``) whose
+    adapters are not ``trainable``, each once, most similar first (ties: first found), and their similarities.
+
+    Taken over row blocks of one search and merged (the blocks' results concatenated in row order as ``[1, m]``),
+    it gives the same as over the whole: a key among the ``cap`` best overall is among its own block's ``cap``
+    best, and the stable sort keeps the rows' order among ties."""
     ok = (slots >= 0) & ~np.isin(owner_of(slots), np.asarray(list(trainable), np.int64))
     flat_s, flat_i = sims[ok], slots[ok]
     order = np.argsort(-flat_s, kind="stable")
     _, first = np.unique(flat_i[order], return_index=True)
-    return flat_i[order][np.sort(first)][:cap]
+    keep = order[np.sort(first)][:cap]
+    return flat_i[keep], flat_s[keep]
 
 
 def _text_batches(st: Stored) -> tuple[list[str], list[str]]:
