@@ -164,6 +164,7 @@ TAG_TUNE_MIN = 50
 TAG_TUNE_CHUNK = 8  # example routes per hold of the router's lock (64: a route waited ~120 ms, scratch timeline)
 TAG_TUNE_GAIN = 0.02  # another weight must route this share (and >= 5) more of them right than LEARNED_TAG_WEIGHT
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
+INSTALL_ADAPTERS = 8  # adapters whose learned keys are installed per hold of the router's lock (_install_learned)
 RIVAL_ROWS = 16  # probe rows searched for rivals per hold of the router's lock (Router._rivals; ~9 ms at 200K keys)
 DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
 DISTURB_EXAMPLES = 8  # weakest stored examples per learned adapter a rival is checked on
@@ -840,22 +841,38 @@ class Router:
         return out
 
     def _install_learned(self, keys: dict[int, np.ndarray], evidence: dict) -> None:
-        """Swap learned keys in for the adapters still as they were when the fit started; recalibrate."""
+        """Swap learned keys in for the adapters still as they were when the fit started; recalibrate.
+
+        :data:`INSTALL_ADAPTERS` adapters per hold of the lock, each adapter's keys replaced at once: inserting a
+        full refit's keys into a big HNSW index held it for the whole insertion (150 adapters x 4 keys into 200K
+        keys: 180-280 ms; 600 adapters: ~750 ms), and every route waited. Between two blocks a route sees some
+        adapters with their new keys and some with their old ones, all in the same space. A caller that already
+        holds the lock (an adaptation's swap, whose keys are in a new space) installs them all in that one hold.
+        Stops if the learner is replaced meanwhile (its keys would be stale)."""
         lrn = self._learner
+        order = list(keys)
+        for lo in range(0, len(order), INSTALL_ADAPTERS):
+            with self._lock:
+                if self._learner is not lrn:
+                    return
+                live = [k for k in order[lo : lo + INSTALL_ADAPTERS] if k in lrn.stored and k in lrn.initial]
+                if live:
+                    arr = np.asarray(live, np.int64)
+                    tags = [self._tags.tags_of(k) or ((), ()) for k in live]
+                    self._drop(arr)
+                    self._put(arr, [keys[k] for k in live])
+                    self._groups.add_many(arr, _means([keys[k] for k in live]), [list(d) for d, _ in tags])
+                    for k in live:
+                        lrn.learned[k] = (lrn.initial[k][0], keys[k].astype(np.float16))
+                        lrn.evidence[k] = evidence.get(k, lrn.evidence.get(k))
+                    self._cache.clear()
+                    self._dirty = True
+            yield_gil()
         with self._lock:
-            live = [k for k in keys if k in lrn.stored and k in lrn.initial]
-            if live:
-                arr = np.asarray(live, np.int64)
-                tags = [self._tags.tags_of(k) or ((), ()) for k in live]
-                self._drop(arr)
-                self._put(arr, [keys[k] for k in live])
-                self._groups.add_many(arr, _means([keys[k] for k in live]), [list(d) for d, _ in tags])
-                for k in live:
-                    lrn.learned[k] = (lrn.initial[k][0], keys[k].astype(np.float16))
-                    lrn.evidence[k] = evidence.get(k, lrn.evidence.get(k))
-            self._recalibrate()
-            self._cache.clear()
-            self._dirty = True
+            if self._learner is lrn:
+                self._recalibrate()
+                self._cache.clear()
+                self._dirty = True
 
     def _recalibrate(self) -> None:
         """Re-pool the calibration evidence and score the user's negatives against the current keys."""
