@@ -662,3 +662,43 @@ def test_a_refused_tag_side_still_runs_now_and_then_to_stay_measured() -> None:
     assert cost.tag_reserve() == pytest.approx(0.7) and cost.tag_fits(0.8)
     runs = [cost.tag_fits(0.5) for _ in range(3 * TAG_EXPLORE_EVERY)]
     assert sum(runs) == 3 and runs[TAG_EXPLORE_EVERY - 1] and not any(runs[: TAG_EXPLORE_EVERY - 1])
+
+
+def test_refit_keys_installed_a_few_adapters_per_lock_hold_end_as_installed_at_once(monkeypatch) -> None:
+    """A refit installs its learned keys a few adapters per hold of the router's lock (routes go on between the
+    blocks); once done, the index holds what one install under one hold gave: each adapter's keys and the routes,
+    bit for bit. An install whose learner was replaced meanwhile stops (its keys would be stale)."""
+    routers = []
+    for per_hold in (1, 10_000):
+        monkeypatch.setattr(router_mod, "INSTALL_ADAPTERS", per_hold)
+        router, names = make()
+        create(router, names, list(range(len(TOPICS))), bulk=True)
+        router.refit_keys()
+        routers.append(router)
+    blocks, once = routers
+    for key in range(1, len(TOPICS) + 1):
+        np.testing.assert_array_equal(blocks.key_vectors(key), once.key_vectors(key))
+    queries = [" ".join(topic_examples(t, 3, seed=7)[j].split()) for t in TOPICS for j in range(3)]
+    for q in queries:
+        a, b = blocks.route(q), once.route(q)
+        assert (a.adapter_ids, a.routing_scores) == (b.adapter_ids, b.routing_scores)
+
+    # the learner replaced after the first block: the rest is not installed
+    monkeypatch.setattr(router_mod, "INSTALL_ADAPTERS", 1)
+    router, names = make()
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    before = {k: router.key_vectors(k) for k in range(1, len(TOPICS) + 1)}
+    stale = {k: -router.key_vectors(k) for k in before}  # any keys but the current ones
+    real_yield = router_mod.yield_gil
+    replaced = []
+
+    def replace_learner() -> None:
+        if not replaced:
+            replaced.append(router._learner)
+            router._learner = router._rebase(router._learner) or router._learner.__class__(router.dim)
+        real_yield()
+
+    monkeypatch.setattr(router_mod, "yield_gil", replace_learner)
+    router._install_learned(stale, {})
+    changed = [k for k in before if not np.array_equal(router.key_vectors(k), before[k])]
+    assert changed == [1]
