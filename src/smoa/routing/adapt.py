@@ -525,7 +525,7 @@ def release(holder: list) -> None:
     del cached  # its embedding cache; ``inner`` is now held by this frame and whoever else uses it
     if sys.getrefcount(inner) > 2:
         return
-    graphs = [inner.__dict__.pop("_short"), inner.__dict__.pop("_long")]
+    graphs = [g for g in (inner.__dict__.pop("_short", None), inner.__dict__.pop("_long", None)) if g is not None]
     while graphs:
         graph = graphs.pop()
         if graph in graphs or sys.getrefcount(graph) > 2:  # the same graph twice, or in use: dropped whole
