@@ -1,6 +1,6 @@
 """What do Python's full garbage collections cost a loaded `smoa serve`, and what does freezing (the default) save?
 
-A loaded server holds ~470K objects the collector tracks (torch's and transformers' modules, the model, the
+A loaded server holds ~460K objects the collector tracks (torch's and transformers' modules, the model, the
 library). A full (generation-2) collection walks all of them with the GIL held, so every request in the process
 waits for it. ``ServeConfig.freeze_gc`` (default on; ``smoa serve --no-freeze-gc`` turns it off) moves them into
 the permanent generation once loaded (``gc.freeze``), where no collection walks them.
@@ -8,10 +8,11 @@ the permanent generation once loaded (``gc.freeze``), where no collection walks 
 Each mode runs in its own interpreter (the collector's state is per process), the order alternating per round:
 SmolLM2-135M-Instruct behind the real server (uvicorn on 127.0.0.1, in a thread), 24 adapters, 16 clients
 streaming routed k = 3 completions of ``--tokens`` tokens, and beside them one client sending ``POST /v1/route``
-every 5 ms (its first 20 not counted: they load the adapters' weights). Every collection is timed by a ``gc.callbacks`` hook in the server's process. Prints, per mode:
-objects a full collection walks, collections per generation, the slowest and the summed generation-2 ms, the
-routes' p50 / p99 / max ms at the client and in the server (``latency_ms``: routing and weight resolution), the
-streams' inter-token latency p99 / max ms, and one forced ``gc.collect()`` at the end.
+every 5 ms (its first 20 not counted: they load the adapters' weights). Every collection is timed by a
+``gc.callbacks`` hook in the server's process. Prints, per mode: objects a full collection walks, collections
+per generation, the slowest and the summed generation-2 ms, the routes' p50 / p99 / max ms at the client and in
+the server (``latency_ms``: routing and weight resolution), the streams' inter-token latency p99 / max ms, and one
+forced ``gc.collect()`` at the end.
 
     .venv/bin/python benchmarks/bench_gc.py              # 2 rounds, ~4 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_gc.py --rounds 1 --requests 4

@@ -165,7 +165,7 @@ TAG_TUNE_CHUNK = 8  # example routes per hold of the router's lock (64: a route 
 TAG_TUNE_GAIN = 0.02  # another weight must route this share (and >= 5) more of them right than LEARNED_TAG_WEIGHT
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
 INSTALL_ADAPTERS = 8  # adapters whose learned keys are installed per hold of the router's lock (_install_learned)
-RIVAL_ROWS = 16  # probe rows searched for rivals per hold of the router's lock (Router._rivals; ~9 ms at 200K keys)
+RIVAL_ROWS = 16  # probe rows searched for rivals per hold of the router's lock (Router._rivals)
 DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
 DISTURB_EXAMPLES = 8  # weakest stored examples per learned adapter a rival is checked on
 DISTURB_MARGIN = 0.05  # a rival within this of the adapter's own score on one of them triggers a refit
@@ -562,12 +562,14 @@ class Router:
         best_slots, best_sims = [], []
         for lo in range(0, len(probe), RIVAL_ROWS):
             with self._lock:
-                sims, slots = self._vectors.search(probe[lo : lo + RIVAL_ROWS], min(FIXED_NEIGHBOURS, len(self._vectors)))
+                block = probe[lo : lo + RIVAL_ROWS]
+                sims, slots = self._vectors.search(block, min(FIXED_NEIGHBOURS, len(self._vectors)))
             got, near = _nearest_rivals(sims, slots, trainable, MAX_FIXED)
             best_slots.append(got)
             best_sims.append(near)
             yield_gil()
-        chosen, _ = _nearest_rivals(np.concatenate(best_sims)[None, :], np.concatenate(best_slots)[None, :], (), MAX_FIXED)
+        merged = np.concatenate(best_sims)[None, :], np.concatenate(best_slots)[None, :]
+        chosen, _ = _nearest_rivals(*merged, (), MAX_FIXED)
         with self._lock:  # a key removed since its block was searched is left out, as by one search then
             return self._vectors.vectors_of(chosen)
 
@@ -844,8 +846,9 @@ class Router:
         """Swap learned keys in for the adapters still as they were when the fit started; recalibrate.
 
         :data:`INSTALL_ADAPTERS` adapters per hold of the lock, each adapter's keys replaced at once: inserting a
-        full refit's keys into a big HNSW index held it for the whole insertion (150 adapters x 4 keys into 200K
-        keys: 180-280 ms; 600 adapters: ~750 ms), and every route waited. Between two blocks a route sees some
+        full refit's keys into a big HNSW index held it for the whole insertion, and every route waited (with the
+        rivals' search, :meth:`_rivals`: up to ~210 ms for 150 adapters among 200K keys,
+        ``benchmarks/bench_refit_lock.py``). Between two blocks a route sees some
         adapters with their new keys and some with their old ones, all in the same space. A caller that already
         holds the lock (an adaptation's swap, whose keys are in a new space) installs them all in that one hold.
         Stops if the learner is replaced meanwhile (its keys would be stale)."""

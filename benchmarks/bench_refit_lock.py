@@ -1,0 +1,124 @@
+"""How long do routes wait for a key refit in a big index: one hold of the router's lock, or a few rows at a time?
+
+``Router.refit_keys()`` (what ``optimize_library()`` runs when the query encoder is not retrained) searches the
+index for the rivals of every adapter with examples, fits their keys (in a child interpreter, the default) and
+installs the learned keys. The search and the install used to hold the router's lock from start to end; now they
+take it :data:`~smoa.routing.router.RIVAL_ROWS` probe rows / :data:`~smoa.routing.router.INSTALL_ADAPTERS`
+adapters at a time. Setting both knobs past the work's size gives back the one hold, so both modes run on one
+router, side by side, the order alternating per round.
+
+The router: ``--keys`` realistic keys (``bench_routing.Pool``: CLINC150 and BBC sentence embeddings mixed, HNSW on
+the defaults), of which the first ``--adapters`` hold 24 examples each (noisy copies of their key) in the learner
+and start from their k-means keys. Routes are served back to back on another thread (HYBRID, the embedding
+known). Printed per mode: the refit's wall seconds, routes served beside it, their p50 and the slowest, routes
+over 10 ms, and the router's lock held longer than 4 ms: how often, and the longest.
+
+    .venv/bin/python benchmarks/bench_refit_lock.py                    # 200K keys, 150 adapters, ~4 min
+    .venv/bin/python benchmarks/bench_refit_lock.py --keys 20000 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_routing  # noqa: E402  (sets one OpenMP thread: faiss searches as in a route)
+from bench_adapt_timeline import TracedLock  # noqa: E402
+
+from smoa.config import SMoAConfig  # noqa: E402
+from smoa.routing import learner as learner_mod  # noqa: E402
+from smoa.routing import router as router_mod  # noqa: E402
+from smoa.routing.encoders import l2_normalize  # noqa: E402
+from smoa.routing.learner import initial_keys  # noqa: E402
+from smoa.routing.router import Router  # noqa: E402
+
+EXAMPLES = 24
+MODES = {"one hold (before)": (10**9, 10**9),
+         "blocks (default)": (router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS)}  # fmt: skip
+
+
+def build(n: int, adapters: int, rng: np.random.Generator) -> tuple[Router, list[str]]:
+    pool = bench_routing.Pool()
+    keys, tags = pool.keys(n, rng)
+    texts, qv = pool.queries(500, rng)
+    cfg = SMoAConfig(encoder="hash", enable_caching=False, embedding_cache_size=510, routing_threshold=-1.0,
+                     max_active_adapters=5)  # fmt: skip
+    router = Router(cfg, None, lambda ks: [f"ad_{k:07d}" for k in ks])
+    router.encoder.prime(texts, qv)
+    router.add(np.arange(n, dtype=np.int64), keys, tags, generation=1)
+    lrn = router._learner
+    for k in range(adapters):
+        ex = l2_normalize(keys[k] + 0.015 * rng.standard_normal((EXAMPLES, keys.shape[1])).astype(np.float32))
+        lrn.remember(k, keys[k], ex)
+        lrn.initial[k] = ("bench", initial_keys(keys[k], ex, lrn.max_keys))
+    return router, texts
+
+
+def one(router: Router, texts: list[str], lock: TracedLock) -> dict[str, float]:
+    lat: list[float] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        i = 0
+        while not stop.is_set():
+            t = time.perf_counter()
+            router.route(texts[i % len(texts)], strategy="hybrid", k=5)
+            lat.append((time.perf_counter() - t) * 1e3)
+            i += 1
+
+    th = threading.Thread(target=serve, name="routes")
+    th.start()
+    time.sleep(0.2)
+    lock.holds.clear()
+    n0 = len(lat)
+    t = time.perf_counter()
+    router.refit_keys(in_child=learner_mod.FIT_IN_CHILD)
+    wall = time.perf_counter() - t
+    n1 = len(lat)
+    stop.set()
+    th.join()
+    ms = np.array(lat[n0 : n1 + 1])
+    held = [h for _, h in lock.holds]
+    return {"wall": wall, "routes": len(ms), "p50": float(np.median(ms)), "max": float(ms.max()),
+            "over10": int((ms > 10).sum()), "holds": len(held), "longest": max(held, default=0.0)}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keys", type=int, default=200_000)
+    ap.add_argument("--adapters", type=int, default=150, help="adapters with examples (refitted)")
+    ap.add_argument("--rounds", type=int, default=2, help="refits per mode")
+    args = ap.parse_args()
+    t = time.perf_counter()
+    router, texts = build(args.keys, args.adapters, np.random.default_rng(0))
+    print(f"{args.keys:,} keys ({router._vectors.kind}, efSearch {router._vectors.ef_search}), {args.adapters} "
+          f"adapters with examples; built in {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
+    for i in range(50):  # warm up
+        router.route(texts[i], strategy="hybrid", k=5)
+    lock = router._lock = TracedLock(router._lock)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in MODES}
+    for r in range(args.rounds):
+        for name in list(MODES)[:: 1 if r % 2 == 0 else -1]:
+            router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES[name]
+            rows[name].append(one(router, texts, lock))
+            print(f"round {r + 1}: {name} done", flush=True)
+    router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES["blocks (default)"]
+    print("\n| mode | refit s | routes beside it | route p50 ms | slowest route ms | routes > 10 ms | "
+          "lock holds > 4 ms: count, longest ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, runs in rows.items():
+        for x in runs:
+            print(f"| {name} | {x['wall']:.1f} | {x['routes']} | {x['p50']:.2f} | {x['max']:.1f} | {x['over10']} | "
+                  f"{x['holds']}, {x['longest']:.1f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
