@@ -1,4 +1,5 @@
-"""How long do routes wait for a key refit in a big index: one hold of the router's lock, or a few rows at a time?
+"""How long do routes wait for a key refit, or an adaptation's swap, in a big index: one hold of the router's lock,
+or a few rows at a time?
 
 ``Router.refit_keys()`` (what ``optimize_library()`` runs when the query encoder is not retrained) searches the
 index for the rivals of every adapter with examples, fits their keys (in a child interpreter, the default) and
@@ -13,7 +14,15 @@ and start from their k-means keys. Routes are served back to back on another thr
 known). Printed per mode: the refit's wall seconds, routes served beside it, their p50 and the slowest, routes
 over 10 ms, and the router's lock held longer than 4 ms: how often, and the longest.
 
+``--swap``: the same for an adaptation's swap (``Router._swap``: encoder, learner and keys flipped at once, in one
+hold of the lock). Its keys are in the new space, so they cannot go live a few adapters at a time; they are
+inserted into the index hidden beforehand, a few adapters per hold (``Router._stage``), and the swap's hold only
+makes them live. Compared with the keys inserted in the swap's hold (nothing staged, as before 2026-12-07). The
+swap is given ``--adapters`` learned adapters with 4 keys each (their examples' k-means keys: the count matters, not
+the space) and the base encoder as the "new" one, so routes are answered the same way throughout.
+
     .venv/bin/python benchmarks/bench_refit_lock.py                    # 200K keys, 150 adapters, ~4 min
+    .venv/bin/python benchmarks/bench_refit_lock.py --swap --adapters 600
     .venv/bin/python benchmarks/bench_refit_lock.py --keys 20000 --rounds 1
 """
 
@@ -36,12 +45,13 @@ from smoa.config import SMoAConfig  # noqa: E402
 from smoa.routing import learner as learner_mod  # noqa: E402
 from smoa.routing import router as router_mod  # noqa: E402
 from smoa.routing.encoders import l2_normalize  # noqa: E402
-from smoa.routing.learner import initial_keys  # noqa: E402
+from smoa.routing.learner import KeyLearner, initial_keys  # noqa: E402
 from smoa.routing.router import Router  # noqa: E402
 
 EXAMPLES = 24
 MODES = {"one hold (before)": (10**9, 10**9),
          "blocks (default)": (router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS)}  # fmt: skip
+SWAP_MODES = ("inserted in the swap's hold (before)", "staged (default)")
 
 
 def build(n: int, adapters: int, rng: np.random.Generator) -> tuple[Router, list[str]]:
@@ -61,7 +71,26 @@ def build(n: int, adapters: int, rng: np.random.Generator) -> tuple[Router, list
     return router, texts
 
 
-def one(router: Router, texts: list[str], lock: TracedLock) -> dict[str, float]:
+def swap(router: Router, staged: bool, rng: np.random.Generator) -> None:
+    """One adaptation's swap of ``router``'s learned adapters: a fresh learner holding them, new keys for each."""
+    old = router._learner
+    fresh = KeyLearner(router.dim, old.max_keys)
+    keys = {}
+    for k, st in old.stored.items():
+        ex = l2_normalize(st.examples.astype(np.float32) + 0.01 * rng.standard_normal(st.examples.shape, np.float32))
+        fresh.remember(k, st.text.astype(np.float32), ex)
+        fresh.initial[k] = ("bench", initial_keys(st.text.astype(np.float32), ex, old.max_keys))
+        keys[k] = fresh.initial[k][1]
+    if not staged:
+        router._stage = lambda keys: (0, {})  # the path taken when nothing was staged: every key inserted in the hold
+    try:
+        router._swap(router.encoder, fresh, keys, dict(old.evidence))  # (a refit's evidence: the calibration's)
+    finally:
+        router.__dict__.pop("_stage", None)
+        router._adapted = None  # the "new" encoder is the base one: never released
+
+
+def one(router: Router, texts: list[str], lock: TracedLock, work=None) -> dict[str, float]:
     lat: list[float] = []
     stop = threading.Event()
 
@@ -79,7 +108,10 @@ def one(router: Router, texts: list[str], lock: TracedLock) -> dict[str, float]:
     lock.holds.clear()
     n0 = len(lat)
     t = time.perf_counter()
-    router.refit_keys(in_child=learner_mod.FIT_IN_CHILD)
+    if work is None:
+        router.refit_keys(in_child=learner_mod.FIT_IN_CHILD)
+    else:
+        work()
     wall = time.perf_counter() - t
     n1 = len(lat)
     stop.set()
@@ -94,23 +126,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keys", type=int, default=200_000)
     ap.add_argument("--adapters", type=int, default=150, help="adapters with examples (refitted)")
-    ap.add_argument("--rounds", type=int, default=2, help="refits per mode")
+    ap.add_argument("--rounds", type=int, default=2, help="refits (swaps) per mode")
+    ap.add_argument("--swap", action="store_true", help="an adaptation's swap instead of a refit")
     args = ap.parse_args()
     t = time.perf_counter()
     router, texts = build(args.keys, args.adapters, np.random.default_rng(0))
     print(f"{args.keys:,} keys ({router._vectors.kind}, efSearch {router._vectors.ef_search}), {args.adapters} "
           f"adapters with examples; built in {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
+    if args.swap:
+        router.refit_keys(in_child=learner_mod.FIT_IN_CHILD)  # the learned adapters' calibration evidence
     for i in range(50):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)
     lock = router._lock = TracedLock(router._lock)
-    rows: dict[str, list[dict[str, float]]] = {name: [] for name in MODES}
+    names = SWAP_MODES if args.swap else tuple(MODES)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    rng = np.random.default_rng(1)
     for r in range(args.rounds):
-        for name in list(MODES)[:: 1 if r % 2 == 0 else -1]:
-            router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES[name]
-            rows[name].append(one(router, texts, lock))
+        for name in names[:: 1 if r % 2 == 0 else -1]:
+            if args.swap:
+                rows[name].append(one(router, texts, lock, lambda: swap(router, name == SWAP_MODES[1], rng)))
+            else:
+                router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES[name]
+                rows[name].append(one(router, texts, lock))
             print(f"round {r + 1}: {name} done", flush=True)
     router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES["blocks (default)"]
-    print("\n| mode | refit s | routes beside it | route p50 ms | slowest route ms | routes > 10 ms | "
+    what = "swap" if args.swap else "refit"
+    print(f"\n| mode | {what} s | routes beside it | route p50 ms | slowest route ms | routes > 10 ms | "
           "lock holds > 4 ms: count, longest ms |")
     print("|---|---|---|---|---|---|---|")
     for name, runs in rows.items():

@@ -702,3 +702,94 @@ def test_refit_keys_installed_a_few_adapters_per_lock_hold_end_as_installed_at_o
     router._install_learned(stale, {})
     changed = [k for k in before if not np.array_equal(router.key_vectors(k), before[k])]
     assert changed == [1]
+
+
+class _Rotated(HashEncoder):
+    """A second space for an adaptation's swap: the hash encoder's vectors under a fixed rotation."""
+
+    name = "hash+rotated"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rotation = np.linalg.qr(np.random.default_rng(3).standard_normal((self.dim, self.dim)))[0].astype(
+            np.float32)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return super().encode(texts) @ self.rotation
+
+
+def _swapped(monkeypatch, between=None) -> tuple[Router, dict[int, str], list[str]]:
+    """A router whose adaptation's swap (``Router._swap``) installs keys fitted in the rotated space; ``between``
+    (router, staged) runs after the keys were staged, before the swap's hold."""
+    from smoa.routing import learner as learner_mod
+    from smoa.routing.encoders import CachedEncoder
+
+    monkeypatch.setattr(learner_mod, "FIT_IN_CHILD", False)
+    router, names = make()
+    create(router, names, list(range(len(TOPICS))), bulk=True)
+    router.refit_keys()
+    enc = CachedEncoder(_Rotated(), 0)
+    fresh = router._reencoded(enc, set(router._learner.with_examples()))
+    keys, evidence = router._fit_fresh(fresh)
+    if between is not None:
+        stage = router._stage
+
+        def staged_then(keys):
+            out = stage(keys)
+            between(router, out)
+            return out
+
+        monkeypatch.setattr(router, "_stage", staged_then)
+    router._swap(enc, fresh, keys, evidence)
+    queries = [" ".join(topic_examples(t, 3, seed=7)[j].split()) for t in TOPICS for j in range(3)]
+    return router, names, queries
+
+
+def test_an_adaptations_keys_are_staged_a_few_adapters_per_lock_hold_and_the_swap_only_reveals_them(
+    monkeypatch,
+) -> None:
+    """An adaptation's swap flips encoder and keys at once, under one hold of the router's lock. Its keys are first
+    inserted into the index hidden, a few adapters per hold (routes go on between them, still on the old keys);
+    the swap's hold only makes them live, inserting nothing. The result is what inserting them all in the swap's
+    hold gave (the path taken when nothing was staged, or the staged keys are gone): each adapter's keys and the
+    routes, bit for bit. An adapter removed after its keys were staged never routes again."""
+    from smoa.routing.index import VectorIndex
+
+    monkeypatch.setattr(router_mod, "INSTALL_ADAPTERS", 2)
+    inserted: list[tuple[bool, int]] = []  # (live, rows) per faiss insert
+    append = VectorIndex._append
+
+    def spy(self, keys, x, alive):
+        inserted.append((alive, len(keys)))
+        return append(self, keys, x, alive)
+
+    # the reference: nothing staged, every key inserted in the swap's one hold
+    monkeypatch.setattr(Router, "_stage", lambda self, keys: (0, {}))
+    once, _, queries = _swapped(monkeypatch)
+    monkeypatch.undo()
+    monkeypatch.setattr(router_mod, "INSTALL_ADAPTERS", 2)
+    holds: list[int] = []
+    real_stage = VectorIndex.stage
+    monkeypatch.setattr(VectorIndex, "stage", lambda self, k, v: holds.append(len(k)) or real_stage(self, k, v))
+    monkeypatch.setattr(VectorIndex, "_append", spy)
+    at_swap = []
+    staged, _, _ = _swapped(monkeypatch, between=lambda r, s: at_swap.append(len(inserted)))
+    assert len(holds) == 3 and sum(holds) == sum(n for live, n in inserted[: at_swap[0]] if not live), holds
+    assert inserted[at_swap[0] :] == [], inserted  # the swap's hold inserted nothing
+    # the lost case: the index compacted after the staging (its hidden keys gone): installed the slow way
+    lost, _, _ = _swapped(monkeypatch, between=lambda r, s: r._vectors.compact())
+    for other in (staged, lost):
+        assert other.query_encoder.inner.name == "hash+rotated"
+        assert len(other._vectors) == len(once._vectors)
+        for key in range(1, len(TOPICS) + 1):
+            np.testing.assert_array_equal(other.key_vectors(key), once.key_vectors(key))
+        for q in queries:
+            a, b = other.route(q), once.route(q)
+            assert (a.adapter_ids, a.routing_scores) == (b.adapter_ids, b.routing_scores)
+
+    # adapter 2 removed once its keys were staged: they stay hidden
+    gone, names, _ = _swapped(monkeypatch, between=lambda r, s: r.remove([2], r.generation + 1))
+    assert len(gone.key_vectors(2)) == 0 and 2 not in gone._learner.stored
+    assert len(gone._vectors) == sum(len(gone.key_vectors(k)) for k in range(1, len(TOPICS) + 1))
+    _, hits = gone._vectors.search(gone.query_encoder.encode_batch([TOPICS["stocks"]]), len(gone._vectors))
+    assert 2 not in set(owner_of(hits[0]).tolist())

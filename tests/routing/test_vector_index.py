@@ -428,3 +428,66 @@ def test_an_index_grown_a_few_keys_at_a_time_is_laid_out_from_a_snapshot(tmp_pat
         VectorIndex.load(tmp_path, 32, params)
     (tmp_path / "layout.npy").unlink()  # saved before the layout existed: none laid out
     assert VectorIndex.load(tmp_path, 32, params)._laid == 0
+
+
+@pytest.mark.parametrize("threshold", [10_000, 500])
+def test_staged_keys_stay_hidden_until_revealed_then_search_as_added_ones(threshold: int) -> None:
+    """Keys staged (what an adaptation's swap inserts ahead of its one hold of the router's lock) are not searched,
+    looked up or counted; revealed, they replace their ids' keys and the ``replaced`` ones in one step, and the
+    index searches as one where they were added (flat: exactly; HNSW: the same graph, so the same results)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # one thread: two graphs built from the same inserts are the same graph
+    try:
+        x = clustered(1200)
+        params = IndexParams(exact_threshold=threshold)
+        staged, added = (VectorIndex.build(64, np.arange(800), x[:800], params) for _ in range(2))
+        new = np.arange(100, 300)  # replaces keys 100..299; keys 300..349 are replaced by none (``replaced``)
+        gen = staged.staged_generation
+        pos = staged.stage(new, x[800:1000])
+        assert len(staged) == 800 and list(pos) == list(range(800, 1000))
+        q = x[800:1000:10]
+        before, _ = VectorIndex.build(64, np.arange(800), x[:800], params).search(q, 5)
+        scores, got = staged.search(q, 5)
+        np.testing.assert_array_equal(scores, before)  # the old keys, as if nothing were staged
+        np.testing.assert_array_equal(staged.vectors_of(np.array([150]))[1], staged._reconstruct_positions(
+            np.array([150])))  # fmt: skip
+        assert staged.live_ids().tolist() == list(range(800))
+
+        assert staged.reveal(gen, pos, np.arange(300, 350))
+        added.add(new, x[800:1000])
+        added.remove(np.arange(300, 350))
+        assert len(staged) == len(added) == 750 and not staged.reveal(gen, pos, [])  # revealed once only
+        assert sorted(staged.live_ids().tolist()) == sorted(added.live_ids().tolist())
+        for a, b in zip(staged.search(x[::7], 5), added.search(x[::7], 5)):
+            np.testing.assert_array_equal(a, b)
+        if staged.kind == "flat":
+            keep = np.r_[0:100, 300:800]
+            ref_x, ref_keys = np.concatenate([x[keep], x[800:1000]]), np.r_[keep, new]
+            ref_x, ref_keys = ref_x[~np.isin(ref_keys, np.arange(300, 350))], ref_keys[~np.isin(ref_keys,
+                                                                                              np.arange(300, 350))]
+            np.testing.assert_array_equal(staged.search(x[::7], 5)[1], brute(ref_x, ref_keys, x[::7], 5))
+        staged.settle()  # 250 dead of 1,000 positions: not yet a quarter
+        assert staged._dead == 250
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def test_a_rebuild_drops_staged_keys_and_their_reveal_changes_nothing() -> None:
+    x = clustered(700)
+    idx = VectorIndex.build(64, np.arange(500), x[:500], IndexParams(exact_threshold=100))
+    gen = idx.staged_generation
+    pos = idx.stage(np.arange(50), x[500:550])
+    idx.compact()  # a rebuild: what was staged is gone
+    assert idx.staged_generation != gen and len(idx) == 500 and idx._n == 500
+    assert not idx.reveal(gen, pos, np.arange(50, 100))
+    np.testing.assert_array_equal(idx.search(x[:20], 1)[1][:, 0], np.arange(20))  # nothing changed
+    assert len(idx) == 500
+
+    # revealed past the flat threshold: settle() rebuilds it as HNSW
+    flat = VectorIndex.build(64, np.arange(90), x[:90], IndexParams(exact_threshold=100))
+    gen, pos = flat.staged_generation, flat.stage(np.arange(90, 120), x[90:120])
+    assert flat.reveal(gen, pos, []) and flat.kind == "flat" and len(flat) == 120
+    flat.settle()
+    assert flat.kind == "hnsw-sq8" and len(flat) == 120 and flat._dead == 0

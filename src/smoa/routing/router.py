@@ -398,10 +398,27 @@ class Router:
             return
         found, vecs = self._vectors.vectors_of(slots_of(keys, self._max_p))
         if len(found):
-            own = owner_of(found)
-            for k in np.unique(own):
-                self._groups.remove(int(k), _means([vecs[own == k]])[0])
+            self._ungroup(found, vecs)
             self._vectors.remove(found)
+
+    def _ungroup(self, slots: np.ndarray, vecs: np.ndarray) -> None:
+        """Take the owners of ``slots`` (their keys ``vecs``) out of the groups (caller holds the lock)."""
+        own, at = np.unique(owner_of(slots), return_inverse=True)
+        self._groups.remove_many(own, _unit(row_sums(vecs, at, len(own))))
+
+    def _reveal(self, generation: int, keys: list[int], positions: list[np.ndarray]) -> bool:
+        """Make ``keys``' staged keys (:meth:`_stage`, at ``positions``) live in place of their current ones, out of
+        the groups too (caller holds the lock, adds the groups); ``False``, changing nothing, if the staged positions
+        are gone."""
+        arr = np.asarray(keys, np.int64)
+        pos = np.concatenate(positions)
+        found, vecs = self._vectors.vectors_of(slots_of(arr, self._max_p))
+        if not self._vectors.reveal(generation, pos, found):
+            return False
+        self._max_p = max(self._max_p, max(len(p) for p in positions))
+        if len(found):
+            self._ungroup(found, vecs)
+        return True
 
     def key_vectors(self, key: int) -> np.ndarray:
         """The ``[P, dim]`` keys adapter ``key`` is routed by now (learned ones included), ``[0, dim]`` if none."""
@@ -796,6 +813,10 @@ class Router:
         """Install the new encoder, learner and keys at once (under the lock); adapters that arrived meanwhile are
         encoded in the new space here, the ones removed meanwhile are left out.
 
+        The keys are first inserted into the index hidden (:meth:`_stage`, a few adapters per hold of the lock),
+        so that the swap's one hold only makes them live: inserting them there held it ~0.2-1.7 s at 200K keys
+        (150-600 adapters), and every route waited (``benchmarks/bench_refit_lock.py --swap``).
+
         The replaced encoder and learner are released after the lock, the encoder a part at a time
         (:func:`smoa.routing.adapt.release`): freed at once under the lock, its onnxruntime sessions and tokenizers
         held it ~24 ms, which a route arriving at the swap waited for (``bench_adapt_timeline.py``).
@@ -803,6 +824,7 @@ class Router:
         from smoa.routing import adapt as qa
 
         retired = [] if self._adapted is None else [self._adapted]
+        staged = self._stage(keys)
         with self._lock:
             old = self._learner
             for k in [k for k in fresh.stored if k not in old.stored]:
@@ -818,7 +840,7 @@ class Router:
             fresh.refits = old.refits
             self._learner = fresh
             self._adapted = enc
-            self._install_learned(keys, evidence)
+            self._install_learned(keys, evidence, staged, block=len(keys))
             self._pending.clear()  # embeddings stashed for the old space
         del old  # the last reference: freed here, off the lock
         if retired:
@@ -842,7 +864,36 @@ class Router:
         out.changed_examples = sum(len(st.texts) for st in out.stored.values())  # retrain at the next refit
         return out
 
-    def _install_learned(self, keys: dict[int, np.ndarray], evidence: dict) -> None:
+    def _stage(self, keys: dict[int, np.ndarray]) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """``keys`` inserted into the vector index hidden (:meth:`VectorIndex.stage`), :data:`INSTALL_ADAPTERS`
+        adapters per hold of the lock: ``(the index's staged generation, {adapter: (its keys, their positions)})``
+        for :meth:`_install_learned` to make live. Stops early if the index is replaced or rebuilt meanwhile (the
+        rest is then installed the slow way, under the swap's hold)."""
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        order = list(keys)
+        with self._lock:
+            vectors = self._vectors
+            generation = vectors.staged_generation
+        for lo in range(0, len(order), INSTALL_ADAPTERS):
+            with self._lock:
+                if self._vectors is not vectors or vectors.staged_generation != generation:
+                    break
+                block = order[lo : lo + INSTALL_ADAPTERS]
+                mats = [keys[k] for k in block]
+                counts = np.fromiter((len(m) for m in mats), np.int64, len(mats))
+                pos = vectors.stage(_slots(np.asarray(block, np.int64), counts), np.concatenate(mats))
+                for k, m, p in zip(block, mats, np.split(pos, np.cumsum(counts)[:-1])):
+                    out[k] = (m, p)
+            yield_gil()
+        return generation, out
+
+    def _install_learned(
+        self,
+        keys: dict[int, np.ndarray],
+        evidence: dict,
+        staged: tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]] | None = None,
+        block: int | None = None,
+    ) -> None:
         """Swap learned keys in for the adapters still as they were when the fit started; recalibrate.
 
         :data:`INSTALL_ADAPTERS` adapters per hold of the lock, each adapter's keys replaced at once: inserting a
@@ -850,21 +901,29 @@ class Router:
         rivals' search, :meth:`_rivals`: up to ~210 ms for 150 adapters among 200K keys,
         ``benchmarks/bench_refit_lock.py``). Between two blocks a route sees some
         adapters with their new keys and some with their old ones, all in the same space. A caller that already
-        holds the lock (an adaptation's swap, whose keys are in a new space) installs them all in that one hold.
-        Stops if the learner is replaced meanwhile (its keys would be stale)."""
+        holds the lock (an adaptation's swap, whose keys are in a new space) installs them all in that one hold, in
+        one ``block``; the keys it ``staged`` (:meth:`_stage`) are only made live there. Stops if the learner is
+        replaced meanwhile (its keys would be stale)."""
         lrn = self._learner
         order = list(keys)
-        for lo in range(0, len(order), INSTALL_ADAPTERS):
+        generation, hidden = staged if staged is not None else (0, {})
+        block = block or INSTALL_ADAPTERS
+        for lo in range(0, len(order), block):
             with self._lock:
                 if self._learner is not lrn:
                     return
-                live = [k for k in order[lo : lo + INSTALL_ADAPTERS] if k in lrn.stored and k in lrn.initial]
+                live = [k for k in order[lo : lo + block] if k in lrn.stored and k in lrn.initial]
                 if live:
-                    arr = np.asarray(live, np.int64)
+                    ready = [k for k in live if k in hidden and hidden[k][0] is keys[k]]
+                    if not (ready and self._reveal(generation, ready, [hidden[k][1] for k in ready])):
+                        ready = []
+                    shown = set(ready)
+                    rest = np.asarray([k for k in live if k not in shown], np.int64)
+                    self._drop(rest)
+                    self._put(rest, [keys[k] for k in rest.tolist()])
                     tags = [self._tags.tags_of(k) or ((), ()) for k in live]
-                    self._drop(arr)
-                    self._put(arr, [keys[k] for k in live])
-                    self._groups.add_many(arr, _means([keys[k] for k in live]), [list(d) for d, _ in tags])
+                    self._groups.add_many(np.asarray(live, np.int64), _means([keys[k] for k in live]),
+                                          [list(d) for d, _ in tags])  # fmt: skip
                     for k in live:
                         lrn.learned[k] = (lrn.initial[k][0], keys[k].astype(np.float16))
                         lrn.evidence[k] = evidence.get(k, lrn.evidence.get(k))
@@ -872,6 +931,8 @@ class Router:
                     self._dirty = True
             yield_gil()
         with self._lock:
+            if hidden:
+                self._vectors.settle()  # a compaction between two reveals would have dropped the later ones' keys
             if self._learner is lrn:
                 self._recalibrate()
                 self._cache.clear()

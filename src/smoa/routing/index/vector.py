@@ -45,6 +45,7 @@ scores small groups near the query exhaustively.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -65,6 +66,7 @@ LAYOUT_MIN_KEYS = 65_536  # an HNSW index (re)built with this many keys lays the
 LAYOUT_FINE = 16  # _locality_order: sub-clusters per cluster
 HUGE_PAGE_MIN_BYTES = 32 << 20  # HNSW arrays from this size on are backed by 2 MB pages (Linux; see _advise_huge)
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+_GENERATIONS = itertools.count(1)  # VectorIndex.staged_generation: a new one per object and per rebuild
 CODEC_FILE = "codec.npy"
 LAYOUT_FILE = "layout.npy"  # how many positions (from the first) were laid out by locality
 
@@ -264,6 +266,7 @@ class VectorIndex:
         self._advised: dict[str, tuple[int, int]] = {}  # HNSW array -> (address, bytes) last advised (_advise)
         self._codec: ByteCodec | None = None  # HNSW byte codes' map; None: flat, or per-dimension codes (older files)
         self._code_view: np.ndarray | None = None  # uint8 [n, d] over faiss' byte codes (_codes); reset on every change
+        self.staged_generation = next(_GENERATIONS)  # positions from stage() are valid while it stays (reveal)
 
     # ------------------------------------------------------------------ construction
     def _new_flat(self):  # -> faiss.Index
@@ -307,6 +310,7 @@ class VectorIndex:
         self._view = None
         self.version += 1
         self._code_view = None
+        self.staged_generation = next(_GENERATIONS)  # staged positions are gone
         if len(keys):
             self._index.add(self._encode(vectors))
             if self.kind != "flat" and len(keys) >= self.params.layout_min_keys:
@@ -396,10 +400,7 @@ class VectorIndex:
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or replace ``keys`` ``[n]`` with ``vectors`` ``[n, dim]`` (unit norm expected)."""
-        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-        x = _stored_matrix(vectors, self.dim)
-        if len(keys) != len(x):
-            raise ValueError(f"`keys` ({len(keys)}) and `vectors` ({len(x)}) differ in length")
+        keys, x = self._checked(keys, vectors)
         if not len(keys):
             return
         self._kill(self._positions_of(keys))
@@ -408,6 +409,60 @@ class VectorIndex:
             self._rebuild(np.concatenate([live_keys, keys]), np.concatenate([live_vecs, x]))
             logger.info("routing index grew past %d keys: rebuilt as %s", self.params.exact_threshold, self.kind)
             return
+        self._append(keys, x, alive=True)
+
+    def stage(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Insert ``keys`` ``[n]`` -> ``vectors`` ``[n, dim]`` hidden: searches and lookups skip them (dead positions)
+        until :meth:`reveal` makes them live in one step. Returns their positions, valid while
+        :attr:`staged_generation` stays what it was (a rebuild, e.g. a compaction, drops them).
+
+        What an adaptation's swap is for: its keys are in the new encoder's space and must go live with it, at
+        once. Inserting them into a big HNSW graph is the slow part (~1 s for 2,400 keys among 200K), so that is
+        done here, a few at a time, while routes still see the old keys."""
+        keys, x = self._checked(keys, vectors)
+        at = self._n
+        if len(keys):
+            self._append(keys, x, alive=False)
+            self._dead += len(keys)
+            self._forget_selector()
+        return np.arange(at, at + len(keys), dtype=np.int64)
+
+    def reveal(self, generation: int, positions: np.ndarray, replaced: np.ndarray) -> bool:
+        """Make staged ``positions`` (:meth:`stage`) live and remove the ``replaced`` keys plus any live key they
+        replace, in one step. ``False``, changing nothing, when the staged positions are gone (``generation`` is not
+        :attr:`staged_generation`: the index was rebuilt since). Never rebuilds (other staged positions would be
+        lost): :meth:`settle` after the last one."""
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        if generation != self.staged_generation or (len(positions) and (
+                positions.min() < 0 or positions.max() >= self._n or self._alive[positions].any())):  # fmt: skip
+            return False
+        ids = self._ids[positions].astype(np.int64)
+        self._kill(self._positions_of(np.concatenate([np.asarray(replaced, np.int64).reshape(-1), ids])))
+        if len(positions):
+            self._alive[positions] = True
+            self._dead -= len(positions)
+            self._forget_selector()
+            self.version += 1
+        return True
+
+    def settle(self) -> None:
+        """After the last :meth:`reveal` of a batch (never between two: a rebuild drops what is still staged):
+        rebuild as HNSW a flat index that grew past its threshold, compact one with a quarter of dead positions."""
+        if self.kind == "flat" and len(self) > self.params.exact_threshold:
+            self._rebuild(*self.items())
+            logger.info("routing index grew past %d keys: rebuilt as %s", self.params.exact_threshold, self.kind)
+        elif self._n and self._dead > COMPACT_DEAD_FRACTION * self._n:
+            self.compact()
+
+    def _checked(self, keys: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        x = _stored_matrix(vectors, self.dim)
+        if len(keys) != len(x):
+            raise ValueError(f"`keys` ({len(keys)}) and `vectors` ({len(x)}) differ in length")
+        return keys, x
+
+    def _append(self, keys: np.ndarray, x: np.ndarray, alive: bool) -> None:
+        """Append ``keys`` -> ``x`` at the end (positions ``[_n, _n + len(keys))``), live or not."""
         self._reserve(self._n + len(keys))
         if self._ids.dtype == np.int32 and _id_dtype(keys) is np.int64:
             self._ids = self._ids.astype(np.int64)
@@ -416,7 +471,7 @@ class VectorIndex:
             last = self._ids[self._n - 1] if self._n else np.iinfo(np.int64).min
             self._sorted = bool(keys[0] > last and np.all(np.diff(keys) > 0))
         self._ids[self._n : self._n + len(keys)] = keys
-        self._alive[self._n : self._n + len(keys)] = True
+        self._alive[self._n : self._n + len(keys)] = alive
         self._n += len(keys)
         self._code_view = None
         self._index.add(self._encode(x))
@@ -478,6 +533,7 @@ class VectorIndex:
         out._sorted = bool(np.all(np.diff(out._ids) > 0))
         out._view = out._code_view = out._selector_cache = None
         out._search_params, out._advised = {}, {}
+        out.staged_generation = next(_GENERATIONS)  # staged positions are not carried over
         out._advise()
         return out
 
