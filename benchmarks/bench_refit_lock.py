@@ -21,8 +21,15 @@ makes them live. Compared with the keys inserted in the swap's hold (nothing sta
 swap is given ``--adapters`` learned adapters with 4 keys each (their examples' k-means keys: the count matters, not
 the space) and the base encoder as the "new" one, so routes are answered the same way throughout.
 
+``--apply``: the same for one change set of ``--changes`` new adapters from the core (``Router.apply``: a bulk
+``create_adapters``, or a replica catching up with another's). It is atomic for the routes, so it goes live in one
+hold; a big one is inserted hidden beforehand, a few keys per hold (``Router._stage``), and that hold only makes it
+live. Compared with everything inserted in that hold (as before 2026-12-07). Each change set is removed again
+after its round (not timed).
+
     .venv/bin/python benchmarks/bench_refit_lock.py                    # 200K keys, 150 adapters, ~4 min
     .venv/bin/python benchmarks/bench_refit_lock.py --swap --adapters 600
+    .venv/bin/python benchmarks/bench_refit_lock.py --apply --changes 10000
     .venv/bin/python benchmarks/bench_refit_lock.py --keys 20000 --rounds 1
 """
 
@@ -46,12 +53,13 @@ from smoa.routing import learner as learner_mod  # noqa: E402
 from smoa.routing import router as router_mod  # noqa: E402
 from smoa.routing.encoders import l2_normalize  # noqa: E402
 from smoa.routing.learner import KeyLearner, initial_keys  # noqa: E402
-from smoa.routing.router import Router  # noqa: E402
+from smoa.routing.router import KeyEntry, Router  # noqa: E402
 
 EXAMPLES = 24
 MODES = {"one hold (before)": (10**9, 10**9),
          "blocks (default)": (router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS)}  # fmt: skip
 SWAP_MODES = ("inserted in the swap's hold (before)", "staged (default)")
+APPLY_MODES = {"inserted in the apply's hold (before)": 10**9, "staged (default)": router_mod.STAGE_MIN_ROWS}
 
 
 def build(n: int, adapters: int, rng: np.random.Generator) -> tuple[Router, list[str]]:
@@ -88,6 +96,12 @@ def swap(router: Router, staged: bool, rng: np.random.Generator) -> None:
     finally:
         router.__dict__.pop("_stage", None)
         router._adapted = None  # the "new" encoder is the base one: never released
+
+
+def change_set(router: Router, n: int, first: int, rng: np.random.Generator) -> list[KeyEntry]:
+    """``n`` new adapters with realistic keys, ids from ``first`` on."""
+    keys, tags = bench_routing.Pool().keys(n, rng)
+    return [KeyEntry(first + j, keys[j], d, s) for j, (d, s) in enumerate(tags)]
 
 
 def one(router: Router, texts: list[str], lock: TracedLock, work=None) -> dict[str, float]:
@@ -128,6 +142,8 @@ def main() -> int:
     ap.add_argument("--adapters", type=int, default=150, help="adapters with examples (refitted)")
     ap.add_argument("--rounds", type=int, default=2, help="refits (swaps) per mode")
     ap.add_argument("--swap", action="store_true", help="an adaptation's swap instead of a refit")
+    ap.add_argument("--apply", action="store_true", help="one change set of new adapters instead of a refit")
+    ap.add_argument("--changes", type=int, default=10_000, help="adapters in the --apply change set")
     args = ap.parse_args()
     t = time.perf_counter()
     router, texts = build(args.keys, args.adapters, np.random.default_rng(0))
@@ -138,19 +154,25 @@ def main() -> int:
     for i in range(50):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)
     lock = router._lock = TracedLock(router._lock)
-    names = SWAP_MODES if args.swap else tuple(MODES)
+    names = SWAP_MODES if args.swap else tuple(APPLY_MODES) if args.apply else tuple(MODES)
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     rng = np.random.default_rng(1)
     for r in range(args.rounds):
         for name in names[:: 1 if r % 2 == 0 else -1]:
             if args.swap:
                 rows[name].append(one(router, texts, lock, lambda: swap(router, name == SWAP_MODES[1], rng)))
+            elif args.apply:
+                entries = change_set(router, args.changes, args.keys + 10 * args.changes, rng)
+                router_mod.STAGE_MIN_ROWS = APPLY_MODES[name]
+                rows[name].append(one(router, texts, lock, lambda: router.apply(entries, [], router.generation + 1)))
+                router.apply([], [e.key for e in entries], router.generation + 1)
             else:
                 router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES[name]
                 rows[name].append(one(router, texts, lock))
             print(f"round {r + 1}: {name} done", flush=True)
     router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES["blocks (default)"]
-    what = "swap" if args.swap else "refit"
+    router_mod.STAGE_MIN_ROWS = APPLY_MODES["staged (default)"]
+    what = "swap" if args.swap else "apply" if args.apply else "refit"
     print(f"\n| mode | {what} s | routes beside it | route p50 ms | slowest route ms | routes > 10 ms | "
           "lock holds > 4 ms: count, longest ms |")
     print("|---|---|---|---|---|---|---|")

@@ -751,11 +751,11 @@ def _swapped(monkeypatch, between=None) -> tuple[Router, dict[int, str], list[st
     return router, names, queries
 
 
-def test_an_adaptations_keys_are_staged_a_few_adapters_per_lock_hold_and_the_swap_only_reveals_them(
+def test_an_adaptations_keys_are_staged_a_few_keys_per_lock_hold_and_the_swap_only_reveals_them(
     monkeypatch,
 ) -> None:
     """An adaptation's swap flips encoder and keys at once, under one hold of the router's lock. Its keys are first
-    inserted into the index hidden, a few adapters per hold (routes go on between them, still on the old keys);
+    inserted into the index hidden, a few keys per hold (routes go on between them, still on the old keys);
     the swap's hold only makes them live, inserting nothing. The result is what inserting them all in the swap's
     hold gave (the path taken when nothing was staged, or the staged keys are gone): each adapter's keys and the
     routes, bit for bit. An adapter removed after its keys were staged never routes again."""
@@ -774,6 +774,7 @@ def test_an_adaptations_keys_are_staged_a_few_adapters_per_lock_hold_and_the_swa
     once, _, queries = _swapped(monkeypatch)
     monkeypatch.undo()
     monkeypatch.setattr(router_mod, "INSTALL_ADAPTERS", 2)
+    monkeypatch.setattr(router_mod, "STAGE_ROWS", 2)  # (one key per adapter in the learned space: 2 adapters)
     holds: list[int] = []
     real_stage = VectorIndex.stage
     monkeypatch.setattr(VectorIndex, "stage", lambda self, k, v: holds.append(len(k)) or real_stage(self, k, v))

@@ -516,3 +516,63 @@ def test_rivals_searched_a_few_rows_per_lock_hold_are_those_of_one_search(monkey
         found, vecs = router._rivals(probe, trainable)
         np.testing.assert_array_equal(found, want_found)
         np.testing.assert_array_equal(vecs, want_vecs)
+
+
+def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_once(monkeypatch) -> None:
+    """A change set of many keys for an HNSW index is inserted hidden a few keys per hold of the router's lock, then
+    made live in the one hold that applies it. Routes between the blocks see the library as it was (none of the
+    change set: atomic, as the core's change log needs); afterwards the router holds what applying it in one hold
+    gives: the same keys, tags, groups, generation and routes."""
+    from smoa.routing import router as router_mod
+    from smoa.routing.index import IndexParams
+    from smoa.routing.router import KeyEntry
+
+    dim, rng = 64, np.random.default_rng(5)
+    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    base = unit(rng.standard_normal((300, dim)))
+    new = unit(rng.standard_normal((150, dim)))
+    two = unit(rng.standard_normal((20, 2, dim)))  # adapters with two keys each
+    queries = unit(np.concatenate([new[:20], two[:10, 1], base[:10]]) + 0.1 * rng.standard_normal((40, dim)))
+    texts = [f"q{i}" for i in range(len(queries))]
+    upserts = [KeyEntry(300 + i, new[i], ["fresh"], []) for i in range(150)]
+    upserts += [KeyEntry(5 + i, two[i], ["twice"], []) for i in range(20)]  # replace keys 5..24
+    removes = list(range(100, 110))
+
+    def built() -> Router:
+        config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
+        router = Router(config, None, ids_of, encoder=_PrimedDim(dim), params=IndexParams(exact_threshold=100,
+                                                                                            ef_search=512))
+        router.add(np.arange(300), base, [(["old"], [])] * 300, generation=1)
+        router.encoder.prime(texts, queries)
+        return router
+
+    def routes(router: Router) -> list[tuple[list[str], list[float]]]:
+        return [(r.adapter_ids, r.routing_scores) for r in (router.route(t, strategy="hybrid", k=5) for t in texts)]
+
+    monkeypatch.setattr(router_mod, "STAGE_MIN_ROWS", 10**9)  # the reference: everything in the one hold
+    once = built()
+    once.apply(upserts, removes, generation=2)
+    monkeypatch.setattr(router_mod, "STAGE_MIN_ROWS", 64)
+    monkeypatch.setattr(router_mod, "STAGE_ROWS", 16)
+    staged = built()
+    before, seen = routes(staged), []
+    real_yield = router_mod.yield_gil
+
+    def between_blocks() -> None:  # a route arriving between two blocks
+        seen.append((routes(staged), len(staged._vectors), staged.generation))
+        real_yield()
+
+    monkeypatch.setattr(router_mod, "yield_gil", between_blocks)
+    staged.apply(upserts, removes, generation=2)
+    monkeypatch.setattr(router_mod, "yield_gil", real_yield)
+    assert len(seen) >= 190 // 16, len(seen)  # 190 keys in blocks of 16 rows
+    assert all(s == (before, 300, 1) for s in seen)  # none of the change set before its hold
+    assert len(staged._vectors) == len(once._vectors) == 300 - 10 + 150 + 20
+    assert staged.generation == once.generation == 2
+    for key in [0, 5, 24, 25, 100, 299, 300, 449]:
+        np.testing.assert_array_equal(staged.key_vectors(key), once.key_vectors(key))
+        assert staged._groups.group_of(key) == once._groups.group_of(key)
+        assert staged._tags.tags_of(key) == once._tags.tags_of(key)
+    after = routes(staged)
+    assert after == routes(once) and after != before
+    assert any(a[0][0].startswith("ad_3") or a[0][0] in ids_of(list(range(5, 25))) for a in after)

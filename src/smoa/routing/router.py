@@ -165,6 +165,8 @@ TAG_TUNE_CHUNK = 8  # example routes per hold of the router's lock (64: a route 
 TAG_TUNE_GAIN = 0.02  # another weight must route this share (and >= 5) more of them right than LEARNED_TAG_WEIGHT
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
 INSTALL_ADAPTERS = 8  # adapters whose learned keys are installed per hold of the router's lock (_install_learned)
+STAGE_ROWS = 32  # keys inserted hidden per hold of the router's lock (_stage: 8 adapters x 4 keys, as above)
+STAGE_MIN_ROWS = 64  # a change set with this many keys for an HNSW index is staged first (apply)
 RIVAL_ROWS = 16  # probe rows searched for rivals per hold of the router's lock (Router._rivals)
 DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
 DISTURB_EXAMPLES = 8  # weakest stored examples per learned adapter a rival is checked on
@@ -370,19 +372,40 @@ class Router:
         vectors: np.ndarray | Sequence[np.ndarray],
         tags: Sequence[tuple[list[str], list[str]]],
         generation: int,
+        staged: tuple[int, dict] | None = None,
     ) -> None:
         """Insert or replace adapters: ``keys`` int64 ``[n]``, ``vectors`` ``[n, dim]`` (one key each) or a list of
-        ``[P_i, dim]`` (multi-vector keys, ``1 <= P_i <= 16``), ``(domain, skill)`` tags."""
+        ``[P_i, dim]`` (multi-vector keys, ``1 <= P_i <= 16``), ``(domain, skill)`` tags. ``staged``: what
+        :meth:`_stage` already inserted hidden, made live here instead of inserted."""
         keys = np.asarray(keys, np.int64).reshape(-1)
         mats = _as_key_list(vectors, len(keys), self.dim)
         if len(tags) != len(keys) or len(mats) != len(keys):
             raise InvalidInputError(f"`keys` [{len(keys)}], `vectors` [{len(mats)}] and `tags` [{len(tags)}] must agree")
         with self._lock:
-            self._drop(keys)
-            self._put(keys, mats)
+            rest = self._show(keys, mats, staged) if staged is not None else np.arange(len(keys))
+            self._drop(keys[rest])
+            self._put(keys[rest], [mats[i] for i in rest.tolist()])
             self._tags.add_many((k, d, s) for k, (d, s) in zip(keys.tolist(), tags))
             self._groups.add_many(keys, _means(mats), [list(d) for d, _ in tags])
+            if staged is not None:
+                self._vectors.settle()
             self._changed(generation)
+
+    def _show(self, keys: np.ndarray, mats: list[np.ndarray], staged: tuple[int, dict]) -> np.ndarray:
+        """Reveal the adapters among ``keys`` whose ``mats`` were staged as they are (:meth:`_stage`); returns the
+        indices of the others, to insert (caller holds the lock)."""
+        generation, hidden = staged
+        if len(np.unique(keys)) != len(keys):  # a key twice: inserted in order, the last one wins
+            return np.arange(len(keys))
+        ready = [i for i, k in enumerate(keys.tolist())
+                 if k in hidden and (hidden[k][0] is mats[i] or np.array_equal(hidden[k][0], mats[i]))]  # fmt: skip
+        if not ready:
+            return np.arange(len(keys))
+        if not self._reveal(generation, keys[ready].tolist(), [hidden[int(keys[i])][1] for i in ready]):
+            return np.arange(len(keys))
+        rest = np.ones(len(keys), bool)
+        rest[ready] = False
+        return np.flatnonzero(rest)
 
     def _put(self, keys: np.ndarray, mats: Sequence[np.ndarray]) -> None:
         """Index each adapter's ``[P, dim]`` keys under its slot ids (caller holds the lock, old slots dropped)."""
@@ -446,8 +469,17 @@ class Router:
     # ------------------------------------------------------------------ the core's catch-up interface
     def apply(self, upserts: Sequence[KeyEntry], removes: Sequence[int], generation: int) -> None:
         """One change set from the core: drop ``removes`` (unknown keys ignored), insert or replace ``upserts``;
-        afterwards :attr:`generation` is ``generation`` and the route cache is empty."""
+        afterwards :attr:`generation` is ``generation`` and the route cache is empty.
+
+        Atomic for the routes: they see all of it or none of it. A big change set for an HNSW index (from
+        :data:`STAGE_MIN_ROWS` keys) is first inserted hidden, a few keys per hold of the lock (:meth:`_stage`);
+        the one hold that applies it then only makes those keys live. Inserted in that hold, 10K keys into a big
+        graph held it for seconds (``benchmarks/bench_refit_lock.py --apply``)."""
         learn: list[int] = []
+        firsts = [_first_vector(e, self.dim) for e in upserts]
+        staged = None
+        if self._vectors.kind != "flat" and sum(len(f) for f in firsts) >= STAGE_MIN_ROWS:
+            staged = self._stage({e.key: f for e, f in zip(upserts, firsts)})
         with self._lock:
             if removes:
                 self.remove(sorted({int(k) for k in removes}), generation)
@@ -455,8 +487,9 @@ class Router:
                 keys = np.array([e.key for e in upserts], np.int64)
                 adopted = [self._adopt(e) for e in upserts]
                 learn = [e.key for e, (_, fit) in zip(upserts, adopted) if fit]
-                mats = [_first_vector(e, self.dim) if m is None else m for e, (m, _) in zip(upserts, adopted)]
-                self.add(keys, mats, [(list(e.domain_tags), list(e.skill_tags)) for e in upserts], generation)
+                mats = [f if m is None else m for f, (m, _) in zip(firsts, adopted)]
+                self.add(keys, mats, [(list(e.domain_tags), list(e.skill_tags)) for e in upserts], generation,
+                         staged)  # fmt: skip
                 fresh = [(e.key, m) for e, m in zip(upserts, mats) if e.key not in set(learn)]
                 learn += self._disturbed([m for _, m in fresh], [k for k, _ in fresh], set(learn))
             self._changed(generation)
@@ -865,20 +898,25 @@ class Router:
         return out
 
     def _stage(self, keys: dict[int, np.ndarray]) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
-        """``keys`` inserted into the vector index hidden (:meth:`VectorIndex.stage`), :data:`INSTALL_ADAPTERS`
-        adapters per hold of the lock: ``(the index's staged generation, {adapter: (its keys, their positions)})``
-        for :meth:`_install_learned` to make live. Stops early if the index is replaced or rebuilt meanwhile (the
-        rest is then installed the slow way, under the swap's hold)."""
+        """``keys`` inserted into the vector index hidden (:meth:`VectorIndex.stage`), about :data:`STAGE_ROWS`
+        keys (whole adapters) per hold of the lock: ``(the index's staged generation, {adapter: (its keys, their
+        positions)})`` for :meth:`_reveal` to make live in one hold. Stops early if the index is replaced or
+        rebuilt meanwhile (the rest is then inserted the slow way, in that hold)."""
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         order = list(keys)
         with self._lock:
             vectors = self._vectors
             generation = vectors.staged_generation
-        for lo in range(0, len(order), INSTALL_ADAPTERS):
+        at = 0
+        while at < len(order):
             with self._lock:
                 if self._vectors is not vectors or vectors.staged_generation != generation:
                     break
-                block = order[lo : lo + INSTALL_ADAPTERS]
+                block, rows = [], 0
+                while at < len(order) and (not block or rows + len(keys[order[at]]) <= STAGE_ROWS):
+                    block.append(order[at])
+                    rows += len(keys[order[at]])
+                    at += 1
                 mats = [keys[k] for k in block]
                 counts = np.fromiter((len(m) for m in mats), np.int64, len(mats))
                 pos = vectors.stage(_slots(np.asarray(block, np.int64), counts), np.concatenate(mats))
@@ -906,7 +944,6 @@ class Router:
         replaced meanwhile (its keys would be stale)."""
         lrn = self._learner
         order = list(keys)
-        generation, hidden = staged if staged is not None else (0, {})
         block = block or INSTALL_ADAPTERS
         for lo in range(0, len(order), block):
             with self._lock:
@@ -914,16 +951,12 @@ class Router:
                     return
                 live = [k for k in order[lo : lo + block] if k in lrn.stored and k in lrn.initial]
                 if live:
-                    ready = [k for k in live if k in hidden and hidden[k][0] is keys[k]]
-                    if not (ready and self._reveal(generation, ready, [hidden[k][1] for k in ready])):
-                        ready = []
-                    shown = set(ready)
-                    rest = np.asarray([k for k in live if k not in shown], np.int64)
-                    self._drop(rest)
-                    self._put(rest, [keys[k] for k in rest.tolist()])
+                    arr, mats = np.asarray(live, np.int64), [keys[k] for k in live]
+                    rest = self._show(arr, mats, staged) if staged is not None else np.arange(len(live))
+                    self._drop(arr[rest])
+                    self._put(arr[rest], [mats[i] for i in rest.tolist()])
                     tags = [self._tags.tags_of(k) or ((), ()) for k in live]
-                    self._groups.add_many(np.asarray(live, np.int64), _means([keys[k] for k in live]),
-                                          [list(d) for d, _ in tags])  # fmt: skip
+                    self._groups.add_many(arr, _means(mats), [list(d) for d, _ in tags])
                     for k in live:
                         lrn.learned[k] = (lrn.initial[k][0], keys[k].astype(np.float16))
                         lrn.evidence[k] = evidence.get(k, lrn.evidence.get(k))
@@ -931,7 +964,7 @@ class Router:
                     self._dirty = True
             yield_gil()
         with self._lock:
-            if hidden:
+            if staged is not None:
                 self._vectors.settle()  # a compaction between two reveals would have dropped the later ones' keys
             if self._learner is lrn:
                 self._recalibrate()
