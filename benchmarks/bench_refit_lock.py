@@ -12,7 +12,9 @@ The router: ``--keys`` realistic keys (``bench_routing.Pool``: CLINC150 and BBC 
 the defaults), of which the first ``--adapters`` hold 24 examples each (noisy copies of their key) in the learner
 and start from their k-means keys. Routes are served back to back on another thread (HYBRID, the embedding
 known). Printed per mode: the refit's wall seconds, routes served beside it, their p50 and the slowest, routes
-over 10 ms, and the router's lock held longer than 4 ms: how often, and the longest.
+over 10 ms, and the router's lock held longer than 4 ms: how often, and the longest. The process's objects are
+frozen out of the garbage collector once built, as ``smoa serve`` does (since 2026-12-07, 15:15 UTC: before, a full
+collection inside a hold could add ~100-150 ms to it).
 
 ``--swap``: the same for an adaptation's swap (``Router._swap``: encoder, learner and keys flipped at once, in one
 hold of the lock). Its keys are in the new space, so they cannot go live a few adapters at a time; they are
@@ -36,6 +38,7 @@ after its round (not timed).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import threading
 import time
@@ -153,6 +156,8 @@ def main() -> int:
         router.refit_keys(in_child=learner_mod.FIT_IN_CHILD)  # the learned adapters' calibration evidence
     for i in range(50):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)
+    gc.collect()
+    gc.freeze()  # as `smoa serve` does after loading (ServeConfig.freeze_gc): no full collection in a hold
     lock = router._lock = TracedLock(router._lock)
     names = SWAP_MODES if args.swap else tuple(APPLY_MODES) if args.apply else tuple(MODES)
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
