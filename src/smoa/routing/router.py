@@ -848,9 +848,9 @@ class Router:
         """Install the new encoder, learner and keys at once (under the lock); adapters that arrived meanwhile are
         encoded in the new space here, the ones removed meanwhile are left out.
 
-        The keys are first inserted into the index hidden (:meth:`_stage`, a few adapters per hold of the lock),
-        so that the swap's one hold only makes them live: inserting them there held it ~0.2-1.7 s at 200K keys
-        (150-600 adapters), and every route waited (``benchmarks/bench_refit_lock.py --swap``).
+        The keys are first inserted into the index hidden (:meth:`_stage`, a few keys per hold of the lock), so
+        that the swap's one hold only makes them live: inserting them there held it 0.57-0.73 s for 600 adapters
+        among 200K keys, and every route waited (``benchmarks/bench_refit_lock.py --swap``: ~20 ms now).
 
         The replaced encoder and learner are released after the lock, the encoder a part at a time
         (:func:`smoa.routing.adapt.release`): freed at once under the lock, its onnxruntime sessions and tokenizers
