@@ -283,6 +283,8 @@ cfg_case("config-rank-pattern-varies", {"rank_pattern": {"q_proj": 16}}, r"`rank
 cfg_case("config-alpha-pattern-varies", {"alpha_pattern": {"v_proj": 32}}, r"`alpha_pattern` sets per-module values")
 cfg_case("config-init-pissa", {"init_lora_weights": "pissa_niter_4"}, r"modifies the base model's weights")
 cfg_case("config-init-loftq", {"init_lora_weights": "loftq"}, r"modifies the base model's weights")
+cfg_case("config-init-astra", {"init_lora_weights": "astra", "astra_config": {"verbose": False}},
+         r"modifies the base model's weights")  # fmt: skip
 cfg_case("config-layer-replication", {"layer_replication": [[0, 2], [0, 2]]}, r"`layer_replication`.* is not supported")
 cfg_case("config-lora-bias", {"lora_bias": True}, r"`lora_bias`=True is not supported")
 cfg_case("config-trainable-tokens", {"trainable_token_indices": [1, 2]}, r"`trainable_token_indices`.* is not supported")

@@ -132,3 +132,14 @@ def test_valid_base_of_the_corpus_imports(tmp_path):
     imported = read_peft_dir(tmp_path / "ok", PROFILE)
     assert imported.target_modules == MODULES and imported.warnings == []
     assert_same_weights(imported.weights, valid_weights())
+
+
+@pytest.mark.parametrize("init", ["mica", "nora", "orthogonal"])
+def test_inits_that_change_only_the_starting_factors_import_without_a_warning(init, tmp_path):
+    """PEFT 0.22's MiCA and NoRA initialisations (and an unset ``astra_config``, which every 0.22 config writes) leave
+    a plain LoRA forward: imported as they are, nothing to warn about. Astra's initialisation subtracts B A from the
+    base weight and is refused (``config-init-astra`` in the corpus)."""
+    from .hostile_corpus import valid_config, write
+
+    write(tmp_path / "a", config={**valid_config(), "init_lora_weights": init, "astra_config": None})
+    assert read_peft_dir(tmp_path / "a", PROFILE).warnings == []

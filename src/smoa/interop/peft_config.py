@@ -35,7 +35,7 @@ _IGNORED_KEYS = frozenset(
     {
         "peft_version", "revision", "inference_mode", "lora_dropout", "layers_to_transform", "layers_pattern",
         "exclude_modules", "runtime_config", "ensure_weight_tying", "qalora_group_size", "megatron_core",
-        "eva_config", "corda_config", "lora_ga_config", "loftq_config", "velora_config",
+        "eva_config", "corda_config", "lora_ga_config", "loftq_config", "velora_config", "astra_config",
     }
 )  # fmt: skip
 # Keys that change the forward pass: refused when set (truthy).
@@ -60,8 +60,10 @@ _USED_KEYS = frozenset(
         "rank_pattern", "alpha_pattern", "init_lora_weights", "base_model_name_or_path",
     }
 )  # fmt: skip
-_SAFE_INITS = (True, False, "gaussian", "orthogonal", "default")
-_BASE_MODIFYING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "eva")  # prefixes
+# "mica" (B from the base weight's minor singular vectors, A zero, B frozen) and "nora" (A's columns unit norm)
+# change only the initial factors: the forward is plain LoRA (PEFT 0.22's MiCALinearVariant adds B(A(x)) * scaling)
+_SAFE_INITS = (True, False, "gaussian", "orthogonal", "default", "mica", "nora")
+_BASE_MODIFYING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "eva", "astra")  # prefixes; astra: W - BA
 
 
 @dataclass

@@ -492,10 +492,12 @@ class Router:
                 mats = [f if m is None else m for f, (m, _) in zip(firsts, adopted)]
                 self.add(keys, mats, [(list(e.domain_tags), list(e.skill_tags)) for e in upserts], generation,
                          staged)  # fmt: skip
-                fresh = [(e.key, m) for e, m in zip(upserts, mats) if e.key not in set(learn)]
-                learn += self._disturbed([m for _, m in fresh], [k for k, _ in fresh], set(learn))
             self._changed(generation)
             _ = self._learner.projection  # the fast projection's one ridge solve for this change set
+        if upserts:  # after the hold: its product of the weakest examples and the new keys grows with both
+            skip = set(learn)
+            fresh = [(e.key, m) for e, m in zip(upserts, mats) if e.key not in skip]
+            learn += self._disturbed([m for _, m in fresh], [k for k, _ in fresh], skip)
         if learn:
             if self._refit_due():  # amortised: a full refit each time the library grew by REFIT_GROWTH
                 self.refit_keys()
@@ -504,7 +506,7 @@ class Router:
 
     def _disturbed(self, mats: list[np.ndarray], new_keys: list[int], skip: set[int]) -> list[int]:
         """Learned adapters that new keys without examples (``mats``, ``[P_i, dim]`` each) threaten: their keys were
-        fitted before these rivals existed, so they are refitted against them (caller holds the lock).
+        fitted before these rivals existed, so they are refitted against them.
 
         A rival threatens adapter ``a`` when it scores one of ``a``'s weakest stored examples (the
         :data:`DISTURB_EXAMPLES` that ``a``'s own keys score lowest) within :data:`DISTURB_MARGIN` of ``a`` itself:
@@ -512,32 +514,38 @@ class Router:
         text later route like one built in the other order (issue 11: the result must not depend on the order of
         arrival). Cost: ``[weak examples, new keys]`` dense for small change sets, else one index search per weak
         example; skipped above :data:`DISTURB_MAX_ADAPTERS` learned adapters (the background refit still sees
-        every rival).
+        every rival). Takes the lock for the learner's state and each block of searches; the product runs without
+        it (:meth:`apply` calls it after the change set's hold).
         """
-        lrn = self._learner
-        learned = [k for k in lrn.learned if k not in skip and k in lrn.stored and len(lrn.stored[k].examples)]
-        if not mats or not learned or len(learned) > DISTURB_MAX_ADAPTERS:
-            return []
-        weak, level, owner = [], [], []
-        for i, k in enumerate(learned):
-            memo = self._weak.get(k)
-            if memo is None or memo[0] is not lrn.learned[k]:  # keys refitted since: recompute
-                ex = lrn.stored[k].examples.astype(np.float32)  # [m, dim]
-                own = (ex @ lrn.current_keys(k).T).max(1)  # [m] the adapter's own score of each example
-                idx = np.argsort(own, kind="stable")[:DISTURB_EXAMPLES]
-                memo = (lrn.learned[k], ex[idx], own[idx] - DISTURB_MARGIN)
-                self._weak[k] = memo
-            weak.append(memo[1])
-            level.append(memo[2])
-            owner.append(np.full(len(memo[1]), i))
+        with self._lock:
+            lrn = self._learner
+            learned = [k for k in lrn.learned if k not in skip and k in lrn.stored and len(lrn.stored[k].examples)]
+            if not mats or not learned or len(learned) > DISTURB_MAX_ADAPTERS:
+                return []
+            weak, level, owner = [], [], []
+            for i, k in enumerate(learned):
+                memo = self._weak.get(k)
+                if memo is None or memo[0] is not lrn.learned[k]:  # keys refitted since: recompute
+                    ex = lrn.stored[k].examples.astype(np.float32)  # [m, dim]
+                    own = (ex @ lrn.current_keys(k).T).max(1)  # [m] the adapter's own score of each example
+                    idx = np.argsort(own, kind="stable")[:DISTURB_EXAMPLES]
+                    memo = (lrn.learned[k], ex[idx], own[idx] - DISTURB_MARGIN)
+                    self._weak[k] = memo
+                weak.append(memo[1])
+                level.append(memo[2])
+                owner.append(np.full(len(memo[1]), i))
+            new_slots = slots_of(np.asarray(sorted(new_keys), np.int64), self._max_p)
         weak_x, lv, own_of = np.concatenate(weak), np.concatenate(level), np.concatenate(owner)
         probe = np.concatenate([np.asarray(m, np.float32).reshape(-1, self.dim) for m in mats])  # [M, dim]
         if len(probe) * len(weak_x) <= DISTURB_DENSE_LIMIT:  # few arrivals: one dense product
             best = (weak_x @ probe.T).max(1)
         else:  # a big change set: the weak examples' nearest keys in the index, kept if they are new ones
-            new_slots = slots_of(np.asarray(sorted(new_keys), np.int64), self._max_p)
-            sims, slots = self._vectors.search(weak_x, min(32, len(self._vectors)))
-            best = np.where(np.isin(slots, new_slots), sims, -np.inf).max(1)
+            best = np.full(len(weak_x), -np.inf, np.float32)
+            for lo in range(0, len(weak_x), RIVAL_ROWS):  # a few rows per hold of the lock, as _rivals
+                with self._lock:
+                    sims, slots = self._vectors.search(weak_x[lo : lo + RIVAL_ROWS], min(32, len(self._vectors)))
+                best[lo : lo + RIVAL_ROWS] = np.where(np.isin(slots, new_slots), sims, -np.inf).max(1)
+                yield_gil()
         return sorted({learned[i] for i in np.unique(own_of[best >= lv])})
 
     def _adopt(self, entry: KeyEntry, vecs: np.ndarray, d: bytes) -> tuple[np.ndarray | None, bool]:
