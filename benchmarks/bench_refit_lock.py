@@ -27,7 +27,8 @@ the space) and the base encoder as the "new" one, so routes are answered the sam
 ``create_adapters``, or a replica catching up with another's). It is atomic for the routes, so it goes live in one
 hold; a big one is inserted hidden beforehand, a few keys per hold (``Router._stage``), and that hold only makes it
 live. Compared with everything inserted in that hold (as before 2026-12-07). Each change set is removed again
-after its round (not timed).
+after its round (not timed). The ``--adapters`` are refitted first, so the apply also checks which learned
+adapters the new keys threaten (``Router._disturbed``, after the hold).
 
     .venv/bin/python benchmarks/bench_refit_lock.py                    # 200K keys, 150 adapters, ~4 min
     .venv/bin/python benchmarks/bench_refit_lock.py --swap --adapters 600
@@ -152,8 +153,8 @@ def main() -> int:
     router, texts = build(args.keys, args.adapters, np.random.default_rng(0))
     print(f"{args.keys:,} keys ({router._vectors.kind}, efSearch {router._vectors.ef_search}), {args.adapters} "
           f"adapters with examples; built in {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
-    if args.swap:
-        router.refit_keys(in_child=learner_mod.FIT_IN_CHILD)  # the learned adapters' calibration evidence
+    if args.swap or args.apply:  # learned adapters: the swap's calibration evidence; the apply's _disturbed
+        router.refit_keys(in_child=learner_mod.FIT_IN_CHILD)
     for i in range(50):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)
     gc.collect()
