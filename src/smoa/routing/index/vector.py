@@ -28,7 +28,8 @@ of the index (:meth:`VectorIndex.layout_due`), the router lays a copy out at its
 
 A removal only clears ``alive[p]`` (HNSW cannot delete); searches skip dead positions through a faiss
 ``IDSelectorBitmap``, and the index is compacted (rebuilt from its own stored vectors) once a quarter of its
-positions are dead. Re-adding an existing key replaces it. Below ``exact_threshold`` live vectors the index is
+positions are dead. Keys can also be inserted dead on purpose (:meth:`VectorIndex.stage`) and made live later in
+one step (:meth:`VectorIndex.reveal`): the slow graph insert outside the one lock hold that must flip them. Re-adding an existing key replaces it. Below ``exact_threshold`` live vectors the index is
 flat (exact search); when it grows past it, it is rebuilt as HNSW-SQ8. HNSW-SQ8 costs 384 B of codes + ~150 B
 of graph links and bookkeeping per vector (~533 B in all, ids as int32); flat costs 1,541 B.
 
@@ -416,15 +417,15 @@ class VectorIndex:
         until :meth:`reveal` makes them live in one step. Returns their positions, valid while
         :attr:`staged_generation` stays what it was (a rebuild, e.g. a compaction, drops them).
 
-        What an adaptation's swap is for: its keys are in the new encoder's space and must go live with it, at
-        once. Inserting them into a big HNSW graph is the slow part (~1 s for 2,400 keys among 200K), so that is
-        done here, a few at a time, while routes still see the old keys."""
+        What an adaptation's swap and a big change set from the core are for: each must go live at once, in one
+        hold of the router's lock, and inserting into a big HNSW graph is the slow part (2,400 keys among 200K held
+        it 0.57-0.73 s, 10K keys 3.2-3.7 s: ``benchmarks/bench_refit_lock.py --swap`` / ``--apply``). The router
+        stages them here a few at a time, while routes still see the old keys."""
         keys, x = self._checked(keys, vectors)
         at = self._n
         if len(keys):
             self._append(keys, x, alive=False)
             self._dead += len(keys)
-            self._forget_selector()
         return np.arange(at, at + len(keys), dtype=np.int64)
 
     def reveal(self, generation: int, positions: np.ndarray, replaced: np.ndarray) -> bool:
