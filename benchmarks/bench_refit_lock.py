@@ -33,6 +33,7 @@ adapters the new keys threaten (``Router._disturbed``, after the hold).
     .venv/bin/python benchmarks/bench_refit_lock.py                    # 200K keys, 150 adapters, ~4 min
     .venv/bin/python benchmarks/bench_refit_lock.py --swap --adapters 600
     .venv/bin/python benchmarks/bench_refit_lock.py --apply --changes 10000
+    .venv/bin/python benchmarks/bench_refit_lock.py --apply --changes 10000 --stage-rows 16   # smaller blocks
     .venv/bin/python benchmarks/bench_refit_lock.py --keys 20000 --rounds 1
 """
 
@@ -148,7 +149,11 @@ def main() -> int:
     ap.add_argument("--swap", action="store_true", help="an adaptation's swap instead of a refit")
     ap.add_argument("--apply", action="store_true", help="one change set of new adapters instead of a refit")
     ap.add_argument("--changes", type=int, default=10_000, help="adapters in the --apply change set")
+    ap.add_argument("--stage-rows", type=int, default=router_mod.STAGE_ROWS,
+                    help="keys staged per hold of the lock (--swap, --apply; the default's block size)")
+    ap.add_argument("--no-freeze-gc", action="store_true", help="leave the collector as it is (before 15:15 UTC)")
     args = ap.parse_args()
+    router_mod.STAGE_ROWS = args.stage_rows
     t = time.perf_counter()
     router, texts = build(args.keys, args.adapters, np.random.default_rng(0))
     print(f"{args.keys:,} keys ({router._vectors.kind}, efSearch {router._vectors.ef_search}), {args.adapters} "
@@ -157,8 +162,9 @@ def main() -> int:
         router.refit_keys(in_child=learner_mod.FIT_IN_CHILD)
     for i in range(50):  # warm up
         router.route(texts[i], strategy="hybrid", k=5)
-    gc.collect()
-    gc.freeze()  # as `smoa serve` does after loading (ServeConfig.freeze_gc): no full collection in a hold
+    if not args.no_freeze_gc:
+        gc.collect()
+        gc.freeze()  # as `smoa serve` does after loading (ServeConfig.freeze_gc): no full collection in a hold
     lock = router._lock = TracedLock(router._lock)
     names = SWAP_MODES if args.swap else tuple(APPLY_MODES) if args.apply else tuple(MODES)
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}

@@ -130,7 +130,14 @@ class GroupIndex:
         g = self._group_of.pop(int(key))
         if g == MISSING:
             return
-        members = sorted_delete(self._members[g], np.array([int(key)], np.int64))
+        self._take_out(g, np.array([int(key)], np.int64), vector)
+        self._centroid_cache = None
+        self.version += 1
+
+    def _take_out(self, g: int, keys: np.ndarray, key_sum: np.ndarray | None) -> None:
+        """Delete ``keys`` from group ``g``'s members and ``key_sum`` (their keys' sum) from its running sum; an
+        emptied group is freed (its id reused)."""
+        members = sorted_delete(self._members[g], keys)
         if not len(members):
             del self._gid[self._names[g]]  # type: ignore[arg-type]
             self._names[g], self._members[g] = None, _NO_KEYS
@@ -138,10 +145,8 @@ class GroupIndex:
             self._free.append(g)
         else:
             self._members[g] = members
-            if vector is not None:
-                self._sums[g] -= vector
-        self._centroid_cache = None
-        self.version += 1
+            if key_sum is not None:
+                self._sums[g] -= key_sum
 
     def remove_many(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Bulk :meth:`remove` of distinct ``keys`` ``[n]`` with their keys ``vectors`` ``[n, dim]``: one pass per
@@ -156,15 +161,7 @@ class GroupIndex:
         uniq, idx = np.unique(gids, return_inverse=True)
         sums = row_sums(vectors, idx, len(uniq))
         for j, g in enumerate(uniq.tolist()):
-            members = sorted_delete(self._members[g], keys[idx == j])
-            if not len(members):
-                del self._gid[self._names[g]]  # type: ignore[arg-type]
-                self._names[g], self._members[g] = None, _NO_KEYS
-                self._sums[g] = 0.0
-                self._free.append(g)
-            else:
-                self._members[g] = members
-                self._sums[g] -= sums[j]
+            self._take_out(g, keys[idx == j], sums[j])
         self._centroid_cache = None
         self.version += 1
 
