@@ -33,7 +33,7 @@ ranked 4th or lower.
 Latency budget: the HNSW beam is chosen before the walk starts. An online cost model (ms per unit of efSearch,
 and the time the rescue and tag side take after it, 90th percentiles of recent routes) predicts whether the full beam
 (:func:`~smoa.routing.index.vector.auto_ef_search`) fits in what is left of ``routing_latency_budget_ms``, less
-what recent plans under-predicted (their 99th percentile, measured to each route's end); if not, the walk uses the
+what recent plans under-predicted (their 99.5th percentile, measured to each route's end); if not, the walk uses the
 widest beam that fits (at least :data:`smoa.routing.costs.EF_MIN`) and the route is marked ``degraded`` (less
 recall than the default; :mod:`smoa.routing.costs` holds both cost models). HYBRID's tag side runs only when its
 measured cost and the steps after it fit what is left (else cosine only); HIERARCHICAL falls back to plain ANN
@@ -1259,7 +1259,7 @@ class Router:
             best, margin = _best_margin(cos)
             threshold = -np.inf if auto else float(self.config.routing_threshold)
         t = time.perf_counter()
-        if auto and best is not None and self._learner.calibration.free_threshold > self._learner.calibration.threshold:
+        if best is not None:
             scores, cos = self._free_gate(scores, cos, terms)
             best, margin = _best_margin(cos)
         if auto and best is not None and best < self._learner.calibration.threshold:
@@ -1284,18 +1284,27 @@ class Router:
     def _free_gate(
         self, scores: dict[int, float], cos: dict[int, float], terms: list[tuple[str, int]]
     ) -> tuple[dict[int, float], dict[int, float]]:
-        """Drop the candidates without examples whose cosine is under the free threshold (module docstring of
-        :mod:`smoa.routing.calibrate`): they would serve an unrelated query. A candidate carrying a tag the
-        query's metadata names is kept: the caller said what the query is about."""
-        stored, free = self._learner.stored, self._learner.calibration.free_threshold
+        """Drop the candidates without examples whose cosine is under the free threshold (:meth:`_free_drops`)."""
+        gone = self._free_drops(cos, terms)
+        if not gone:
+            return scores, cos
+        return ({k: v for k, v in scores.items() if k not in gone}, {k: v for k, v in cos.items() if k not in gone})
+
+    def _free_drops(self, cos: Mapping[int, float], terms: list[tuple[str, int]]) -> set[int]:
+        """The candidates in ``cos`` that the auto threshold's free gate drops (empty when it is off): those without
+        examples whose cosine is under the free threshold (module docstring of :mod:`smoa.routing.calibrate`): they
+        would serve an unrelated query. A candidate carrying a tag the query's metadata ``terms`` name is kept: the
+        caller said what the query is about. HYBRID's tag side skips them (they are never fused: at 1M keys about
+        half of a route's ~190 candidates)."""
+        cal = self._learner.calibration
+        if not cos or not isinstance(self.config.routing_threshold, str) or cal.free_threshold <= cal.threshold:
+            return set()
+        stored, free = self._learner.stored, cal.free_threshold
         drop = [k for k, c in cos.items() if c < free and not (k in stored and len(stored[k].examples))]
         if drop and terms:
             named = {t for t, _ in terms}
             drop = [k for k in drop if not named & {t for tags in (self._tags.tags_of(k) or ((), ())) for t in tags}]
-        if not drop:
-            return scores, cos
-        gone = set(drop)
-        return ({k: v for k, v in scores.items() if k not in gone}, {k: v for k, v in cos.items() if k not in gone})
+        return set(drop)
 
     def _cascade(
         self, text: str, terms: list[tuple[str, int]], strat: RoutingStrategy, k: int, timings: dict[str, float],
@@ -1459,15 +1468,15 @@ class Router:
         """HYBRID's tag side after the search, on this thread: the scores fused with the cosines ``cos``."""
         t = time.perf_counter()
         lam = METADATA_TAG_WEIGHT if terms else self.text_tag_weight
-        terms = terms or self._tags.match_text(text)
-        if not terms:
+        use = terms or self._tags.match_text(text)
+        if not use:
             timings["fuse"] += (time.perf_counter() - t) * 1e3
             return cos, cos, degraded
         if not self._tag_side_fits(t0):
             timings["fuse"] += (time.perf_counter() - t) * 1e3
             return cos, cos, True
-        tag = self._tag_side(q, terms, cos, n_cand)
-        scores = fuse(cos, tag, lam)
+        tag = self._tag_side(q, use, cos, n_cand, gate=terms)
+        scores = fuse(cos if len(tag) == len(cos) else {key: cos[key] for key in tag}, tag, lam)
         self._tag_end = time.perf_counter()
         ms = (self._tag_end - t) * 1e3
         timings["fuse"] += ms
@@ -1527,10 +1536,12 @@ class Router:
             return cos, cos, True
         for key, score in rare.items():  # an adapter the walk found keeps the walk's score, as in _tag_side
             cos.setdefault(key, score)
-        rest = [key for key in cos if key not in tag]
+        drop = self._free_drops(cos, terms)  # as _tag_side: the free gate's drops are neither scored nor fused
+        rest = [key for key in cos if key not in tag and key not in drop]
         if rest:
             tag.update(self._tags.score_keys(use, rest))
-        scores = fuse(cos, {key: tag[key] for key in cos}, lam)
+        kept = {key: c for key, c in cos.items() if key not in drop} if drop else cos
+        scores = fuse(kept, {key: tag[key] for key in kept}, lam)
         self._tag_end = time.perf_counter()
         ms = (self._tag_end - t_end) * 1e3
         timings["fuse"] += ms
@@ -1570,11 +1581,18 @@ class Router:
                                    (time.perf_counter() - t_walk) * 1e3)  # fmt: skip
         return cos
 
-    def _tag_side(self, q: np.ndarray, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int) -> dict[int, float]:
+    def _tag_side(
+        self, q: np.ndarray, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int,
+        gate: list[tuple[str, int]] | None = None,
+    ) -> dict[int, float]:
         """HYBRID's tag scores of the candidates in ``cos``, which first gains (scored exactly against ``q``) the
-        adapters holding the query's rarest terms (at most ``TAG_SCAN_LIMIT`` postings scanned)."""
+        adapters holding the query's rarest terms (at most ``TAG_SCAN_LIMIT`` postings scanned). ``gate``: a route's
+        metadata terms; the candidates its free gate will drop (:meth:`_free_drops`) are then not scored (nor
+        fused: the scores hold the others only). ``None``: every candidate is scored."""
         cos.update(self._rare_candidates(q, terms, n_cand, cos))
-        return self._tags.score_keys(terms, cos)  # one pass over every candidate (the numpy cost is per term)
+        drop = self._free_drops(cos, gate) if gate is not None else ()
+        # one pass over every candidate (the numpy cost is per term)
+        return self._tags.score_keys(terms, [key for key in cos if key not in drop] if drop else cos)
 
     def _rare_candidates(
         self, q: np.ndarray, terms: list[tuple[str, int]], n_cand: int, known: Mapping[int, float]

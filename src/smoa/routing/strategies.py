@@ -41,8 +41,11 @@ def softmax_weights(scores: Sequence[float], temperature: float) -> list[float]:
 
 def fuse(cos: Mapping[int, float], tag: Mapping[int, float], lam: float) -> dict[int, float]:
     """Hybrid score ``(1 - lam) * cos + lam * tag`` over the union of keys (a missing part counts as 0)."""
-    keys = set(cos) | set(tag)
-    return {k: (1.0 - lam) * cos.get(k, 0.0) + lam * tag.get(k, 0.0) for k in keys}
+    a = 1.0 - lam
+    out = {k: a * c + lam * tag.get(k, 0.0) for k, c in cos.items()}
+    for k in tag.keys() - cos.keys():  # tag-only keys (none where HYBRID scores both on one set)
+        out[k] = a * 0.0 + lam * tag[k]
+    return out
 
 
 def select_top(
