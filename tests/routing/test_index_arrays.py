@@ -222,6 +222,41 @@ def test_dense_keys_are_read_directly_and_cost_no_more_than_sorted() -> None:
         assert other._dense is None and other.get_many(odd).tolist() == list(range(len(odd)))
 
 
+@pytest.mark.parametrize("space", [10**6, 2**40], ids=["int32-postings", "int64-postings"])
+def test_bulk_tag_inserts_and_removals_give_the_postings_of_one_row_at_a_time(space: int) -> None:
+    """``TagIndex.add_many`` merges each posting's new keys in where they sort, and ``remove_many`` finds the gone
+    ones by binary search: batch after batch (new keys, replaced keys, removals), every posting equals the one
+    built row by row (keys sorted and distinct, fields aligned, the same dtype)."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(60)]
+
+    def rows(keys: np.ndarray) -> list[tuple[int, list[str], list[str]]]:
+        pick = lambda: [str(w) for w in rng.choice(words, int(rng.integers(0, 3)), replace=False)]  # noqa: E731
+        return [(int(k), pick(), pick()) for k in keys]
+
+    bulk, one = TagIndex(), TagIndex()
+    base = rows(rng.choice(space, 3000, replace=False))
+    bulk.add_many(base)
+    for r in base:
+        one.add(*r)
+    for _ in range(5):
+        batch = rows(np.concatenate([rng.choice(space, 400, replace=False), [base[int(i)][0] for i in rng.integers(0, 3000, 50)]]))
+        bulk.add_many(batch)
+        for r in batch:
+            one.add(*r)
+        for r in rows(rng.choice(space, 20, replace=False)):  # one row at a time: one new key per posting
+            bulk.add_many([r])
+            one.add(*r)
+        gone = np.unique([batch[int(i)][0] for i in rng.choice(len(batch), 150, replace=False)])
+        assert bulk.remove_many(gone) == len(gone)
+        for g in gone.tolist():
+            one.remove(g)
+    assert bulk._postings.keys() == one._postings.keys() and bulk._dtype is one._dtype
+    for t, (k, f) in bulk._postings.items():
+        assert k.dtype == one._postings[t][0].dtype and np.array_equal(k, one._postings[t][0]), t
+        assert np.array_equal(f, one._postings[t][1]) and bool(np.all(np.diff(k.astype(np.int64)) > 0)), t
+
+
 def test_arrays_are_compact_at_scale() -> None:
     """100K adapters sharing a few hundred tag combinations: well under 100 B each for tags + groups."""
     rng = np.random.default_rng(0)
