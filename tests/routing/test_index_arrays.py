@@ -224,9 +224,9 @@ def test_dense_keys_are_read_directly_and_cost_no_more_than_sorted() -> None:
 
 @pytest.mark.parametrize("space", [10**6, 2**40], ids=["int32-postings", "int64-postings"])
 def test_bulk_tag_inserts_and_removals_give_the_postings_of_one_row_at_a_time(space: int) -> None:
-    """``TagIndex.add_many`` merges each posting's new keys in where they sort, and ``remove_many`` finds the gone
-    ones by binary search: batch after batch (new keys, replaced keys, removals), every posting equals the one
-    built row by row (keys sorted and distinct, fields aligned, the same dtype)."""
+    """``TagIndex.add_many`` and ``remove_many`` (which finds the gone keys in each posting by binary search): batch
+    after batch (new keys, replaced keys, single rows, removals), every posting equals the one built row by row
+    (keys sorted and distinct, fields aligned, the same dtype)."""
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(60)]
 

@@ -228,22 +228,12 @@ class TagIndex:
             members = keys[order[s : s + c]]
             for t, field in self._combo_terms[cid]:
                 new.setdefault(t, []).append((members, field))
-        dtype = self._dtype
-        for t, parts in new.items():  # each posting gains its few new keys where they sort (the keys are new)
+        for t, parts in new.items():
             old_k, old_f = self._postings.get(t, _EMPTY)
-            old_k = old_k.astype(dtype, copy=False)
-            if len(parts) == 1 and len(parts[0][0]) == 1:  # one new key (most terms): two slices, no np.insert
-                key = dtype(parts[0][0][0])
-                i = int(np.searchsorted(old_k, key))
-                self._postings[t] = (np.concatenate((old_k[:i], [key], old_k[i:])).astype(dtype, copy=False),
-                                     np.concatenate((old_f[:i], np.array([parts[0][1]], np.uint8), old_f[i:])))
-                continue
-            add_k = np.concatenate([m for m, _ in parts])
-            add_f = np.concatenate([np.full(len(m), fl, np.uint8) for m, fl in parts])
-            srt = np.argsort(add_k, kind="stable")
-            add_k = add_k[srt].astype(dtype)
-            at = np.searchsorted(old_k, add_k)
-            self._postings[t] = (np.insert(old_k, at, add_k), np.insert(old_f, at, add_f[srt]))
+            k = np.concatenate([old_k.astype(np.int64), *(m for m, _ in parts)])
+            f = np.concatenate([old_f, *(np.full(len(m), fl, np.uint8) for m, fl in parts)])
+            srt = np.argsort(k, kind="stable")
+            self._postings[t] = (k[srt].astype(self._dtype), f[srt])
 
     def remove(self, key: int) -> bool:
         """Remove adapter ``key``; returns whether it was there."""
