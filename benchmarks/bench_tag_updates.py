@@ -5,11 +5,11 @@ keys were staged before it (``benchmarks/bench_refit_lock.py --apply``), but the
 updated inside it. This times those updates alone, for ``--changes`` new adapters into a library of ``--keys``
 (``bench_routing.Pool``'s realistic tags: a BBC category or CLINC150 domain, and a skill word), then their removal:
 
-* ``TagIndex.add_many`` / ``remove_many`` as they are, against the posting updates of before 2026-12-07 (kept here
-  as the reference: a removal's keys found in each posting with ``np.isin``, ~25 us of set-up per posting; now by
-  binary search), on two copies of one index, side by side. The insert is the same in both (each touched posting
-  concatenated with its new keys and sorted again): merging the new keys in where they sort (``np.insert``, two
-  slices for a single key) was tried and was slower here, 78 against 53 ms per 10K adapters;
+* ``TagIndex.add_many`` / ``remove_many`` as they are, against a copy whose removal finds the gone keys in each
+  posting with ``np.isin`` (``IsinTags``: as before 2026-12-07, ~25 us of set-up per posting; now by binary search),
+  side by side. The insert is the same code in both (each touched posting concatenated with its new keys and
+  sorted again): merging the new keys in where they sort (``np.insert``, two slices for a single key) was tried and
+  was slower here, 78 against 53 ms per 10K adapters;
 * ``GroupIndex.add_many`` / ``remove_many`` (unchanged; for the hold's total).
 
 Each copy's postings are checked equal after every round.
@@ -33,49 +33,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_routing  # noqa: E402
 
 from smoa.routing.index import GroupIndex, TagIndex  # noqa: E402
-from smoa.routing.index.tags import _EMPTY  # noqa: E402
 
 
-class SortedMergeTags(TagIndex):
-    """``TagIndex`` with the bulk posting updates of before 2026-12-07 (the reference)."""
+class IsinTags(TagIndex):
+    """``TagIndex`` whose bulk removal finds the gone keys with ``np.isin``, as before 2026-12-07 (the reference)."""
 
-    def add_many(self, rows):  # noqa: ANN001, ANN201
-        rows = rows if isinstance(rows, list) else list(rows)
-        keys = np.fromiter((int(r[0]) for r in rows), np.int64, len(rows))
-        self.remove_many(keys)
-        self._fit(keys)
-        cids = np.fromiter((self._intern(r[1], r[2]) for r in rows), np.int32, len(rows))
-        self._combo_of.set_new(keys, cids)
-        order = np.argsort(cids, kind="stable")
-        ucids, starts, counts = np.unique(cids[order], return_index=True, return_counts=True)
-        new: dict = {}
-        for cid, s, c in zip(ucids.tolist(), starts.tolist(), counts.tolist()):
-            self._combo_refs[cid] += c
-            for t, field in self._combo_terms[cid]:
-                new.setdefault(t, []).append((keys[order[s : s + c]], field))
-        for t, parts in new.items():
-            old_k, old_f = self._postings.get(t, _EMPTY)
-            k = np.concatenate([old_k.astype(np.int64), *(m for m, _ in parts)])
-            f = np.concatenate([old_f, *(np.full(len(m), fl, np.uint8) for m, fl in parts)])
-            srt = np.argsort(k, kind="stable")
-            self._postings[t] = (k[srt].astype(self._dtype), f[srt])
-
-    def remove_many(self, keys):  # noqa: ANN001, ANN201
-        from smoa.routing.index.keymap import MISSING
-
-        keys = np.unique(np.asarray(keys, np.int64).reshape(-1))
-        cids = self._combo_of.get_many(keys)
-        keys, cids = keys[cids != MISSING], cids[cids != MISSING]
-        if len(keys) <= 8:
-            return sum(self.remove(int(k)) for k in keys)
-        self._combo_of.pop_many(keys)
-        gone: dict = {}
-        order = np.argsort(cids, kind="stable")
-        ucids, starts, counts = np.unique(cids[order], return_index=True, return_counts=True)
-        for cid, s, c in zip(ucids.tolist(), starts.tolist(), counts.tolist()):
-            for t, _ in self._combo_terms[cid]:
-                gone.setdefault(t, []).append(keys[order[s : s + c]])
-            self._unref(cid, c)
+    def _delete_postings(self, gone: dict[str, list[np.ndarray]]) -> None:
         for t, parts in gone.items():
             k, f = self._postings[t]
             keep = ~np.isin(k, np.concatenate(parts))
@@ -83,7 +46,6 @@ class SortedMergeTags(TagIndex):
                 self._postings[t] = (k[keep], f[keep])
             else:
                 del self._postings[t]
-        return len(keys)
 
 
 def timed(fn) -> float:  # noqa: ANN001
@@ -103,7 +65,7 @@ def main() -> int:
     rows = [(k, d, s) for k, (d, s) in enumerate(tags)]
     now = TagIndex()
     now.add_many(rows)
-    before = SortedMergeTags()
+    before = IsinTags()
     before.__dict__.update(copy.deepcopy(now.__dict__))
     groups = GroupIndex(vecs.shape[1])
     groups.add_many(np.arange(args.keys), vecs, [d for d, _ in tags])

@@ -39,8 +39,7 @@ WALK_COST_PERCENTILE = 90  # the beam is planned on slow walks (this percentile 
 PLAN_ERROR_SAMPLES = 256  # recent (actual - planned) ms from a beam's plan to the end of the route
 # ... held back from the budget: a budget bounds the tail of routes (their p99), not their median. Holding back the
 # errors' own p99 aimed the routes' p99 at the budget itself, so half the runs ended just past it (1M keys, 1 ms:
-# p99 0.97-1.35 ms, 0.6-3.7 % of routes over); 99.5 of 256: p99 0.93-1.00 ms, 0.1-0.9 % over, the same top-1
-# (docs/bench_routing.md, 2026-12-07)
+# p99 1.007 ms; 99.5 of 256: 0.979 ms, the same top-1; bench_routing.py --budgets, docs/bench_routing.md)
 PLAN_ERROR_PERCENTILE = 99.5
 PLAN_ERROR_MIN_SAMPLES = 16
 TAG_EXPLORE_EVERY = 128  # a tag side refused this many times runs once anyway: its cost model stays current
