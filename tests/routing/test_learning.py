@@ -275,6 +275,7 @@ def test_hybrid_does_not_tag_score_the_candidates_the_free_gate_drops(monkeypatc
         return real_drops(self, cos, terms)
 
     monkeypatch.setattr(Router, "_free_drops", at_the_end_only)
+    monkeypatch.setattr(router_mod, "contenders", lambda *a, **kw: None)  # and every candidate tag-scored and fused
     scored.clear()
     want = run()
     assert got == want
@@ -282,6 +283,45 @@ def test_hybrid_does_not_tag_score_the_candidates_the_free_gate_drops(monkeypatc
     assert "free0" in got[len(its[:40:4]) + 1][0]  # the caller's metadata names free0's tag: kept, tag-scored
     # the gate's drops were not tag-scored (beside the walk, the side thread scores the rescued and rare-term
     # adapters before the walk's candidates, and so the gate, are known: only the walk's own are spared)
+    assert n_scored < (len(scored) if beside else 0.8 * len(scored))
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["after-the-walk", "beside-the-walk"])
+def test_hybrid_tag_scores_only_the_candidates_that_can_still_make_the_route(
+    monkeypatch: pytest.MonkeyPatch, beside: bool
+) -> None:
+    """A candidate whose cosine trails the route's k-th best by more than its tags can make up is neither
+    tag-scored nor fused (``contenders``): the routes are those of scoring every candidate, float for float, at a
+    numeric threshold, under metadata (tag weight 0.3) and the query's own words (0.1), for k = 1, 3 and 5."""
+    router, names, its = with_free_adapters(params=IndexParams(exact_threshold=100, ef_search=64))
+    router.config.routing_threshold = 0.05
+    router.config.routing_parallel_side = beside
+    assert router._vectors.kind != "flat"
+    cases = [(it.description, None, k) for k, it in zip((1, 3, 5) * 8, its[:48:2])] + [
+        ("sourdough loaf oven crust", None, 5), ("python list loop bread", {"skill": "baking"}, 3),
+        ("misc bread stocks", None, 5), ("misc shares", {"domain": "misc"}, 5), (its[3].description, {"tag": "misc"}, 1)]
+    scored: list[int] = []
+    real_score_keys = router._tags.score_keys
+
+    def spy(terms, keys):  # noqa: ANN001, ANN202
+        keys = list(keys)
+        scored.extend(keys)
+        return real_score_keys(terms, keys)
+
+    monkeypatch.setattr(router._tags, "score_keys", spy)
+
+    def run() -> list[tuple]:
+        routes = [router.route(q, m, strategy="hybrid", k=k) for q, m, k in cases]
+        return [(r.adapter_ids, r.routing_scores, r.weights, r.confidence, r.degraded) for r in routes]
+
+    got, n_scored = run(), len(scored)
+    monkeypatch.setattr(router_mod, "contenders", lambda *a, **kw: None)
+    scored.clear()
+    want = run()
+    assert got == want
+    assert sum(len(ids) >= 3 for ids, *_ in got) >= 10 and any(ids and ids[0] in TOPICS for ids, *_ in got)
+    # beside the walk the side thread tag-scores the rescued and rare-term adapters before the k-th best cosine is
+    # known: only the walk's own candidates are spared there
     assert n_scored < (len(scored) if beside else 0.8 * len(scored))
 
 

@@ -125,7 +125,14 @@ from smoa.routing.costs import EncoderCost, SideChoice, WalkCost
 from smoa.routing.deadline import EncodeCancelled, Watchdog
 from smoa.routing.route import Route
 from smoa.routing.side import SideThread, usable_cpus
-from smoa.routing.strategies import METADATA_TAG_WEIGHT, TEXT_TAG_WEIGHT, fuse, select_top, softmax_weights
+from smoa.routing.strategies import (
+    METADATA_TAG_WEIGHT,
+    TEXT_TAG_WEIGHT,
+    contenders,
+    fuse,
+    select_top,
+    softmax_weights,
+)
 from smoa.textcheck import validate_query_text
 
 logger = logging.getLogger(__name__)
@@ -1445,7 +1452,7 @@ class Router:
         # budget, p50 0.85 against 0.62 ms); whether they do is measured (SideChoice), so both modes are timed
         timed = walk and ef is None and allowed is None and strat is RoutingStrategy.HYBRID and self._side is not None
         if timed and self._beside():
-            return self._beside_walk(q, text, terms, n_cand, timings, t0, degraded)
+            return self._beside_walk(q, text, terms, n_cand, k, timings, t0, degraded)
         t_phase = time.perf_counter()
         if allowed is not None and len(allowed) <= EXACT_GROUP_LIMIT:
             # few members: score them exactly (a filtered HNSW walk can miss a small, remote group)
@@ -1456,16 +1463,17 @@ class Router:
         timings["search"] += (t_walk - t) * 1e3
         if strat is not RoutingStrategy.HYBRID:
             return cos, cos, degraded
-        out = self._tag_after_walk(q, text, terms, cos, n_cand, walk, timings, t0, degraded)
+        out = self._tag_after_walk(q, text, terms, cos, n_cand, k, walk, timings, t0, degraded)
         if timed:
             self._side_choice.record(False, (time.perf_counter() - t_phase) * 1e3)
         return out
 
     def _tag_after_walk(
-        self, q: np.ndarray, text: str, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int, walk: bool,
-        timings: dict[str, float], t0: float, degraded: bool,
+        self, q: np.ndarray, text: str, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int, k: int,
+        walk: bool, timings: dict[str, float], t0: float, degraded: bool,
     ) -> tuple[dict[int, float], dict[int, float], bool]:
-        """HYBRID's tag side after the search, on this thread: the scores fused with the cosines ``cos``."""
+        """HYBRID's tag side after the search, on this thread: the scores fused with the cosines ``cos`` (of the
+        candidates that can still be among the route's ``k``: :func:`~smoa.routing.strategies.contenders`)."""
         t = time.perf_counter()
         lam = METADATA_TAG_WEIGHT if terms else self.text_tag_weight
         use = terms or self._tags.match_text(text)
@@ -1475,7 +1483,7 @@ class Router:
         if not self._tag_side_fits(t0):
             timings["fuse"] += (time.perf_counter() - t) * 1e3
             return cos, cos, True
-        tag = self._tag_side(q, use, cos, n_cand, gate=terms)
+        tag = self._tag_side(q, use, cos, n_cand, gate=terms, top=(k, lam))
         scores = fuse(cos if len(tag) == len(cos) else {key: cos[key] for key in tag}, tag, lam)
         self._tag_end = time.perf_counter()
         ms = (self._tag_end - t) * 1e3
@@ -1495,14 +1503,15 @@ class Router:
         return self._side_choice.pick()
 
     def _beside_walk(
-        self, q: np.ndarray, text: str, terms: list[tuple[str, int]], n_cand: int, timings: dict[str, float],
-        t0: float, degraded: bool,
+        self, q: np.ndarray, text: str, terms: list[tuple[str, int]], n_cand: int, top_k: int,
+        timings: dict[str, float], t0: float, degraded: bool,
     ) -> tuple[dict[int, float], dict[int, float], bool]:
         """HYBRID's :meth:`_semantic_side` over an unrestricted full-beam HNSW walk, with the steps that do not need the walk's
         result on the side thread (:mod:`smoa.routing.side`) while this thread walks (faiss releases the GIL): the
         small-group rescue, the query's words, the adapters holding its rarest terms (scored exactly) and the tag
-        scores of both. After the walk only the walk's own candidates are tag-scored. The scores are those of the
-        serial path (:meth:`_search_cos` then :meth:`_tag_side`), float for float."""
+        scores of both. After the walk only the walk's own candidates are tag-scored, of those that can still be among
+        the route's ``top_k`` (:func:`~smoa.routing.strategies.contenders`). The scores are those of the serial path
+        (:meth:`_search_cos` then :meth:`_tag_side`), float for float."""
         lam = METADATA_TAG_WEIGHT if terms else self.text_tag_weight
         k = n_cand * min(self._max_p, 4)  # as _search_cos asks at the full beam
 
@@ -1537,11 +1546,13 @@ class Router:
         for key, score in rare.items():  # an adapter the walk found keeps the walk's score, as in _tag_side
             cos.setdefault(key, score)
         drop = self._free_drops(cos, terms)  # as _tag_side: the free gate's drops are neither scored nor fused
-        rest = [key for key in cos if key not in tag and key not in drop]
+        keep = contenders(cos, top_k, lam, drop)  # nor those beaten by top_k others whatever their tags
+        if keep is None:
+            keep = [key for key in cos if key not in drop] if drop else list(cos)
+        rest = [key for key in keep if key not in tag]
         if rest:
             tag.update(self._tags.score_keys(use, rest))
-        kept = {key: c for key, c in cos.items() if key not in drop} if drop else cos
-        scores = fuse(kept, {key: tag[key] for key in kept}, lam)
+        scores = fuse({key: cos[key] for key in keep}, {key: tag[key] for key in keep}, lam)
         self._tag_end = time.perf_counter()
         ms = (self._tag_end - t_end) * 1e3
         timings["fuse"] += ms
@@ -1583,16 +1594,20 @@ class Router:
 
     def _tag_side(
         self, q: np.ndarray, terms: list[tuple[str, int]], cos: dict[int, float], n_cand: int,
-        gate: list[tuple[str, int]] | None = None,
+        gate: list[tuple[str, int]] | None = None, top: tuple[int, float] | None = None,
     ) -> dict[int, float]:
         """HYBRID's tag scores of the candidates in ``cos``, which first gains (scored exactly against ``q``) the
         adapters holding the query's rarest terms (at most ``TAG_SCAN_LIMIT`` postings scanned). ``gate``: a route's
         metadata terms; the candidates its free gate will drop (:meth:`_free_drops`) are then not scored (nor
-        fused: the scores hold the others only). ``None``: every candidate is scored."""
+        fused: the scores hold the others only). ``top``: the route's ``(k, tag weight)``; the candidates that
+        ``k`` others beat whatever their tags (:func:`~smoa.routing.strategies.contenders`) are not scored either.
+        Both ``None``: every candidate is scored."""
         cos.update(self._rare_candidates(q, terms, n_cand, cos))
         drop = self._free_drops(cos, gate) if gate is not None else ()
-        # one pass over every candidate (the numpy cost is per term)
-        return self._tags.score_keys(terms, [key for key in cos if key not in drop] if drop else cos)
+        keys = contenders(cos, *top, drop) if top is not None else None
+        if keys is None:
+            keys = [key for key in cos if key not in drop] if drop else cos
+        return self._tags.score_keys(terms, keys)  # one pass over the candidates (the numpy cost is per term)
 
     def _rare_candidates(
         self, q: np.ndarray, terms: list[tuple[str, int]], n_cand: int, known: Mapping[int, float]

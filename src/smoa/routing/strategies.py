@@ -16,13 +16,15 @@ Mixing weights are ``softmax(score / routing_temperature)`` over the kept adapte
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
 METADATA_TAG_WEIGHT = 0.3
 TEXT_TAG_WEIGHT = 0.1
+CONTENDER_SLACK = 1e-9  # contenders: a key is set aside only when it trails by this much more than its tags can make up
 
 
 def softmax_weights(scores: Sequence[float], temperature: float) -> list[float]:
@@ -48,6 +50,27 @@ def fuse(cos: Mapping[int, float], tag: Mapping[int, float], lam: float) -> dict
     return out
 
 
+def contenders(cos: Mapping[int, float], k: int, lam: float, drop: Collection[int] = ()) -> list[int] | None:
+    """The keys of ``cos`` (less ``drop``) whose :func:`fuse` score can still be among the ``k`` best, or ``None``
+    when that is every key.
+
+    A tag score lies in ``[0, 1]``, so a key fuses to at most ``(1 - lam) * cos + lam``, and each of the ``k`` keys
+    with the best cosines fuses to at least ``(1 - lam) * cos``. A key whose cosine trails the ``k``-th best by more
+    than ``lam / (1 - lam)`` is beaten by ``k`` others whatever its tags: it need not be tag-scored nor fused, and the
+    ``k`` best fused scores (what :func:`select_top` keeps, at any threshold) are the same, float for float.
+    """
+    a = 1.0 - lam
+    if not 0.0 <= lam < 1.0 or len(cos) <= k:
+        return None
+    vals = [c for key, c in cos.items() if key not in drop] if drop else cos.values()
+    if len(vals) <= k:
+        return None
+    bar = a * heapq.nlargest(k, vals)[-1] - lam - CONTENDER_SLACK
+    if not math.isfinite(bar):  # a NaN among the k best: no bound (select_top drops what is not finite)
+        return None
+    return [key for key, c in cos.items() if a * c >= bar and key not in drop]
+
+
 def select_top(
     scores: Mapping[int, float], k: int, threshold: float, resolve_ids: Callable[[Sequence[int]], list[str]]
 ) -> list[tuple[str, float]]:
@@ -55,12 +78,11 @@ def select_top(
 
     Only the keys that can make the cut (score >= the k-th best score) are resolved to ids.
     """
-    kept = [(key, s) for key, s in scores.items() if s >= threshold and math.isfinite(s)]
+    kept = [s for s in scores.values() if -math.inf < s < math.inf and s >= threshold]  # NaN fails every test
     if not kept:
         return []
-    kept.sort(key=lambda kv: (-kv[1], kv[0]))
-    cutoff = kept[min(k, len(kept)) - 1][1]
-    finalists = [(key, s) for key, s in kept if s >= cutoff]
+    cutoff = heapq.nlargest(k, kept)[-1] if len(kept) > k else min(kept)  # the k-th best score (no full sort)
+    finalists = [(key, s) for key, s in scores.items() if s >= cutoff and s < math.inf]
     ids = resolve_ids([key for key, _ in finalists])
     ranked = sorted(zip(ids, (s for _, s in finalists)), key=lambda t: (-t[1], t[0]))
     return [(i, float(s)) for i, s in ranked[:k]]
