@@ -15,7 +15,7 @@ import pytest
 from smoa.config import SMoAConfig
 from smoa.errors import ConfigError
 from smoa.routing import router as router_mod
-from smoa.routing.costs import SIDE_EXPLORE_EVERY, SIDE_MIN_SAMPLES, SIDE_SAMPLES, SideChoice
+from smoa.routing.costs import SIDE_EXPLORE_EVERY, SIDE_EXPLORE_WARM, SIDE_MIN_SAMPLES, SIDE_SAMPLES, SideChoice
 from smoa.routing.index import IndexParams
 from smoa.routing.router import Router, RoutingText
 from smoa.routing.side import SideThread
@@ -82,17 +82,44 @@ def test_side_thread_routes_equal_the_serial_path(hnsw_router, monkeypatch) -> N
 
 def test_auto_times_both_modes_and_keeps_the_faster() -> None:
     """``routing_parallel_side="auto"``: each mode runs until it has SIDE_MIN_SAMPLES timings, then the one with the
-    lower median, and the other once per SIDE_EXPLORE_EVERY routes."""
+    lower median, and the other once per SIDE_EXPLORE_WARM routes until its window is full, then once per
+    SIDE_EXPLORE_EVERY routes."""
     choice = SideChoice()
-    for _ in range(2 * SIDE_MIN_SAMPLES):
-        mode = choice.pick()
-        choice.record(mode, 0.3 if mode else 0.5)  # beside faster
+
+    def serve(n: int) -> list[bool]:
+        runs = []
+        for _ in range(n):
+            runs.append(choice.pick())
+            choice.record(runs[-1], 0.3 if runs[-1] else 0.5)  # beside faster
+        return runs
+
+    serve(2 * SIDE_MIN_SAMPLES)
     assert len(choice.ms[True]) == len(choice.ms[False]) == SIDE_MIN_SAMPLES  # alternated until both had enough
-    runs = [choice.pick() for _ in range(4 * SIDE_EXPLORE_EVERY)]
-    assert runs.count(False) == 4 and all(runs[i] for i in range(len(runs)) if (i + 1 + 2 * SIDE_MIN_SAMPLES) % SIDE_EXPLORE_EVERY)
+    warm = serve((SIDE_SAMPLES - SIDE_MIN_SAMPLES) * SIDE_EXPLORE_WARM)
+    assert warm.count(False) == SIDE_SAMPLES - SIDE_MIN_SAMPLES and len(choice.ms[False]) == SIDE_SAMPLES
+    assert all(warm[i] for i in range(len(warm)) if (i + 1 + 2 * SIDE_MIN_SAMPLES) % SIDE_EXPLORE_WARM)
+    runs = serve(4 * SIDE_EXPLORE_EVERY)
+    start = 2 * SIDE_MIN_SAMPLES + len(warm) + 1  # the route count of runs[0]
+    assert runs.count(False) == 4 and all(runs[i] for i in range(len(runs)) if (i + start) % SIDE_EXPLORE_EVERY)
     for _ in range(SIDE_SAMPLES):  # the machine changed: beside is now the slower
         choice.record(True, 0.9)
     assert sum(choice.pick() for _ in range(SIDE_EXPLORE_EVERY)) == 1
+
+
+def test_auto_soon_leaves_a_mode_its_first_noisy_timings_chose() -> None:
+    """The first SIDE_MIN_SAMPLES timings of each mode are few and noisy: when they make the slower mode look faster,
+    the other mode is timed often enough (SIDE_EXPLORE_WARM) that the choice turns within a few hundred routes, not
+    after thousands (once per SIDE_EXPLORE_EVERY, as before)."""
+    rng = np.random.default_rng(0)
+    choice = SideChoice()
+    picks = []
+    for i in range(2000):
+        beside = choice.pick()
+        picks.append(beside)
+        cold = i < 2 * SIDE_MIN_SAMPLES and beside  # its first timings: unlucky
+        choice.record(beside, float(rng.normal(1.2 if cold else 0.6, 0.1) if beside else rng.normal(0.8, 0.1)))
+    assert not picks[2 * SIDE_MIN_SAMPLES]  # the first timings chose serial
+    assert np.mean(picks[600:]) > 0.99  # and then the faster mode, beside the walk
 
 
 def test_auto_on_a_live_router_uses_both_modes_and_gives_the_same_routes(hnsw_router) -> None:

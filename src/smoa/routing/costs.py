@@ -46,6 +46,8 @@ TAG_EXPLORE_EVERY = 128  # a tag side refused this many times runs once anyway: 
 SIDE_SAMPLES = 64  # recent HYBRID walk-and-tag phases (ms) per mode, serial and beside the walk (SideChoice)
 SIDE_MIN_SAMPLES = 8  # each mode runs until it has this many; then the faster one, the other now and then
 SIDE_EXPLORE_EVERY = 512  # ... once per this many routes (1 in 128 moved a 1M-key p99 by 0.1 ms: 0.8 % slower routes)
+SIDE_EXPLORE_WARM = 8  # ... once per this many while its window is not full yet: 8 noisy first timings (1M keys: medians
+# 0.9 / 0.8 ms beside / serial where the full windows gave 0.68 / 0.82) kept the slower mode for thousands of routes
 
 
 class EncoderCost:
@@ -273,8 +275,10 @@ class SideChoice:
     free, beside a 10K-key walk (~0.08 ms) the route waited for it and was ~0.25 ms slower. So the router times
     both: the phase from the walk's start to the fused scores (wall ms on the route's thread), one window per
     mode. Each mode runs until it has :data:`SIDE_MIN_SAMPLES`; then the one with the lower median, and the
-    other once per :data:`SIDE_EXPLORE_EVERY` routes so its window follows the machine's load and the index's
-    growth. Both modes give the same scores, float for float: only the time differs.
+    other once per :data:`SIDE_EXPLORE_WARM` routes until its window is full (:data:`SIDE_SAMPLES`: a choice made on
+    a few first timings is soon checked), then once per :data:`SIDE_EXPLORE_EVERY` routes so its window follows
+    the machine's load and the index's growth. Both modes give the same scores, float for float: only the time
+    differs.
     """
 
     def __init__(self) -> None:
@@ -287,7 +291,8 @@ class SideChoice:
         if len(after) < SIDE_MIN_SAMPLES or len(beside) < SIDE_MIN_SAMPLES:
             return len(beside) <= len(after)
         best = beside.percentile(50) < after.percentile(50)
-        return (not best) if self._routes % SIDE_EXPLORE_EVERY == 0 else best
+        every = SIDE_EXPLORE_EVERY if len(after if best else beside) >= SIDE_SAMPLES else SIDE_EXPLORE_WARM
+        return (not best) if self._routes % every == 0 else best
 
     def record(self, beside: bool, ms: float) -> None:
         self.ms[beside].append(ms)
