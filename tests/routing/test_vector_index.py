@@ -491,3 +491,30 @@ def test_a_rebuild_drops_staged_keys_and_their_reveal_changes_nothing() -> None:
     assert flat.reveal(gen, pos, []) and flat.kind == "flat" and len(flat) == 120
     flat.settle()
     assert flat.kind == "hnsw-sq8" and len(flat) == 120 and flat._dead == 0
+
+
+def test_positions_of_keys_are_the_live_positions_holding_them() -> None:
+    """The lookup from keys to live positions (``vectors_of`` / ``scores_of`` / the rare-term candidates) against a
+    scan of every position, on an index whose positions are not in key order: keys replaced (a dead copy and a live
+    one), removed, staged hidden, appended past the sorted view, asked twice or absent."""
+    rng = np.random.default_rng(0)
+    x = clustered(4000, dim=32)
+    keys = rng.permutation(np.arange(10, 4010) * 3)  # not in position order: the sorted view is used
+    idx = VectorIndex.build(32, keys[:3000], x[:3000], IndexParams(exact_threshold=100))
+    assert idx.kind != "flat" and not idx._sorted
+    idx.add(keys[:20], x[3100:3120])  # replaced: a dead copy and a live one
+    idx._view = None
+    idx._positions_of(keys[:5])  # the sorted view, built again: both copies in it; what is added next is its tail
+    assert (np.isin(idx._view[2], keys[:20])).sum() == 40
+    idx.add(keys[3000:3100], x[3000:3100])
+    idx.add(keys[20:40], x[3120:3140])  # replaced: the dead copy in the view, the live one in its tail
+    idx.remove(keys[40:60])
+    idx.stage(keys[3100:3110], x[3140:3150])  # hidden: not live
+    ids, alive = idx._ids[: idx._n], idx._alive[: idx._n]
+    assert idx._n - idx._view[1] > 0  # an unsorted tail past the view
+    for ask in (keys[:40], keys[40:70], keys[2990:3030], keys[3095:3110], np.array([1, 2, keys[7], keys[7], 10**9]),
+                rng.choice(keys, 40), np.zeros(0, np.int64)):  # fmt: skip
+        ask = np.asarray(ask, np.int64)
+        assert len(ask) * 64 < idx._n  # the sorted-view path
+        want = np.flatnonzero(np.isin(ids, ask) & alive)
+        np.testing.assert_array_equal(idx._positions_of(ask), want)

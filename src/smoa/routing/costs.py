@@ -46,8 +46,8 @@ TAG_EXPLORE_EVERY = 128  # a tag side refused this many times runs once anyway: 
 SIDE_SAMPLES = 64  # recent HYBRID walk-and-tag phases (ms) per mode, serial and beside the walk (SideChoice)
 SIDE_MIN_SAMPLES = 8  # each mode runs until it has this many; then the faster one, the other now and then
 SIDE_EXPLORE_EVERY = 512  # ... once per this many routes (1 in 128 moved a 1M-key p99 by 0.1 ms: 0.8 % slower routes)
-SIDE_EXPLORE_WARM = 8  # ... once per this many while its window is not full yet: 8 noisy first timings (1M keys: medians
-# 0.9 / 0.8 ms beside / serial where the full windows gave 0.68 / 0.82) kept the slower mode for thousands of routes
+SIDE_EXPLORE_WARM = 8  # ... once per this many while its window is not full yet: a choice made on 8 noisy first
+# timings per mode, where the two differ by less than their spread, kept the slower mode for thousands of routes
 
 
 class EncoderCost:

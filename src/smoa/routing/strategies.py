@@ -52,7 +52,7 @@ def fuse(cos: Mapping[int, float], tag: Mapping[int, float], lam: float) -> dict
 
 def contenders(cos: Mapping[int, float], k: int, lam: float, drop: Collection[int] = ()) -> list[int] | None:
     """The keys of ``cos`` (less ``drop``) whose :func:`fuse` score can still be among the ``k`` best, or ``None``
-    when that is every key.
+    where no bound applies (``lam`` outside ``[0, 1)``, at most ``k`` keys, a NaN among the ``k`` best cosines).
 
     A tag score lies in ``[0, 1]``, so a key fuses to at most ``(1 - lam) * cos + lam``, and each of the ``k`` keys
     with the best cosines fuses to at least ``(1 - lam) * cos``. A key whose cosine trails the ``k``-th best by more

@@ -320,19 +320,30 @@ class TagIndex:
         if not terms:
             return {}
         idfs, total = self._weights(terms)
-        ks, gains = [], []
+        ks, ws, lens, fields_of = [], [], [], []
         for (t, want), w in zip(terms, idfs):
             keys, fields = self._postings.get(t, _EMPTY)
             if len(keys):
                 ks.append(keys)
-                gains.append(np.where(fields & want, w, w * CROSS_FIELD_WEIGHT) / total)
+                ws.append(w / total)
+                lens.append(len(keys))
+                # a term asked in both fields is found in its own field wherever it is (every posting has a field)
+                fields_of.append(None if want == BOTH else (fields, want, w * CROSS_FIELD_WEIGHT / total))
         if not ks:
             return {}
+        gains = np.repeat(np.asarray(ws), lens)  # each term's weight, then its cross-field weight where due
+        if any(f is not None for f in fields_of):
+            at = 0
+            for n, f in zip(lens, fields_of):
+                if f is not None:
+                    fields, want, cross = f
+                    gains[at : at + n][(fields & want) == 0] = cross
+                at += n
         if len(ks) == 1:
-            keys, vals = ks[0], gains[0]
+            keys, vals = ks[0], gains
         else:
             keys, inverse = np.unique(np.concatenate(ks), return_inverse=True)
-            vals = np.bincount(inverse, np.concatenate(gains), len(keys))  # per key, summed in term order
+            vals = np.bincount(inverse, gains, len(keys))  # per key, summed in term order
         if limit is not None and len(keys) > limit:
             best = np.lexsort((keys, -vals))[:limit]  # best score first, ties by key
             keys, vals = keys[best], vals[best]

@@ -382,10 +382,14 @@ class VectorIndex:
             # every position holding the key (a re-added key also has dead copies): the runs [lo, hi)
             lo, hi = np.searchsorted(sids, keys, "left"), np.searchsorted(sids, keys, "right")
             lens = hi - lo
-            starts = np.repeat(lo, lens)
-            offsets = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-            tail = upto + _members(ids[upto:], keys)
-            pos = np.concatenate([order[starts + offsets], tail]).astype(np.int64)
+            if lens.max(initial=0) <= 1:  # no key held twice (the usual case): no runs to expand
+                pos = order[lo[lens == 1]]
+            else:
+                starts = np.repeat(lo, lens)
+                pos = order[starts + np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)]
+            if upto < len(ids):
+                pos = np.concatenate([pos, upto + _members(ids[upto:], keys)])
+            pos = pos.astype(np.int64)
             return np.unique(pos[alive[pos]])
         return np.flatnonzero(np.isin(ids, keys) & alive)
 
