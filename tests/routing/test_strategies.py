@@ -46,13 +46,16 @@ def test_contenders_keep_every_candidate_that_could_be_among_the_k_best_fused(la
         n = int(rng.integers(1, 60))
         cos_vals = np.round(rng.uniform(-0.2, 0.9, n), 2)  # rounded: many ties
         cos = {int(key): float(c) for key, c in zip(rng.choice(10_000, n, replace=False), cos_vals)}
+        if trial % 5 == 0:  # not finite: never kept by select_top, and must not move the bound
+            for key in list(cos)[: int(rng.integers(1, 4))]:
+                cos[key] = float(rng.choice([np.nan, np.inf, -np.inf]))
         tag = {key: float(rng.choice([0.0, 1.0, rng.uniform()])) for key in cos}
         drop = {key for key in cos if rng.uniform() < 0.2} if trial % 2 else set()
         k = int(rng.integers(1, 8))
         keep = strategies.contenders(cos, k, lam, drop)
         alive = [key for key in cos if key not in drop]
         if keep is None:
-            assert len(alive) <= k or lam >= 1.0
+            assert sum(math.isfinite(cos[key]) for key in alive) <= k or lam >= 1.0
             continue
         assert set(keep) <= set(alive)
         pruned += len(alive) - len(keep)
@@ -62,4 +65,6 @@ def test_contenders_keep_every_candidate_that_could_be_among_the_k_best_fused(la
             assert reference_top(part, k, threshold) == reference_top(full, k, threshold)
     assert pruned > 0 or lam > 0.3  # at 0.9 a cosine 9 behind is still in reach: none set aside here
     assert strategies.contenders({1: 0.5, 2: 0.1}, 1, 1.0) is None  # tags alone decide: no bound
-    assert strategies.contenders({1: 0.5, 2: float("nan")}, 2, 0.1) is None
+    assert strategies.contenders({1: 0.5, 2: float("nan"), 3: 0.4}, 2, 0.1) is None  # two finite cosines for k = 2
+    # a NaN among the candidates does not hide the k-th best finite cosine (0.7 here)
+    assert 7 in strategies.contenders({1: 0.9, 2: 0.8, 3: float("nan"), 7: 0.7, 9: 0.0}, 3, 0.1)  # type: ignore[operator]

@@ -52,7 +52,7 @@ def fuse(cos: Mapping[int, float], tag: Mapping[int, float], lam: float) -> dict
 
 def contenders(cos: Mapping[int, float], k: int, lam: float, drop: Collection[int] = ()) -> list[int] | None:
     """The keys of ``cos`` (less ``drop``) whose :func:`fuse` score can still be among the ``k`` best, or ``None``
-    where no bound applies (``lam`` outside ``[0, 1)``, at most ``k`` keys, a NaN among the ``k`` best cosines).
+    where no bound applies (``lam`` outside ``[0, 1)``, at most ``k`` finite cosines).
 
     A tag score lies in ``[0, 1]``, so a key fuses to at most ``(1 - lam) * cos + lam``, and each of the ``k`` keys
     with the best cosines fuses to at least ``(1 - lam) * cos``. A key whose cosine trails the ``k``-th best by more
@@ -62,12 +62,11 @@ def contenders(cos: Mapping[int, float], k: int, lam: float, drop: Collection[in
     a = 1.0 - lam
     if not 0.0 <= lam < 1.0 or len(cos) <= k:
         return None
-    vals = [c for key, c in cos.items() if key not in drop] if drop else cos.values()
+    # select_top keeps finite scores only, and a NaN would leave nlargest's order undefined
+    vals = [c for key, c in cos.items() if -math.inf < c < math.inf and key not in drop]
     if len(vals) <= k:
         return None
     bar = a * heapq.nlargest(k, vals)[-1] - lam - CONTENDER_SLACK
-    if not math.isfinite(bar):  # a NaN among the k best: no bound (select_top drops what is not finite)
-        return None
     return [key for key, c in cos.items() if a * c >= bar and key not in drop]
 
 
