@@ -235,6 +235,26 @@ def test_adapters_without_examples_must_beat_what_unrelated_examples_score_on_th
     assert router.route(weak, strategy="semantic").adapter_ids[:1] == ["free0"]
 
 
+def spy_tag_scoring(router: Router, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The keys the router's tag index scores from now on (``score_keys``), one entry per key per call."""
+    scored: list[int] = []
+    real_score_keys = router._tags.score_keys
+
+    def spy(terms, keys):  # noqa: ANN001, ANN202
+        keys = list(keys)
+        scored.extend(keys)
+        return real_score_keys(terms, keys)
+
+    monkeypatch.setattr(router._tags, "score_keys", spy)
+    return scored
+
+
+def hybrid_routes(router: Router, cases: list[tuple]) -> list[tuple]:
+    """HYBRID routes of ``(query, metadata, k)`` cases (``k`` None: the default), every float they carry."""
+    routes = [router.route(q, m, strategy="hybrid", k=k) for q, m, k in cases]
+    return [(r.adapter_ids, r.routing_scores, r.weights, r.confidence, r.degraded) for r in routes]
+
+
 @pytest.mark.parametrize("beside", [False, True], ids=["after-the-walk", "beside-the-walk"])
 def test_hybrid_does_not_tag_score_the_candidates_the_free_gate_drops(monkeypatch: pytest.MonkeyPatch, beside: bool) -> None:
     """HYBRID's tag side skips the candidates the free gate will drop (at 1M keys about half of a route's): the
@@ -249,24 +269,12 @@ def test_hybrid_does_not_tag_score_the_candidates_the_free_gate_drops(monkeypatc
     assert cal.free_threshold > cal.threshold
     words = its[0].description.split()
     weak = f"{words[0]} {words[1]} zebra glacier violin ocean"
-    cases = [(it.description, None) for it in its[:40:4]] + [
-        (weak, None), (weak, {"domain": "misc"}), (f"{words[0]} {words[1]} zebra", None),
-        ("sourdough loaf oven crust", None), ("python list loop bread", {"skill": "baking"}), ("misc bread stocks", None)]
-    scored: list[int] = []
-    real_score_keys = router._tags.score_keys
-
-    def spy(terms, keys):  # noqa: ANN001, ANN202
-        keys = list(keys)
-        scored.extend(keys)
-        return real_score_keys(terms, keys)
-
-    monkeypatch.setattr(router._tags, "score_keys", spy)
-
-    def run() -> list[tuple]:
-        routes = [router.route(q, m, strategy="hybrid") for q, m in cases]
-        return [(r.adapter_ids, r.routing_scores, r.weights, r.confidence, r.degraded) for r in routes]
-
-    got, n_scored = run(), len(scored)
+    cases = [(it.description, None, None) for it in its[:40:4]] + [
+        (weak, None, None), (weak, {"domain": "misc"}, None), (f"{words[0]} {words[1]} zebra", None, None),
+        ("sourdough loaf oven crust", None, None), ("python list loop bread", {"skill": "baking"}, None),
+        ("misc bread stocks", None, None)]
+    scored = spy_tag_scoring(router, monkeypatch)
+    got, n_scored = hybrid_routes(router, cases), len(scored)
     real_drops = Router._free_drops
 
     def at_the_end_only(self, cos, terms):  # noqa: ANN001, ANN202 -- the gate as it was: after every candidate was fused
@@ -277,7 +285,7 @@ def test_hybrid_does_not_tag_score_the_candidates_the_free_gate_drops(monkeypatc
     monkeypatch.setattr(Router, "_free_drops", at_the_end_only)
     monkeypatch.setattr(router_mod, "contenders", lambda *a, **kw: None)  # and every candidate tag-scored and fused
     scored.clear()
-    want = run()
+    want = hybrid_routes(router, cases)
     assert got == want
     assert any(ids == [] for ids, *_ in got) and any(ids and ids[0].startswith("free") for ids, *_ in got)
     assert "free0" in got[len(its[:40:4]) + 1][0]  # the caller's metadata names free0's tag: kept, tag-scored
@@ -300,24 +308,11 @@ def test_hybrid_tag_scores_only_the_candidates_that_can_still_make_the_route(
     cases = [(it.description, None, k) for k, it in zip((1, 3, 5) * 8, its[:48:2])] + [
         ("sourdough loaf oven crust", None, 5), ("python list loop bread", {"skill": "baking"}, 3),
         ("misc bread stocks", None, 5), ("misc shares", {"domain": "misc"}, 5), (its[3].description, {"tag": "misc"}, 1)]
-    scored: list[int] = []
-    real_score_keys = router._tags.score_keys
-
-    def spy(terms, keys):  # noqa: ANN001, ANN202
-        keys = list(keys)
-        scored.extend(keys)
-        return real_score_keys(terms, keys)
-
-    monkeypatch.setattr(router._tags, "score_keys", spy)
-
-    def run() -> list[tuple]:
-        routes = [router.route(q, m, strategy="hybrid", k=k) for q, m, k in cases]
-        return [(r.adapter_ids, r.routing_scores, r.weights, r.confidence, r.degraded) for r in routes]
-
-    got, n_scored = run(), len(scored)
+    scored = spy_tag_scoring(router, monkeypatch)
+    got, n_scored = hybrid_routes(router, cases), len(scored)
     monkeypatch.setattr(router_mod, "contenders", lambda *a, **kw: None)
     scored.clear()
-    want = run()
+    want = hybrid_routes(router, cases)
     assert got == want
     assert sum(len(ids) >= 3 for ids, *_ in got) >= 10 and any(ids and ids[0] in TOPICS for ids, *_ in got)
     # beside the walk the side thread tag-scores the rescued and rare-term adapters before the k-th best cosine is
