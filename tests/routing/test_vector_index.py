@@ -12,17 +12,10 @@ from smoa.routing.encoders import l2_normalize
 from smoa.routing.index import IndexParams, VectorIndex
 
 
-def clustered(n: int, dim: int = 64, centers: int = 50, seed: int = 0, spectral: bool = False) -> np.ndarray:
-    """Unit keys around random centres; ``spectral``: with a few dominant directions (variance falling by 0.865 per
-    direction, in a fixed random basis), like sentence embeddings, so an HNSW index walks a head of them
-    (:class:`~smoa.routing.index.vector.HeadTail`)."""
+def clustered(n: int, dim: int = 64, centers: int = 50, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     c = l2_normalize(rng.standard_normal((centers, dim)))
-    x = l2_normalize(c[rng.integers(0, centers, n)] + 0.3 * rng.standard_normal((n, dim)) / np.sqrt(dim) * 3)
-    if spectral:
-        basis = np.linalg.qr(np.random.default_rng(99).standard_normal((dim, dim)))[0]
-        x = l2_normalize((x * 0.93 ** np.arange(dim)) @ basis.T).astype(np.float32)
-    return x
+    return l2_normalize(c[rng.integers(0, centers, n)] + 0.3 * rng.standard_normal((n, dim)) / np.sqrt(dim) * 3)
 
 
 def brute(x: np.ndarray, keys: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -41,13 +34,12 @@ def test_flat_is_exact() -> None:
     np.testing.assert_allclose(scores, np.sort(q @ x.T, axis=1)[:, ::-1][:, :5], rtol=1e-5)
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
-def test_hnsw_recall_against_brute_force(spectral: bool) -> None:
-    x = clustered(4000, spectral=spectral)
+def test_hnsw_recall_against_brute_force() -> None:
+    x = clustered(4000)
     keys = np.arange(4000) * 3
     idx = VectorIndex.build(64, keys, x, IndexParams(exact_threshold=1000))
     assert idx.kind == "hnsw-sq8"
-    q = clustered(200, seed=2, spectral=spectral)
+    q = clustered(200, seed=2)
     ref = brute(x, keys, q, 5)
     recalls = []
     for ef in (16, 256):  # this data is hard for HNSW (wide clusters, many near ties): recall grows with ef
@@ -56,10 +48,9 @@ def test_hnsw_recall_against_brute_force(spectral: bool) -> None:
     assert recalls[0] < recalls[1] and recalls[1] >= 0.95, recalls
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
 @pytest.mark.parametrize("threshold", [10_000, 100])
-def test_add_remove_replace(threshold: int, spectral: bool) -> None:
-    x = clustered(600, spectral=spectral)
+def test_add_remove_replace(threshold: int) -> None:
+    x = clustered(600)
     idx = VectorIndex.build(64, np.arange(300), x[:300], IndexParams(exact_threshold=threshold))
     idx.add(np.arange(300, 600), x[300:])
     assert len(idx) == 600
@@ -104,16 +95,15 @@ def test_empty_index_search_pads() -> None:
     assert keys.tolist() == [[-1, -1, -1]] and np.isneginf(scores).all()
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
-def test_save_load_roundtrip(tmp_path: Path, spectral: bool) -> None:
-    x = clustered(2000, spectral=spectral)
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    x = clustered(2000)
     for params in (IndexParams(), IndexParams(exact_threshold=500)):
         idx = VectorIndex.build(64, np.arange(2000), x, params)
         idx.remove(np.array([3, 4]))
         idx.save(tmp_path)
         back = VectorIndex.load(tmp_path, 64, params)
         assert back.kind == idx.kind and len(back) == len(idx)
-        q = clustered(10, seed=5, spectral=spectral)
+        q = clustered(10, seed=5)
         np.testing.assert_array_equal(back.search(q, 5)[1], idx.search(q, 5)[1])
 
 
@@ -121,8 +111,7 @@ def test_memory_per_vector_hnsw() -> None:
     dim = 384
     x = clustered(3000, dim=dim)
     idx = VectorIndex.build(dim, np.arange(3000), x, IndexParams(exact_threshold=100))
-    fixed = dim * dim * 4 if idx._split is not None else 0  # the head-tail rotation, whatever the size
-    per = (idx.memory_bytes() - fixed) / len(idx)
+    per = idx.memory_bytes() / len(idx)
     assert per < 600, per
 
 
@@ -240,9 +229,8 @@ def test_hnsw_walks_byte_codes_and_scores_the_float_query_on_their_decoded_vecto
         np.testing.assert_allclose(got_s[row], decoded[got_k[row] // 2] @ q[row], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
-def test_compaction_keeps_the_byte_codes(spectral: bool) -> None:
-    x = clustered(3000, spectral=spectral)
+def test_compaction_keeps_the_byte_codes() -> None:
+    x = clustered(3000)
     idx = VectorIndex.build(64, np.arange(3000), x, IndexParams(exact_threshold=1000))
     codec = idx._codec
     _, before = idx.vectors_of(np.arange(1000, 3000))
@@ -289,12 +277,11 @@ def test_a_byte_coded_index_without_its_codec_is_refused(tmp_path: Path) -> None
         VectorIndex.load(tmp_path, 64, IndexParams(exact_threshold=500))
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
 @pytest.mark.parametrize("threshold", [10_000, 500])
-def test_scores_of_is_the_inner_product_with_the_stored_vectors(threshold: int, spectral: bool) -> None:
-    x = clustered(1500, spectral=spectral)
+def test_scores_of_is_the_inner_product_with_the_stored_vectors(threshold: int) -> None:
+    x = clustered(1500)
     idx = VectorIndex.build(64, np.arange(1500) * 5, x, IndexParams(exact_threshold=threshold))
-    q = clustered(1, seed=9, spectral=spectral)[0]
+    q = clustered(1, seed=9)[0]
     ask = np.array([10, 25, 7, 995, 1_000_000])  # 7 and 1,000,000 are not keys
     found, sims = idx.scores_of(ask, q)
     want_keys, vecs = idx.vectors_of(ask)
@@ -303,11 +290,10 @@ def test_scores_of_is_the_inner_product_with_the_stored_vectors(threshold: int, 
     np.testing.assert_allclose(sims, vecs @ q, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
-def test_the_byte_codes_view_follows_the_codes_as_the_index_grows(spectral: bool) -> None:
+def test_the_byte_codes_view_follows_the_codes_as_the_index_grows() -> None:
     """Searches read faiss' code array in place; an insert may move that array, and the scores after it must still
     be those of the stored vectors (a stale view would read freed memory)."""
-    x = clustered(12_000, spectral=spectral)
+    x = clustered(12_000)
     idx = VectorIndex.build(64, np.arange(2000), x[:2000], IndexParams(exact_threshold=500))
     q = x[100:101]
     idx.search(q, 5)
@@ -319,7 +305,7 @@ def test_the_byte_codes_view_follows_the_codes_as_the_index_grows(spectral: bool
         want = dict(zip(found.tolist(), (vecs @ q[0]).tolist()))
         np.testing.assert_allclose(scores[0], [want[k] for k in keys[0].tolist()], rtol=1e-5, atol=1e-6)
         assert keys[0, 0] == 100
-    assert idx._codes().shape == (12_000, idx._walk_dim) and idx._codes() is not view
+    assert idx._codes().shape == (12_000, 64) and idx._codes() is not view
 
 
 def test_a_non_finite_vector_is_refused_before_anything_changes() -> None:
@@ -347,12 +333,11 @@ def _single_threaded_build(x: np.ndarray, keys: np.ndarray, params: IndexParams)
         faiss.omp_set_num_threads(threads)
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
-def test_the_locality_layout_changes_where_keys_sit_not_what_a_search_finds(tmp_path: Path, spectral: bool) -> None:
+def test_the_locality_layout_changes_where_keys_sit_not_what_a_search_finds(tmp_path: Path) -> None:
     """A big HNSW build lays its keys out by k-means clusters (near keys near each other in memory); the graph is
     the same, so every search finds the same keys with the same scores as in build order, also after updates, a
     compaction and a reload."""
-    x = clustered(3000, dim=32, centers=40, spectral=spectral)
+    x = clustered(3000, dim=32, centers=40)
     keys = np.arange(3000) * 2 + 7
     plain = _single_threaded_build(x, keys, IndexParams(exact_threshold=1000, layout_min_keys=10**9, ef_search=48))
     laid = _single_threaded_build(x, keys, IndexParams(exact_threshold=1000, layout_min_keys=1000, ef_search=48))
@@ -370,7 +355,7 @@ def test_the_locality_layout_changes_where_keys_sit_not_what_a_search_finds(tmp_
     assert np.median(np.abs(pos_of - pos_of[nn])) < 3000 / 20
     assert np.median(np.abs(np.arange(3000) - nn)) > 3000 / 5
 
-    q = clustered(100, dim=32, centers=40, seed=5, spectral=spectral)
+    q = clustered(100, dim=32, centers=40, seed=5)
 
     def same(a: VectorIndex, b: VectorIndex) -> None:
         for x1, x2 in zip(a.search(q, 8), b.search(q, 8)):
@@ -379,7 +364,7 @@ def test_the_locality_layout_changes_where_keys_sit_not_what_a_search_finds(tmp_
     same(plain, laid)
     for index in (plain, laid):
         assert index.remove(keys[:100]) == 100
-        index.add(np.arange(10_000, 10_050), clustered(50, dim=32, centers=40, seed=6, spectral=spectral))
+        index.add(np.arange(10_000, 10_050), clustered(50, dim=32, centers=40, seed=6))
         index.add(keys[100:110], x[:10])  # replaced
     same(plain, laid)
     found, vecs = laid.vectors_of(keys[100:110])
@@ -391,9 +376,8 @@ def test_the_locality_layout_changes_where_keys_sit_not_what_a_search_finds(tmp_
     same(laid, loaded)
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
-def test_a_compaction_lays_the_keys_out_again(spectral: bool) -> None:
-    x = clustered(2400, dim=32, centers=30, spectral=spectral)
+def test_a_compaction_lays_the_keys_out_again() -> None:
+    x = clustered(2400, dim=32, centers=30)
     index = VectorIndex.build(32, np.arange(2400), x, IndexParams(exact_threshold=1000, layout_min_keys=1000))
     assert index.remove(np.arange(0, 2400, 2)) == 1200  # past a quarter dead: compacted
     assert index._dead == 0 and len(index) == 1200 and index.kind == "hnsw-sq8"
@@ -404,11 +388,10 @@ def test_a_compaction_lays_the_keys_out_again(spectral: bool) -> None:
     assert np.mean(got[:, 0] == kept[:50]) >= 0.95
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
-def test_an_index_grown_a_few_keys_at_a_time_is_laid_out_from_a_snapshot(tmp_path: Path, spectral: bool) -> None:
+def test_an_index_grown_a_few_keys_at_a_time_is_laid_out_from_a_snapshot(tmp_path: Path) -> None:
     """Keys appended after the last build are laid out by :meth:`VectorIndex.laid_out` once they make over a quarter
     of the index: a new index from a copy, the same graph, so the same results; the count persists."""
-    x = clustered(2000, dim=32, centers=40, spectral=spectral)
+    x = clustered(2000, dim=32, centers=40)
     params = IndexParams(exact_threshold=500, layout_min_keys=1000, ef_search=48)
     index = VectorIndex.build(32, np.arange(600), x[:600], params)  # HNSW, too small for a layout
     assert index.kind == "hnsw-sq8" and index._laid == 0 and not index.layout_due()
@@ -416,7 +399,7 @@ def test_an_index_grown_a_few_keys_at_a_time_is_laid_out_from_a_snapshot(tmp_pat
         index.add(np.arange(s, s + 100), x[s : s + 100])
     assert index.remove(np.arange(0, 40)) == 40
     assert index.layout_due()
-    q = clustered(60, dim=32, centers=40, seed=7, spectral=spectral)
+    q = clustered(60, dim=32, centers=40, seed=7)
     before = index.search(q, 8)
     snapshot = index.layout_snapshot()
     index_before = (index._ids[: index._n].copy(), index.version)
@@ -433,7 +416,7 @@ def test_an_index_grown_a_few_keys_at_a_time_is_laid_out_from_a_snapshot(tmp_pat
     np.testing.assert_array_equal(back.live_ids(), np.arange(40, 2000))
     for a, b in zip(before, back.search(q, 8)):
         np.testing.assert_array_equal(a, b)
-    laid.add(np.arange(5000, 5100), clustered(100, dim=32, centers=40, seed=8, spectral=spectral))
+    laid.add(np.arange(5000, 5100), clustered(100, dim=32, centers=40, seed=8))
     assert not laid.layout_due()  # 100 of 2,100 appended since
     laid.save(tmp_path)
     loaded = VectorIndex.load(tmp_path, 32, params)
@@ -447,9 +430,8 @@ def test_an_index_grown_a_few_keys_at_a_time_is_laid_out_from_a_snapshot(tmp_pat
     assert VectorIndex.load(tmp_path, 32, params)._laid == 0
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
 @pytest.mark.parametrize("threshold", [10_000, 500])
-def test_staged_keys_stay_hidden_until_revealed_then_search_as_added_ones(threshold: int, spectral: bool) -> None:
+def test_staged_keys_stay_hidden_until_revealed_then_search_as_added_ones(threshold: int) -> None:
     """Keys staged (what an adaptation's swap inserts ahead of its one hold of the router's lock) are not searched,
     looked up or counted; revealed, they replace their ids' keys and the ``replaced`` ones in one step, and the
     index searches as one where they were added (flat: exactly; HNSW: the same graph, so the same results)."""
@@ -458,7 +440,7 @@ def test_staged_keys_stay_hidden_until_revealed_then_search_as_added_ones(thresh
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # one thread: two graphs built from the same inserts are the same graph
     try:
-        x = clustered(1200, spectral=spectral)
+        x = clustered(1200)
         params = IndexParams(exact_threshold=threshold)
         staged, added = (VectorIndex.build(64, np.arange(800), x[:800], params) for _ in range(2))
         new = np.arange(100, 300)  # replaces keys 100..299; keys 300..349 are replaced by none (``replaced``)
@@ -492,9 +474,8 @@ def test_staged_keys_stay_hidden_until_revealed_then_search_as_added_ones(thresh
         faiss.omp_set_num_threads(threads)
 
 
-@pytest.mark.parametrize("spectral", [False, True], ids=["isotropic", "head-tail"])
-def test_a_rebuild_drops_staged_keys_and_their_reveal_changes_nothing(spectral: bool) -> None:
-    x = clustered(700, spectral=spectral)
+def test_a_rebuild_drops_staged_keys_and_their_reveal_changes_nothing() -> None:
+    x = clustered(700)
     idx = VectorIndex.build(64, np.arange(500), x[:500], IndexParams(exact_threshold=100))
     gen = idx.staged_generation
     pos = idx.stage(np.arange(50), x[500:550])
@@ -537,66 +518,3 @@ def test_positions_of_keys_are_the_live_positions_holding_them() -> None:
         assert len(ask) * 64 < idx._n  # the sorted-view path
         want = np.flatnonzero(np.isin(ids, ask) & alive)
         np.testing.assert_array_equal(idx._positions_of(ask), want)
-
-
-def test_keys_with_dominant_directions_are_walked_on_a_head_and_scored_on_every_dimension() -> None:
-    """Keys whose variance sits in a few directions (sentence embeddings) are walked on the byte codes of their
-    leading principal directions only (the fewest, in sixteens, that keep 90 % of the variance); the walk's
-    candidates are re-scored on every dimension, so the scores are the float query's inner products with the decoded
-    keys and the best of them is the exact best over the decoded keys (faiss' exact search, the reference).
-    Isotropic keys keep every dimension."""
-    import faiss
-
-    from smoa.routing.index.vector import WALK_VARIANCE, HeadTail
-
-    assert VectorIndex.build(64, np.arange(3000), clustered(3000), IndexParams(exact_threshold=1000))._split is None
-    x = clustered(3000, spectral=True)
-    idx = VectorIndex.build(64, np.arange(3000) * 2, x, IndexParams(exact_threshold=1000))
-    split = idx._split
-    assert isinstance(split, HeadTail) and split.head == 16 and idx._index.d == 16 and idx._tail.shape == (3000, 48)
-    np.testing.assert_allclose(split.basis.T @ split.basis, np.eye(64), atol=1e-5)
-    centred = x - x.mean(0)
-    share = np.cumsum(((centred @ split.basis) ** 2).sum(0)) / (centred**2).sum()
-    assert share[split.head - 1] >= WALK_VARIANCE > share[split.head - 17 if split.head > 16 else 0]
-
-    keys, decoded = idx.items()
-    steps = np.r_[np.full(16, 0.5 / idx._codec.scale), np.full(48, 0.5 / split.tail.scale)]  # half a step each
-    assert np.linalg.norm(decoded - x, axis=1).max() <= np.linalg.norm(steps) + 1e-5
-    ref = faiss.IndexFlatIP(64)
-    ref.add(decoded)
-    q = clustered(200, seed=7, spectral=True)
-    want_s, want_p = ref.search(q, 5)
-    got_s, got_k = idx.search(q, 1, ef_search=64)
-    assert np.mean(got_k[:, 0] == keys[want_p[:, 0]]) >= 0.98  # 1.0 here; re-scoring only k = 1 walked: 0.555
-    got_s, got_k = idx.search(q, 5)
-    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got_k, keys[want_p])]) >= 0.95
-    assert np.all(np.diff(got_s, axis=1) <= 0)
-    for row in range(5):
-        np.testing.assert_allclose(got_s[row], decoded[got_k[row] // 2] @ q[row], rtol=1e-5, atol=1e-6)
-    found, sims = idx.scores_of(np.array([4, 10, 3, 5998]), q[0])  # 3 is not a key
-    np.testing.assert_array_equal(found, [4, 10, 5998])
-    np.testing.assert_allclose(sims, decoded[[2, 5, 2999]] @ q[0], rtol=1e-5, atol=1e-6)
-
-
-def test_a_head_tail_index_with_bad_split_files_is_refused(tmp_path: Path) -> None:
-    from smoa.routing.index.vector import BASIS_FILE, CODEC_FILE, TAIL_FILE
-
-    params = IndexParams(exact_threshold=500)
-    idx = VectorIndex.build(64, np.arange(1500), clustered(1500, spectral=True), params)
-    assert {BASIS_FILE, TAIL_FILE, CODEC_FILE} <= set(idx.save(tmp_path)) and idx._split is not None
-    good = {name: np.load(tmp_path / name) for name in (BASIS_FILE, TAIL_FILE, CODEC_FILE)}
-    loaded = VectorIndex.load(tmp_path, 64, params)
-    np.testing.assert_array_equal(loaded._tail[: loaded._n], idx._tail[: idx._n])
-    bad = {
-        BASIS_FILE: (good[BASIS_FILE] * 1.1, "orthonormal"),
-        TAIL_FILE: (good[TAIL_FILE][:, :40], "tail codes"),
-        CODEC_FILE: (np.r_[good[CODEC_FILE][:2], 70.0, good[CODEC_FILE][3:]], "bad head"),
-    }
-    for name, (value, message) in bad.items():
-        np.save(tmp_path / name, value)
-        with pytest.raises(ValueError, match=message):
-            VectorIndex.load(tmp_path, 64, params)
-        np.save(tmp_path / name, good[name])
-    (tmp_path / TAIL_FILE).unlink()
-    with pytest.raises(OSError):
-        VectorIndex.load(tmp_path, 64, params)

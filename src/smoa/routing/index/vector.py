@@ -69,11 +69,6 @@ HUGE_PAGE_MIN_BYTES = 32 << 20  # HNSW arrays from this size on are backed by 2 
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 _GENERATIONS = itertools.count(1)  # VectorIndex.staged_generation: a new one per object and per rebuild
 CODEC_FILE = "codec.npy"
-BASIS_FILE = "basis.npy"  # the head-tail split's rotation (HeadTail.basis)
-TAIL_FILE = "tail.npy"  # the head-tail split's tail codes, uint8 [n, dim - head]
-WALK_VARIANCE = 0.90  # HeadTail.fit: the walk's head keeps this share of the keys' variance
-WALK_MAX_SHARE = 0.75  # ... and is used only if that takes at most this share of the dimensions
-WALK_RESCORE_MIN = 64  # a walk over the head returns at least this many candidates to re-score on every dimension
 LAYOUT_FILE = "layout.npy"  # how many positions (from the first) were laid out by locality
 
 
@@ -103,51 +98,9 @@ class ByteCodec:
         out += np.float32(self.lo)
         return out
 
-    def inner(self, codes: np.ndarray, q: np.ndarray, by_row: bool = False) -> np.ndarray:
-        """``decode(codes) @ q`` without decoding: ``(codes @ q) / scale + lo * sum(q)``. ``by_row``: each row's
-        score has the same bits whatever other rows are scored with it (numpy's own loops, ~2x BLAS' time; BLAS
-        sums a row in another order by where it falls in its blocks, a few last bits apart)."""
-        dots = np.einsum("ij,j->i", codes.astype(np.float32), q) if by_row else codes @ q
-        return dots / np.float32(self.scale) + np.float32(self.lo * float(q.sum()))
-
-
-@dataclass(frozen=True, eq=False)
-class HeadTail:
-    """The walk over the keys' leading principal directions, the score over all of them (module docstring).
-
-    ``basis`` is an orthonormal ``[d, d]`` rotation whose columns are the keys' principal directions by decreasing
-    variance, so ``(x @ basis) . (q @ basis) = x . q``: rotated keys score as the keys did. The HNSW graph holds the
-    byte codes of the first ``head`` rotated dimensions and is walked on them; ``tail`` codes the other ``d - head``
-    (kept beside the graph, read only to re-score the walk's candidates)."""
-
-    basis: np.ndarray  # float32 [d, d]
-    head: int
-    tail: ByteCodec
-
-    @classmethod
-    def fit(cls, x: np.ndarray) -> HeadTail | None:
-        """The split of keys ``x`` ``[n, d]``: the fewest leading directions (a multiple of 16) that keep
-        :data:`WALK_VARIANCE` of the keys' variance, or ``None`` when that is over :data:`WALK_MAX_SHARE` of ``d``
-        (keys with no dominant directions, e.g. random ones: the walk keeps every dimension). The directions come
-        from a sample of 65,536 keys at most; ``tail``'s range from every key."""
-        n, d = x.shape
-        if n < 2 or d < 32:
-            return None
-        rng = np.random.default_rng(0)
-        sample = x[np.sort(rng.choice(n, 65_536, replace=False))] if n > 65_536 else x
-        sample = sample.astype(np.float64)
-        sample -= sample.mean(0)
-        var, vecs = np.linalg.eigh(sample.T @ sample)
-        order = np.argsort(var)[::-1]
-        var, vecs = np.clip(var[order], 0.0, None), vecs[:, order]
-        if var.sum() <= 0:
-            return None
-        head = int(np.searchsorted(np.cumsum(var) / var.sum(), WALK_VARIANCE)) + 1
-        head = min(d, 16 * math.ceil(head / 16))
-        if head > WALK_MAX_SHARE * d:
-            return None
-        basis = np.ascontiguousarray(vecs, np.float32)
-        return cls(basis, head, ByteCodec.fit(x @ basis[:, head:]))
+    def inner(self, codes: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """``decode(codes) @ q`` without decoding: ``(codes @ q) / scale + lo * sum(q)``."""
+        return (codes @ q) / np.float32(self.scale) + np.float32(self.lo * float(q.sum()))
 
 
 @dataclass(frozen=True)
@@ -291,29 +244,6 @@ def _stored_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
     return x
 
 
-def _load_codec(directory: Path, dim: int) -> tuple[ByteCodec, HeadTail | None]:
-    """The byte codes' map and split that :meth:`VectorIndex.save` wrote (``codec.npy`` ``[lo, scale]``, or with a
-    split ``[lo, scale, head, tail lo, tail scale]`` and ``basis.npy``); raises ``ValueError`` if they are bad."""
-    values = np.load(directory / CODEC_FILE, allow_pickle=False)
-    if values.dtype != np.float64 or values.shape not in ((2,), (5,)) or not np.isfinite(values).all():
-        raise ValueError(f"{CODEC_FILE} must hold 2 or 5 finite float64 values, got {values!r}")
-    ranges = [(float(values[0]), float(values[1]))] + ([(float(values[3]), float(values[4]))] if len(values) == 5 else [])
-    for lo, scale in ranges:
-        if scale <= 0:
-            raise ValueError(f"{CODEC_FILE} holds a bad range: lo={lo}, scale={scale}")
-    codec = ByteCodec(*ranges[0])
-    if len(values) == 2:
-        return codec, None
-    head = int(values[2])
-    if head != values[2] or not 0 < head < dim:
-        raise ValueError(f"{CODEC_FILE} holds a bad head: {values[2]} of {dim} dimensions")
-    basis = np.load(directory / BASIS_FILE, allow_pickle=False)
-    if basis.shape != (dim, dim) or basis.dtype != np.float32 or not np.isfinite(basis).all() or \
-            not np.allclose(basis.T @ basis, np.eye(dim), atol=1e-3):  # fmt: skip
-        raise ValueError(f"{BASIS_FILE} must be an orthonormal float32 [{dim}, {dim}] rotation")
-    return codec, HeadTail(basis, head, ByteCodec(*ranges[1]))
-
-
 class VectorIndex:
     """Inner-product search over int64-keyed unit vectors, flat or HNSW-SQ8 (see the module docstring)."""
 
@@ -336,9 +266,7 @@ class VectorIndex:
         self.version = 0  # bumped by every change of content (callers key caches of decoded vectors on it)
         self._advised: dict[str, tuple[int, int]] = {}  # HNSW array -> (address, bytes) last advised (_advise)
         self._codec: ByteCodec | None = None  # HNSW byte codes' map; None: flat, or per-dimension codes (older files)
-        self._code_view: np.ndarray | None = None  # uint8 [n, walk dims] over faiss' byte codes (_codes); reset on change
-        self._split: HeadTail | None = None  # HNSW walked over the keys' leading directions (HeadTail); None: over all
-        self._tail = np.zeros((0, 0), np.uint8)  # with a split: the tail codes [capacity, dim - head], by position
+        self._code_view: np.ndarray | None = None  # uint8 [n, d] over faiss' byte codes (_codes); reset on every change
         self.staged_generation = next(_GENERATIONS)  # positions from stage() are valid while it stays (reveal)
 
     # ------------------------------------------------------------------ construction
@@ -350,17 +278,11 @@ class VectorIndex:
     def _new_hnsw(self):  # -> faiss.Index
         import faiss
 
-        d = self._walk_dim
-        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit_direct, self.params.hnsw_m, faiss.METRIC_L2)
+        index = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_8bit_direct, self.params.hnsw_m, faiss.METRIC_L2)
         index.hnsw.efConstruction = self.params.ef_construction
         index.hnsw.efSearch = self.ef_search
-        index.train(np.zeros((1, d), np.float32))  # the direct codes need no training (the codec is ours)
+        index.train(np.zeros((1, self.dim), np.float32))  # the direct codes need no training (the codec is ours)
         return index
-
-    @property
-    def _walk_dim(self) -> int:
-        """Dimensions of faiss' vectors: the split's head, else all."""
-        return self.dim if self._split is None else self._split.head
 
     @classmethod
     def build(cls, dim: int, keys: np.ndarray, vectors: np.ndarray, params: IndexParams | None = None) -> VectorIndex:
@@ -369,24 +291,18 @@ class VectorIndex:
         out._rebuild(np.asarray(keys, dtype=np.int64), _stored_matrix(vectors, dim))
         return out
 
-    def _rebuild(self, keys: np.ndarray, vectors: np.ndarray,
-                 codec: tuple[ByteCodec, HeadTail | None] | None = None) -> None:
+    def _rebuild(self, keys: np.ndarray, vectors: np.ndarray, codec: ByteCodec | None = None) -> None:
         """Replace the whole content (duplicates in ``keys``: the last one wins); ``codec``: keep this map of the
-        byte codes and this split (a compaction: decoded codes map back onto the same codes), else fit both to
-        ``vectors``."""
+        byte codes (a compaction: decoded codes map back onto the same codes), else fit one to ``vectors``."""
         if len(keys) and len(np.unique(keys)) != len(keys):
             _, last = np.unique(keys[::-1], return_index=True)
             keep = np.sort(len(keys) - 1 - last)
             keys, vectors = keys[keep], vectors[keep]
         if len(keys) > self.params.exact_threshold:
-            if codec is None:
-                split = HeadTail.fit(vectors)
-                codec = (ByteCodec.fit(vectors if split is None else vectors @ split.basis[:, : split.head]), split)
-            self._codec, self._split = codec
+            self._codec = codec or ByteCodec.fit(vectors)
             self._index, self.kind = self._new_hnsw(), "hnsw-sq8"
         else:
-            self._index, self.kind, self._codec, self._split = self._new_flat(), "flat", None, None
-        self._tail = np.zeros((len(keys), 0 if self._split is None else self.dim - self._split.head), np.uint8)
+            self._index, self.kind, self._codec = self._new_flat(), "flat", None
         self._ids = np.array(keys, dtype=_id_dtype(keys))
         self._alive = np.ones(len(keys), dtype=bool)
         self._n, self._dead, self._laid = len(keys), 0, 0
@@ -397,12 +313,11 @@ class VectorIndex:
         self._code_view = None
         self.staged_generation = next(_GENERATIONS)  # staged positions are gone
         if len(keys):
-            self._index.add(self._encode(vectors, self._tail))
+            self._index.add(self._encode(vectors))
             if self.kind != "flat" and len(keys) >= self.params.layout_min_keys:
                 perm = _locality_order(vectors)
                 self._index.permute_entries(perm)
                 self._ids = self._ids[perm]
-                self._tail = self._tail[perm]
                 self._sorted = False
                 self._laid = len(keys)
             self._advise()
@@ -414,40 +329,14 @@ class VectorIndex:
             import faiss
 
             codes = faiss.downcast_index(self._index.storage).codes
-            n, d = self._index.ntotal, self._walk_dim
-            self._code_view = faiss.rev_swig_ptr(codes.data(), n * d).reshape(n, d) if n else \
-                np.zeros((0, d), np.uint8)  # fmt: skip
+            n = self._index.ntotal
+            self._code_view = faiss.rev_swig_ptr(codes.data(), n * self.dim).reshape(n, self.dim) if n else \
+                np.zeros((0, self.dim), np.uint8)  # fmt: skip
         return self._code_view
 
-    def _encode(self, x: np.ndarray, tail: np.ndarray | None = None) -> np.ndarray:
-        """What faiss stores or is asked for: ``x`` itself, or its byte codes (with a split: the head's, the tail's
-        written into ``tail`` ``[len(x), dim - head]``, if given)."""
-        if self._codec is None:
-            return x
-        if self._split is None:
-            return self._codec.encode(x)
-        r = x @ self._split.basis
-        if tail is not None:
-            tail[:] = self._split.tail.encode(r[:, self._split.head :])
-        return self._codec.encode(r[:, : self._split.head])
-
-    def _decoded(self, pos: np.ndarray) -> np.ndarray:
-        """The byte codes at ``pos`` decoded: float32 ``[m, dim]``, in the split's rotated space if there is one."""
-        head = self._codec.decode(self._codes()[pos])
-        return head if self._split is None else np.hstack([head, self._split.tail.decode(self._tail[pos])])
-
-    def _inner(self, pos: np.ndarray, q: np.ndarray, by_row: bool = False) -> np.ndarray:
-        """``q . (the decoded key at each of pos)`` for one float query ``q`` ``[dim]``, rotated already when there is
-        a split (:meth:`_rotated`), without decoding (``by_row``: see :meth:`ByteCodec.inner`)."""
-        if self._split is None:
-            return self._codec.inner(self._codes()[pos], q, by_row)
-        h = self._split.head
-        return self._codec.inner(self._codes()[pos], q[:h], by_row) + self._split.tail.inner(self._tail[pos], q[h:],
-                                                                                             by_row)  # fmt: skip
-
-    def _rotated(self, q: np.ndarray) -> np.ndarray:
-        """Queries ``[m, dim]`` in the split's rotated space (themselves without a split)."""
-        return q if self._split is None else q @ self._split.basis
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        """What faiss stores or is asked for: ``x`` itself, or its byte codes."""
+        return x if self._codec is None else self._codec.encode(x)
 
     def _advise(self) -> None:
         """Back the HNSW codes and links with huge pages (:func:`_advise_huge`) when they moved (a faiss vector
@@ -588,10 +477,9 @@ class VectorIndex:
             self._sorted = bool(keys[0] > last and np.all(np.diff(keys) > 0))
         self._ids[self._n : self._n + len(keys)] = keys
         self._alive[self._n : self._n + len(keys)] = alive
-        tail = self._tail[self._n : self._n + len(keys)]
         self._n += len(keys)
         self._code_view = None
-        self._index.add(self._encode(x, tail))
+        self._index.add(self._encode(x))
         self._advise()
         self._forget_selector()
         self.version += 1
@@ -618,36 +506,34 @@ class VectorIndex:
         return (self._codec is not None and len(self) >= self.params.layout_min_keys
                 and 4 * (self._n - self._laid) > self._n)
 
-    def layout_snapshot(self) -> tuple[int, object, np.ndarray, np.ndarray, np.ndarray]:
-        """What :meth:`laid_out` works from: ``(version, a copy of the faiss index, ids, alive, tail codes)``. A copy,
-        so that the caller may hold its lock for this step only (~1 s at 1M keys) and lay the copy out without it."""
+    def layout_snapshot(self) -> tuple[int, object, np.ndarray, np.ndarray]:
+        """What :meth:`laid_out` works from: ``(version, a copy of the faiss index, ids, alive)``. A copy, so that the
+        caller may hold its lock for this step only (~1 s at 1M keys) and lay the copy out without it."""
         import faiss
 
-        n = self._n
-        return (self.version, faiss.clone_index(self._index), self._ids[:n].copy(), self._alive[:n].copy(),
-                self._tail[:n].copy())  # fmt: skip
+        return self.version, faiss.clone_index(self._index), self._ids[: self._n].copy(), self._alive[: self._n].copy()
 
-    def laid_out(self, snapshot: tuple[int, object, np.ndarray, np.ndarray, np.ndarray]) -> VectorIndex:
+    def laid_out(self, snapshot: tuple[int, object, np.ndarray, np.ndarray]) -> VectorIndex:
         """A new index: this one's ``snapshot`` (:meth:`layout_snapshot`) with its positions laid out by locality, the
         same graph (~15 s at 1M keys, without any lock: it reads only the copy). The caller adopts it in place of this
         one if nothing changed since the snapshot (``version``)."""
         import faiss
 
         index = snapshot[1]
-        n, d = index.ntotal, self._walk_dim
-        codes = faiss.rev_swig_ptr(faiss.downcast_index(index.storage).codes.data(), n * d).reshape(n, d)
-        out = self.permuted(snapshot, _locality_order(codes, decode=self._codec.decode))  # the walk's own space
+        n = index.ntotal
+        codes = faiss.rev_swig_ptr(faiss.downcast_index(index.storage).codes.data(), n * self.dim).reshape(n, self.dim)
+        out = self.permuted(snapshot, _locality_order(codes, decode=self._codec.decode))
         out._laid = n
         return out
 
-    def permuted(self, snapshot: tuple[int, object, np.ndarray, np.ndarray, np.ndarray], perm: np.ndarray) -> VectorIndex:
+    def permuted(self, snapshot: tuple[int, object, np.ndarray, np.ndarray], perm: np.ndarray) -> VectorIndex:
         """A new index from ``snapshot`` (:meth:`layout_snapshot`, whose faiss copy it takes over) whose position ``j``
         holds the snapshot's position ``perm[j]``: the same graph, the same search results (none counted as laid
         out)."""
-        version, index, ids, alive, tail = snapshot
+        version, index, ids, alive = snapshot
         index.permute_entries(perm)
         out = copy.copy(self)
-        out._index, out._ids, out._alive, out._tail = index, ids[perm], alive[perm], tail[perm]
+        out._index, out._ids, out._alive = index, ids[perm], alive[perm]
         out._n, out._laid, out.version = index.ntotal, 0, version + 1
         out._sorted = bool(np.all(np.diff(out._ids) > 0))
         out._view = out._code_view = out._selector_cache = None
@@ -661,12 +547,11 @@ class VectorIndex:
             cap = max(n, 2 * len(self._ids), 1024)
             self._ids = np.resize(self._ids, cap)
             self._alive = np.concatenate([self._alive, np.zeros(cap - len(self._alive), dtype=bool)])
-            self._tail = np.concatenate([self._tail, np.zeros((cap - len(self._tail), self._tail.shape[1]), np.uint8)])
 
     def compact(self) -> None:
         """Drop dead positions by rebuilding from the stored vectors (SQ8 codes decode to the same codes)."""
         keys, vecs = self.items()
-        self._rebuild(keys, vecs, (self._codec, self._split) if self._codec is not None else None)
+        self._rebuild(keys, vecs, self._codec)
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """Live ``(keys [n], vectors [n, dim])`` in position order (HNSW-SQ8: decoded 8-bit vectors)."""
@@ -681,8 +566,7 @@ class VectorIndex:
 
     def _reconstruct_positions(self, pos: np.ndarray) -> np.ndarray:
         if self._codec is not None:  # straight from the codes (faiss' reconstruct_batch: ~20 us of wrapping a call)
-            x = self._decoded(pos)
-            return x if self._split is None else x @ self._split.basis.T
+            return self._codec.decode(self._codes()[pos])
         if len(pos) == self._n:
             return self._index.reconstruct_n(0, self._n)
         return self._index.reconstruct_batch(np.ascontiguousarray(pos, dtype=np.int64))
@@ -702,9 +586,7 @@ class VectorIndex:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         found = self._ids[pos].astype(np.int64)
         if self._codec is not None:
-            # by row: a key scores the same bits in any batch (the tag side's batches differ between a route's two
-            # paths); the query rotated as a search rotates it
-            return found, self._inner(pos, self._rotated(q[None, :])[0], by_row=True)
+            return found, self._codec.inner(self._codes()[pos], q)
         return found, self._reconstruct_positions(pos) @ q
 
     # ------------------------------------------------------------------ search
@@ -766,15 +648,9 @@ class VectorIndex:
                 self._search_params[ef] = params
         if self._codec is None:
             scores, pos = self._index.search(q, k, params=params)
-        elif self._split is None:
+        else:
             _, pos = self._index.search(self._codec.encode(q), k, params=params)
             scores, pos = self._rescore(q, pos)
-        else:  # walked on the head, so more candidates than asked are re-scored on every dimension
-            q = self._rotated(q)
-            _, pos = self._index.search(self._codec.encode(q[:, : self._split.head]),
-                                        max(k, min(ef, WALK_RESCORE_MIN)), params=params)  # fmt: skip
-            scores, pos = self._rescore(q, pos)
-            scores, pos = scores[:, :k], pos[:, :k]
         if pos.min() >= 0:  # every slot filled (the usual case): no padding to mask
             return scores, self._ids[pos].astype(np.int64)
         keys = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1).astype(np.int64)
@@ -782,19 +658,18 @@ class VectorIndex:
         return scores, keys
 
     def _rescore(self, q: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Inner products of the float queries ``q`` ``[m, d]`` (rotated, with a split) with the decoded codes at
-        ``pos`` ``[m, k]`` (``-1``: none, scored ``-inf``), best first per row (the walk ranked them on the query's own
-        byte codes)."""
+        """Inner products of the float queries ``q`` ``[m, d]`` with the decoded codes at ``pos`` ``[m, k]`` (``-1``:
+        none, scored ``-inf``), best first per row (the walk ranked them on the query's own byte codes)."""
         if len(q) == 1:  # a route: one query, no index arithmetic; q . (c / scale + lo) without decoding c
-            row = pos[0]
+            row, codec = pos[0], self._codec
             ok = row >= 0
             s = np.full(len(row), -np.inf, np.float32)
-            s[ok] = self._inner(row[ok], q[0])
+            s[ok] = codec.inner(self._codes()[row[ok]], q[0])
             order = np.argsort(-s, kind="stable")
             return s[order][None, :], row[order][None, :]
         r, c = np.nonzero(pos >= 0)
         s = np.full(pos.shape, -np.inf, np.float32)
-        s[r, c] = np.einsum("ij,ij->i", self._decoded(pos[r, c]), q[r])
+        s[r, c] = np.einsum("ij,ij->i", self._reconstruct_positions(pos[r, c]), q[r])
         order = np.argsort(-s, axis=1, kind="stable")
         return np.take_along_axis(s, order, 1), np.take_along_axis(pos, order, 1)
 
@@ -814,8 +689,7 @@ class VectorIndex:
                 + faiss.vector_to_array(hnsw.levels).nbytes
             )
         view = self._view[0].nbytes + self._view[2].nbytes if self._view is not None else 0  # once ids are unsorted
-        split = self._tail.nbytes + (self._split.basis.nbytes if self._split is not None else 0)
-        return int(index_bytes + self._ids.nbytes + self._alive.nbytes + view + split)
+        return int(index_bytes + self._ids.nbytes + self._alive.nbytes + view)
 
     def save(self, directory: Path) -> list[str]:
         """Write ``vectors.faiss``, ``ids.npy``, ``alive.npy``, ``layout.npy`` into ``directory``; returns the file
@@ -828,13 +702,7 @@ class VectorIndex:
         np.save(directory / LAYOUT_FILE, np.array([self._laid], np.int64))
         names = ["vectors.faiss", "ids.npy", "alive.npy", LAYOUT_FILE]
         if self._codec is not None:
-            codec = [self._codec.lo, self._codec.scale]
-            if self._split is not None:  # [lo, scale, head, tail lo, tail scale] + the rotation and the tail codes
-                codec += [self._split.head, self._split.tail.lo, self._split.tail.scale]
-                np.save(directory / BASIS_FILE, self._split.basis)
-                np.save(directory / TAIL_FILE, self._tail[: self._n])
-                names += [BASIS_FILE, TAIL_FILE]
-            np.save(directory / CODEC_FILE, np.array(codec, np.float64))
+            np.save(directory / CODEC_FILE, np.array([self._codec.lo, self._codec.scale], np.float64))
             names.append(CODEC_FILE)
         return names
 
@@ -847,19 +715,17 @@ class VectorIndex:
         index = faiss.read_index(str(directory / "vectors.faiss"))
         ids = np.load(directory / "ids.npy", allow_pickle=False)
         alive = np.load(directory / "alive.npy", allow_pickle=False)
-        if index.ntotal != len(ids) or len(ids) != len(alive) or ids.dtype != np.int64:
+        if index.d != dim or index.ntotal != len(ids) or len(ids) != len(alive) or ids.dtype != np.int64:
             raise ValueError(f"index files disagree: d={index.d}, ntotal={index.ntotal}, ids={len(ids)}")
         out._index, out._ids, out._alive = index, ids.astype(_id_dtype(ids)), alive.astype(bool)
         out.kind = "flat" if isinstance(index, faiss.IndexFlat) else "hnsw-sq8"
         if out.kind != "flat":
             out._index.hnsw.efSearch = out.ef_search
             if faiss.downcast_index(index.storage).sq.qtype == faiss.ScalarQuantizer.QT_8bit_direct:
-                out._codec, out._split = _load_codec(directory, dim)
-        out._tail = np.load(directory / TAIL_FILE, allow_pickle=False) if out._split is not None else \
-            np.zeros((len(ids), 0), np.uint8)  # fmt: skip
-        if index.d != out._walk_dim or out._tail.shape != (len(ids), dim - out._walk_dim) or out._tail.dtype != np.uint8:
-            raise ValueError(f"index files disagree: d={index.d} for dim {dim}, tail codes {out._tail.shape} "
-                             f"{out._tail.dtype}")  # fmt: skip
+                lo, scale = np.load(directory / CODEC_FILE, allow_pickle=False).astype(np.float64).tolist()
+                if not (np.isfinite(lo) and np.isfinite(scale) and scale > 0):
+                    raise ValueError(f"{CODEC_FILE} holds a bad range: lo={lo}, scale={scale}")
+                out._codec = ByteCodec(lo, scale)
         out._n, out._dead = len(ids), int((~out._alive).sum())
         out._sorted = bool(np.all(np.diff(ids) > 0))
         if (directory / LAYOUT_FILE).is_file():  # saved before 2026-12-07: none laid out
