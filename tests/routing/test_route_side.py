@@ -15,7 +15,14 @@ import pytest
 from smoa.config import SMoAConfig
 from smoa.errors import ConfigError
 from smoa.routing import router as router_mod
-from smoa.routing.costs import SIDE_EXPLORE_EVERY, SIDE_EXPLORE_WARM, SIDE_MIN_SAMPLES, SIDE_SAMPLES, SideChoice
+from smoa.routing.costs import (
+    SIDE_CLEAR_SAMPLES,
+    SIDE_EXPLORE_EVERY,
+    SIDE_EXPLORE_WARM,
+    SIDE_MIN_SAMPLES,
+    SIDE_SAMPLES,
+    SideChoice,
+)
 from smoa.routing.index import IndexParams
 from smoa.routing.router import Router, RoutingText
 from smoa.routing.side import SideThread
@@ -82,7 +89,8 @@ def test_side_thread_routes_equal_the_serial_path(hnsw_router, monkeypatch) -> N
 
 def test_auto_times_both_modes_and_keeps_the_faster() -> None:
     """``routing_parallel_side="auto"``: each mode runs until it has SIDE_MIN_SAMPLES timings, then the one with the
-    lower median, and the other once per SIDE_EXPLORE_WARM routes until its window is full, then once per
+    lower median, and the other once per SIDE_EXPLORE_WARM routes until its window is full or the lead is clear
+    (here at once: 0.3 against 0.5 ms, so once the slower mode has SIDE_CLEAR_SAMPLES timings), then once per
     SIDE_EXPLORE_EVERY routes."""
     choice = SideChoice()
 
@@ -95,8 +103,8 @@ def test_auto_times_both_modes_and_keeps_the_faster() -> None:
 
     serve(2 * SIDE_MIN_SAMPLES)
     assert len(choice.ms[True]) == len(choice.ms[False]) == SIDE_MIN_SAMPLES  # alternated until both had enough
-    warm = serve((SIDE_SAMPLES - SIDE_MIN_SAMPLES) * SIDE_EXPLORE_WARM)
-    assert warm.count(False) == SIDE_SAMPLES - SIDE_MIN_SAMPLES and len(choice.ms[False]) == SIDE_SAMPLES
+    warm = serve((SIDE_CLEAR_SAMPLES - SIDE_MIN_SAMPLES) * SIDE_EXPLORE_WARM)
+    assert warm.count(False) == SIDE_CLEAR_SAMPLES - SIDE_MIN_SAMPLES and len(choice.ms[False]) == SIDE_CLEAR_SAMPLES
     assert all(warm[i] for i in range(len(warm)) if (i + 1 + 2 * SIDE_MIN_SAMPLES) % SIDE_EXPLORE_WARM)
     runs = serve(4 * SIDE_EXPLORE_EVERY)
     start = 2 * SIDE_MIN_SAMPLES + len(warm) + 1  # the route count of runs[0]
@@ -106,20 +114,43 @@ def test_auto_times_both_modes_and_keeps_the_faster() -> None:
     assert sum(choice.pick() for _ in range(SIDE_EXPLORE_EVERY)) == 1
 
 
-def test_auto_soon_leaves_a_mode_its_first_noisy_timings_chose() -> None:
+@pytest.mark.parametrize("cold_runs", [SIDE_MIN_SAMPLES, SIDE_CLEAR_SAMPLES // 2 + 2])
+def test_auto_soon_leaves_a_mode_its_first_noisy_timings_chose(cold_runs: int) -> None:
     """The first SIDE_MIN_SAMPLES timings of each mode are few and noisy: when they make the slower mode look faster,
     the other mode is timed often enough (SIDE_EXPLORE_WARM) that the choice turns within a few hundred routes, not
-    after thousands (once per SIDE_EXPLORE_EVERY, as before)."""
+    after thousands (once per SIDE_EXPLORE_EVERY, as before). 10 cold timings of 16 still hold the side's median
+    up when a clear lead could end the warm phase: its latest timings, not cold, keep it going."""
     rng = np.random.default_rng(0)
     choice = SideChoice()
     picks = []
-    for i in range(2000):
+    for _ in range(2000):
         beside = choice.pick()
         picks.append(beside)
-        cold = i < 2 * SIDE_MIN_SAMPLES and beside  # its first timings: unlucky
+        cold = beside and picks.count(True) <= cold_runs  # its first timings: unlucky
         choice.record(beside, float(rng.normal(1.2 if cold else 0.6, 0.1) if beside else rng.normal(0.8, 0.1)))
     assert not picks[2 * SIDE_MIN_SAMPLES]  # the first timings chose serial
     assert np.mean(picks[600:]) > 0.99  # and then the faster mode, beside the walk
+
+
+def test_auto_ends_its_warm_phase_early_only_on_a_clear_lead() -> None:
+    """The other mode is timed once per SIDE_EXPLORE_WARM routes until its window is full, unless the chosen mode
+    leads clearly (medians 20 % apart: a fresh 1M-key router's case); a lead within the timings' noise keeps the
+    whole warm phase (each mode is then nearly as good, and the choice may still turn)."""
+    rng = np.random.default_rng(1)
+
+    def serial_share(after_ms: float, routes: int = 600) -> tuple[float, int]:
+        choice = SideChoice()
+        picks = []
+        for _ in range(routes):
+            beside = choice.pick()
+            picks.append(beside)
+            choice.record(beside, float(rng.normal(0.6 if beside else after_ms, 0.05)))
+        return 1 - float(np.mean(picks)), len(choice.ms[False])
+
+    share, timed = serial_share(0.72)  # beside leads by 20 %
+    assert share < 0.05 and timed < SIDE_CLEAR_SAMPLES + 3
+    share, timed = serial_share(0.61)  # within the noise
+    assert timed >= SIDE_SAMPLES - 2 and share > 0.1
 
 
 def test_auto_on_a_live_router_uses_both_modes_and_gives_the_same_routes(hnsw_router) -> None:

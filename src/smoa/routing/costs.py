@@ -18,6 +18,7 @@ one sample.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 import statistics
@@ -48,6 +49,8 @@ SIDE_MIN_SAMPLES = 8  # each mode runs until it has this many; then the faster o
 SIDE_EXPLORE_EVERY = 512  # ... once per this many routes (1 in 128 moved a 1M-key p99 by 0.1 ms: 0.8 % slower routes)
 SIDE_EXPLORE_WARM = 8  # ... once per this many while its window is not full yet: a choice made on 8 noisy first
 # timings per mode, where the two differ by less than their spread, kept the slower mode for thousands of routes
+SIDE_CLEAR_SAMPLES = 16  # ... unless both modes have this many timings and the chosen one leads clearly:
+SIDE_CLEAR_LEAD = 0.05  # the other's median, and that of its last SIDE_CLEAR_SAMPLES // 2, over (1 + this) x its own
 
 
 class EncoderCost:
@@ -277,8 +280,12 @@ class SideChoice:
     mode. Each mode runs until it has :data:`SIDE_MIN_SAMPLES`; then the one with the lower median, and the
     other once per :data:`SIDE_EXPLORE_WARM` routes until its window is full (:data:`SIDE_SAMPLES`: a choice made on
     a few first timings is soon checked), then once per :data:`SIDE_EXPLORE_EVERY` routes so its window follows
-    the machine's load and the index's growth. Both modes give the same scores, float for float: only the time
-    differs.
+    the machine's load and the index's growth. The warm phase ends sooner when the choice is clear: both modes
+    have :data:`SIDE_CLEAR_SAMPLES` timings and the other's median, and that of its latest half of those, are over
+    ``1 +`` :data:`SIDE_CLEAR_LEAD` times the chosen one's (the latest ones too: first timings on a cold side
+    thread must not settle the choice against it). At 1M keys the side thread leads by ~20 %: a fresh router
+    served 4.8 % rather than 11.6 % of its first 500 routes in the slower mode (a scratch A/B, ``docs/bench_routing.md``).
+    Both modes give the same scores, float for float: only the time differs.
     """
 
     def __init__(self) -> None:
@@ -291,8 +298,17 @@ class SideChoice:
         if len(after) < SIDE_MIN_SAMPLES or len(beside) < SIDE_MIN_SAMPLES:
             return len(beside) <= len(after)
         best = beside.percentile(50) < after.percentile(50)
-        every = SIDE_EXPLORE_EVERY if len(after if best else beside) >= SIDE_SAMPLES else SIDE_EXPLORE_WARM
+        chosen, other = (beside, after) if best else (after, beside)
+        every = SIDE_EXPLORE_EVERY if len(other) >= SIDE_SAMPLES or self._clear(chosen, other) else SIDE_EXPLORE_WARM
         return (not best) if self._routes % every == 0 else best
+
+    @staticmethod
+    def _clear(chosen: Window, other: Window) -> bool:
+        """Whether ``chosen`` leads ``other`` clearly enough to end the warm phase (class docstring)."""
+        if len(other) < SIDE_CLEAR_SAMPLES or len(chosen) < SIDE_CLEAR_SAMPLES:
+            return False
+        bar = (1.0 + SIDE_CLEAR_LEAD) * chosen.percentile(50)
+        return other.percentile(50) > bar and other.latest_percentile(SIDE_CLEAR_SAMPLES // 2, 50) > bar
 
     def record(self, beside: bool, ms: float) -> None:
         self.ms[beside].append(ms)
@@ -331,6 +347,10 @@ class Window:
     def percentile(self, q: float) -> float:
         """``np.percentile(samples, q)`` (linear interpolation), 0 without samples."""
         return _interpolate(self._sorted, q)
+
+    def latest_percentile(self, m: int, q: float) -> float:
+        """:meth:`percentile` of the newest ``m`` samples only."""
+        return _interpolate(sorted(itertools.islice(reversed(self._recent), m)), q)
 
     def __len__(self) -> int:
         return len(self._recent)
