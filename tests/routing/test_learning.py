@@ -295,6 +295,35 @@ def test_hybrid_does_not_tag_score_the_candidates_the_free_gate_drops(monkeypatc
 
 
 @pytest.mark.parametrize("beside", [False, True], ids=["after-the-walk", "beside-the-walk"])
+def test_a_route_works_out_the_free_gate_once(monkeypatch: pytest.MonkeyPatch, beside: bool) -> None:
+    """HYBRID's tag side and the route's gate ask for the same cosines' drops: they are worked out once per route,
+    and the routes are those of working them out at each ask, float for float."""
+    router, names, its = with_free_adapters(params=IndexParams(exact_threshold=100, ef_search=64))
+    router.config.routing_parallel_side = beside
+    words = its[0].description.split()
+    weak = f"{words[0]} {words[1]} zebra glacier violin ocean"
+    cases = [(it.description, None, None) for it in its[:40:4]] + [(weak, None, None), (weak, {"domain": "misc"}, None),
+                                                                   ("sourdough loaf oven crust", None, None)]
+    calls: list[int] = []
+    real_gated, real_drops = Router._gated_out, Router._free_drops
+
+    def counted(self, cos, terms, free):  # noqa: ANN001, ANN202
+        calls.append(len(cos))
+        return real_gated(self, cos, terms, free)
+
+    monkeypatch.setattr(Router, "_gated_out", counted)
+    got = hybrid_routes(router, cases)
+    assert len(calls) == len(cases)  # once per route
+    monkeypatch.setattr(Router, "_free_drops", lambda self, cos, terms: (setattr(self, "_drops_memo", None),
+                                                                         real_drops(self, cos, terms))[1])  # fmt: skip
+    calls.clear()
+    assert hybrid_routes(router, cases) == got
+    assert len(calls) > len(cases)  # worked out at each ask: the tag side's and the gate's
+    assert any(ids == [] for ids, *_ in got) and any(ids and ids[0].startswith("free") for ids, *_ in got)
+    assert router._drops_memo is None  # a route lets its cosines go
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["after-the-walk", "beside-the-walk"])
 def test_hybrid_tag_scores_only_the_candidates_that_can_still_make_the_route(
     monkeypatch: pytest.MonkeyPatch, beside: bool
 ) -> None:

@@ -276,6 +276,9 @@ class Router:
         self._rescue_at: tuple = ()  # the index / groups versions the rescue cache holds
         self._rescue_rows = 0
         self._tag_end: float | None = None  # perf_counter at the end of this route's tag side (WalkCost.tail_done)
+        # this route's last free-gate drops: (cosines, their count, terms, drops) (_free_drops; HYBRID's tag side and
+        # the route's gate ask for the same cosines)
+        self._drops_memo: tuple[dict[int, float], int, list[tuple[str, int]], set[int]] | None = None
         # the walk-free steps of a route beside its HNSW walk (smoa.routing.side, while ``routing_parallel_side``);
         # its thread starts at the first such route; one core would only interleave them
         self._side = SideThread() if usable_cpus() >= 2 else None
@@ -1286,6 +1289,7 @@ class Router:
         if self._tag_end is not None:
             self._walk_cost.tail_done((time.perf_counter() - self._tag_end) * 1e3)
             self._tag_end = None
+        self._drops_memo = None  # holds this route's cosines: let them go
         return route
 
     def _free_gate(
@@ -1302,11 +1306,20 @@ class Router:
         examples whose cosine is under the free threshold (module docstring of :mod:`smoa.routing.calibrate`): they
         would serve an unrelated query. A candidate carrying a tag the query's metadata ``terms`` name is kept: the
         caller said what the query is about. HYBRID's tag side skips them (they are never fused: at 1M keys about
-        half of a route's ~190 candidates)."""
+        half of a route's ~190 candidates). Worked out once per route: the tag side and the route's gate ask for
+        the same cosines."""
         cal = self._learner.calibration
         if not cos or not isinstance(self.config.routing_threshold, str) or cal.free_threshold <= cal.threshold:
             return set()
-        stored, free = self._learner.stored, cal.free_threshold
+        memo = self._drops_memo  # the cosines are not changed once gated: the same dict and count, the same drops
+        if memo is not None and memo[0] is cos and memo[1] == len(cos) and memo[2] is terms:
+            return memo[3]
+        self._drops_memo = (cos, len(cos), terms, self._gated_out(cos, terms, cal.free_threshold))
+        return self._drops_memo[3]
+
+    def _gated_out(self, cos: Mapping[int, float], terms: list[tuple[str, int]], free: float) -> set[int]:
+        """:meth:`_free_drops`' work, for a free threshold ``free`` that is on."""
+        stored = self._learner.stored
         drop = [k for k, c in cos.items() if c < free and not (k in stored and len(stored[k].examples))]
         if drop and terms:
             named = {t for t, _ in terms}
