@@ -97,3 +97,15 @@ def test_ascii_words_take_the_regex_path_with_the_same_terms() -> None:
     for text in samples:
         assert text.isascii() and terms(text) == general(text), text
     assert terms("C++ and ＣＵＤＡ; 医学") == ["c++", "and", "cuda", "医", "学", "医学"]  # non-ASCII: the general path
+
+
+def test_carrying_is_whether_a_key_holds_one_of_the_names_in_either_field() -> None:
+    t = lib()
+    t.add(5, ["finance"], ["prediction", "analysis"])  # the same combination as key 4
+    keys = [4, 1, 99, 3, 5, 2, 4, -7]  # 99 and -7 are not keys
+    for names in ({"medical"}, {"review"}, {"finance", "legal"}, {"diagnosis"}, {"nothing"}, set()):
+        want = [t.tags_of(k) is not None and bool(names & {x for tags in t.tags_of(k) for x in tags}) for k in keys]
+        assert t.carrying(keys, names) == want, names
+    assert t.carrying([], {"medical"}) == []
+    t.remove(4)
+    assert t.carrying([4, 5], {"finance"}) == [False, True]

@@ -1322,8 +1322,8 @@ class Router:
         stored = self._learner.stored
         drop = [k for k, c in cos.items() if c < free and not (k in stored and len(stored[k].examples))]
         if drop and terms:
-            named = {t for t, _ in terms}
-            drop = [k for k in drop if not named & {t for tags in (self._tags.tags_of(k) or ((), ())) for t in tags}]
+            named = self._tags.carrying(drop, {t for t, _ in terms})
+            drop = [k for k, keep in zip(drop, named) if not keep]
         return set(drop)
 
     def _cascade(

@@ -292,6 +292,20 @@ class TagIndex:
         """:meth:`tags_of` of each of ``keys`` ``[m]`` (one vectorised lookup)."""
         return [None if c == MISSING else self._combos[c] for c in self._combo_of.get_many(keys).tolist()]
 
+    def carrying(self, keys: Sequence[int], names: set[str]) -> list[bool]:
+        """Whether each of ``keys`` carries one of ``names`` among its domain or skill tags (absent keys: ``False``);
+        one vectorised lookup, then one test per distinct tag combination (few), not per key."""
+        cids = self._combo_of.get_many(np.asarray(keys, np.int64)).tolist()
+        hit: dict[int, bool] = {MISSING: False}
+        out = []
+        for cid in cids:
+            got = hit.get(cid)
+            if got is None:
+                dom, skill = self._combos[cid]
+                got = hit[cid] = not (names.isdisjoint(dom) and names.isdisjoint(skill))
+            out.append(got)
+        return out
+
     def keys(self) -> list[int]:
         return self._combo_of.items()[0].tolist()
 
