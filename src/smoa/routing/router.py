@@ -278,7 +278,7 @@ class Router:
         self._tag_end: float | None = None  # perf_counter at the end of this route's tag side (WalkCost.tail_done)
         # this route's last free-gate drops: (cosines, their count, terms, drops) (_free_drops; HYBRID's tag side and
         # the route's gate ask for the same cosines)
-        self._drops_memo: tuple[dict[int, float], int, list[tuple[str, int]], set[int]] | None = None
+        self._drops_memo: tuple[Mapping[int, float], int, list[tuple[str, int]], set[int]] | None = None
         # the walk-free steps of a route beside its HNSW walk (smoa.routing.side, while ``routing_parallel_side``);
         # its thread starts at the first such route; one core would only interleave them
         self._side = SideThread() if usable_cpus() >= 2 else None
