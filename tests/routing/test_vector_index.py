@@ -290,7 +290,6 @@ def test_scores_of_is_the_inner_product_with_the_stored_vectors(threshold: int) 
     np.testing.assert_allclose(sims, vecs @ q, rtol=1e-5, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("threshold", [10_000, 500])
 def test_scores_of_gives_a_key_the_same_bits_whatever_else_is_asked(threshold: int) -> None:
     """A route's serial path and its side-thread path ask the tag side's candidates in different batches, and their
@@ -303,6 +302,7 @@ def test_scores_of_gives_a_key_the_same_bits_whatever_else_is_asked(threshold: i
     for m in [*range(1, 40), 63, 64, 65, 127, 200]:
         found, sims = idx.scores_of(rng.choice(1500, m, replace=False), q)
         assert [alone[k] for k in found.tolist()] == sims.tolist(), m
+
 
 def test_the_byte_codes_view_follows_the_codes_as_the_index_grows() -> None:
     """Searches read faiss' code array in place; an insert may move that array, and the scores after it must still
