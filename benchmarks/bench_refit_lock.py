@@ -26,7 +26,9 @@ the space) and the base encoder as the "new" one, so routes are answered the sam
 ``--apply``: the same for one change set of ``--changes`` new adapters from the core (``Router.apply``: a bulk
 ``create_adapters``, or a replica catching up with another's). It is atomic for the routes, so it goes live in one
 hold; a big one is inserted hidden beforehand, a few keys per hold (``Router._stage``), and that hold only makes it
-live. Compared with everything inserted in that hold (as before 2026-12-07). Each change set is removed again
+live. Compared with everything inserted in that hold (as before 2026-12-07), and with staging in blocks of a fixed
+``--stage-rows`` rows per hold (as before 2026-12-08; now each hold inserts what fits ``STAGE_HOLD_MS`` at the
+measured cost per row, at most ``--stage-rows``). Each change set is removed again
 after its round (not timed). The ``--adapters`` are refitted first, so the apply also checks which learned
 adapters the new keys threaten (``Router._disturbed``, after the hold).
 
@@ -64,7 +66,9 @@ EXAMPLES = 24
 MODES = {"one hold (before)": (10**9, 10**9),
          "blocks (default)": (router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS)}  # fmt: skip
 SWAP_MODES = ("inserted in the swap's hold (before)", "staged (default)")
-APPLY_MODES = {"inserted in the apply's hold (before)": 10**9, "staged (default)": router_mod.STAGE_MIN_ROWS}
+APPLY_MODES = {"inserted in the apply's hold (before)": (10**9, router_mod.STAGE_HOLD_MS),
+               "staged, 32 rows per hold (before)": (router_mod.STAGE_MIN_ROWS, 0.0),
+               "staged (default)": (router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS)}  # (STAGE_MIN_ROWS, STAGE_HOLD_MS)
 
 
 def build(n: int, adapters: int, rng: np.random.Generator) -> tuple[Router, list[str]]:
@@ -137,7 +141,8 @@ def one(router: Router, texts: list[str], lock: TracedLock, work=None) -> dict[s
     th.join()
     ms = np.array(lat[n0 : n1 + 1])
     held = [h for _, h in lock.holds]
-    return {"wall": wall, "routes": len(ms), "p50": float(np.median(ms)), "max": float(ms.max()),
+    return {"wall": wall, "routes": len(ms), "p50": float(np.median(ms)), "p99": float(np.percentile(ms, 99)),
+            "max": float(ms.max()),
             "over10": int((ms > 10).sum()), "holds": len(held), "longest": max(held, default=0.0)}  # fmt: skip
 
 
@@ -175,7 +180,7 @@ def main() -> int:
                 rows[name].append(one(router, texts, lock, lambda: swap(router, name == SWAP_MODES[1], rng)))
             elif args.apply:
                 entries = change_set(router, args.changes, args.keys + 10 * args.changes, rng)
-                router_mod.STAGE_MIN_ROWS = APPLY_MODES[name]
+                router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS = APPLY_MODES[name]
                 rows[name].append(one(router, texts, lock, lambda: router.apply(entries, [], router.generation + 1)))
                 router.apply([], [e.key for e in entries], router.generation + 1)
             else:
@@ -183,15 +188,15 @@ def main() -> int:
                 rows[name].append(one(router, texts, lock))
             print(f"round {r + 1}: {name} done", flush=True)
     router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES["blocks (default)"]
-    router_mod.STAGE_MIN_ROWS = APPLY_MODES["staged (default)"]
+    router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS = APPLY_MODES["staged (default)"]
     what = "swap" if args.swap else "apply" if args.apply else "refit"
-    print(f"\n| mode | {what} s | routes beside it | route p50 ms | slowest route ms | routes > 10 ms | "
+    print(f"\n| mode | {what} s | routes beside it | route p50 ms | route p99 ms | slowest route ms | routes > 10 ms | "
           "lock holds > 4 ms: count, longest ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, runs in rows.items():
         for x in runs:
-            print(f"| {name} | {x['wall']:.1f} | {x['routes']} | {x['p50']:.2f} | {x['max']:.1f} | {x['over10']} | "
-                  f"{x['holds']}, {x['longest']:.1f} |")  # fmt: skip
+            print(f"| {name} | {x['wall']:.1f} | {x['routes']} | {x['p50']:.2f} | {x['p99']:.2f} | {x['max']:.1f} | "
+                  f"{x['over10']} | {x['holds']}, {x['longest']:.1f} |")  # fmt: skip
     return 0
 
 

@@ -518,11 +518,13 @@ def test_rivals_searched_a_few_rows_per_lock_hold_are_those_of_one_search(monkey
         np.testing.assert_array_equal(vecs, want_vecs)
 
 
-def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_once(monkeypatch) -> None:
+@pytest.mark.parametrize("hold_ms", [2.0, 1e-9])
+def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_once(monkeypatch, hold_ms) -> None:
     """A change set of many keys for an HNSW index is inserted hidden a few keys per hold of the router's lock, then
     made live in the one hold that applies it. Routes between the blocks see the library as it was (none of the
     change set: atomic, as the core's change log needs); afterwards the router holds what applying it in one hold
-    gives: the same keys, tags, groups, generation and routes."""
+    gives: the same keys, tags, groups, generation and routes. With a hold budget no row fits (``1e-9`` ms) each
+    hold after the first inserts one row, so an adapter's two keys are staged in two holds."""
     from smoa.routing import router as router_mod
     from smoa.routing.index import IndexParams
     from smoa.routing.router import KeyEntry
@@ -554,6 +556,7 @@ def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_on
     once.apply(upserts, removes, generation=2)
     monkeypatch.setattr(router_mod, "STAGE_MIN_ROWS", 64)
     monkeypatch.setattr(router_mod, "STAGE_ROWS", 16)
+    monkeypatch.setattr(router_mod, "STAGE_HOLD_MS", hold_ms)
     staged = built()
     before, seen = routes(staged), []
     real_yield = router_mod.yield_gil
@@ -565,7 +568,7 @@ def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_on
     monkeypatch.setattr(router_mod, "yield_gil", between_blocks)
     staged.apply(upserts, removes, generation=2)
     monkeypatch.setattr(router_mod, "yield_gil", real_yield)
-    assert len(seen) >= 190 // 16, len(seen)  # 190 keys in blocks of 16 rows
+    assert len(seen) >= (190 // 16 if hold_ms > 1 else 1 + 190 - router_mod.STAGE_FIRST_ROWS), len(seen)  # 190 keys
     assert all(s == (before, 300, 1) for s in seen)  # none of the change set before its hold
     assert len(staged._vectors) == len(once._vectors) == 300 - 10 + 150 + 20
     assert staged.generation == once.generation == 2
@@ -576,3 +579,47 @@ def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_on
     after = routes(staged)
     assert after == routes(once) and after != before
     assert any(a[0][0].startswith("ad_3") or a[0][0] in ids_of(list(range(5, 25))) for a in after)
+
+
+@pytest.mark.parametrize("hold_ms, per_row_ms, want", [
+    (2.0, 0.5, [4, 4, 4, 4, 4, 4, 4, 2]),  # the first hold's 4 rows, then what fits 2 ms at 0.5 ms a row
+    (2.0, 0.3, [4, 6, 6, 6, 6, 2]),
+    (2.0, 0.01, [4, 26]),  # at most STAGE_ROWS (32) rows a hold
+    (0.0, 0.5, [30]),  # no budget: STAGE_ROWS rows a hold, from the first
+])  # fmt: skip
+def test_stage_sizes_each_hold_to_the_measured_cost_per_row(monkeypatch, hold_ms, per_row_ms, want) -> None:
+    """Each hold of the lock inserts the rows that fit ``STAGE_HOLD_MS`` at the cost per row the previous holds took
+    (a clock that moves ``per_row_ms`` per staged row); every adapter comes back with its own keys' positions, the
+    ones its keys were inserted at, even where they span two holds."""
+    from smoa.routing import router as router_mod
+    from smoa.routing.index import IndexParams, VectorIndex
+
+    dim, rng = 32, np.random.default_rng(8)
+    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    router = Router(SMoAConfig(encoder="hash", routing_threshold=-1.0), None, ids_of, encoder=_PrimedDim(dim),
+                    params=IndexParams(exact_threshold=10))  # fmt: skip
+    router.add(np.arange(40), unit(rng.standard_normal((40, dim))), [([], [])] * 40, generation=1)
+    assert router._vectors.kind != "flat"
+    now, holds = [0.0], []
+    real_stage = VectorIndex.stage
+
+    def timed(self, keys, vectors):
+        holds.append(len(keys))
+        now[0] += per_row_ms / 1e3 * len(keys)
+        return real_stage(self, keys, vectors)
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return now[0]
+
+    monkeypatch.setattr(VectorIndex, "stage", timed)
+    monkeypatch.setattr(router_mod, "time", Clock)
+    monkeypatch.setattr(router_mod, "STAGE_HOLD_MS", hold_ms)
+    keys = {100 + i: unit(rng.standard_normal((1 + i % 3, dim))) for i in range(15)}  # 30 rows, 1-3 per adapter
+    generation, staged = router._stage(keys)
+    assert holds == want
+    assert generation == router._vectors.staged_generation and list(staged) == list(keys)
+    for k, (mat, pos) in staged.items():
+        assert mat is keys[k] and len(pos) == len(mat)
+        np.testing.assert_array_equal(router._vectors._ids[pos], router_mod._slots(np.asarray([k]), np.asarray([len(mat)])))

@@ -488,6 +488,31 @@ def test_staged_keys_stay_hidden_until_revealed_then_search_as_added_ones(thresh
         faiss.omp_set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threshold", [10_000, 100])
+@pytest.mark.parametrize("removed", [0, 40])
+def test_staging_hides_its_keys_and_keeps_the_dead_positions_selector(threshold: int, removed: int) -> None:
+    """Staged keys lie past the dead positions' bitmap, which faiss reads as outside it: an index that already had
+    dead positions keeps its selector (routes between two staging holds do not pack the bitmap again), one that had
+    none builds it; either way no search returns a staged key, not even the query's own copy."""
+    x = clustered(700)
+    idx = VectorIndex.build(64, np.arange(500), x[:500], IndexParams(exact_threshold=threshold))
+    idx.remove(np.arange(removed))
+    q = x[500:560]
+    live = np.arange(removed, 500)
+    idx.search(q, 5)
+    selector = idx._selector(None)
+    assert (selector is None) == (removed == 0)
+    for lo in range(500, 560, 20):  # three holds' worth, each staging the queries' own vectors
+        idx.stage(np.arange(lo, lo + 20) + 1000, x[lo : lo + 20])
+        if removed:
+            assert idx._selector(None) is selector
+        scores, got = idx.search(q, 5)
+        assert np.isin(got, live).all() and (scores < 0.999).all()
+        if idx.kind == "flat":
+            np.testing.assert_array_equal(got, brute(x[live], live, q, 5))
+    assert idx._selector(None) is not None and idx._dead == removed + 60
+
+
 def test_a_rebuild_drops_staged_keys_and_their_reveal_changes_nothing() -> None:
     x = clustered(700)
     idx = VectorIndex.build(64, np.arange(500), x[:500], IndexParams(exact_threshold=100))

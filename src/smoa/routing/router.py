@@ -172,7 +172,9 @@ TAG_TUNE_CHUNK = 8  # example routes per hold of the router's lock (64: a route 
 TAG_TUNE_GAIN = 0.02  # another weight must route this share (and >= 5) more of them right than LEARNED_TAG_WEIGHT
 MAX_FIXED = 1024  # fixed rival keys in one fit (the nearest first)
 INSTALL_ADAPTERS = 8  # adapters whose learned keys are installed per hold of the router's lock (_install_learned)
-STAGE_ROWS = 32  # keys inserted hidden per hold of the router's lock (_stage: 8 adapters x 4 keys, as above)
+STAGE_ROWS = 32  # at most this many keys inserted hidden per hold of the router's lock (_stage)
+STAGE_HOLD_MS = 2.0  # _stage: rows per hold sized to this at the measured cost per row (0: STAGE_ROWS per hold)
+STAGE_FIRST_ROWS = 4  # _stage's first hold, before any cost is measured
 STAGE_MIN_ROWS = 64  # a change set with this many keys for an HNSW index is staged first (apply)
 RIVAL_ROWS = 16  # probe rows searched for rivals per hold of the router's lock (Router._rivals)
 DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
@@ -918,31 +920,44 @@ class Router:
         return out
 
     def _stage(self, keys: dict[int, np.ndarray]) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
-        """``keys`` inserted into the vector index hidden (:meth:`VectorIndex.stage`), about :data:`STAGE_ROWS`
-        keys (whole adapters) per hold of the lock: ``(the index's staged generation, {adapter: (its keys, their
-        positions)})`` for :meth:`_reveal` to make live in one hold. Stops early if the index is replaced or
-        rebuilt meanwhile (the rest is then inserted the slow way, in that hold)."""
+        """``keys`` inserted into the vector index hidden (:meth:`VectorIndex.stage`), a few rows per hold of the
+        lock: ``(the index's staged generation, {adapter: (its keys, their positions)})`` for :meth:`_reveal` to make
+        live in one hold. Stops early if the index is replaced or rebuilt meanwhile (the rest is then inserted the
+        slow way, in that hold).
+
+        A hold inserts as many rows as fit in :data:`STAGE_HOLD_MS` at the rate the previous holds measured (one
+        graph insert costs ~0.33 ms per row at 200K keys, whatever the batch), at most :data:`STAGE_ROWS`, at least
+        one; an adapter's rows may span holds. Blocks of a fixed 32 rows held the lock ~10 ms each at 200K keys,
+        and a route that came during one waited for it (``benchmarks/bench_refit_lock.py --apply``)."""
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         order = list(keys)
+        if not order:
+            with self._lock:
+                return self._vectors.staged_generation, out
+        mats = [keys[k] for k in order]
+        counts = np.fromiter((len(m) for m in mats), np.int64, len(mats))
+        slots, rows = _slots(np.asarray(order, np.int64), counts), np.concatenate(mats)
+        pos = np.empty(len(rows), np.int64)
         with self._lock:
             vectors = self._vectors
             generation = vectors.staged_generation
-        at = 0
-        while at < len(order):
+        at, take, rates = 0, min(STAGE_ROWS, STAGE_FIRST_ROWS) if STAGE_HOLD_MS > 0 else STAGE_ROWS, deque(maxlen=8)
+        while at < len(rows):
             with self._lock:
                 if self._vectors is not vectors or vectors.staged_generation != generation:
                     break
-                block, rows = [], 0
-                while at < len(order) and (not block or rows + len(keys[order[at]]) <= STAGE_ROWS):
-                    block.append(order[at])
-                    rows += len(keys[order[at]])
-                    at += 1
-                mats = [keys[k] for k in block]
-                counts = np.fromiter((len(m) for m in mats), np.int64, len(mats))
-                pos = vectors.stage(_slots(np.asarray(block, np.int64), counts), np.concatenate(mats))
-                for k, m, p in zip(block, mats, np.split(pos, np.cumsum(counts)[:-1])):
-                    out[k] = (m, p)
+                t = time.perf_counter()
+                pos[at : at + take] = vectors.stage(slots[at : at + take], rows[at : at + take])
+                rates.append((time.perf_counter() - t) / take)
+            at += take
+            if STAGE_HOLD_MS > 0:  # rows that fit the hold at the median recent cost per row
+                take = int(min(STAGE_ROWS, max(1, STAGE_HOLD_MS / 1e3 // max(float(np.median(rates)), 1e-9))))
+            else:
+                take = STAGE_ROWS
             yield_gil()
+        ends = np.cumsum(counts)
+        for i in range(int(np.searchsorted(ends, at, side="right"))):  # the adapters staged whole
+            out[order[i]] = (mats[i], pos[ends[i] - counts[i] : ends[i]])
         return generation, out
 
     def _install_learned(

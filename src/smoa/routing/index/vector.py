@@ -484,7 +484,8 @@ class VectorIndex:
         self._code_view = None
         self._index.add(self._encode(x))
         self._advise()
-        self._forget_selector()
+        if alive or not self._dead:  # hidden positions past the selector's bitmap are outside it: it still holds
+            self._forget_selector()
         self.version += 1
 
     def remove(self, keys: np.ndarray) -> int:
@@ -607,12 +608,12 @@ class VectorIndex:
             if not self._dead:
                 return None
             if self._selector_cache is None:
-                bits = np.packbits(self._alive[: self._n], bitorder="little")
-                self._selector_cache = (bits, faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(bits)))
+                bits = np.packbits(self._alive[: self._n], bitorder="little")  # (faiss takes the size in bytes)
+                self._selector_cache = (bits, faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)))
             return self._selector_cache[1]
         mask = np.isin(self._ids[: self._n], allowed) & self._alive[: self._n]
         bits = np.packbits(mask, bitorder="little")
-        sel = faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(bits))
+        sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
         sel._smoa_bits = bits  # keep the bitmap alive as long as the selector
         return sel
 
