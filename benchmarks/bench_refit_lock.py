@@ -156,9 +156,12 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=10_000, help="adapters in the --apply change set")
     ap.add_argument("--stage-rows", type=int, default=router_mod.STAGE_ROWS,
                     help="keys staged per hold of the lock (--swap, --apply; the default's block size)")
+    ap.add_argument("--stage-hold-ms", type=float, default=router_mod.STAGE_HOLD_MS,
+                    help="the default's hold budget for staging (--swap, --apply; 0: --stage-rows per hold)")
     ap.add_argument("--no-freeze-gc", action="store_true", help="leave the collector as it is (before 15:15 UTC)")
     args = ap.parse_args()
-    router_mod.STAGE_ROWS = args.stage_rows
+    router_mod.STAGE_ROWS, router_mod.STAGE_HOLD_MS = args.stage_rows, args.stage_hold_ms
+    APPLY_MODES["staged (default)"] = (router_mod.STAGE_MIN_ROWS, args.stage_hold_ms)
     t = time.perf_counter()
     router, texts = build(args.keys, args.adapters, np.random.default_rng(0))
     print(f"{args.keys:,} keys ({router._vectors.kind}, efSearch {router._vectors.ef_search}), {args.adapters} "
