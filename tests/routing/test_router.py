@@ -623,3 +623,102 @@ def test_stage_sizes_each_hold_to_the_measured_cost_per_row(monkeypatch, hold_ms
     for k, (mat, pos) in staged.items():
         assert mat is keys[k] and len(pos) == len(mat)
         np.testing.assert_array_equal(router._vectors._ids[pos], router_mod._slots(np.asarray([k]), np.asarray([len(mat)])))
+
+
+def test_a_compaction_runs_on_a_copy_beside_the_routes_and_keeps_every_change(monkeypatch) -> None:
+    """Removing past a quarter of an HNSW index's positions does not rebuild it inside that hold: a background
+    compaction copies the live rows a block per hold, builds the copy without the lock and adopts it once it has
+    caught up with what changed meanwhile (removals, new and replaced adapters, a staged change set). Afterwards
+    the router holds what compacting in place gives: the same keys, tags, groups and routes, and no dead rows
+    but those removed while it caught up."""
+    from smoa.routing import router as router_mod
+    from smoa.routing.index import IndexParams, VectorIndex
+    from smoa.routing.router import KeyEntry
+
+    dim, rng = 48, np.random.default_rng(11)
+    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    base = unit(rng.standard_normal((600, dim)))
+    extra = unit(rng.standard_normal((130, dim)))
+    queries = unit(np.concatenate([base[::15], extra[::5]]) + 0.1 * rng.standard_normal((66, dim)))
+    texts = [f"q{i}" for i in range(len(queries))]
+    changes = [  # what happens between the copy's holds: (remove, upserts)
+        (list(range(300, 320)), [KeyEntry(1000 + i, extra[i], ["new"], []) for i in range(30)]),
+        ([], [KeyEntry(5 + i, extra[30 + i], ["back"], []) for i in range(20)]),  # removed keys back
+        ([], [KeyEntry(400 + i, extra[110 + i], ["moved"], []) for i in range(20)]),  # replaced keys
+        (list(range(320, 330)), [KeyEntry(2000 + i, extra[50 + i], ["bulk"], []) for i in range(80)]),  # staged
+    ]
+
+    def built() -> Router:
+        config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
+        router = Router(config, None, ids_of, encoder=_PrimedDim(dim), params=IndexParams(exact_threshold=100,
+                                                                                            ef_search=512))
+        router.add(np.arange(600), base, [(["old"], [])] * 600, generation=1)
+        router.encoder.prime(texts, queries)
+        return router
+
+    def routes(router: Router) -> list[tuple[list[str], list[float]]]:
+        return [(r.adapter_ids, r.routing_scores) for r in (router.route(t, strategy="hybrid", k=5) for t in texts)]
+
+    # the reference: compacted in place, in the hold that crossed a quarter
+    monkeypatch.setattr(router_mod, "COMPACT_IN_BACKGROUND", False)
+    once = built()
+    once.remove(range(160), generation=2)
+    assert once._vectors._dead == 0 and len(once._vectors) == 440
+    for g, (gone, ups) in enumerate(changes, start=3):
+        once.apply(ups, gone, generation=g)
+    monkeypatch.setattr(router_mod, "COMPACT_IN_BACKGROUND", True)
+
+    # in the background: a thread started by the removal's hold compacts the index once the hold is over
+    quick = built()
+    kept = quick._vectors
+    quick.remove(range(160), generation=2)
+    _, thread = quick._compactor
+    thread.join(60)
+    assert not thread.is_alive() and quick._vectors is not kept and quick._vectors._dead == 0
+    assert len(quick._vectors) == 440 and kept._journal is None
+    for g, (gone, ups) in enumerate(changes, start=3):
+        quick.apply(ups, gone, generation=g)
+    assert routes(quick) == routes(once)
+
+    # driven step by step: the changes land between the copy's holds and its catch-up rounds
+    monkeypatch.setattr(router_mod, "COMPACT_COPY_ROWS", 256)  # 3 copy holds, then catch-up rounds
+    monkeypatch.setattr(router_mod, "COMPACT_FINAL_ROWS", 16)  # the staged 80 rows: one more round
+    monkeypatch.setattr(Router, "_compact_when_due", lambda self: None)
+    step = built()
+    step.remove(range(160), generation=2)
+    assert step._vectors._dead == 160  # not compacted in the hold
+    todo, holds = list(enumerate(changes, start=3)), []
+    real_yield, real_compacted = router_mod.yield_gil, VectorIndex.compacted
+
+    def between() -> None:
+        if todo:
+            g, (gone, ups) = todo.pop(0)
+            step.apply(ups, gone, generation=g)
+        real_yield()
+
+    def compacted(template, keys, vectors):  # the build runs without the router's lock
+        holds.append(step._lock._is_owned())
+        return real_compacted(template, keys, vectors)
+
+    monkeypatch.setattr(router_mod, "yield_gil", between)
+    monkeypatch.setattr(VectorIndex, "compacted", staticmethod(compacted))
+    old = step._vectors
+    assert step.compact_index()
+    monkeypatch.setattr(router_mod, "yield_gil", real_yield)
+    assert not todo and holds == [False] and step._vectors is not old and old._journal is None
+    assert step._vectors._dead <= 50  # the removals and replacements replayed; the 160 are gone
+    assert len(step._vectors) == len(once._vectors) == 600 - 160 - 30 + 30 + 20 + 80
+    for key in [0, 5, 24, 25, 299, 300, 330, 400, 419, 599, 1000, 1029, 2000, 2079]:
+        np.testing.assert_array_equal(step.key_vectors(key), once.key_vectors(key))
+        assert step._groups.group_of(key) == once._groups.group_of(key)
+        assert step._tags.tags_of(key) == once._tags.tags_of(key)
+    assert routes(step) == routes(once)
+    assert not step.compact_index()  # nothing due any more
+
+    # replaced meanwhile (a layout, a swap, a reload): the copy is dropped, the index left as it is
+    gone = built()
+    gone.remove(range(160), generation=2)
+    monkeypatch.setattr(router_mod, "yield_gil", lambda: setattr(gone, "_vectors", VectorIndex.build(
+        dim, *gone._vectors.items(), gone._params)))  # fmt: skip
+    before = gone._vectors
+    assert not gone.compact_index() and gone._vectors is not before and before._journal is None

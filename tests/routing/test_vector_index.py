@@ -513,6 +513,53 @@ def test_staging_hides_its_keys_and_keeps_the_dead_positions_selector(threshold:
     assert idx._selector(None) is not None and idx._dead == removed + 60
 
 
+def test_a_copy_made_beside_changes_catches_up_through_the_journal() -> None:
+    """What ``Router.compact_index`` does with an index: ``remove(compact=False)`` leaves an HNSW index past a quarter
+    of dead positions as it is (a flat one is still compacted in place); a copy of its live rows, taken in blocks
+    while keys are added, replaced, removed and staged then revealed, then compacted and replayed with the journal,
+    holds exactly what the index holds, with no dead position but those the journal removed; a rebuild in place
+    meanwhile makes the journal unusable."""
+    x = clustered(1400)
+    params = IndexParams(exact_threshold=100, ef_search=512)
+    idx = VectorIndex.build(64, np.arange(1000), x[:1000], params)
+    idx.remove(np.arange(300), compact=False)
+    assert idx.kind != "flat" and idx.compact_due() and idx._dead == 300
+    flat = VectorIndex.build(64, np.arange(50), x[:50], IndexParams(exact_threshold=100))
+    flat.remove(np.arange(20), compact=False)
+    assert flat._dead == 0 and len(flat) == 30
+
+    n0 = idx.begin_copy()
+    k1, v1 = idx.copy_rows(0, 500)
+    idx.add(np.arange(1000, 1100), x[1000:1100])  # new
+    idx.add(np.arange(500, 520), x[1100:1120])  # replaced, in the part not copied yet
+    idx.add(np.arange(300, 310), x[1120:1130])  # replaced, in the part copied
+    idx.remove(np.arange(600, 650), compact=False)
+    gen, pos = idx.staged_generation, idx.stage(np.arange(2000, 2040), x[1130:1170])
+    assert idx.reveal(gen, pos, np.arange(700, 705))
+    k2, v2 = idx.copy_rows(500, n0)
+    copy = VectorIndex.compacted(idx, np.concatenate([k1, k2]), np.concatenate([v1, v2]))
+    assert copy._codec is idx._codec and copy._dead == 0
+    journal = idx.take_journal()
+    assert copy.replay(journal) == 100 + 20 + 10 + 40 and idx.take_journal() == []
+    idx.remove(np.arange(800, 810), compact=False)  # after the first round: the next one
+    copy.replay(idx.take_journal())
+    assert sorted(copy.live_ids().tolist()) == sorted(idx.live_ids().tolist())
+    keys = idx.live_ids()
+    np.testing.assert_array_equal(copy.vectors_of(keys)[1], idx.vectors_of(keys)[1])
+    assert copy._dead == 10 + 10  # keys 300..309 replaced, 800..809 removed after their rows were copied
+    for a, b in zip(copy.search(x[::9], 5), idx.search(x[::9], 5)):
+        np.testing.assert_array_equal(a, b)
+    idx.end_copy()
+    assert idx._journal is None
+    idx.add(np.arange(3000, 3001), x[:1])
+    assert idx.take_journal() is None  # not recording
+
+    idx.begin_copy()
+    idx.compact()  # positions renumbered
+    assert idx.take_journal() is None
+    idx.end_copy()
+
+
 def test_a_rebuild_drops_staged_keys_and_their_reveal_changes_nothing() -> None:
     x = clustered(700)
     idx = VectorIndex.build(64, np.arange(500), x[:500], IndexParams(exact_threshold=100))

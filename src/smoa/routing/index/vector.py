@@ -271,6 +271,10 @@ class VectorIndex:
         self._codec: ByteCodec | None = None  # HNSW byte codes' map; None: flat, or per-dimension codes (older files)
         self._code_view: np.ndarray | None = None  # uint8 [n, d] over faiss' byte codes (_codes); reset on every change
         self.staged_generation = next(_GENERATIONS)  # positions from stage() are valid while it stays (reveal)
+        # changes since begin_copy(), for a copy being compacted elsewhere to catch up: (True, keys, vectors) made
+        # live, (False, keys, None) removed; None while no copy is made; _journal_lost: a rebuild meanwhile
+        self._journal: list[tuple[bool, np.ndarray, np.ndarray | None]] | None = None
+        self._journal_lost = False
 
     # ------------------------------------------------------------------ construction
     def _new_flat(self):  # -> faiss.Index
@@ -315,6 +319,7 @@ class VectorIndex:
         self.version += 1
         self._code_view = None
         self.staged_generation = next(_GENERATIONS)  # staged positions are gone
+        self._journal_lost = self._journal is not None  # positions renumbered: a copy under way cannot catch up
         if len(keys):
             self._index.add(self._encode(vectors))
             if self.kind != "flat" and len(keys) >= self.params.layout_min_keys:
@@ -447,19 +452,22 @@ class VectorIndex:
         ids = self._ids[positions].astype(np.int64)
         self._kill(self._positions_of(np.concatenate([np.asarray(replaced, np.int64).reshape(-1), ids])))
         if len(positions):
+            if self._journal is not None:
+                self._journal.append((True, ids, self._reconstruct_positions(positions)))
             self._alive[positions] = True
             self._dead -= len(positions)
             self._forget_selector()
             self.version += 1
         return True
 
-    def settle(self) -> None:
+    def settle(self, compact: bool = True) -> None:
         """After the last :meth:`reveal` of a batch (never between two: a rebuild drops what is still staged):
-        rebuild as HNSW a flat index that grew past its threshold, compact one with a quarter of dead positions."""
+        rebuild as HNSW a flat index that grew past its threshold, compact one with a quarter of dead positions
+        (an HNSW one only if ``compact``: see :meth:`remove`)."""
         if self.kind == "flat" and len(self) > self.params.exact_threshold:
             self._rebuild(*self.items())
             logger.info("routing index grew past %d keys: rebuilt as %s", self.params.exact_threshold, self.kind)
-        elif self._n and self._dead > COMPACT_DEAD_FRACTION * self._n:
+        elif self.compact_due() and (compact or self.kind == "flat"):
             self.compact()
 
     def _checked(self, keys: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -484,20 +492,30 @@ class VectorIndex:
         self._code_view = None
         self._index.add(self._encode(x))
         self._advise()
+        if alive and self._journal is not None:
+            self._journal.append((True, keys.copy(), np.array(x, np.float32)))
         if alive or not self._dead:  # hidden positions past the selector's bitmap are outside it: it still holds
             self._forget_selector()
         self.version += 1
 
-    def remove(self, keys: np.ndarray) -> int:
-        """Remove ``keys`` (absent ones are ignored); returns how many were removed."""
+    def remove(self, keys: np.ndarray, compact: bool = True) -> int:
+        """Remove ``keys`` (absent ones are ignored); returns how many were removed. Past a quarter of dead positions
+        the index is compacted here, or, if not ``compact`` and it is HNSW, left for the caller to compact on a copy
+        (:meth:`compact_due`, :meth:`begin_copy`; ``Router.compact_index``): rebuilding 1M keys takes minutes."""
         pos = self._positions_of(np.asarray(keys, dtype=np.int64).reshape(-1))
         self._kill(pos)
-        if self._n and self._dead > COMPACT_DEAD_FRACTION * self._n:
+        if self.compact_due() and (compact or self.kind == "flat"):
             self.compact()
         return len(pos)
 
+    def compact_due(self) -> bool:
+        """Whether over a quarter of the positions are dead (:data:`COMPACT_DEAD_FRACTION`)."""
+        return bool(self._n) and self._dead > COMPACT_DEAD_FRACTION * self._n
+
     def _kill(self, positions: np.ndarray) -> None:
         if len(positions):
+            if self._journal is not None:
+                self._journal.append((False, self._ids[positions].astype(np.int64), None))
             self._alive[positions] = False
             self._dead += len(positions)
             self._forget_selector()
@@ -542,6 +560,7 @@ class VectorIndex:
         out._sorted = bool(np.all(np.diff(out._ids) > 0))
         out._view = out._code_view = out._selector_cache = None
         out._search_params, out._advised = {}, {}
+        out._journal, out._journal_lost = None, False
         out.staged_generation = next(_GENERATIONS)  # staged positions are not carried over
         out._advise()
         return out
@@ -556,6 +575,51 @@ class VectorIndex:
         """Drop dead positions by rebuilding from the stored vectors (SQ8 codes decode to the same codes)."""
         keys, vecs = self.items()
         self._rebuild(keys, vecs, self._codec)
+
+    # ------------------------------------------------------------------ a compacted copy, made beside the searches
+    def begin_copy(self) -> int:
+        """Start a copy (a compaction made elsewhere, without the caller's lock): from now on every change is kept
+        for :meth:`take_journal`; returns how many positions to copy with :meth:`copy_rows`. Positions below it
+        keep their place until the copy ends (a rebuild meanwhile makes :meth:`take_journal` say so)."""
+        self._journal, self._journal_lost = [], False
+        return self._n
+
+    def copy_rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Live ``(keys, vectors)`` at positions ``[lo, hi)``, in position order: a copy may take them a block per
+        hold of the caller's lock, since what changes between two blocks is in the journal."""
+        pos = lo + np.flatnonzero(self._alive[lo:hi])
+        return self._ids[pos].astype(np.int64), self._reconstruct_positions(pos)
+
+    def take_journal(self) -> list[tuple[bool, np.ndarray, np.ndarray | None]] | None:
+        """The changes since :meth:`begin_copy` or the last call, in order (then forgotten); ``None`` if the index
+        was rebuilt meanwhile (the copy cannot catch up)."""
+        if self._journal is None or self._journal_lost:
+            return None
+        out, self._journal = self._journal, []
+        return out
+
+    def end_copy(self) -> None:
+        """Stop keeping changes for a copy."""
+        self._journal, self._journal_lost = None, False
+
+    @classmethod
+    def compacted(cls, template: VectorIndex, keys: np.ndarray, vectors: np.ndarray) -> VectorIndex:
+        """A new index of ``template``'s kind, parameters and byte-code map holding ``keys`` -> ``vectors`` (a copy's
+        live rows, :meth:`copy_rows`): what :meth:`compact` makes, built without touching ``template``."""
+        out = cls(template.dim, template.params)
+        out._rebuild(keys, vectors, template._codec)
+        return out
+
+    def replay(self, journal: list[tuple[bool, np.ndarray, np.ndarray | None]]) -> int:
+        """Apply another index's :meth:`take_journal` here, in order; returns the rows made live."""
+        rows = 0
+        for live, keys, vectors in journal:
+            if live:
+                self.add(keys, vectors)
+                rows += len(keys)
+            else:
+                self.remove(keys, compact=False)
+        return rows
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """Live ``(keys [n], vectors [n, dim])`` in position order (HNSW-SQ8: decoded 8-bit vectors)."""
