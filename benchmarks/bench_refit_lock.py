@@ -32,10 +32,16 @@ measured cost per row, at most ``--stage-rows``). Each change set is removed aga
 after its round (not timed). The ``--adapters`` are refitted first, so the apply also checks which learned
 adapters the new keys threaten (``Router._disturbed``, after the hold).
 
+``--remove``: the same for removing just over a quarter of the adapters in one call, which takes the HNSW index past
+a quarter of dead positions: compacted in the removal's hold (as before 2026-12-08: the whole graph rebuilt while
+every route waits), or on a copy beside the routes (``Router.compact_index``, the default), timed until the
+compacted copy is adopted. The removed adapters are added back after each round (not timed).
+
     .venv/bin/python benchmarks/bench_refit_lock.py                    # 200K keys, 150 adapters, ~4 min
     .venv/bin/python benchmarks/bench_refit_lock.py --swap --adapters 600
     .venv/bin/python benchmarks/bench_refit_lock.py --apply --changes 10000
     .venv/bin/python benchmarks/bench_refit_lock.py --apply --changes 10000 --stage-rows 16   # smaller blocks
+    .venv/bin/python benchmarks/bench_refit_lock.py --remove
     .venv/bin/python benchmarks/bench_refit_lock.py --keys 20000 --rounds 1
 """
 
@@ -59,7 +65,7 @@ from smoa.config import SMoAConfig  # noqa: E402
 from smoa.routing import learner as learner_mod  # noqa: E402
 from smoa.routing import router as router_mod  # noqa: E402
 from smoa.routing.encoders import l2_normalize  # noqa: E402
-from smoa.routing.learner import KeyLearner, initial_keys  # noqa: E402
+from smoa.routing.learner import KeyLearner, initial_keys, owner_of  # noqa: E402
 from smoa.routing.router import KeyEntry, Router  # noqa: E402
 
 EXAMPLES = 24
@@ -69,6 +75,7 @@ SWAP_MODES = ("inserted in the swap's hold (before)", "staged (default)")
 APPLY_MODES = {"inserted in the apply's hold (before)": (10**9, router_mod.STAGE_HOLD_MS),
                "staged, 32 rows per hold (before)": (router_mod.STAGE_MIN_ROWS, 0.0),
                "staged (default)": (router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS)}  # (STAGE_MIN_ROWS, STAGE_HOLD_MS)
+REMOVE_MODES = {"compacted in the removal's hold (before)": False, "compacted on a copy (default)": True}
 
 
 def build(n: int, adapters: int, rng: np.random.Generator) -> tuple[Router, list[str]]:
@@ -113,6 +120,29 @@ def change_set(router: Router, n: int, first: int, rng: np.random.Generator) -> 
     return [KeyEntry(first + j, keys[j], d, s) for j, (d, s) in enumerate(tags)]
 
 
+_REMOVED: list[tuple[np.ndarray, list[np.ndarray], list[tuple[list[str], list[str]]]]] = []
+
+
+def remove_quarter(router: Router, background: bool, rng: np.random.Generator) -> None:
+    """Remove just over a quarter of the adapters in one call and wait until the index is compacted."""
+    router_mod.COMPACT_IN_BACKGROUND = background
+    adapters = np.unique(owner_of(router._vectors.live_ids()))  # (one key each here)
+    keys = np.sort(rng.choice(adapters, len(adapters) // 4 + len(adapters) // 100, replace=False)).astype(np.int64)
+    tags = [router._tags.tags_of(int(k)) or ((), ()) for k in keys]
+    _REMOVED.append((keys, [router.key_vectors(int(k)) for k in keys], [(list(d), list(s)) for d, s in tags]))
+    dead = router._vectors._dead
+    router.remove(keys.tolist(), router.generation + 1)
+    if router._compactor is not None:
+        router._compactor[1].join()
+    assert router._vectors._dead <= dead, "not compacted"
+
+
+def add_back(router: Router) -> None:
+    """The adapters the last :func:`remove_quarter` removed, added back in one call (not timed)."""
+    keys, mats, tags = _REMOVED.pop()
+    router.add(keys, mats, tags, router.generation + 1)
+
+
 def one(router: Router, texts: list[str], lock: TracedLock, work=None) -> dict[str, float]:
     lat: list[float] = []
     stop = threading.Event()
@@ -154,6 +184,7 @@ def main() -> int:
     ap.add_argument("--swap", action="store_true", help="an adaptation's swap instead of a refit")
     ap.add_argument("--apply", action="store_true", help="one change set of new adapters instead of a refit")
     ap.add_argument("--changes", type=int, default=10_000, help="adapters in the --apply change set")
+    ap.add_argument("--remove", action="store_true", help="remove over a quarter of the adapters instead of a refit")
     ap.add_argument("--stage-rows", type=int, default=router_mod.STAGE_ROWS,
                     help="keys staged per hold of the lock (--swap, --apply; the default's block size)")
     ap.add_argument("--stage-hold-ms", type=float, default=router_mod.STAGE_HOLD_MS,
@@ -174,25 +205,32 @@ def main() -> int:
         gc.collect()
         gc.freeze()  # as `smoa serve` does after loading (ServeConfig.freeze_gc): no full collection in a hold
     lock = router._lock = TracedLock(router._lock)
-    names = SWAP_MODES if args.swap else tuple(APPLY_MODES) if args.apply else tuple(MODES)
+    names = (SWAP_MODES if args.swap else tuple(APPLY_MODES) if args.apply else tuple(REMOVE_MODES) if args.remove
+             else tuple(MODES))  # fmt: skip
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     rng = np.random.default_rng(1)
     for r in range(args.rounds):
         for name in names[:: 1 if r % 2 == 0 else -1]:
             if args.swap:
                 rows[name].append(one(router, texts, lock, lambda: swap(router, name == SWAP_MODES[1], rng)))
+            elif args.remove:
+                rows[name].append(one(router, texts, lock, lambda: remove_quarter(router, REMOVE_MODES[name], rng)))
+                add_back(router)
             elif args.apply:
                 entries = change_set(router, args.changes, args.keys + 10 * args.changes, rng)
                 router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS = APPLY_MODES[name]
                 rows[name].append(one(router, texts, lock, lambda: router.apply(entries, [], router.generation + 1)))
                 router.apply([], [e.key for e in entries], router.generation + 1)
+                if router._compactor is not None:  # a compaction the removal started ends before the next round
+                    router._compactor[1].join()
             else:
                 router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES[name]
                 rows[name].append(one(router, texts, lock))
             print(f"round {r + 1}: {name} done", flush=True)
     router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES["blocks (default)"]
     router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS = APPLY_MODES["staged (default)"]
-    what = "swap" if args.swap else "apply" if args.apply else "refit"
+    router_mod.COMPACT_IN_BACKGROUND = True
+    what = "swap" if args.swap else "apply" if args.apply else "removal" if args.remove else "refit"
     print(f"\n| mode | {what} s | routes beside it | route p50 ms | route p99 ms | slowest route ms | routes > 10 ms | "
           "lock holds > 4 ms: count, longest ms |")
     print("|---|---|---|---|---|---|---|---|")
