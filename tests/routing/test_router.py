@@ -722,3 +722,31 @@ def test_a_compaction_runs_on_a_copy_beside_the_routes_and_keeps_every_change(mo
         dim, *gone._vectors.items(), gone._params)))  # fmt: skip
     before = gone._vectors
     assert not gone.compact_index() and gone._vectors is not before and before._journal is None
+
+
+def test_an_index_saved_past_a_quarter_dead_is_compacted_after_loading(tmp_path, monkeypatch) -> None:
+    """A process that ended during a compaction saved its index with over a quarter of dead positions: the router
+    that loads it starts the compaction (beside its routes), and ends with the same live keys and none dead."""
+    from smoa.routing.index import IndexParams
+
+    dim, rng = 32, np.random.default_rng(4)
+    x = rng.standard_normal((400, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def router() -> Router:
+        config = SMoAConfig(encoder="hash", routing_threshold=-1.0)
+        return Router(config, tmp_path, ids_of, encoder=_PrimedDim(dim), params=IndexParams(exact_threshold=100))
+
+    saved = router()
+    saved.add(np.arange(400), x, [([], [])] * 400, generation=1)
+    with monkeypatch.context() as m:
+        m.setattr(Router, "_compact_when_due", lambda self: None)  # (the process ends before it compacts)
+        saved.remove(range(150), generation=2)
+        assert saved._vectors.compact_due()
+        saved.save()
+    loaded = router()
+    assert loaded.load(2) == 2
+    _, thread = loaded._compactor
+    thread.join(60)
+    assert not thread.is_alive() and loaded._vectors._dead == 0
+    assert sorted(loaded._vectors.live_ids().tolist()) == sorted(saved._vectors.live_ids().tolist())

@@ -1289,6 +1289,7 @@ class Router:
             groups.add_many(keys, _unit(sums), domains)
         self._groups = groups
         self._changed(generation)
+        self._compact_when_due()  # saved with a quarter dead (the process ended during its compaction)
 
     # ------------------------------------------------------------------ routing
     def route(
