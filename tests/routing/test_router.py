@@ -750,3 +750,32 @@ def test_an_index_saved_past_a_quarter_dead_is_compacted_after_loading(tmp_path,
     thread.join(60)
     assert not thread.is_alive() and loaded._vectors._dead == 0
     assert sorted(loaded._vectors.live_ids().tolist()) == sorted(saved._vectors.live_ids().tolist())
+
+
+@pytest.mark.parametrize("keys_each", [1, 3])
+def test_removed_adapters_leave_their_groups_as_if_never_added(keys_each: int) -> None:
+    """Taking adapters out of their groups subtracts each one's mean key (one key: the key itself): the groups'
+    centroids and members equal those of a router that only ever held the others."""
+    from smoa.routing.index import IndexParams
+
+    dim, rng = 32, np.random.default_rng(9)
+    x = rng.standard_normal((300, keys_each, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    tags = [([f"d{i % 4}"], []) for i in range(300)]
+    gone = rng.choice(300, 90, replace=False)
+    kept = np.setdiff1d(np.arange(300), gone)
+
+    def router(keys: np.ndarray) -> Router:
+        r = Router(SMoAConfig(encoder="hash", routing_threshold=-1.0), None, ids_of, encoder=_PrimedDim(dim),
+                   params=IndexParams(exact_threshold=10_000))  # fmt: skip
+        r.add(keys, list(x[keys]), [tags[k] for k in keys.tolist()], generation=1)
+        return r
+
+    full, ref = router(np.arange(300)), router(kept)
+    full.remove(gone.tolist(), generation=2)
+    names, cents = full._groups.centroids()
+    ref_names, ref_cents = ref._groups.centroids()
+    assert names == ref_names == ["d0", "d1", "d2", "d3"]
+    np.testing.assert_allclose(cents, ref_cents, atol=1e-5)
+    for name in names:
+        np.testing.assert_array_equal(full._groups.members(name), ref._groups.members(name))

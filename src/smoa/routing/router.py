@@ -447,7 +447,12 @@ class Router:
     def _ungroup(self, slots: np.ndarray, vecs: np.ndarray) -> None:
         """Take the owners of ``slots`` (their keys ``vecs``) out of the groups (caller holds the lock)."""
         own, at = np.unique(owner_of(slots), return_inverse=True)
-        self._groups.remove_many(own, _unit(row_sums(vecs, at, len(own))))
+        if len(own) == len(slots):  # one key each: the rows are their sums (no sort and reduce over 50K rows)
+            sums = np.empty((len(own), vecs.shape[1]), np.float64)
+            sums[at] = vecs
+        else:
+            sums = row_sums(vecs, at, len(own))
+        self._groups.remove_many(own, _unit(sums))
 
     def _reveal(self, generation: int, keys: list[int], positions: list[np.ndarray]) -> bool:
         """Make ``keys``' staged keys (:meth:`_stage`, at ``positions``) live in place of their current ones, out of
