@@ -709,7 +709,7 @@ class Router:
         inserts them, as after any rebuild)."""
         with self._lock:
             vectors = self._vectors
-            if vectors.kind == "flat" or not vectors.compact_due():
+            if vectors.kind == "flat" or not vectors.compact_due() or vectors.copying:  # one copy at a time
                 return False
             n0 = vectors.begin_copy()
         t = time.perf_counter()
@@ -1007,10 +1007,10 @@ class Router:
         A hold inserts as many rows as fit in :data:`STAGE_HOLD_MS` at the rate the previous holds measured (one
         graph insert costs ~0.33 ms per row at 200K keys, whatever the batch), at most :data:`STAGE_ROWS`, at least
         one; an adapter's rows may span holds. Blocks of a fixed 32 rows held the lock ~10 ms each at 200K keys,
-        and a route that came during one waited for it: beside a 10K-adapter change set, routes' p99 15-16 ms and
-        ~300 routes over 10 ms, now 6-7 ms and 3-8, while the change set takes 5.6-8.6 s instead of 3.9-4.6 s
-        under routes back to back (``benchmarks/bench_refit_lock.py --apply``; a 2 ms budget: p99 4.2-4.6 ms but
-        13-16 s)."""
+        and a route that came during one waited for it: beside a 10K-adapter change set, routes' p99 15.9-16.7 ms
+        and ~310 routes over 10 ms, now 6.5-6.7 ms and 3-7, while the change set takes 7.1-7.9 s instead of
+        5.1-5.2 s under routes back to back (``benchmarks/bench_refit_lock.py --apply``; a 2 ms budget: p99
+        4.2-4.6 ms but 13-16 s)."""
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         order = list(keys)
         if not order:

@@ -584,6 +584,11 @@ class VectorIndex:
         self._journal, self._journal_lost = [], False
         return self._n
 
+    @property
+    def copying(self) -> bool:
+        """Whether a copy is under way (:meth:`begin_copy` until :meth:`end_copy`)."""
+        return self._journal is not None
+
     def copy_rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Live ``(keys, vectors)`` at positions ``[lo, hi)``, in position order: a copy may take them a block per
         hold of the caller's lock, since what changes between two blocks is in the journal."""
