@@ -27,10 +27,10 @@ the space) and the base encoder as the "new" one, so routes are answered the sam
 ``create_adapters``, or a replica catching up with another's). It is atomic for the routes, so it goes live in one
 hold; a big one is inserted hidden beforehand, a few keys per hold (``Router._stage``), and that hold only makes it
 live. Compared with everything inserted in that hold (as before 2026-12-07), and with staging in blocks of a fixed
-``--stage-rows`` rows per hold (as before 2026-12-08; now each hold inserts what fits ``STAGE_HOLD_MS`` at the
-measured cost per row, at most ``--stage-rows``). Each change set is removed again
-after its round (not timed). The ``--adapters`` are refitted first, so the apply also checks which learned
-adapters the new keys threaten (``Router._disturbed``, after the hold).
+``--stage-rows`` rows per hold (as before 2026-12-08; now each hold inserts what fits ``--stage-hold-ms`` at the
+measured cost per row, at most ``--stage-rows``). Each change set is removed again after its round (not timed).
+The ``--adapters`` are refitted first, so the apply also checks which learned adapters the new keys threaten
+(``Router._disturbed``, after the hold).
 
 ``--remove``: the same for removing just over a quarter of the adapters in one call, which takes the HNSW index past
 a quarter of dead positions: compacted in the removal's hold (as before 2026-12-08: the whole graph rebuilt while
@@ -72,9 +72,11 @@ EXAMPLES = 24
 MODES = {"one hold (before)": (10**9, 10**9),
          "blocks (default)": (router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS)}  # fmt: skip
 SWAP_MODES = ("inserted in the swap's hold (before)", "staged (default)")
-APPLY_MODES = {"inserted in the apply's hold (before)": (10**9, router_mod.STAGE_HOLD_MS),
-               "staged, 32 rows per hold (before)": (router_mod.STAGE_MIN_ROWS, 0.0),
-               "staged (default)": (router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS)}  # (STAGE_MIN_ROWS, STAGE_HOLD_MS)
+APPLY_MODES = {  # mode -> (STAGE_MIN_ROWS, STAGE_HOLD_MS)
+    "inserted in the apply's hold (before)": (10**9, router_mod.STAGE_HOLD_MS),
+    "staged, 32 rows per hold (before)": (router_mod.STAGE_MIN_ROWS, 0.0),
+    "staged (default)": (router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS),
+}
 REMOVE_MODES = {"compacted in the removal's hold (before)": False, "compacted on a copy (default)": True}
 
 
@@ -172,8 +174,8 @@ def one(router: Router, texts: list[str], lock: TracedLock, work=None) -> dict[s
     ms = np.array(lat[n0 : n1 + 1])
     held = [h for _, h in lock.holds]
     return {"wall": wall, "routes": len(ms), "p50": float(np.median(ms)), "p99": float(np.percentile(ms, 99)),
-            "max": float(ms.max()),
-            "over10": int((ms > 10).sum()), "holds": len(held), "longest": max(held, default=0.0)}  # fmt: skip
+            "max": float(ms.max()), "over10": int((ms > 10).sum()), "holds": len(held),
+            "longest": max(held, default=0.0)}  # fmt: skip
 
 
 def main() -> int:

@@ -622,7 +622,8 @@ def test_stage_sizes_each_hold_to_the_measured_cost_per_row(monkeypatch, hold_ms
     assert generation == router._vectors.staged_generation and list(staged) == list(keys)
     for k, (mat, pos) in staged.items():
         assert mat is keys[k] and len(pos) == len(mat)
-        np.testing.assert_array_equal(router._vectors._ids[pos], router_mod._slots(np.asarray([k]), np.asarray([len(mat)])))
+        want = router_mod._slots(np.asarray([k]), np.asarray([len(mat)]))
+        np.testing.assert_array_equal(router._vectors._ids[pos], want)
 
 
 def test_a_compaction_runs_on_a_copy_beside_the_routes_and_keeps_every_change(monkeypatch) -> None:
