@@ -134,8 +134,8 @@ def remove_quarter(router: Router, background: bool, rng: np.random.Generator) -
     _REMOVED.append((keys, [router.key_vectors(int(k)) for k in keys], [(list(d), list(s)) for d, s in tags]))
     dead = router._vectors._dead
     router.remove(keys.tolist(), router.generation + 1)
-    if router._compactor is not None:
-        router._compactor[1].join()
+    if router._compactor.thread is not None:
+        router._compactor.thread.join()
     assert router._vectors._dead <= dead, "not compacted"
 
 
@@ -223,8 +223,9 @@ def main() -> int:
                 router_mod.STAGE_MIN_ROWS, router_mod.STAGE_HOLD_MS = APPLY_MODES[name]
                 rows[name].append(one(router, texts, lock, lambda: router.apply(entries, [], router.generation + 1)))
                 router.apply([], [e.key for e in entries], router.generation + 1)
-                if router._compactor is not None:  # a compaction the removal started ends before the next round
-                    router._compactor[1].join()
+                # a compaction the removal started ends before the next round
+                if router._compactor.thread is not None:
+                    router._compactor.thread.join()
             else:
                 router_mod.RIVAL_ROWS, router_mod.INSTALL_ADAPTERS = MODES[name]
                 rows[name].append(one(router, texts, lock))

@@ -634,6 +634,7 @@ def test_a_compaction_runs_on_a_copy_beside_the_routes_and_keeps_every_change(mo
     but those removed while it caught up."""
     from smoa.routing import router as router_mod
     from smoa.routing.index import IndexParams, VectorIndex
+    from smoa.routing.index import vector as vector_mod
     from smoa.routing.router import KeyEntry
 
     dim, rng = 48, np.random.default_rng(11)
@@ -673,7 +674,7 @@ def test_a_compaction_runs_on_a_copy_beside_the_routes_and_keeps_every_change(mo
     quick = built()
     kept = quick._vectors
     quick.remove(range(160), generation=2)
-    _, thread = quick._compactor
+    thread = quick._compactor.thread
     thread.join(60)
     assert not thread.is_alive() and quick._vectors is not kept and quick._vectors._dead == 0
     assert len(quick._vectors) == 440 and kept._journal is None
@@ -682,8 +683,8 @@ def test_a_compaction_runs_on_a_copy_beside_the_routes_and_keeps_every_change(mo
     assert routes(quick) == routes(once)
 
     # driven step by step: the changes land between the copy's holds and its catch-up rounds
-    monkeypatch.setattr(router_mod, "COMPACT_COPY_ROWS", 256)  # 3 copy holds, then catch-up rounds
-    monkeypatch.setattr(router_mod, "COMPACT_FINAL_ROWS", 16)  # the staged 80 rows: one more round
+    monkeypatch.setattr(vector_mod, "COMPACT_COPY_ROWS", 256)  # 3 copy holds, then catch-up rounds
+    monkeypatch.setattr(vector_mod, "COMPACT_FINAL_ROWS", 16)  # the staged 80 rows: one more round
     monkeypatch.setattr(Router, "_compact_when_due", lambda self: None)
     step = built()
     step.remove(range(160), generation=2)
@@ -748,7 +749,7 @@ def test_an_index_saved_past_a_quarter_dead_is_compacted_after_loading(tmp_path,
         saved.save()
     loaded = router()
     assert loaded.load(2) == 2
-    _, thread = loaded._compactor
+    thread = loaded._compactor.thread
     thread.join(60)
     assert not thread.is_alive() and loaded._vectors._dead == 0
     assert sorted(loaded._vectors.live_ids().tolist()) == sorted(saved._vectors.live_ids().tolist())

@@ -60,3 +60,36 @@ def test_sharded_search_equals_one_exact_index(local_ray: None) -> None:
             sharded.search(np.zeros((1, d + 1), np.float32), k)
     finally:
         sharded.close()
+
+
+def test_an_hnsw_shard_past_a_quarter_dead_is_compacted_beside_its_searches(local_ray: None) -> None:
+    """Removing over a quarter of an HNSW shard's keys leaves its dead positions to a compaction on a copy, by a
+    background thread of the actor: searches answer the same before and after it, and afterwards no shard holds a
+    dead position."""
+    import time
+
+    rng = np.random.default_rng(2)
+    n, d, k = 3000, 32, 5
+    keys = np.arange(n, dtype=np.int64)
+    vectors = _unit(rng, n, d)
+    params = IndexParams(exact_threshold=100, ef_search=512)  # HNSW shards of 1,000 keys, a beam wide enough
+    sharded = ShardedIndex(d, num_shards=3, params=params)
+    try:
+        sharded.build(keys, vectors)
+        assert {s["kind"] for s in sharded.stats()} == {"hnsw-sq8"}
+        gone = keys[: int(0.4 * n)]
+        assert sharded.remove(gone) == len(gone)
+        kept = keys[len(gone) :]
+        reference = VectorIndex.build(d, kept, vectors[kept], IndexParams(exact_threshold=10 * n))
+        queries = _unit(rng, 20, d)
+        want = reference.search(queries, k)[1]
+        before = sharded.search(queries, k)[1]
+        deadline = time.monotonic() + 60
+        while any(s["dead"] for s in sharded.stats()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = sharded.stats()
+        assert all(s["dead"] == 0 for s in stats) and sum(s["keys"] for s in stats) == len(kept)
+        assert np.array_equal(sharded.search(queries, k)[1], before)  # the same codes, a beam over every key
+        assert np.array_equal(before[:, 0], want[:, 0])  # (8-bit codes may swap near ties further down)
+    finally:
+        sharded.close()

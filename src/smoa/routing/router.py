@@ -86,7 +86,6 @@ import heapq
 import io
 import logging
 import math
-import os
 import threading
 import time
 import weakref
@@ -102,6 +101,7 @@ from smoa.config import RoutingStrategy, SMoAConfig, coerce_enum
 from smoa.errors import ConfigError, InvalidInputError
 from smoa.routing.encoders import CachedEncoder, Encoder, get_encoder, l2_normalize
 from smoa.routing.index import GroupIndex, IndexParams, StaleIndexError, TagIndex, VectorIndex
+from smoa.routing.index.vector import Compactor
 from smoa.routing.index.groups import row_sums
 from smoa.routing.index.store import load_indexes, save_indexes
 from smoa.routing.index.tags import query_terms_from_metadata
@@ -179,9 +179,6 @@ STAGE_FIRST_ROWS = 4  # _stage's first hold, before any cost is measured
 STAGE_MIN_ROWS = 64  # a change set with this many keys for an HNSW index is staged first (apply)
 RIVAL_ROWS = 16  # probe rows searched for rivals per hold of the router's lock (Router._rivals)
 COMPACT_IN_BACKGROUND = True  # an HNSW index past a quarter of dead positions is compacted on a copy (compact_index)
-COMPACT_COPY_ROWS = 16_384  # positions copied per hold of the router's lock (compact_index)
-COMPACT_FINAL_ROWS = 64  # compact_index: journal rows replayed in the adopting hold at most (else one more round)
-COMPACT_ROUNDS = 8  # compact_index: catch-up rounds before the rest is replayed in the adopting hold anyway
 DISTURB_MAX_ADAPTERS = 5_000  # learned adapters checked against each change set's new example-less rivals
 DISTURB_EXAMPLES = 8  # weakest stored examples per learned adapter a rival is checked on
 DISTURB_MARGIN = 0.05  # a rival within this of the adapter's own score on one of them triggers a refit
@@ -278,7 +275,8 @@ class Router:
         self._watchdog = Watchdog()  # stops an escalation's encoder run at the budget's deadline
         weakref.finalize(self, self._watchdog.close)
         self._walk_cost = WalkCost()  # HNSW ms per efSearch unit and the steps after a walk (the budget's beam)
-        self._compactor: tuple[int, threading.Thread] | None = None  # (pid, thread) of the compaction under way
+        self._compactor = Compactor(lambda: self._lock, lambda: self._vectors, self._adopt_compacted,
+                                    lambda: yield_gil())  # (looked up per call: tests replace yield_gil)
         self._side_choice = SideChoice()  # HYBRID's walk-free steps beside the walk or after it (routing_parallel_side)
         self._rescue: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # groups -> rows
         self._rescue_at: tuple = ()  # the index / groups versions the rescue cache holds
@@ -682,68 +680,21 @@ class Router:
     def _compact_when_due(self) -> None:
         """Start :meth:`compact_index` on a background thread when the HNSW index is past a quarter of dead
         positions and no compaction is under way in this process (caller holds the lock)."""
-        vectors = self._vectors
-        if self._compactor is not None:
-            pid, thread = self._compactor
-            if pid == os.getpid() and thread.is_alive():
-                return
-            self._compactor = None
-            if pid != os.getpid():  # a forked child: the parent's copy is not made here
-                vectors.end_copy()
-        if COMPACT_IN_BACKGROUND and vectors.kind != "flat" and vectors.compact_due():
-            thread = threading.Thread(target=self.compact_index, name="smoa-compact", daemon=True)
-            self._compactor = (os.getpid(), thread)
-            thread.start()
+        if COMPACT_IN_BACKGROUND:
+            self._compactor.when_due()
 
     def compact_index(self) -> bool:
-        """Compact the HNSW index (drop its dead positions) on a copy, beside the routes; returns whether the copy
-        was adopted. Started by the router once over a quarter of the positions are dead (removed adapters, keys
-        replaced by updates, refits, swaps); compacting in place rebuilt the whole graph inside the hold of the
-        lock that removed the last key: every route waited for it (~40 s at 200K keys, minutes at 1M).
+        """Compact the HNSW index (drop its dead positions) on a copy, beside the routes
+        (:class:`~smoa.routing.index.vector.Compactor`); returns whether the copy was adopted. Started by the
+        router once over a quarter of the positions are dead (removed adapters, keys replaced by updates, refits,
+        swaps): compacting in place rebuilt the whole graph inside the hold of the lock that removed the last key,
+        and every route waited for it (44-57 s at 200K keys, ``benchmarks/bench_refit_lock.py --remove``; minutes at
+        1M). The copy is dropped if the index is replaced meanwhile (a layout, a swap, a reload)."""
+        return self._compactor.run()
 
-        The index keeps a journal of its changes from the start (:meth:`VectorIndex.begin_copy`); its live rows are
-        copied :data:`COMPACT_COPY_ROWS` positions per hold, the copy is built without the lock, then catches up
-        with the journal a round at a time, also without the lock; the last :data:`COMPACT_FINAL_ROWS` rows or
-        fewer are replayed in the hold that adopts it. Abandoned if the index is replaced or rebuilt meanwhile
-        (a layout, a swap, a reload); keys staged for a later reveal are not carried over (that reveal then
-        inserts them, as after any rebuild)."""
-        with self._lock:
-            vectors = self._vectors
-            if vectors.kind == "flat" or not vectors.compact_due() or vectors.copying:  # one copy at a time
-                return False
-            n0 = vectors.begin_copy()
-        t = time.perf_counter()
-        try:
-            keys, rows = [], []
-            for lo in range(0, n0, COMPACT_COPY_ROWS):
-                with self._lock:
-                    if self._vectors is not vectors:
-                        return False
-                    k, x = vectors.copy_rows(lo, min(n0, lo + COMPACT_COPY_ROWS))
-                keys.append(k)
-                rows.append(x)
-                yield_gil()
-            fresh = VectorIndex.compacted(vectors, np.concatenate(keys), np.concatenate(rows))
-            del keys, rows
-            for round_ in range(COMPACT_ROUNDS + 1):
-                with self._lock:
-                    journal = vectors.take_journal() if self._vectors is vectors else None
-                    if journal is None:
-                        logger.info("smoa routing: the index was replaced or rebuilt during its compaction")
-                        return False
-                    if round_ == COMPACT_ROUNDS or sum(len(k) for live, k, _ in journal if live) <= COMPACT_FINAL_ROWS:
-                        fresh.replay(journal)
-                        self._vectors = fresh
-                        self._dirty = True
-                        logger.info("smoa routing: compacted the index to %d keys in %.1f s beside the routes",
-                                    len(fresh), time.perf_counter() - t)
-                        return True
-                fresh.replay(journal)
-                yield_gil()
-            return False  # (not reached: the last round adopts)
-        finally:
-            with self._lock:
-                vectors.end_copy()
+    def _adopt_compacted(self, fresh: VectorIndex) -> None:
+        self._vectors = fresh
+        self._dirty = True
 
     def lay_out_index(self) -> bool:
         """Lay the vector index out by locality (:func:`~smoa.routing.index.vector._locality_order`) when keys added

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from smoa.errors import InvalidInputError
-from smoa.routing.index.vector import IndexParams, VectorIndex
+from smoa.routing.index.vector import Compactor, IndexParams, VectorIndex
 
 
 def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +62,11 @@ def _rss_bytes() -> int:
 
 
 class IndexShard:
-    """One shard: a :class:`VectorIndex` over the keys assigned to it (run as a Ray actor)."""
+    """One shard: a :class:`VectorIndex` over the keys assigned to it (run as a Ray actor).
+
+    An HNSW shard past a quarter of dead positions is compacted on a copy by a background thread of the actor
+    (:class:`~smoa.routing.index.vector.Compactor`), as the router's index is: its searches go on meanwhile, where
+    compacting in place held them for the whole rebuild."""
 
     def __init__(self, shard_id: int, dim: int, params: IndexParams | None = None, threads: int = 1) -> None:
         import faiss
@@ -69,29 +74,44 @@ class IndexShard:
         faiss.omp_set_num_threads(max(1, threads))
         self.shard_id = shard_id
         self.index = VectorIndex(dim, params)
+        self._lock = threading.RLock()  # the actor's calls and its compaction thread
+        self._compactor = Compactor(lambda: self._lock, lambda: self.index, self._adopt)
+
+    def _adopt(self, fresh: VectorIndex) -> None:
+        self.index = fresh
 
     def build(self, keys: np.ndarray, vectors: np.ndarray) -> int:
         """Replace the shard's content with ``keys`` -> ``vectors``; returns the live key count."""
-        self.index = VectorIndex.build(self.index.dim, keys, vectors, self.index.params)
-        return len(self.index)
+        fresh = VectorIndex.build(self.index.dim, keys, vectors, self.index.params)
+        with self._lock:
+            self.index = fresh
+            return len(self.index)
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> int:
         """Add (or replace) keys; returns the live key count."""
-        self.index.add(np.asarray(keys, dtype=np.int64), vectors)
-        return len(self.index)
+        with self._lock:
+            self.index.add(np.asarray(keys, dtype=np.int64), vectors)
+            self._compactor.when_due()  # (replaced keys leave dead positions)
+            return len(self.index)
 
     def remove(self, keys: np.ndarray) -> int:
         """Remove keys (absent ones are ignored); returns how many were removed."""
-        return int(self.index.remove(np.asarray(keys, dtype=np.int64)))
+        with self._lock:
+            removed = int(self.index.remove(np.asarray(keys, dtype=np.int64), compact=False))
+            self._compactor.when_due()
+            return removed
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """This shard's top-``k``: ``(scores [m, k], keys [m, k])``."""
-        return self.index.search(queries, k)
+        with self._lock:
+            return self.index.search(queries, k)
 
     def stats(self) -> dict[str, Any]:
-        """Live keys, index kind, index bytes and the actor process's resident memory."""
-        return {"shard": self.shard_id, "keys": len(self.index), "kind": self.index.kind,
-                "index_bytes": self.index.memory_bytes(), "rss_bytes": _rss_bytes()}  # fmt: skip
+        """Live keys, dead positions (until the next compaction), index kind, index bytes and the actor process's
+        resident memory."""
+        with self._lock:
+            return {"shard": self.shard_id, "keys": len(self.index), "dead": self.index.dead, "kind": self.index.kind,
+                    "index_bytes": self.index.memory_bytes(), "rss_bytes": _rss_bytes()}  # fmt: skip
 
 
 class ShardedIndex:

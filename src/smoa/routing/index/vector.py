@@ -49,7 +49,11 @@ import copy
 import itertools
 import logging
 import math
+import os
+import threading
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +67,9 @@ HNSW_EF_CONSTRUCTION = 128
 HNSW_EF_SEARCH_BASE = 48  # efSearch at 10K live keys, doubled per decade (auto_ef_search)
 HNSW_EF_SEARCH_MAX = 256
 COMPACT_DEAD_FRACTION = 0.25
+COMPACT_COPY_ROWS = 16_384  # Compactor: positions copied per hold of the owner's lock
+COMPACT_FINAL_ROWS = 64  # Compactor: journal rows replayed in the adopting hold at most (else one more round)
+COMPACT_ROUNDS = 8  # Compactor: catch-up rounds before the rest is replayed in the adopting hold anyway
 LAYOUT_MIN_KEYS = 65_536  # an HNSW index (re)built with this many keys lays them out by locality (_locality_order)
 LAYOUT_FINE = 16  # _locality_order: sub-clusters per cluster
 HUGE_PAGE_MIN_BYTES = 32 << 20  # HNSW arrays from this size on are backed by 2 MB pages (Linux; see _advise_huge)
@@ -508,6 +515,11 @@ class VectorIndex:
             self.compact()
         return len(pos)
 
+    @property
+    def dead(self) -> int:
+        """Positions holding a removed or replaced key (or a staged one), until the next compaction."""
+        return self._dead
+
     def compact_due(self) -> bool:
         """Whether over a quarter of the positions are dead (:data:`COMPACT_DEAD_FRACTION`)."""
         return bool(self._n) and self._dead > COMPACT_DEAD_FRACTION * self._n
@@ -810,3 +822,85 @@ class VectorIndex:
             out._laid = int(laid[0])
         out._advise()
         return out
+
+
+class Compactor:
+    """Compacts an owner's HNSW :class:`VectorIndex` on a copy, on a background thread, beside the owner's searches.
+
+    Compacting in place rebuilds the whole graph while the owner's lock is held (~1 minute at 200K keys, minutes at
+    1M), and every search waits. Here the index keeps a journal of its changes from the start
+    (:meth:`VectorIndex.begin_copy`); its live rows are copied :data:`COMPACT_COPY_ROWS` positions per hold of the
+    lock; the copy is built without the lock (:meth:`VectorIndex.compacted`), then catches up with the journal a
+    round at a time, also without the lock (:meth:`VectorIndex.replay`); the last :data:`COMPACT_FINAL_ROWS` rows
+    or fewer are replayed in the hold that adopts it. The copy is dropped if the owner's index is replaced or
+    rebuilt in place meanwhile. Keys staged for a later reveal are not carried over: that reveal then fails, as after
+    any rebuild, and the owner inserts them.
+
+    Args:
+        lock: the owner's lock (a callable that returns it), held around every change of the index.
+        current: the owner's index now.
+        adopt: puts the compacted copy in its place (called holding ``lock``).
+        pause: called between two holds (e.g. to hand the GIL to a waiting search).
+    """
+
+    def __init__(self, lock: Callable[[], AbstractContextManager], current: Callable[[], VectorIndex],
+                 adopt: Callable[[VectorIndex], None], pause: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self._lock, self._current, self._adopt = lock, current, adopt
+        self._pause = pause or (lambda: None)
+        self.thread: threading.Thread | None = None
+        self._pid = -1
+
+    def when_due(self) -> None:
+        """Start :meth:`run` on a background thread if the index is past a quarter of dead positions (HNSW) and no
+        compaction is under way in this process (caller holds the lock)."""
+        vectors = self._current()
+        if self.thread is not None:
+            if self._pid == os.getpid() and self.thread.is_alive():
+                return
+            if self._pid != os.getpid():  # a forked child: the parent's copy is not made here
+                vectors.end_copy()
+            self.thread = None
+        if vectors.kind != "flat" and vectors.compact_due():
+            self.thread = threading.Thread(target=self.run, name="smoa-compact", daemon=True)
+            self._pid = os.getpid()
+            self.thread.start()
+
+    def run(self) -> bool:
+        """Compact the index now, on the calling thread; returns whether the copy was adopted (``False``: nothing
+        due, another copy under way, or the index replaced or rebuilt meanwhile)."""
+        with self._lock():
+            vectors = self._current()
+            if vectors.kind == "flat" or not vectors.compact_due() or vectors.copying:  # one copy at a time
+                return False
+            n0 = vectors.begin_copy()
+        t = time.perf_counter()
+        try:
+            keys, rows = [], []
+            for lo in range(0, n0, COMPACT_COPY_ROWS):
+                with self._lock():
+                    if self._current() is not vectors:
+                        return False
+                    k, x = vectors.copy_rows(lo, min(n0, lo + COMPACT_COPY_ROWS))
+                keys.append(k)
+                rows.append(x)
+                self._pause()
+            fresh = VectorIndex.compacted(vectors, np.concatenate(keys), np.concatenate(rows))
+            del keys, rows
+            for round_ in range(COMPACT_ROUNDS + 1):
+                with self._lock():
+                    journal = vectors.take_journal() if self._current() is vectors else None
+                    if journal is None:
+                        logger.info("routing index replaced or rebuilt during its compaction: copy dropped")
+                        return False
+                    if round_ == COMPACT_ROUNDS or sum(len(k) for live, k, _ in journal if live) <= COMPACT_FINAL_ROWS:
+                        fresh.replay(journal)
+                        self._adopt(fresh)
+                        logger.info("routing index compacted to %d keys in %.1f s beside its searches", len(fresh),
+                                    time.perf_counter() - t)  # fmt: skip
+                        return True
+                fresh.replay(journal)
+                self._pause()
+            return False  # (not reached: the last round adopts)
+        finally:
+            with self._lock():
+                vectors.end_copy()
