@@ -782,3 +782,28 @@ def test_removed_adapters_leave_their_groups_as_if_never_added(keys_each: int) -
     np.testing.assert_allclose(cents, ref_cents, atol=1e-5)
     for name in names:
         np.testing.assert_array_equal(full._groups.members(name), ref._groups.members(name))
+
+
+def test_a_router_is_freed_without_a_full_collection() -> None:
+    """Nothing the router holds points back at it (its compactor holds it weakly): dropped, it is freed at once,
+    with its side thread, even where the process's objects are frozen out of the collector (``smoa serve``)."""
+    import gc
+    import weakref
+
+    from smoa.routing.index import IndexParams
+
+    x = np.random.default_rng(6).standard_normal((300, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    router = Router(SMoAConfig(encoder="hash", enable_caching=False), None, ids_of, encoder=_PrimedDim(32),
+                    params=IndexParams(exact_threshold=100))  # fmt: skip
+    router.add(np.arange(300), x, [([], [])] * 300, generation=1)
+    router.remove(range(100), generation=2)  # past a quarter dead: compacted on a copy
+    router._compactor.thread.join(60)
+    assert router._vectors.dead == 0
+    gone = weakref.ref(router)
+    gc.disable()
+    try:
+        del router
+        assert gone() is None
+    finally:
+        gc.enable()

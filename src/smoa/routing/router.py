@@ -275,7 +275,7 @@ class Router:
         self._watchdog = Watchdog()  # stops an escalation's encoder run at the budget's deadline
         weakref.finalize(self, self._watchdog.close)
         self._walk_cost = WalkCost()  # HNSW ms per efSearch unit and the steps after a walk (the budget's beam)
-        self._compactor = Compactor(lambda: self._lock, lambda: self._vectors, self._adopt_compacted,
+        self._compactor = Compactor(self, "_lock", "_vectors", "_adopt_compacted",
                                     lambda: yield_gil())  # (looked up per call: tests replace yield_gil)
         self._side_choice = SideChoice()  # HYBRID's walk-free steps beside the walk or after it (routing_parallel_side)
         self._rescue: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()  # groups -> rows

@@ -75,7 +75,7 @@ class IndexShard:
         self.shard_id = shard_id
         self.index = VectorIndex(dim, params)
         self._lock = threading.RLock()  # the actor's calls and its compaction thread
-        self._compactor = Compactor(lambda: self._lock, lambda: self.index, self._adopt)
+        self._compactor = Compactor(self, "_lock", "index", "_adopt")
 
     def _adopt(self, fresh: VectorIndex) -> None:
         self.index = fresh

@@ -52,6 +52,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -836,16 +837,21 @@ class Compactor:
     rebuilt in place meanwhile. Keys staged for a later reveal are not carried over: that reveal then fails, as after
     any rebuild, and the owner inserts them.
 
+    The owner is held weakly (it holds its compactor: a strong reference back would keep both alive until a full
+    collection), and its attributes are read at each use.
+
     Args:
-        lock: the owner's lock (a callable that returns it), held around every change of the index.
-        current: the owner's index now.
-        adopt: puts the compacted copy in its place (called holding ``lock``).
+        owner: the object that holds the index.
+        lock: name of the owner's lock attribute, held around every change of the index.
+        index: name of the owner's index attribute.
+        adopt: name of the owner's method that puts the compacted copy in its place (called holding the lock).
         pause: called between two holds (e.g. to hand the GIL to a waiting search).
     """
 
-    def __init__(self, lock: Callable[[], AbstractContextManager], current: Callable[[], VectorIndex],
-                 adopt: Callable[[VectorIndex], None], pause: Callable[[], None] | None = None) -> None:  # fmt: skip
-        self._lock, self._current, self._adopt = lock, current, adopt
+    def __init__(self, owner: object, lock: str, index: str, adopt: str, pause: Callable[[], None] | None = None
+                 ) -> None:  # fmt: skip
+        self._owner = weakref.ref(owner)
+        self._names = (lock, index, adopt)
         self._pause = pause or (lambda: None)
         self.thread: threading.Thread | None = None
         self._pid = -1
@@ -853,7 +859,10 @@ class Compactor:
     def when_due(self) -> None:
         """Start :meth:`run` on a background thread if the index is past a quarter of dead positions (HNSW) and no
         compaction is under way in this process (caller holds the lock)."""
-        vectors = self._current()
+        owner = self._owner()
+        if owner is None:
+            return
+        vectors = getattr(owner, self._names[1])
         if self.thread is not None:
             if self._pid == os.getpid() and self.thread.is_alive():
                 return
@@ -867,9 +876,17 @@ class Compactor:
 
     def run(self) -> bool:
         """Compact the index now, on the calling thread; returns whether the copy was adopted (``False``: nothing
-        due, another copy under way, or the index replaced or rebuilt meanwhile)."""
-        with self._lock():
-            vectors = self._current()
+        due, another copy under way, the owner gone, or the index replaced or rebuilt meanwhile)."""
+        owner = self._owner()  # (held for the run)
+        if owner is None:
+            return False
+        lock_name, index_name, adopt_name = self._names
+
+        def lock() -> AbstractContextManager:
+            return getattr(owner, lock_name)
+
+        with lock():
+            vectors = getattr(owner, index_name)
             if vectors.kind == "flat" or not vectors.compact_due() or vectors.copying:  # one copy at a time
                 return False
             n0 = vectors.begin_copy()
@@ -877,8 +894,8 @@ class Compactor:
         try:
             keys, rows = [], []
             for lo in range(0, n0, COMPACT_COPY_ROWS):
-                with self._lock():
-                    if self._current() is not vectors:
+                with lock():
+                    if getattr(owner, index_name) is not vectors:
                         return False
                     k, x = vectors.copy_rows(lo, min(n0, lo + COMPACT_COPY_ROWS))
                 keys.append(k)
@@ -887,14 +904,14 @@ class Compactor:
             fresh = VectorIndex.compacted(vectors, np.concatenate(keys), np.concatenate(rows))
             del keys, rows
             for round_ in range(COMPACT_ROUNDS + 1):
-                with self._lock():
-                    journal = vectors.take_journal() if self._current() is vectors else None
+                with lock():
+                    journal = vectors.take_journal() if getattr(owner, index_name) is vectors else None
                     if journal is None:
                         logger.info("routing index replaced or rebuilt during its compaction: copy dropped")
                         return False
                     if round_ == COMPACT_ROUNDS or sum(len(k) for live, k, _ in journal if live) <= COMPACT_FINAL_ROWS:
                         fresh.replay(journal)
-                        self._adopt(fresh)
+                        getattr(owner, adopt_name)(fresh)
                         logger.info("routing index compacted to %d keys in %.1f s beside its searches", len(fresh),
                                     time.perf_counter() - t)  # fmt: skip
                         return True
@@ -902,5 +919,5 @@ class Compactor:
                 self._pause()
             return False  # (not reached: the last round adopts)
         finally:
-            with self._lock():
+            with lock():
                 vectors.end_copy()
