@@ -518,6 +518,22 @@ def test_rivals_searched_a_few_rows_per_lock_hold_are_those_of_one_search(monkey
         np.testing.assert_array_equal(vecs, want_vecs)
 
 
+def _wide_beam_router(base: np.ndarray, texts: list[str], queries: np.ndarray) -> Router:
+    """An HNSW router (from 100 keys) over ``base`` (tagged "old") whose beam covers it, with ``queries`` primed."""
+    from smoa.routing.index import IndexParams
+
+    config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
+    router = Router(config, None, ids_of, encoder=_PrimedDim(base.shape[1]),
+                    params=IndexParams(exact_threshold=100, ef_search=512))  # fmt: skip
+    router.add(np.arange(len(base)), base, [(["old"], [])] * len(base), generation=1)
+    router.encoder.prime(texts, queries)
+    return router
+
+
+def _hybrid_routes(router: Router, texts: list[str]) -> list[tuple[list[str], list[float]]]:
+    return [(r.adapter_ids, r.routing_scores) for r in (router.route(t, strategy="hybrid", k=5) for t in texts)]
+
+
 @pytest.mark.parametrize("hold_ms", [2.0, 1e-9])
 def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_once(monkeypatch, hold_ms) -> None:
     """A change set of many keys for an HNSW index is inserted hidden a few keys per hold of the router's lock, then
@@ -526,7 +542,6 @@ def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_on
     gives: the same keys, tags, groups, generation and routes. With a hold budget no row fits (``1e-9`` ms) each
     hold after the first inserts one row, so an adapter's two keys are staged in two holds."""
     from smoa.routing import router as router_mod
-    from smoa.routing.index import IndexParams
     from smoa.routing.router import KeyEntry
 
     dim, rng = 64, np.random.default_rng(5)
@@ -541,15 +556,10 @@ def test_a_big_change_set_is_staged_a_few_keys_per_lock_hold_and_goes_live_at_on
     removes = list(range(100, 110))
 
     def built() -> Router:
-        config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
-        router = Router(config, None, ids_of, encoder=_PrimedDim(dim), params=IndexParams(exact_threshold=100,
-                                                                                            ef_search=512))
-        router.add(np.arange(300), base, [(["old"], [])] * 300, generation=1)
-        router.encoder.prime(texts, queries)
-        return router
+        return _wide_beam_router(base, texts, queries)
 
     def routes(router: Router) -> list[tuple[list[str], list[float]]]:
-        return [(r.adapter_ids, r.routing_scores) for r in (router.route(t, strategy="hybrid", k=5) for t in texts)]
+        return _hybrid_routes(router, texts)
 
     monkeypatch.setattr(router_mod, "STAGE_MIN_ROWS", 10**9)  # the reference: everything in the one hold
     once = built()
@@ -633,7 +643,7 @@ def test_a_compaction_runs_on_a_copy_beside_the_routes_and_keeps_every_change(mo
     the router holds what compacting in place gives: the same keys, tags, groups and routes, and no dead rows
     but those removed while it caught up."""
     from smoa.routing import router as router_mod
-    from smoa.routing.index import IndexParams, VectorIndex
+    from smoa.routing.index import VectorIndex
     from smoa.routing.index import vector as vector_mod
     from smoa.routing.router import KeyEntry
 
@@ -651,15 +661,10 @@ def test_a_compaction_runs_on_a_copy_beside_the_routes_and_keeps_every_change(mo
     ]
 
     def built() -> Router:
-        config = SMoAConfig(encoder="hash", routing_threshold=-1.0, enable_caching=False)
-        router = Router(config, None, ids_of, encoder=_PrimedDim(dim), params=IndexParams(exact_threshold=100,
-                                                                                            ef_search=512))
-        router.add(np.arange(600), base, [(["old"], [])] * 600, generation=1)
-        router.encoder.prime(texts, queries)
-        return router
+        return _wide_beam_router(base, texts, queries)
 
     def routes(router: Router) -> list[tuple[list[str], list[float]]]:
-        return [(r.adapter_ids, r.routing_scores) for r in (router.route(t, strategy="hybrid", k=5) for t in texts)]
+        return _hybrid_routes(router, texts)
 
     # the reference: compacted in place, in the hold that crossed a quarter
     monkeypatch.setattr(router_mod, "COMPACT_IN_BACKGROUND", False)

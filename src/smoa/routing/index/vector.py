@@ -28,7 +28,7 @@ of the index (:meth:`VectorIndex.layout_due`), the router lays a copy out at its
 
 A removal only clears ``alive[p]`` (HNSW cannot delete); searches skip dead positions through a faiss
 ``IDSelectorBitmap``, and the index is compacted (rebuilt from its own stored vectors) once a quarter of its
-positions are dead. Keys can also be inserted dead on purpose (:meth:`VectorIndex.stage`) and made live later in
+positions are dead: in place, or by its owner on a copy beside the searches (:class:`Compactor`). Keys can also be inserted dead on purpose (:meth:`VectorIndex.stage`) and made live later in
 one step (:meth:`VectorIndex.reveal`): the slow graph insert outside the one lock hold that must flip them. Re-adding an existing key replaces it. Below ``exact_threshold`` live vectors the index is
 flat (exact search); when it grows past it, it is rebuilt as HNSW-SQ8. HNSW-SQ8 costs 384 B of codes + ~150 B
 of graph links and bookkeeping per vector (~533 B in all, ids as int32); flat costs 1,541 B.
