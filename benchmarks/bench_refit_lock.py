@@ -132,11 +132,11 @@ def remove_quarter(router: Router, background: bool, rng: np.random.Generator) -
     keys = np.sort(rng.choice(adapters, len(adapters) // 4 + len(adapters) // 100, replace=False)).astype(np.int64)
     tags = [router._tags.tags_of(int(k)) or ((), ()) for k in keys]
     _REMOVED.append((keys, [router.key_vectors(int(k)) for k in keys], [(list(d), list(s)) for d, s in tags]))
-    dead = router._vectors._dead
+    dead = router._vectors.dead
     router.remove(keys.tolist(), router.generation + 1)
     if router._compactor.thread is not None:
         router._compactor.thread.join()
-    assert router._vectors._dead <= dead, "not compacted"
+    assert router._vectors.dead <= dead, "not compacted"
 
 
 def add_back(router: Router) -> None:
