@@ -444,13 +444,12 @@ class Router:
 
     def _ungroup(self, slots: np.ndarray, vecs: np.ndarray) -> None:
         """Take the owners of ``slots`` (their keys ``vecs``) out of the groups (caller holds the lock)."""
-        own, at = np.unique(owner_of(slots), return_inverse=True)
-        if len(own) == len(slots):  # one key each: the rows are their sums (no sort and reduce over 50K rows)
-            sums = np.empty((len(own), vecs.shape[1]), np.float64)
-            sums[at] = vecs
+        owners = owner_of(slots)
+        own, at = np.unique(owners, return_inverse=True)
+        if len(own) == len(slots):  # one key each: the rows are their sums, made unit in row_sums' blocks
+            self._groups.remove_many(owners, vecs, unit=True)  # (no [n, dim] copy: ~0.3 s of page faults at 50K)
         else:
-            sums = row_sums(vecs, at, len(own))
-        self._groups.remove_many(own, _unit(sums))
+            self._groups.remove_many(own, _unit(row_sums(vecs, at, len(own))))
 
     def _reveal(self, generation: int, keys: list[int], positions: list[np.ndarray]) -> bool:
         """Make ``keys``' staged keys (:meth:`_stage`, at ``positions``) live in place of their current ones, out of
@@ -1954,7 +1953,11 @@ def _as_key_list(vectors: np.ndarray | Sequence[np.ndarray], n: int, dim: int) -
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    """Rows of ``x`` scaled to unit norm, as float32, with no ``[n, dim]`` temporary but the result (a bulk change's
+    50K rows in float64: four 160 MB temporaries, whose page faults cost ~0.3 s of its hold)."""
+    x = np.asarray(x)
+    scale = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)
+    return np.multiply(x, scale[:, None], out=np.empty(x.shape, np.float32), casting="same_kind")
 
 
 def _means(mats: Sequence[np.ndarray]) -> np.ndarray:
@@ -1962,7 +1965,7 @@ def _means(mats: Sequence[np.ndarray]) -> np.ndarray:
     if not len(mats):
         return np.zeros((0, 0))
     if all(len(m) == 1 for m in mats):  # one key each (bulk ingestion): no per-adapter numpy call
-        return _unit(np.concatenate(mats).astype(np.float64))
+        return _unit(np.concatenate(mats))
     return _unit(np.stack([np.asarray(m, np.float64).mean(0) for m in mats]))
 
 

@@ -24,16 +24,27 @@ from smoa.routing.index.keymap import MISSING, KeyMap, narrow, sorted_delete, so
 CLUSTER_RADIUS = 0.5
 
 
-def row_sums(x: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+ROW_SUM_BLOCK = 8_192  # row_sums: rows gathered and summed per step
+
+
+def row_sums(x: np.ndarray, idx: np.ndarray, n: int, unit: bool = False) -> np.ndarray:
     """float64 ``[n, dim]``: row ``j`` = sum of the rows ``x[i]`` with ``idx[i] == j`` (in row order; a few times
-    faster than ``np.add.at``)."""
+    faster than ``np.add.at``); ``unit``: each row scaled to unit norm first. The rows are gathered
+    :data:`ROW_SUM_BLOCK` at a time: gathered at once, 50K rows of 384 float32 made an 80 MB copy, and its page
+    faults doubled the time (a bulk removal's hold, ``Router._ungroup``)."""
     out = np.zeros((n, x.shape[1]), np.float64)
     if not len(idx):
         return out
+    x = np.asarray(x)
     order = np.argsort(idx, kind="stable")
     sidx = idx[order]
-    starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
-    out[sidx[starts]] = np.add.reduceat(np.asarray(x)[order], starts, axis=0, dtype=np.float64)
+    for s in range(0, len(order), ROW_SUM_BLOCK):
+        part = sidx[s : s + ROW_SUM_BLOCK]
+        rows = x[order[s : s + ROW_SUM_BLOCK]]
+        if unit:
+            rows *= (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", rows, rows)), 1e-12))[:, None]
+        starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
+        out[part[starts]] += np.add.reduceat(rows, starts, axis=0, dtype=np.float64)
     return out
 
 
@@ -112,7 +123,7 @@ class GroupIndex:
         uniq = sorted(set(names))
         col = {n: j for j, n in enumerate(uniq)}
         idx = np.fromiter((col[n] for n in names), dtype=np.int64, count=len(names))
-        sums = row_sums(vectors[rows], idx, len(uniq))
+        sums = row_sums(vectors if len(rows) == len(keys) else vectors[rows], idx, len(uniq))
         gids = np.array([self._group(n) for n in uniq], np.int64)
         self._sums[gids] += sums
         order = np.argsort(idx, kind="stable")
@@ -148,18 +159,21 @@ class GroupIndex:
             if key_sum is not None:
                 self._sums[g] -= key_sum
 
-    def remove_many(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        """Bulk :meth:`remove` of distinct ``keys`` ``[n]`` with their keys ``vectors`` ``[n, dim]``: one pass per
-        group (a swap's install takes hundreds of adapters out of groups of ~100K members)."""
+    def remove_many(self, keys: np.ndarray, vectors: np.ndarray, unit: bool = False) -> None:
+        """Bulk :meth:`remove` of distinct ``keys`` ``[n]`` with their keys ``vectors`` ``[n, dim]`` (``unit``: to be
+        scaled to unit norm first, a block at a time): one pass per group (a swap's install takes hundreds of
+        adapters out of groups of ~100K members)."""
         keys = np.asarray(keys, np.int64).reshape(-1)
         gids = self._group_of.get_many(keys)
         ok = gids != MISSING
         if not ok.any():
             return
-        keys, vectors, gids = keys[ok], np.asarray(vectors)[ok], gids[ok].astype(np.int64)
+        if not ok.all():
+            keys, vectors = keys[ok], np.asarray(vectors)[ok]
+        gids = gids[ok].astype(np.int64)
         self._group_of.pop_many(keys)
         uniq, idx = np.unique(gids, return_inverse=True)
-        sums = row_sums(vectors, idx, len(uniq))
+        sums = row_sums(vectors, idx, len(uniq), unit)
         for j, g in enumerate(uniq.tolist()):
             self._take_out(g, keys[idx == j], sums[j])
         self._centroid_cache = None
