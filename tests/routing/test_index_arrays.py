@@ -335,3 +335,104 @@ def test_keys_past_int32_widen_the_arrays() -> None:
     g.remove(big)
     assert g.members("a").tolist() == [1, 2]
 
+
+
+def _postings(t: TagIndex) -> dict[str, tuple[list[int], list[int]]]:
+    return {term: (k.tolist(), f.tolist()) for term, (k, f) in t._postings.items()}
+
+
+def test_planned_tag_inserts_take_what_is_current_and_merge_the_rest_again() -> None:
+    """``TagIndex.plan_add`` (off the owner's lock) then changes to some of its terms (an insert, a removal, a
+    replaced key) before ``add_many(rows, plan)``: every posting equals that of the same changes without a plan;
+    the terms nothing touched meanwhile take the planned posting as it is (no merge in the hold)."""
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(40)]
+
+    def rows(keys) -> list[tuple[int, list[str], list[str]]]:
+        pick = lambda: [str(w) for w in rng.choice(words, int(rng.integers(1, 3)), replace=False)]  # noqa: E731
+        return [(int(k), pick(), pick()) for k in keys]
+
+    base = rows(range(0, 2000))
+    batch = rows(range(5000, 5300)) + [(7, ["w1"], ["w2"])]  # new keys, and one replaced
+    between = rows(range(9000, 9010))  # lands between the plan and its hold
+    planned, plain = TagIndex(), TagIndex()
+    for t in (planned, plain):
+        t.add_many(base)
+    plan = planned.plan_add(batch)
+    for t in (planned, plain):
+        t.add_many(between)
+        t.remove_many(np.array([11, 12, 13]))
+    moved = {term for _, d, s in between for tag in d + s for term in _tag_terms(tag)}
+    moved |= {term for k in (7, 11, 12, 13) for tags in planned.tags_of(k) or ((), ()) for tag in tags
+              for term in _tag_terms(tag)}  # fmt: skip
+    moved |= {term for _, d, s in base[11:14] for tag in d + s for term in _tag_terms(tag)}
+    planned.add_many(batch, plan)
+    plain.add_many(batch)
+    assert _postings(planned) == _postings(plain)
+    assert [planned.tags_of(k) for k in (7, 5000, 9000)] == [plain.tags_of(k) for k in (7, 5000, 9000)]
+    untouched = [t for t in plan.merged if t not in moved]
+    assert untouched and all(planned._postings[t] is plan.merged[t][1] for t in untouched)
+    other = TagIndex()
+    other.add_many(base)
+    other.add_many(batch[:10], plan)  # planned for other rows: ignored
+    ref = TagIndex()
+    ref.add_many(base)
+    ref.add_many(batch[:10])
+    assert _postings(other) == _postings(ref)
+
+
+def test_planned_group_sums_are_taken_only_when_no_planned_key_is_in_a_group() -> None:
+    """``GroupIndex.plan_add`` then ``add_many(..., plan)``: the planned sums are taken while none of the rows is in
+    a group (shown by a plan made from other vectors, which the sums then carry); once one of them is, the hold
+    works the sums out again and the groups equal those built without a plan."""
+    rng = np.random.default_rng(4)
+    dim = 6
+    keys = np.arange(100, 140)
+    vecs = rng.standard_normal((len(keys), dim)).astype(np.float32)
+    tags = [[str(rng.choice(DOMAINS[:-1]))] for _ in keys]
+    tags[3] = []  # untagged: clustered row by row, never planned
+
+    def fresh() -> GroupIndex:
+        g = GroupIndex(dim)
+        g.add_many(np.arange(10), np.eye(10, dim, dtype=np.float32), [[d] for d in DOMAINS[:5] * 2])
+        return g
+
+    plain, planned = fresh(), fresh()
+    plain.add_many(keys, vecs, tags)
+    planned.add_many(keys, vecs, tags, planned.plan_add(keys, vecs, tags))
+    for n in plain.centroids()[0]:
+        assert planned.members(n).tolist() == plain.members(n).tolist()
+        np.testing.assert_array_equal(planned._sums[planned._gid[n]], plain._sums[plain._gid[n]])
+    marked = fresh()
+    marked.add_many(keys, vecs, tags, marked.plan_add(keys, 2 * vecs, tags))
+    name = tags[0][0]
+    assert not np.allclose(marked._sums[marked._gid[name]], plain._sums[plain._gid[name]])  # the plan was taken
+    late, ref = fresh(), fresh()
+    plan = late.plan_add(keys, 2 * vecs, tags)
+    for g in (late, ref):
+        g.add(int(keys[0]), vecs[0], tags[0])  # one planned key is in a group before the hold
+        g.add_many(keys, vecs, tags, plan if g is late else None)
+    for n in ref.centroids()[0]:
+        assert late.members(n).tolist() == ref.members(n).tolist()
+        np.testing.assert_allclose(late._sums[late._gid[n]], ref._sums[ref._gid[n]], atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [7, 8192])
+def test_row_sums_in_blocks_equal_one_scatter_add(monkeypatch, block: int) -> None:
+    """``row_sums`` gathers the rows a block at a time (runs of one index cross the blocks' edges): the float64
+    sums of ``np.add.at``, and with ``unit`` those of the rows scaled to unit norm first; the input is not changed."""
+    from smoa.routing.index import groups as groups_mod
+
+    monkeypatch.setattr(groups_mod, "ROW_SUM_BLOCK", block)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    idx = rng.integers(0, 9, len(x))
+    keep = x.copy()
+    want = np.zeros((12, 16))
+    np.add.at(want, idx, x.astype(np.float64))
+    np.testing.assert_allclose(groups_mod.row_sums(x, idx, 12), want, rtol=1e-12, atol=1e-12)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    want = np.zeros((12, 16))
+    np.add.at(want, idx, unit.astype(np.float64))
+    np.testing.assert_allclose(groups_mod.row_sums(x, idx, 12, unit=True), want, atol=1e-5)
+    assert np.array_equal(x, keep)

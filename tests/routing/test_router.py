@@ -118,6 +118,34 @@ def test_add_replaces_key_and_updates_groups() -> None:
     assert "ad_000" not in route.adapter_ids
 
 
+def test_an_add_planned_before_its_hold_gives_the_state_of_one_planned_in_it() -> None:
+    """``Router._plan`` (what ``apply`` works out before its hold: the groups' vectors, the tag postings and group
+    sums) made before another change lands: the add that takes it leaves the tags, groups and routes of an add
+    that planned nothing ahead."""
+    more = [RoutingText(["medical"], ["triage"], "emergency triage of patients"),
+            RoutingText(["legal", "contract"], ["drafting"], "draft a lease contract"),
+            RoutingText([], ["poetry"], "write a sonnet")]  # fmt: skip
+    late = [RoutingText(["medical", "radiology"], ["triage"], "x-ray triage")]
+    planned, plain = make(), make()
+    vecs, late_vecs = planned.routing_keys(more), planned.routing_keys(late)
+    keys, tags = np.arange(10, 13), [(it.domain_tags, it.skill_tags) for it in more]
+    plan = planned._plan(keys, list(vecs[:, None, :]), tags)
+    for r in (planned, plain):
+        r.add(np.array([20]), late_vecs, [(late[0].domain_tags, late[0].skill_tags)], generation=2)
+        r.remove([1], generation=3)
+    planned.add(keys, plan.mats, tags, generation=4, plan=plan)
+    plain.add(keys, list(vecs[:, None, :]), tags, generation=4)
+    assert {t: (k.tolist(), f.tolist()) for t, (k, f) in planned._tags._postings.items()} == {
+        t: (k.tolist(), f.tolist()) for t, (k, f) in plain._tags._postings.items()}
+    names, cents = planned._groups.centroids()
+    assert names == plain._groups.centroids()[0]
+    np.testing.assert_allclose(cents, plain._groups.centroids()[1], atol=1e-6)
+    for text in ("emergency triage", "lease contract drafting", "chest x-ray", "sonnet"):
+        for strategy in ("semantic", "hybrid", "hierarchical", "task_based"):
+            assert planned.route(text, strategy=strategy, k=3).adapter_ids == plain.route(
+                text, strategy=strategy, k=3).adapter_ids, (text, strategy)
+
+
 def test_empty_and_huge_queries() -> None:
     router = make()
     assert router.route("").adapter_ids == []

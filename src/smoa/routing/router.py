@@ -102,9 +102,9 @@ from smoa.errors import ConfigError, InvalidInputError
 from smoa.routing.encoders import CachedEncoder, Encoder, get_encoder, l2_normalize
 from smoa.routing.index import GroupIndex, IndexParams, StaleIndexError, TagIndex, VectorIndex
 from smoa.routing.index.vector import Compactor
-from smoa.routing.index.groups import row_sums
+from smoa.routing.index.groups import GroupPlan, row_sums
 from smoa.routing.index.store import load_indexes, save_indexes
-from smoa.routing.index.tags import query_terms_from_metadata
+from smoa.routing.index.tags import TagPlan, query_terms_from_metadata
 from smoa.routing.keys import TEXT_WEIGHT, blend_keys, example_centroids, refine_keys, routing_text
 from smoa.routing import learner as learner_mod
 from smoa.routing.learner import (
@@ -213,6 +213,18 @@ class KeyEntry:
     vectors: np.ndarray
     domain_tags: list[str]
     skill_tags: list[str]
+
+
+@dataclass(frozen=True)
+class _AddPlan:
+    """:meth:`Router._plan`: an add's work that needs no lock, done before its hold: the adapters' ``mats`` it was
+    planned for, their unit ``means`` (their groups' vectors), the tag index's merged postings and the groups'
+    sums (``None``: worked out in the hold)."""
+
+    mats: list[np.ndarray]
+    means: np.ndarray
+    tags: TagPlan | None
+    groups: GroupPlan | None
 
 
 def _candidates(k: int, strategy: RoutingStrategy) -> int:
@@ -389,24 +401,36 @@ class Router:
         tags: Sequence[tuple[list[str], list[str]]],
         generation: int,
         staged: tuple[int, dict] | None = None,
+        plan: _AddPlan | None = None,
     ) -> None:
         """Insert or replace adapters: ``keys`` int64 ``[n]``, ``vectors`` ``[n, dim]`` (one key each) or a list of
         ``[P_i, dim]`` (multi-vector keys, ``1 <= P_i <= 16``), ``(domain, skill)`` tags. ``staged``: what
-        :meth:`_stage` already inserted hidden, made live here instead of inserted."""
+        :meth:`_stage` already inserted hidden, made live here instead of inserted; ``plan``: :meth:`_plan` of the
+        same adapters, made by a caller that holds the lock here (else it is made here, before the hold)."""
         keys = np.asarray(keys, np.int64).reshape(-1)
         mats = _as_key_list(vectors, len(keys), self.dim)
         if len(tags) != len(keys) or len(mats) != len(keys):
             raise InvalidInputError(f"`keys` [{len(keys)}], `vectors` [{len(mats)}] and `tags` [{len(tags)}] must agree")
-        means, domains = _means(mats), [list(d) for d, _ in tags]  # (off the lock: 10K adapters, ~30 ms)
+        if plan is None or len(plan.mats) != len(mats) or any(a is not b for a, b in zip(plan.mats, mats)):
+            plan = self._plan(keys, mats, tags)  # (off the lock unless the caller holds it)
         with self._lock:
             rest = self._show(keys, mats, staged) if staged is not None else np.arange(len(keys))
             self._drop(keys[rest])
             self._put(keys[rest], [mats[i] for i in rest.tolist()])
-            self._tags.add_many((k, d, s) for k, (d, s) in zip(keys.tolist(), tags))
-            self._groups.add_many(keys, means, domains)
+            self._tags.add_many([(k, d, s) for k, (d, s) in zip(keys.tolist(), tags)], plan.tags)
+            self._groups.add_many(keys, plan.means, [list(d) for d, _ in tags], plan.groups)
             if staged is not None:
                 self._vectors.settle(compact=not COMPACT_IN_BACKGROUND)
             self._changed(generation)
+
+    def _plan(self, keys: np.ndarray, mats: list[np.ndarray], tags: Sequence[tuple[list[str], list[str]]]) -> _AddPlan:
+        """What an add of these adapters can work out before its hold of the lock (:class:`_AddPlan`): at 200K keys
+        the tag and group inserts of 10K new adapters took ~60 of the ~130 ms that an apply held the lock
+        (``benchmarks/bench_refit_lock.py --apply``). Plans of the tag index and groups read nothing that a
+        change replaces in place; the hold takes what is still current and works out the rest again."""
+        means = _means(mats)
+        tag_plan = self._tags.plan_add([(k, d, s) for k, (d, s) in zip(keys.tolist(), tags)])
+        return _AddPlan(mats, means, tag_plan, self._groups.plan_add(keys, means, [list(d) for d, _ in tags]))
 
     def _show(self, keys: np.ndarray, mats: list[np.ndarray], staged: tuple[int, dict]) -> np.ndarray:
         """Reveal the adapters among ``keys`` whose ``mats`` were staged as they are (:meth:`_stage`); returns the
@@ -501,9 +525,12 @@ class Router:
         learn: list[int] = []
         firsts = [_first_vector(e, self.dim) for e in upserts]
         digests = [digest(f) for f in firsts]
-        staged = None
+        tags = [(list(e.domain_tags), list(e.skill_tags)) for e in upserts]
+        staged = plan = None
         if self._vectors.kind != "flat" and sum(len(f) for f in firsts) >= STAGE_MIN_ROWS:
             staged = self._stage({e.key: f for e, f in zip(upserts, firsts)})
+        if upserts:
+            plan = self._plan(np.array([e.key for e in upserts], np.int64), firsts, tags)
         with self._lock:
             if removes:
                 self.remove(sorted({int(k) for k in removes}), generation)
@@ -511,9 +538,11 @@ class Router:
                 keys = np.array([e.key for e in upserts], np.int64)
                 adopted = [self._adopt(e, f, d) for e, f, d in zip(upserts, firsts, digests)]
                 learn = [e.key for e, (_, fit) in zip(upserts, adopted) if fit]
-                mats = [f if m is None else m for f, (m, _) in zip(firsts, adopted)]
-                self.add(keys, mats, [(list(e.domain_tags), list(e.skill_tags)) for e in upserts], generation,
-                         staged)  # fmt: skip
+                if any(m is not None for m, _ in adopted):  # learned keys kept: their groups' vectors differ
+                    mats = [f if m is None else m for f, (m, _) in zip(firsts, adopted)]
+                    plan = replace(plan, mats=mats, means=_means(mats), groups=None)
+                mats = plan.mats
+                self.add(keys, mats, tags, generation, staged, plan)
             self._changed(generation)
             _ = self._learner.projection  # the fast projection's one ridge solve for this change set
         if upserts:  # after the hold: its product of the weakest examples and the new keys grows with both

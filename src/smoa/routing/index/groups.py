@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,6 +47,29 @@ def row_sums(x: np.ndarray, idx: np.ndarray, n: int, unit: bool = False) -> np.n
         starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
         out[part[starts]] += np.add.reduceat(rows, starts, axis=0, dtype=np.float64)
     return out
+
+
+def _tagged_sums(vectors: np.ndarray, rows: np.ndarray, domain_tags: Sequence[Sequence[str]]
+                 ) -> tuple[list[str], np.ndarray, np.ndarray]:  # fmt: skip
+    """The group names of ``rows`` (tagged: by their first domain tag), each row's index into them, and the rows'
+    ``vectors`` summed per name (float64)."""
+    names = [domain_tags[i][0].strip().lower() for i in rows.tolist()]
+    uniq = sorted(set(names))
+    col = {n: j for j, n in enumerate(uniq)}
+    idx = np.fromiter((col[n] for n in names), dtype=np.int64, count=len(names))
+    return uniq, idx, row_sums(vectors if len(rows) == len(vectors) else vectors[rows], idx, len(uniq))
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """:meth:`GroupIndex.plan_add`: the planned rows' ``keys`` and which are ``tagged``; the group ``names`` of the
+    tagged rows, each tagged row's index ``idx`` into them, and their ``sums`` float64 ``[len(names), dim]``."""
+
+    keys: np.ndarray
+    tagged: np.ndarray
+    names: list[str]
+    idx: np.ndarray
+    sums: np.ndarray
 
 
 class GroupIndex:
@@ -105,25 +129,35 @@ class GroupIndex:
         self.version += 1
         return name
 
-    def add_many(self, keys: np.ndarray, vectors: np.ndarray, domain_tags: Sequence[Sequence[str]]) -> None:
-        """Bulk :meth:`add` (``keys [n]``, ``vectors [n, dim]``); new tagged rows are summed per group in one pass."""
+    def plan_add(self, keys: np.ndarray, vectors: np.ndarray, domain_tags: Sequence[Sequence[str]]) -> GroupPlan:
+        """:meth:`add_many`'s sums of the tagged rows per group, worked out ahead, off the owner's lock (reads nothing
+        of the index)."""
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        tagged = np.fromiter((bool(d) for d in domain_tags), bool, len(keys))
+        return GroupPlan(keys, tagged, *_tagged_sums(vectors, np.flatnonzero(tagged), domain_tags))
+
+    def add_many(self, keys: np.ndarray, vectors: np.ndarray, domain_tags: Sequence[Sequence[str]],
+                 plan: GroupPlan | None = None) -> None:  # fmt: skip
+        """Bulk :meth:`add` (``keys [n]``, ``vectors [n, dim]``); new tagged rows are summed per group in one pass,
+        or were by ``plan`` (:meth:`plan_add` of the same rows), used when none of them is here already."""
         keys = np.asarray(keys, np.int64).reshape(-1)
         if not len(keys):
             return
+        if plan is not None and not np.array_equal(plan.keys, keys):
+            plan = None  # planned for other rows
         present = self._group_of.get_many(keys) != MISSING
         if len(np.unique(keys)) != len(keys):
             present[:] = True  # a repeated key: row by row, the last one wins
-        tagged = np.fromiter((bool(d) for d in domain_tags), bool, len(keys))
+        tagged = np.fromiter((bool(d) for d in domain_tags), bool, len(keys)) if plan is None else plan.tagged
         for i in np.flatnonzero(present | ~tagged).tolist():
             self.add(int(keys[i]), vectors[i], domain_tags[i])
         rows = np.flatnonzero(~present & tagged)
         if not len(rows):
             return
-        names = [domain_tags[i][0].strip().lower() for i in rows.tolist()]
-        uniq = sorted(set(names))
-        col = {n: j for j, n in enumerate(uniq)}
-        idx = np.fromiter((col[n] for n in names), dtype=np.int64, count=len(names))
-        sums = row_sums(vectors if len(rows) == len(keys) else vectors[rows], idx, len(uniq))
+        if plan is not None and len(rows) == len(plan.idx):  # none of the tagged rows was here: as planned
+            uniq, idx, sums = plan.names, plan.idx, plan.sums
+        else:
+            uniq, idx, sums = _tagged_sums(vectors, rows, domain_tags)
         gids = np.array([self._group(n) for n in uniq], np.int64)
         self._sums[gids] += sums
         order = np.argsort(idx, kind="stable")

@@ -24,6 +24,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -167,19 +168,15 @@ class TagIndex:
         combo = (tuple(domain_tags), tuple(skill_tags))
         cid = self._combo_id.get(combo)
         if cid is None:
-            bits: dict[str, int] = {}
-            for tags, field in ((combo[0], DOMAIN), (combo[1], SKILL)):
-                for tag in tags:
-                    for t in _tag_terms(tag):
-                        bits[t] = bits.get(t, 0) | field
+            bits = _combo_terms(combo)
             combo = (tuple(sys.intern(t) for t in combo[0]), tuple(sys.intern(t) for t in combo[1]))
             if self._free:
                 cid = self._free.pop()
-                self._combos[cid], self._combo_terms[cid], self._combo_refs[cid] = combo, tuple(bits.items()), 0
+                self._combos[cid], self._combo_terms[cid], self._combo_refs[cid] = combo, bits, 0
             else:
                 cid = len(self._combos)
                 self._combos.append(combo)
-                self._combo_terms.append(tuple(bits.items()))
+                self._combo_terms.append(bits)
                 self._combo_refs.append(0)
             self._combo_id[combo] = cid
         return cid
@@ -206,10 +203,37 @@ class TagIndex:
             i = int(np.searchsorted(keys, keys.dtype.type(key)))  # same dtype: no copy of the posting
             self._postings[t] = (np.insert(keys, i, key), np.insert(fields, i, field))
 
-    def add_many(self, rows: Iterable[tuple[int, Sequence[str], Sequence[str]]]) -> None:
-        """Bulk :meth:`add` (a repeated key: the last row wins): one merge per term instead of one per row."""
+    def plan_add(self, rows: Iterable[tuple[int, Sequence[str], Sequence[str]]]) -> TagPlan | None:
+        """:meth:`add_many`'s posting merges worked out ahead, off the owner's lock: only reads the postings (each
+        write replaces a term's posting tuple, never changes it). :meth:`add_many` given the plan takes each merged
+        posting whose term's posting is still the one it was merged from, and merges again the others. ``None``
+        (nothing planned) for a key twice or a key past int32 while the postings are int32."""
         rows = rows if isinstance(rows, list) else list(rows)
         keys = np.fromiter((int(r[0]) for r in rows), np.int64, len(rows))
+        if len(np.unique(keys)) != len(keys) or (self._dtype is np.int32 and not fits32(keys)):
+            return None
+        by_combo: dict[Combo, list[int]] = {}
+        for i, (_, d, sk) in enumerate(rows):
+            by_combo.setdefault((tuple(d), tuple(sk)), []).append(i)
+        parts: dict[str, list[tuple[np.ndarray, int]]] = {}
+        for combo, at in by_combo.items():
+            members = keys[np.asarray(at, np.int64)]
+            for t, field in _combo_terms(combo):
+                parts.setdefault(t, []).append((members, field))
+        dtype, postings = self._dtype, self._postings
+        merged = {}
+        for t, p in parts.items():
+            old = postings.get(t, _EMPTY)
+            merged[t] = (old, _merge(old, p, dtype), p)
+        return TagPlan(keys, merged)
+
+    def add_many(self, rows: Iterable[tuple[int, Sequence[str], Sequence[str]]], plan: TagPlan | None = None) -> None:
+        """Bulk :meth:`add` (a repeated key: the last row wins): one merge per term instead of one per row, or
+        none for the terms ``plan`` (:meth:`plan_add` of the same rows) merged already."""
+        rows = rows if isinstance(rows, list) else list(rows)
+        keys = np.fromiter((int(r[0]) for r in rows), np.int64, len(rows))
+        if plan is not None and not np.array_equal(plan.keys, keys):
+            plan = None  # planned for other rows
         if len(np.unique(keys)) != len(keys):  # keep each key's last row (no per-row dict otherwise: RSS)
             last = {int(k): (d, s) for k, d, s in rows}
             rows = [(k, d, s) for k, (d, s) in last.items()]
@@ -225,15 +249,17 @@ class TagIndex:
         new: dict[str, list[tuple[np.ndarray, int]]] = {}
         for cid, s, c in zip(ucids.tolist(), starts.tolist(), counts.tolist()):
             self._combo_refs[cid] += c
-            members = keys[order[s : s + c]]
-            for t, field in self._combo_terms[cid]:
-                new.setdefault(t, []).append((members, field))
+            if plan is None:
+                members = keys[order[s : s + c]]
+                for t, field in self._combo_terms[cid]:
+                    new.setdefault(t, []).append((members, field))
+        if plan is not None:
+            for t, (old, done, parts) in plan.merged.items():
+                now = self._postings.get(t, _EMPTY)
+                self._postings[t] = done if now is old else _merge(now, parts, self._dtype)
+            return
         for t, parts in new.items():
-            old_k, old_f = self._postings.get(t, _EMPTY)
-            k = np.concatenate([old_k.astype(np.int64), *(m for m, _ in parts)])
-            f = np.concatenate([old_f, *(np.full(len(m), fl, np.uint8) for m, fl in parts)])
-            srt = np.argsort(k, kind="stable")
-            self._postings[t] = (k[srt].astype(self._dtype), f[srt])
+            self._postings[t] = _merge(self._postings.get(t, _EMPTY), parts, self._dtype)
 
     def remove(self, key: int) -> bool:
         """Remove adapter ``key``; returns whether it was there."""
@@ -437,3 +463,31 @@ class TagIndex:
 _NO_KEYS = np.zeros(0, np.int32)
 _NO_FIELDS = np.zeros(0, np.uint8)
 _EMPTY = (_NO_KEYS, _NO_FIELDS)
+
+
+@dataclass(frozen=True)
+class TagPlan:
+    """:meth:`TagIndex.plan_add`: the planned rows' ``keys`` (in order), and per term ``(the posting it was merged
+    from, the merged posting, the rows' parts: (keys, field))``."""
+
+    keys: np.ndarray
+    merged: dict[str, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[tuple[np.ndarray, int]]]]
+
+
+def _combo_terms(combo: Combo) -> tuple[tuple[str, int], ...]:
+    """The index terms of a ``(domain tags, skill tags)`` combination, each with its field bits."""
+    bits: dict[str, int] = {}
+    for tags, field in ((combo[0], DOMAIN), (combo[1], SKILL)):
+        for tag in tags:
+            for t in _tag_terms(tag):
+                bits[t] = bits.get(t, 0) | field
+    return tuple(bits.items())
+
+
+def _merge(old: tuple[np.ndarray, np.ndarray], parts: list[tuple[np.ndarray, int]], dtype: type
+           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Posting ``old`` with the keys of ``parts`` (absent from it) merged in, each with its field, sorted by key."""
+    k = np.concatenate([old[0].astype(np.int64), *(m for m, _ in parts)])
+    f = np.concatenate([old[1], *(np.full(len(m), fl, np.uint8) for m, fl in parts)])
+    srt = np.argsort(k, kind="stable")
+    return k[srt].astype(dtype), f[srt]
