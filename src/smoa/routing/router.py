@@ -425,9 +425,9 @@ class Router:
 
     def _plan(self, keys: np.ndarray, mats: list[np.ndarray], tags: Sequence[tuple[list[str], list[str]]]) -> _AddPlan:
         """What an add of these adapters can work out before its hold of the lock (:class:`_AddPlan`): at 200K keys
-        the tag and group inserts of 10K new adapters took ~60 of the ~130 ms that an apply held the lock
-        (``benchmarks/bench_refit_lock.py --apply``). Plans of the tag index and groups read nothing that a
-        change replaces in place; the hold takes what is still current and works out the rest again."""
+        the tag and group inserts of 10K new adapters took ~60 ms of an apply's one hold (106-150 ms in all; with
+        the plan 41-43 ms, ``benchmarks/bench_refit_lock.py --apply``). The plans only read the tag index (a write
+        replaces a posting, never changes it); the hold takes what is still current and works out the rest again."""
         means = _means(mats)
         tag_plan = self._tags.plan_add([(k, d, s) for k, (d, s) in zip(keys.tolist(), tags)])
         return _AddPlan(mats, means, tag_plan, self._groups.plan_add(keys, means, [list(d) for d, _ in tags]))
