@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from smoa.errors import InvalidInputError
-from smoa.routing.index.keymap import MISSING, KeyMap, fits32, key_array
+from smoa.routing.index.keymap import MISSING, KeyMap, fits32
 
 DOMAIN, SKILL, BOTH = 1, 2, 3
 CROSS_FIELD_WEIGHT = 0.5
