@@ -212,12 +212,14 @@ class TagIndex:
         keys = np.fromiter((int(r[0]) for r in rows), np.int64, len(rows))
         if len(np.unique(keys)) != len(keys) or (self._dtype is np.int32 and not fits32(keys)):
             return None
-        by_combo: dict[Combo, list[int]] = {}
-        for i, (_, d, sk) in enumerate(rows):
-            by_combo.setdefault((tuple(d), tuple(sk)), []).append(i)
+        local: dict[Combo, int] = {}  # combination -> its number here (no Python object per row kept: RSS)
+        lid = np.fromiter((local.setdefault((tuple(d), tuple(sk)), len(local)) for _, d, sk in rows), np.int64,
+                          len(rows))  # fmt: skip
+        order = np.argsort(lid, kind="stable")
+        _, starts, counts = np.unique(lid[order], return_index=True, return_counts=True)
         parts: dict[str, list[tuple[np.ndarray, int]]] = {}
-        for combo, at in by_combo.items():
-            members = keys[np.asarray(at, np.int64)]
+        for combo, s, c in zip(local, starts.tolist(), counts.tolist()):
+            members = keys[order[s : s + c]]
             for t, field in _combo_terms(combo):
                 parts.setdefault(t, []).append((members, field))
         dtype, postings = self._dtype, self._postings
