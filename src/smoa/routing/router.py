@@ -218,11 +218,13 @@ class KeyEntry:
 @dataclass(frozen=True)
 class _AddPlan:
     """:meth:`Router._plan`: an add's work that needs no lock, done before its hold: the adapters' ``mats`` it was
-    planned for, their unit ``means`` (their groups' vectors), the tag index's merged postings and the groups'
-    sums (``None``: worked out in the hold)."""
+    planned for, their unit ``means`` (their groups' vectors), their tag index rows and group names' tags, the
+    tag index's merged postings and the groups' sums (``None``: worked out in the hold)."""
 
     mats: list[np.ndarray]
     means: np.ndarray
+    tag_rows: list[tuple[int, list[str], list[str]]]
+    domains: list[list[str]]
     tags: TagPlan | None
     groups: GroupPlan | None
 
@@ -417,8 +419,8 @@ class Router:
             rest = self._show(keys, mats, staged) if staged is not None else np.arange(len(keys))
             self._drop(keys[rest])
             self._put(keys[rest], [mats[i] for i in rest.tolist()])
-            self._tags.add_many([(k, d, s) for k, (d, s) in zip(keys.tolist(), tags)], plan.tags)
-            self._groups.add_many(keys, plan.means, [list(d) for d, _ in tags], plan.groups)
+            self._tags.add_many(plan.tag_rows, plan.tags)
+            self._groups.add_many(keys, plan.means, plan.domains, plan.groups)
             if staged is not None:
                 self._vectors.settle(compact=not COMPACT_IN_BACKGROUND)
             self._changed(generation)
@@ -428,9 +430,10 @@ class Router:
         the tag and group inserts of 10K new adapters took ~60 ms of an apply's one hold (106-150 ms in all; with
         the plan 41-43 ms, ``benchmarks/bench_refit_lock.py --apply``). The plans only read the tag index (a write
         replaces a posting, never changes it); the hold takes what is still current and works out the rest again."""
-        means = _means(mats)
-        tag_plan = self._tags.plan_add([(k, d, s) for k, (d, s) in zip(keys.tolist(), tags)])
-        return _AddPlan(mats, means, tag_plan, self._groups.plan_add(keys, means, [list(d) for d, _ in tags]))
+        means, domains = _means(mats), [list(d) for d, _ in tags]
+        rows = [(k, d, s) for k, (d, s) in zip(keys.tolist(), tags)]
+        groups = self._groups.plan_add(keys, means, domains)
+        return _AddPlan(mats, means, rows, domains, self._tags.plan_add(rows), groups)
 
     def _show(self, keys: np.ndarray, mats: list[np.ndarray], staged: tuple[int, dict]) -> np.ndarray:
         """Reveal the adapters among ``keys`` whose ``mats`` were staged as they are (:meth:`_stage`); returns the

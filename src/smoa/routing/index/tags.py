@@ -126,6 +126,7 @@ def query_terms_from_metadata(metadata: Mapping[str, object]) -> list[tuple[str,
 
 
 Combo = tuple[tuple[str, ...], tuple[str, ...]]
+Posting = tuple[np.ndarray, np.ndarray]  # (keys sorted, fields)
 
 
 class TagIndex:
@@ -473,7 +474,7 @@ class TagPlan:
     from, the merged posting, the rows' parts: (keys, field))``."""
 
     keys: np.ndarray
-    merged: dict[str, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[tuple[np.ndarray, int]]]]
+    merged: dict[str, tuple[Posting, Posting, list[tuple[np.ndarray, int]]]]
 
 
 def _combo_terms(combo: Combo) -> tuple[tuple[str, int], ...]:
@@ -486,8 +487,7 @@ def _combo_terms(combo: Combo) -> tuple[tuple[str, int], ...]:
     return tuple(bits.items())
 
 
-def _merge(old: tuple[np.ndarray, np.ndarray], parts: list[tuple[np.ndarray, int]], dtype: type
-           ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _merge(old: Posting, parts: list[tuple[np.ndarray, int]], dtype: type) -> Posting:
     """Posting ``old`` with the keys of ``parts`` (absent from it) merged in, each with its field, sorted by key."""
     k = np.concatenate([old[0].astype(np.int64), *(m for m, _ in parts)])
     f = np.concatenate([old[1], *(np.full(len(m), fl, np.uint8) for m, fl in parts)])
